@@ -1,0 +1,168 @@
+//! Map keys, values and reason codes shared by the kernel programs and user space.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel programs and the loader must agree on
+//! the byte layout of every map entry, so this crate is the single place that defines it.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+/// `lo` has this ifindex in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// IP protocol numbers the policy distinguishes.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Capacity of the tunnel and uplink interface maps.
+pub const MAX_INTERFACES: u32 = 256;
+/// Capacity of the server map (address, port, protocol entries).
+pub const MAX_SERVERS: u32 = 262_144;
+
+/// An interface the policy trusts, named by ifindex *and* network namespace: ifindexes are only
+/// unique inside one namespace, and a scope's programs also see its processes in other namespaces.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InterfaceKey {
+    /// `bpf_get_netns_cookie` / `SO_NETNS_COOKIE` of the interface's namespace.
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+impl InterfaceKey {
+    pub const fn new(netns_cookie: u64, ifindex: u32) -> Self {
+        Self {
+            netns_cookie,
+            ifindex,
+            _pad: 0,
+        }
+    }
+}
+
+/// Port value meaning "any port" in a [`ServerKey`].
+pub const ANY_PORT: u16 = 0;
+/// Protocol value meaning "TCP or UDP" in a [`ServerKey`].
+pub const ANY_PROTOCOL: u8 = 0;
+
+/// One VPN server endpoint. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so one map
+/// serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerKey {
+    pub addr: [u8; 16],
+    /// Host byte order; [`ANY_PORT`] for every port.
+    pub port: u16,
+    /// [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`ANY_PROTOCOL`].
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl ServerKey {
+    pub const fn new(addr: [u8; 16], port: u16, protocol: u8) -> Self {
+        Self {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Scope-wide switches, one entry in the `SETTINGS` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Non-zero when `uplinks` is configured: exceptions leave only through the `UPLINKS` map.
+    pub uplinks_restricted: u32,
+    pub _pad: u32,
+}
+
+/// Which program saw the packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Egress = 0,
+    Ingress = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Egress, Direction::Ingress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+/// Why a packet got its verdict. Every packet increments exactly one counter:
+/// `COUNTERS[direction * REASON_SLOTS + reason]`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Allowed: loopback interface.
+    Loopback = 0,
+    /// Allowed: a tunnel interface.
+    Tunnel = 1,
+    /// Allowed: a VPN server endpoint.
+    Server = 2,
+    /// Dropped: `uplinks` is set and the interface is neither a tunnel nor an uplink.
+    NotUplink = 3,
+    /// Dropped: nothing in the policy allows it.
+    Default = 4,
+    /// Dropped: the IP header could not be read.
+    Malformed = 5,
+}
+
+/// Counter slots reserved per direction; more than the reasons so new ones keep the map layout.
+pub const REASON_SLOTS: u32 = 32;
+/// Entries in the `COUNTERS` per-CPU array.
+pub const COUNTER_ENTRIES: u32 = REASON_SLOTS * 2;
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::Loopback,
+        Reason::Tunnel,
+        Reason::Server,
+        Reason::NotUplink,
+        Reason::Default,
+        Reason::Malformed,
+    ];
+
+    /// The verdict this reason carries: `true` = allow.
+    pub const fn allows(self) -> bool {
+        matches!(self, Reason::Loopback | Reason::Tunnel | Reason::Server)
+    }
+
+    /// Stable name used by `status`, logs and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Loopback => "loopback",
+            Reason::Tunnel => "tunnel",
+            Reason::Server => "server",
+            Reason::NotUplink => "not-uplink",
+            Reason::Default => "default-drop",
+            Reason::Malformed => "malformed",
+        }
+    }
+
+    pub const fn counter_index(self, direction: Direction) -> u32 {
+        direction as u32 * REASON_SLOTS + self as u32
+    }
+}
+
+/// Returns an IPv4 address as its IPv4-mapped IPv6 form, the key form of every address map.
+pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data with explicit padding fields and no invalid bit patterns.
+    unsafe impl aya::Pod for super::InterfaceKey {}
+    unsafe impl aya::Pod for super::ServerKey {}
+    unsafe impl aya::Pod for super::Settings {}
+}

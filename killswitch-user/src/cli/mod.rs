@@ -1,0 +1,150 @@
+//! The command line: parse, call the library, print. No policy logic lives here.
+
+mod check;
+mod down;
+mod status;
+mod up;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    error::{Error, Result},
+    policy::DEFAULT_CONFIG_PATH,
+};
+
+const ABOUT: &str =
+    "A VPN kill switch that fails closed: only the tunnel and the VPN servers get through";
+
+const LONG_ABOUT: &str = "\
+A VPN kill switch that fails closed.
+
+killswitch attaches eBPF programs to a cgroup v2 scope (the whole machine by default) that let \
+packets through only on loopback, on the VPN tunnel, and to the VPN servers listed in the \
+configuration. Everything else is dropped, in both directions, IPv4 and IPv6. The enforcement is \
+pinned in bpffs, so it stays in force when killswitch exits, crashes or is killed: only \
+`killswitch down` removes it.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  killswitch check                       validate the configuration and show the policy
+  killswitch up                          enforce it system-wide
+  killswitch up --cgroup work.slice      enforce it for one cgroup only
+  killswitch status                      what is enforced, with packet counters
+  killswitch down                        remove the system-wide enforcement
+
+Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.";
+
+#[derive(Debug, Parser)]
+#[command(name = "killswitch", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Configuration file (TOML); must be owned by root and not writable by others
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+
+    /// Log more detail
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    verbose: bool,
+
+    /// Log only warnings and errors
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the policy to a scope and pin it; re-running updates it in place with no gap
+    Up(ScopeArgs),
+    /// Remove a scope's enforcement and pins
+    Down(ScopeArgs),
+    /// Show what is enforced: scopes, tunnels, servers and packet counters per reason
+    Status(status::StatusArgs),
+    /// Validate the configuration, resolve names and print the normalized policy
+    Check,
+}
+
+#[derive(Debug, Args)]
+struct ScopeArgs {
+    /// cgroup v2 directory to enforce on: absolute, or relative to the cgroup2 mount.
+    /// Default: the cgroup2 root, i.e. the whole machine
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+}
+
+/// Runs the command line and returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(cli.verbose, cli.quiet);
+    match run(&cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("killswitch: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Up(args) => up::run(&cli.config, args.cgroup.as_deref()),
+        Command::Down(args) => down::run(args.cgroup.as_deref()),
+        Command::Status(args) => status::run(args),
+        Command::Check => check::run(&cli.config),
+    }
+}
+
+/// Logs go to stderr through `tracing`; under systemd (JOURNAL_STREAM) without timestamps,
+/// which the journal adds itself.
+fn init_logging(verbose: bool, quiet: bool) {
+    let level = if verbose {
+        "debug"
+    } else if quiet {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILLSWITCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("killswitch={level}")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_BPF, read from /proc/self/status.
+fn require_privileges() -> Result<()> {
+    const NEEDED: u64 = (1 << 12) | (1 << 21) | (1 << 39);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & NEEDED == NEEDED {
+        Ok(())
+    } else {
+        Err(Error::NotPermitted)
+    }
+}
+
+fn scope_for(cgroup: Option<&Path>) -> Result<crate::scope::Scope> {
+    crate::scope::Scope::from_arg(cgroup)
+}

@@ -1,0 +1,125 @@
+//! `killswitch status`
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+
+use crate::{
+    error::Result,
+    scope::Scope,
+    status::{self, ScopeStatus},
+};
+
+#[derive(Debug, Args)]
+pub(super) struct StatusArgs {
+    /// Only this scope (absolute, or relative to the cgroup2 mount). Default: every scope
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+
+    /// Print JSON for programs instead of the table
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit status 0 when every scope shown is enforced, 1 otherwise (also when there is none).
+pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
+    super::require_privileges()?;
+    let scopes = match &args.cgroup {
+        Some(path) => vec![Scope::from_arg(Some(path))?],
+        None => Scope::all_pinned()?,
+    };
+    let mut shown = Vec::new();
+    let mut missing = Vec::new();
+    for scope in scopes {
+        if crate::ebpf::is_pinned(&scope) {
+            shown.push(status::read(&scope)?);
+        } else {
+            missing.push(scope.display_cgroup());
+        }
+    }
+    let all_enforced = !shown.is_empty() && missing.is_empty() && shown.iter().all(|s| s.enforced);
+    if args.json {
+        let json = serde_json::json!({ "scopes": shown, "not_enforced": missing });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).expect("status serializes")
+        );
+    } else {
+        for status in &shown {
+            print_table(status);
+        }
+        for cgroup in &missing {
+            println!("scope    {cgroup}: not enforced");
+        }
+        if shown.is_empty() && missing.is_empty() {
+            println!("no scope is enforced; run `killswitch up`");
+        }
+    }
+    Ok(if all_enforced {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_table(s: &ScopeStatus) {
+    println!("scope    {}", s.cgroup.display());
+    println!("pinned   {}", s.pin_dir.display());
+    let links: Vec<String> = s
+        .links
+        .iter()
+        .map(|l| {
+            let state = if l.attached { "attached" } else { "DETACHED" };
+            format!("{} {state} (prog {})", l.direction, l.program_id)
+        })
+        .collect();
+    println!(
+        "state    {} via {} — {}",
+        if s.enforced {
+            "enforced"
+        } else {
+            "NOT ENFORCED"
+        },
+        s.backend,
+        if links.is_empty() {
+            "no links".into()
+        } else {
+            links.join(", ")
+        }
+    );
+    let interfaces = |list: &[status::InterfaceStatus]| -> String {
+        if list.is_empty() {
+            return "none present".into();
+        }
+        list.iter()
+            .map(|i| match (&i.name, i.this_netns) {
+                (Some(name), _) => format!("{name} (ifindex {})", i.ifindex),
+                (None, true) => format!("ifindex {} (gone)", i.ifindex),
+                (None, false) => format!("ifindex {} (other netns)", i.ifindex),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("tunnels  {}", interfaces(&s.tunnels));
+    match &s.uplinks {
+        Some(list) => println!("uplinks  {}", interfaces(list)),
+        None => println!("uplinks  any non-tunnel interface"),
+    }
+    if s.servers.is_empty() {
+        println!("servers  none");
+    }
+    for (i, server) in s.servers.iter().enumerate() {
+        println!("{:8} {server}", if i == 0 { "servers" } else { "" });
+    }
+    println!(
+        "packets  {:<8} {:<14} {:>12} {:>12}",
+        "verdict", "reason", "egress", "ingress"
+    );
+    let half = s.counters.len() / 2;
+    for (egress, ingress) in s.counters[..half].iter().zip(&s.counters[half..]) {
+        println!(
+            "         {:<8} {:<14} {:>12} {:>12}",
+            egress.verdict, egress.reason, egress.packets, ingress.packets
+        );
+    }
+}

@@ -1,0 +1,61 @@
+//! `killswitch up`
+
+use std::{path::Path, process::ExitCode, time::Instant};
+
+use crate::{
+    ebpf::{self, MapEntries},
+    error::Result,
+    interfaces,
+    policy::{resolve_servers, Policy},
+};
+
+pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
+    let policy = Policy::load(config)?;
+    super::require_privileges()?;
+    let scope = super::scope_for(cgroup)?;
+    let started = Instant::now();
+    let servers = resolve_servers(&policy.servers)?;
+    let entries = MapEntries::new(
+        &policy,
+        &interfaces::list()?,
+        interfaces::netns_cookie()?,
+        &servers,
+    );
+    if entries.tunnels.is_empty() {
+        let patterns: Vec<_> = policy.tunnels.iter().map(|p| p.as_str()).collect();
+        tracing::warn!(
+            "no interface matches tunnels = {patterns:?} yet: only the servers are reachable \
+             until it exists and `killswitch up` runs again"
+        );
+    }
+    let updating = ebpf::is_pinned(&scope);
+    ebpf::apply(&scope, &entries)?;
+    let tunnels: Vec<String> = entries
+        .tunnels
+        .iter()
+        .map(|(k, name)| format!("{name} (ifindex {})", k.ifindex))
+        .collect();
+    tracing::info!(
+        scope = %scope.name,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "{} enforcement", if updating { "updated" } else { "started" }
+    );
+    println!(
+        "killswitch: {} {}: tunnels {}; {} server entr{}; pinned in {}",
+        if updating { "updated" } else { "enforcing" },
+        scope.display_cgroup(),
+        if tunnels.is_empty() {
+            "none yet".into()
+        } else {
+            tunnels.join(", ")
+        },
+        entries.servers.len(),
+        if entries.servers.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        },
+        scope.pin_dir.display(),
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,116 @@
+//! Policy -> the exact entries the kernel maps must hold. Pure: no kernel access here.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use killswitch_common::{
+    ipv4_mapped, InterfaceKey, ServerKey, Settings, ANY_PORT, ANY_PROTOCOL, IPPROTO_TCP,
+    IPPROTO_UDP,
+};
+
+use crate::{
+    interfaces::{self, Interface},
+    policy::{Policy, Protocol, ServerEndpoint},
+};
+
+/// Everything one scope's maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapEntries {
+    pub settings: Settings,
+    /// Interface key -> name, for messages.
+    pub tunnels: BTreeMap<InterfaceKey, String>,
+    pub uplinks: BTreeMap<InterfaceKey, String>,
+    pub servers: BTreeSet<ServerKey>,
+}
+
+impl MapEntries {
+    /// The entries for `policy` given the interfaces that exist now in the namespace whose
+    /// cookie is `netns_cookie`, and the resolved server endpoints.
+    pub fn new(
+        policy: &Policy,
+        interfaces: &[Interface],
+        netns_cookie: u64,
+        servers: &[ServerEndpoint],
+    ) -> MapEntries {
+        let keyed = |found: Vec<Interface>| {
+            found
+                .into_iter()
+                .map(|i| (InterfaceKey::new(netns_cookie, i.index), i.name))
+                .collect()
+        };
+        MapEntries {
+            settings: Settings {
+                uplinks_restricted: u32::from(policy.uplinks.is_some()),
+                _pad: 0,
+            },
+            tunnels: keyed(interfaces::matching(interfaces, &policy.tunnels)),
+            uplinks: keyed(
+                policy
+                    .uplinks
+                    .as_deref()
+                    .map(|u| interfaces::matching(interfaces, u))
+                    .unwrap_or_default(),
+            ),
+            servers: servers.iter().map(server_key).collect(),
+        }
+    }
+}
+
+pub fn server_key(endpoint: &ServerEndpoint) -> ServerKey {
+    let addr = match endpoint.address.to_canonical() {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    ServerKey::new(
+        addr,
+        endpoint.port.unwrap_or(ANY_PORT),
+        endpoint.protocol.map_or(ANY_PROTOCOL, Protocol::number),
+    )
+}
+
+pub fn server_endpoint(key: &ServerKey) -> ServerEndpoint {
+    ServerEndpoint {
+        address: IpAddr::from(key.addr).to_canonical(),
+        port: (key.port != ANY_PORT).then_some(key.port),
+        protocol: match key.protocol {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_keys_round_trip_for_both_families() {
+        for text in ["198.51.100.1", "2001:db8::1"] {
+            for port in [None, Some(1194)] {
+                for protocol in [None, Some(Protocol::Udp), Some(Protocol::Tcp)] {
+                    let endpoint = ServerEndpoint {
+                        address: text.parse().unwrap(),
+                        port,
+                        protocol,
+                    };
+                    assert_eq!(server_endpoint(&server_key(&endpoint)), endpoint);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ipv4_is_stored_mapped() {
+        let endpoint = ServerEndpoint {
+            address: "198.51.100.1".parse().unwrap(),
+            port: None,
+            protocol: None,
+        };
+        let key = server_key(&endpoint);
+        assert_eq!(&key.addr[10..], &[0xff, 0xff, 198, 51, 100, 1]);
+        assert_eq!((key.port, key.protocol), (ANY_PORT, ANY_PROTOCOL));
+    }
+}

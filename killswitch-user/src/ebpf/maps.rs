@@ -1,0 +1,125 @@
+//! The pinned maps of one scope: writing the desired entries (add before remove, so nothing that
+//! stays in the policy is ever missing) and reading them back.
+
+use std::{collections::BTreeSet, path::Path};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    Pod,
+};
+use killswitch_common::{Direction, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES};
+
+use super::entries::MapEntries;
+use crate::error::{Error, Result};
+
+pub const TUNNELS: &str = "TUNNELS";
+pub const UPLINKS: &str = "UPLINKS";
+pub const SERVERS: &str = "SERVERS";
+pub const SETTINGS: &str = "SETTINGS";
+pub const COUNTERS: &str = "COUNTERS";
+pub const ALL: [&str; 5] = [TUNNELS, UPLINKS, SERVERS, SETTINGS, COUNTERS];
+
+pub struct PinnedMaps {
+    tunnels: HashMap<MapData, InterfaceKey, u8>,
+    uplinks: HashMap<MapData, InterfaceKey, u8>,
+    servers: HashMap<MapData, ServerKey, u8>,
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
+where
+    T::Error: std::fmt::Display,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::kernel(format!("cannot open the pinned map {}", path.display()), e))?;
+    let map = Map::from_map_data(data)
+        .map_err(|e| Error::kernel(format!("unexpected map {}", path.display()), e))?;
+    T::try_from(map).map_err(|e| Error::kernel(format!("unexpected map {}", path.display()), e))
+}
+
+impl PinnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<PinnedMaps> {
+        Ok(PinnedMaps {
+            tunnels: open(pin_dir, TUNNELS)?,
+            uplinks: open(pin_dir, UPLINKS)?,
+            servers: open(pin_dir, SERVERS)?,
+            settings: open(pin_dir, SETTINGS)?,
+            counters: open(pin_dir, COUNTERS)?,
+        })
+    }
+
+    /// Makes the maps hold exactly `entries`. Additions land before removals, and settings
+    /// that restrict (uplinks) before the interface lists they restrict to.
+    pub fn write(&mut self, entries: &MapEntries) -> Result<()> {
+        sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
+        self.settings
+            .set(0, entries.settings, 0)
+            .map_err(|e| Error::kernel("cannot update the settings map", e))?;
+        sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
+        sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)
+    }
+
+    pub fn tunnels(&self) -> Result<Vec<InterfaceKey>> {
+        keys(&self.tunnels, TUNNELS)
+    }
+
+    pub fn uplinks(&self) -> Result<Vec<InterfaceKey>> {
+        keys(&self.uplinks, UPLINKS)
+    }
+
+    pub fn servers(&self) -> Result<Vec<ServerKey>> {
+        keys(&self.servers, SERVERS)
+    }
+
+    pub fn settings(&self) -> Result<Settings> {
+        self.settings
+            .get(&0, 0)
+            .map_err(|e| Error::kernel("cannot read the settings map", e))
+    }
+
+    /// Packets counted per direction and reason, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Direction, Reason, u64)>> {
+        let mut out = Vec::new();
+        for direction in Direction::ALL {
+            for reason in Reason::ALL {
+                let index = reason.counter_index(direction);
+                debug_assert!(index < COUNTER_ENTRIES);
+                let values = self
+                    .counters
+                    .get(&index, 0)
+                    .map_err(|e| Error::kernel("cannot read the counters map", e))?;
+                out.push((direction, reason, values.iter().sum()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn keys<K: Pod + Ord>(map: &HashMap<MapData, K, u8>, name: &str) -> Result<Vec<K>> {
+    let mut keys = map
+        .keys()
+        .collect::<Result<Vec<K>, _>>()
+        .map_err(|e| Error::kernel(format!("cannot read the {name} map"), e))?;
+    keys.sort();
+    Ok(keys)
+}
+
+fn sync<K: Pod + Ord>(
+    map: &mut HashMap<MapData, K, u8>,
+    desired: impl Iterator<Item = K>,
+    name: &str,
+) -> Result<()> {
+    let desired: BTreeSet<K> = desired.collect();
+    let current: BTreeSet<K> = keys(map, name)?.into_iter().collect();
+    for key in desired.difference(&current) {
+        map.insert(key, 1, 0)
+            .map_err(|e| Error::kernel(format!("cannot update the {name} map"), e))?;
+    }
+    for key in current.difference(&desired) {
+        map.remove(key)
+            .map_err(|e| Error::kernel(format!("cannot update the {name} map"), e))?;
+    }
+    Ok(())
+}

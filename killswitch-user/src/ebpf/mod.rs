@@ -1,0 +1,191 @@
+//! The eBPF backend: load and verify the kernel programs, fill their pinned maps, attach them to
+//! a scope's cgroup and pin the links so enforcement outlives every process of ours.
+
+pub mod entries;
+pub mod maps;
+pub mod sys;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{cgroup_skb::CgroupSkbAttachType, links::FdLink, CgroupAttachMode, CgroupSkb},
+    Ebpf, EbpfLoader,
+};
+use killswitch_common::Direction;
+
+pub use entries::MapEntries;
+pub use maps::PinnedMaps;
+
+use crate::{
+    error::{Error, Result},
+    scope::{self, Scope},
+};
+
+/// The kernel programs, built by build.rs from `killswitch-ebpf`.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/killswitch.bpf.o"));
+
+/// Pin file of a direction's link inside a scope's pin directory.
+pub fn link_pin(pin_dir: &Path, direction: Direction) -> PathBuf {
+    pin_dir.join(format!("{}_link", direction.name()))
+}
+
+/// Where a new link is pinned before it replaces the old one (bpffs names cannot contain dots).
+fn new_link_pin(pin_dir: &Path, direction: Direction) -> PathBuf {
+    pin_dir.join(format!("{}_link_new", direction.name()))
+}
+
+fn attach_type(direction: Direction) -> CgroupSkbAttachType {
+    match direction {
+        Direction::Egress => CgroupSkbAttachType::Egress,
+        Direction::Ingress => CgroupSkbAttachType::Ingress,
+    }
+}
+
+/// Both programs loaded and verified, their maps pinned in one directory (reused if present).
+pub struct Programs {
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    pub fn load(pin_dir: &Path) -> Result<Programs> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
+        for direction in Direction::ALL {
+            program_mut(&mut ebpf, direction)?.load().map_err(|e| {
+                Error::kernel(
+                    format!("the kernel refused the {} program", direction.name()),
+                    chain(&e),
+                )
+            })?;
+        }
+        Ok(Programs { ebpf })
+    }
+
+    /// The loaded (not attached) program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn program(&self, direction: Direction) -> &CgroupSkb {
+        self.ebpf
+            .program(direction.name())
+            .and_then(|p| <&CgroupSkb>::try_from(p).ok())
+            .expect("the object defines both cgroup_skb programs")
+    }
+
+    /// Attaches both programs next to whatever is attached (multi-attach: any drop wins), then
+    /// moves each new link's pin over the old one, which detaches the old link. At every moment
+    /// at least one complete program per direction is attached.
+    fn attach_and_pin(&mut self, cgroup: &File, pin_dir: &Path) -> Result<()> {
+        for direction in Direction::ALL {
+            let program = program_mut(&mut self.ebpf, direction)?;
+            // A cgroup bpf_link always runs next to other links; the kernel rejects
+            // BPF_F_ALLOW_MULTI in link_create flags, so the mode must be the flag-less one.
+            let id = program
+                .attach(cgroup, attach_type(direction), CgroupAttachMode::Single)
+                .map_err(|e| Error::kernel("cannot attach to the cgroup", chain(&e)))?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| Error::kernel("cannot take the link", chain(&e)))?;
+            let link = FdLink::try_from(link)
+                .map_err(|e| Error::kernel("the kernel gave no bpf_link", chain(&e)))?;
+            let final_pin = link_pin(pin_dir, direction);
+            let new_pin = new_link_pin(pin_dir, direction);
+            remove_if_present(&new_pin)?;
+            link.pin(&new_pin)
+                .map_err(|e| Error::kernel("cannot pin the link", chain(&e)))?;
+            std::fs::rename(&new_pin, &final_pin)
+                .map_err(|e| Error::io("cannot replace the pinned link", &final_pin, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf, direction: Direction) -> Result<&mut CgroupSkb> {
+    ebpf.program_mut(direction.name())
+        .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
+        .ok_or_else(|| Error::kernel("broken eBPF object", "a cgroup_skb program is missing"))
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::chain(error)
+}
+
+/// Whether the scope has pinned links (it was brought `up` and not taken `down`).
+pub fn is_pinned(scope: &Scope) -> bool {
+    Direction::ALL
+        .iter()
+        .any(|&d| link_pin(&scope.pin_dir, d).exists())
+}
+
+/// Applies `entries` to the scope: first time, load + fill + attach + pin; again, update the
+/// shared pinned maps in place and swap in freshly loaded programs without a gap.
+pub fn apply(scope: &Scope, entries: &MapEntries) -> Result<()> {
+    scope::ensure_bpffs()?;
+    let _lock = scope::ScopeLock::acquire()?;
+    let cgroup = File::open(&scope.cgroup).map_err(|e| {
+        Error::Usage(format!(
+            "--cgroup {}: no such cgroup ({e})",
+            scope.cgroup.display()
+        ))
+    })?;
+    let fresh = !is_pinned(scope);
+    std::fs::create_dir_all(&scope.pin_dir)
+        .map_err(|e| Error::io("cannot create", &scope.pin_dir, e))?;
+    let result = (|| {
+        // Verify both programs before changing anything a running scope depends on.
+        let mut programs = Programs::load(&scope.pin_dir)?;
+        PinnedMaps::open(&scope.pin_dir)?.write(entries)?;
+        programs.attach_and_pin(&cgroup, &scope.pin_dir)
+    })();
+    if result.is_err() && fresh {
+        // Nothing was enforced before: leave nothing half-made behind.
+        let _ = remove_pins(&scope.pin_dir);
+    }
+    result
+}
+
+/// Removes the scope's enforcement. Returns false when there was nothing to remove.
+pub fn remove(scope: &Scope) -> Result<bool> {
+    if !scope.pin_dir.exists() {
+        return Ok(false);
+    }
+    let _lock = scope::ScopeLock::acquire()?;
+    remove_pins(&scope.pin_dir)?;
+    Ok(true)
+}
+
+fn remove_pins(pin_dir: &Path) -> Result<()> {
+    for direction in Direction::ALL {
+        for pin in [
+            link_pin(pin_dir, direction),
+            new_link_pin(pin_dir, direction),
+        ] {
+            if let Ok(link) = sys::obj_get(&pin) {
+                // Detach explicitly: a stray fd held elsewhere must not keep the program attached.
+                sys::link_detach(&link).map_err(|e| Error::kernel("cannot detach the link", e))?;
+            }
+            remove_if_present(&pin)?;
+        }
+    }
+    for name in maps::ALL {
+        remove_if_present(&pin_dir.join(name))?;
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("cannot remove", pin_dir, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("cannot remove", path, e))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,70 @@
+//! The few bpf(2) commands aya 0.14 does not expose: force-detaching a pinned link and reading a
+//! cgroup link's target.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a zero-padded union large enough for the commands used here.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut attr = [0u64; 8];
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches a link from its cgroup even if other file descriptors still refer to it.
+pub fn link_detach(link: &OwnedFd) -> std::io::Result<()> {
+    let mut attr = [0u64; 8];
+    attr[0] = link.as_raw_fd() as u64;
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// What a cgroup link points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub program_id: u32,
+    /// 0 once the link was detached or its cgroup removed.
+    pub cgroup_id: u64,
+}
+
+pub fn cgroup_link_info(link: &OwnedFd) -> std::io::Result<CgroupLinkInfo> {
+    // struct bpf_link_info: type, id, prog_id, then the union at offset 16 (cgroup_id first).
+    let mut info = [0u64; 16];
+    let mut attr = [0u64; 8];
+    attr[0] = link.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(CgroupLinkInfo {
+        link_id: (info[0] >> 32) as u32,
+        program_id: info[1] as u32,
+        cgroup_id: info[2],
+    })
+}

@@ -1,0 +1,14 @@
+//! killswitch: a Linux VPN kill switch that fails closed.
+//!
+//! Data flows one way: configuration file → [`policy::Policy`] → [`ebpf::MapEntries`] → kernel.
+//! The command line ([`cli`]) is a thin driver of this library.
+
+pub mod cli;
+pub mod ebpf;
+pub mod error;
+pub mod interfaces;
+pub mod policy;
+pub mod scope;
+pub mod status;
+
+pub use error::{Error, Result};

@@ -1,0 +1,305 @@
+//! The TOML configuration file: safety checks on the file, parsing, and validation into a Policy.
+//! Every error names the file, the line and the key.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{InterfacePattern, Policy, Protocol, ServerAddress, ServerRule};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/killswitch/killswitch.toml";
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_INTERFACE_NAME: usize = 15;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Reads the file after checking that only root can change it.
+pub(super) fn load(path: &Path) -> Result<Policy, ConfigError> {
+    let error = |message: String| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        key: None,
+        message,
+    };
+    let meta = std::fs::metadata(path)
+        .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
+    if !meta.is_file() {
+        return Err(error("not a regular file".into()));
+    }
+    // A kill switch that anyone can edit protects nothing.
+    if meta.uid() != 0 {
+        return Err(error(format!(
+            "refusing a configuration owned by uid {} instead of root; run `chown root: {}`",
+            meta.uid(),
+            path.display()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(error(format!(
+            "refusing a configuration that group or others can write (mode {:04o}); run `chmod go-w {}`",
+            meta.mode() & 0o7777,
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
+    parse(&text, path)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    tunnels: Option<Spanned<Vec<Spanned<String>>>>,
+    uplinks: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    server: Vec<Spanned<RawServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    address: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    protocol: Option<Spanned<String>>,
+}
+
+/// Locates spans in the text so errors can name lines.
+struct Source<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn error<T>(&self, at: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            line: Some(self.line_of(at.span().start)),
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+}
+
+pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
+    let source = Source { text, file };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: e.span().map(|span| source.line_of(span.start)),
+        key: None,
+        message: e.message().trim().to_owned(),
+    })?;
+
+    let Some(tunnel_list) = &raw.tunnels else {
+        return Err(ConfigError {
+            file: file.to_owned(),
+            line: None,
+            key: Some("tunnels".into()),
+            message: "missing; list the VPN's interfaces, e.g. tunnels = [\"tun0\"]".into(),
+        });
+    };
+    let tunnels = interface_list(&source, tunnel_list, "tunnels")?;
+    let uplinks = match &raw.uplinks {
+        Some(list) => Some(interface_list(&source, list, "uplinks")?),
+        None => None,
+    };
+    if let (Some(uplink_list), Some(uplinks)) = (&raw.uplinks, &uplinks) {
+        for (name, pattern) in uplink_list.get_ref().iter().zip(uplinks) {
+            if let Some(tunnel) = tunnels.iter().find(|t| overlaps(t, pattern)) {
+                return Err(source.error(
+                    name,
+                    "uplinks",
+                    format!("`{pattern}` overlaps the tunnel `{tunnel}`; an interface is either the tunnel or an uplink"),
+                ));
+            }
+        }
+    }
+
+    let mut servers = Vec::new();
+    let mut seen: BTreeMap<ServerRule, usize> = BTreeMap::new();
+    for entry in &raw.server {
+        let rule = server_rule(&source, entry)?;
+        let line = source.line_of(entry.span().start);
+        if let Some(first) = seen.insert(rule.clone(), line) {
+            return Err(source.error(
+                entry,
+                "server",
+                format!("duplicate of the server on line {first}"),
+            ));
+        }
+        servers.push(rule);
+    }
+
+    Ok(Policy {
+        tunnels,
+        uplinks,
+        servers,
+    })
+}
+
+fn interface_list(
+    source: &Source<'_>,
+    list: &Spanned<Vec<Spanned<String>>>,
+    key: &str,
+) -> Result<Vec<InterfacePattern>, ConfigError> {
+    let mut patterns: Vec<InterfacePattern> = Vec::new();
+    for name in list.get_ref() {
+        let pattern = interface_pattern(name.get_ref())
+            .map_err(|message| source.error(name, key, message))?;
+        if patterns.contains(&pattern) {
+            return Err(source.error(name, key, format!("`{pattern}` is listed twice")));
+        }
+        patterns.push(pattern);
+    }
+    Ok(patterns)
+}
+
+fn interface_pattern(name: &str) -> Result<InterfacePattern, String> {
+    let literal = name.strip_suffix('*').unwrap_or(name);
+    if name == "*" {
+        return Err("`*` alone matches every interface; name the interfaces".into());
+    }
+    if literal.is_empty() {
+        return Err("an interface name cannot be empty".into());
+    }
+    if literal.len() > MAX_INTERFACE_NAME {
+        return Err(format!(
+            "`{name}` is longer than the {MAX_INTERFACE_NAME} bytes an interface name can have"
+        ));
+    }
+    let bad = |c: char| c == '/' || c == ':' || c == '*' || c.is_whitespace() || c.is_control();
+    if literal.contains(bad) || literal == "." || literal == ".." {
+        return Err(format!(
+            "`{name}` is not an interface name (a trailing `*` is the only wildcard)"
+        ));
+    }
+    Ok(InterfacePattern(name.to_owned()))
+}
+
+/// Whether some interface name could match both patterns.
+fn overlaps(a: &InterfacePattern, b: &InterfacePattern) -> bool {
+    let literal = |p: &InterfacePattern| p.0.trim_end_matches('*').to_owned();
+    a.matches(&literal(b)) || b.matches(&literal(a)) || a == b
+}
+
+fn server_rule(source: &Source<'_>, entry: &Spanned<RawServer>) -> Result<ServerRule, ConfigError> {
+    let raw = entry.get_ref();
+    let Some(address) = &raw.address else {
+        return Err(source.error(
+            entry,
+            "server.address",
+            "missing; every [[server]] needs an address",
+        ));
+    };
+    let address_value = server_address(address.get_ref())
+        .map_err(|message| source.error(address, "server.address", message))?;
+    let port = match &raw.port {
+        None => None,
+        Some(port) => match u16::try_from(*port.get_ref()) {
+            Ok(value) if value != 0 => Some(value),
+            _ => {
+                return Err(source.error(
+                    port,
+                    "server.port",
+                    format!("{} is not a port (1-65535)", port.get_ref()),
+                ))
+            }
+        },
+    };
+    let protocol = match &raw.protocol {
+        None => None,
+        Some(protocol) => Some(match protocol.get_ref().as_str() {
+            "udp" => Protocol::Udp,
+            "tcp" => Protocol::Tcp,
+            other => {
+                return Err(source.error(
+                    protocol,
+                    "server.protocol",
+                    format!("`{other}` is not \"udp\" or \"tcp\" (leave it out for both)"),
+                ))
+            }
+        }),
+    };
+    Ok(ServerRule {
+        address: address_value,
+        port,
+        protocol,
+    })
+}
+
+fn server_address(text: &str) -> Result<ServerAddress, String> {
+    if text.contains('/') {
+        return Err(format!(
+            "`{text}` is a prefix; a server is one address or hostname"
+        ));
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        let ip = ip.to_canonical();
+        if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+            return Err(format!("`{text}` cannot be a server address"));
+        }
+        return Ok(ServerAddress::Ip(ip));
+    }
+    if is_hostname(text) {
+        return Ok(ServerAddress::Host(
+            text.trim_end_matches('.').to_ascii_lowercase(),
+        ));
+    }
+    Err(format!("`{text}` is neither an IP address nor a hostname"))
+}
+
+/// RFC 1123 host names; an all-numeric last label is rejected so a mistyped IPv4 address
+/// (`198.51.100.300`) is not taken for a name.
+fn is_hostname(text: &str) -> bool {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |label: &&str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    labels.iter().all(label_ok)
+        && !labels
+            .last()
+            .is_some_and(|last| last.chars().all(|c| c.is_ascii_digit()))
+}

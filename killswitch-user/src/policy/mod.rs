@@ -1,0 +1,128 @@
+//! The policy: the validated, normalized form of the configuration file and the one source of
+//! truth that the kernel maps (and later the rendered rulesets) are derived from.
+
+mod config;
+mod resolve;
+
+use std::{fmt, net::IpAddr};
+
+pub use config::{ConfigError, DEFAULT_CONFIG_PATH};
+pub use resolve::resolve_servers;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Interfaces whose traffic is the VPN's: everything through them is allowed.
+    pub tunnels: Vec<InterfacePattern>,
+    /// When set, the exceptions (servers, ...) leave only through these interfaces.
+    pub uplinks: Option<Vec<InterfacePattern>>,
+    /// The only endpoints reachable outside the tunnel.
+    pub servers: Vec<ServerRule>,
+}
+
+impl Policy {
+    /// Parses and validates a configuration text; `file` names it in error messages.
+    pub fn from_toml(text: &str, file: &std::path::Path) -> Result<Policy, ConfigError> {
+        config::parse(text, file)
+    }
+
+    /// Reads, checks ownership and permissions of, and parses a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Policy, ConfigError> {
+        config::load(path)
+    }
+}
+
+/// An interface name, or a prefix when it ends in `*` (`wg*`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InterfacePattern(String);
+
+impl InterfacePattern {
+    pub fn matches(&self, name: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == self.0,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InterfacePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Udp,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Udp => killswitch_common::IPPROTO_UDP,
+            Protocol::Tcp => killswitch_common::IPPROTO_TCP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Udp => "udp",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServerAddress {
+    Ip(IpAddr),
+    /// Resolved at `up` (and re-resolved by the daemon).
+    Host(String),
+}
+
+impl fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddress::Ip(ip) => ip.fmt(f),
+            ServerAddress::Host(host) => f.write_str(host),
+        }
+    }
+}
+
+/// A `[[server]]` entry as configured.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerRule {
+    pub address: ServerAddress,
+    /// `None`: any port.
+    pub port: Option<u16>,
+    /// `None`: TCP and UDP.
+    pub protocol: Option<Protocol>,
+}
+
+/// A server with a concrete address: what goes into the kernel map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerEndpoint {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub protocol: Option<Protocol>,
+}
+
+impl fmt::Display for ServerEndpoint {
+    /// The `ADDR[:PORT][/udp|tcp]` form of the command line, IPv6 in brackets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.address, self.port) {
+            (IpAddr::V6(v6), Some(_)) => write!(f, "[{v6}]")?,
+            (address, _) => write!(f, "{address}")?,
+        }
+        if let Some(port) = self.port {
+            write!(f, ":{port}")?;
+        }
+        if let Some(protocol) = self.protocol {
+            write!(f, "/{}", protocol.name())?;
+        }
+        Ok(())
+    }
+}

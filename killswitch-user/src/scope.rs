@@ -1,0 +1,258 @@
+//! Scopes: a cgroup v2 directory whose sockets the policy governs, and the bpffs directory where
+//! its enforcement is pinned (`/sys/fs/bpf/killswitch/<scope>/`).
+
+use std::{
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Component, Path, PathBuf},
+};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::{Error, Result};
+
+/// Where scopes are pinned. `KILLSWITCH_PIN_ROOT` moves it (tests use their own directory).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/killswitch";
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// Absolute path of the cgroup directory.
+    pub cgroup: PathBuf,
+    /// Path relative to the cgroup2 mount; empty for the root (system-wide).
+    pub relative: PathBuf,
+    /// `systemd-escape --path` of `relative`; `-` for the root.
+    pub name: String,
+    pub pin_dir: PathBuf,
+}
+
+impl Scope {
+    /// The scope for `--cgroup` (absolute, or relative to the cgroup2 mount; none = root).
+    pub fn from_arg(arg: Option<&Path>) -> Result<Scope> {
+        let mount = cgroup2_mount()?;
+        let relative = match arg {
+            None => PathBuf::new(),
+            Some(path) if path.is_absolute() => path
+                .strip_prefix(&mount)
+                .map_err(|_| {
+                    Error::Usage(format!(
+                        "--cgroup {}: not under the cgroup2 mount {}",
+                        path.display(),
+                        mount.display()
+                    ))
+                })?
+                .to_owned(),
+            Some(path) => path.to_owned(),
+        };
+        if relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(Error::Usage(format!(
+                "--cgroup {}: use a plain path without `..`",
+                relative.display()
+            )));
+        }
+        let name = escape_path(&relative);
+        Ok(Scope {
+            cgroup: mount.join(&relative),
+            pin_dir: pin_root().join(&name),
+            relative,
+            name,
+        })
+    }
+
+    /// The scope pinned under `name` in the pin root.
+    pub fn from_name(name: &str) -> Result<Scope> {
+        let relative = unescape_path(name);
+        Ok(Scope {
+            cgroup: cgroup2_mount()?.join(&relative),
+            pin_dir: pin_root().join(name),
+            relative,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every scope with a pin directory.
+    pub fn all_pinned() -> Result<Vec<Scope>> {
+        let root = pin_root();
+        let entries = match std::fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("cannot list", root, e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.iter().map(|name| Scope::from_name(name)).collect()
+    }
+
+    /// The cgroup's id as BPF sees it (`bpf_skb_cgroup_id`): the directory's inode number.
+    pub fn cgroup_id(&self) -> Result<u64> {
+        let meta = std::fs::metadata(&self.cgroup)
+            .map_err(|e| Error::io("cannot open the cgroup", &self.cgroup, e))?;
+        Ok(meta.ino())
+    }
+
+    pub fn display_cgroup(&self) -> String {
+        if self.relative.as_os_str().is_empty() {
+            format!("{} (system-wide)", self.cgroup.display())
+        } else {
+            self.cgroup.display().to_string()
+        }
+    }
+}
+
+pub fn pin_root() -> PathBuf {
+    std::env::var_os("KILLSWITCH_PIN_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT))
+}
+
+/// The cgroup2 mount point, read from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("cannot read", "/proc/self/mountinfo", e))?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            // "... mount-point options ... - fstype source super-options"
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+        })
+        .ok_or_else(|| {
+            Error::Usage("no cgroup2 file system is mounted; killswitch needs cgroup v2".into())
+        })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let digits: String = chars.by_ref().take(3).collect();
+            if let Ok(byte) = u8::from_str_radix(&digits, 8) {
+                out.push(byte as char);
+                continue;
+            }
+            out.push('\\');
+            out.push_str(&digits);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Like `systemd-escape --path` (`/` becomes `-`, anything unusual `\xNN`, the root is `-`), but
+/// `.` is escaped too: bpffs refuses names that contain a dot.
+pub fn escape_path(relative: &Path) -> String {
+    let text = relative.to_string_lossy();
+    let text = text.trim_matches('/');
+    if text.is_empty() {
+        return "-".into();
+    }
+    let mut out = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'/' => out.push('-'),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b':' | b'_' => out.push(byte as char),
+            _ => out.push_str(&format!("\\x{byte:02x}")),
+        }
+    }
+    out
+}
+
+pub fn unescape_path(name: &str) -> PathBuf {
+    if name == "-" {
+        return PathBuf::new();
+    }
+    let mut bytes = Vec::new();
+    let raw = name.as_bytes();
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'-' {
+            bytes.push(b'/');
+        } else if raw[i] == b'\\' && i + 3 < raw.len() && raw[i + 1] == b'x' {
+            if let Ok(byte) = u8::from_str_radix(&name[i + 2..i + 4], 16) {
+                bytes.push(byte);
+                i += 4;
+                continue;
+            }
+            bytes.push(raw[i]);
+        } else {
+            bytes.push(raw[i]);
+        }
+        i += 1;
+    }
+    PathBuf::from(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounted = nix::sys::statfs::statfs(BPFFS_MOUNT)
+        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all(BPFFS_MOUNT).map_err(|e| Error::io("cannot create", BPFFS_MOUNT, e))?;
+    nix::mount::mount(
+        Some("bpffs"),
+        BPFFS_MOUNT,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("cannot mount bpffs on", BPFFS_MOUNT, e.into()))
+}
+
+/// Holds the pin root's lock: one `up`/`down` at a time, so no one sees a half-updated scope.
+pub struct ScopeLock(#[allow(dead_code)] Flock<File>);
+
+impl ScopeLock {
+    pub fn acquire() -> Result<ScopeLock> {
+        let root = pin_root();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("cannot create", &root, e))?;
+        let dir = File::open(&root).map_err(|e| Error::io("cannot open", &root, e))?;
+        Flock::lock(dir, FlockArg::LockExclusive)
+            .map(ScopeLock)
+            .map_err(|(_, e)| Error::io("cannot lock", root, e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_round_trips_like_systemd_escape() {
+        for (path, name) in [
+            ("", "-"),
+            ("system.slice", "system\\x2eslice"),
+            (
+                "system.slice/openvpn-client@work.service",
+                "system\\x2eslice-openvpn\\x2dclient\\x40work\\x2eservice",
+            ),
+            ("kstest-1/app", "kstest\\x2d1-app"),
+            (".hidden", "\\x2ehidden"),
+        ] {
+            assert_eq!(escape_path(Path::new(path)), name, "escape {path}");
+            assert_eq!(unescape_path(name), PathBuf::from(path), "unescape {name}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_octal_escapes_are_decoded() {
+        assert_eq!(
+            unescape_mountinfo("/sys/fs/cgroup\\040x"),
+            "/sys/fs/cgroup x"
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! What a pinned scope enforces right now, read back from the kernel (not from the config).
+
+use std::path::PathBuf;
+
+use killswitch_common::{Direction, InterfaceKey};
+use serde::Serialize;
+
+use crate::{
+    ebpf::{self, entries::server_endpoint, sys, PinnedMaps},
+    error::Result,
+    interfaces,
+    scope::Scope,
+};
+
+#[derive(Debug, Serialize)]
+pub struct ScopeStatus {
+    pub scope: String,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub backend: &'static str,
+    /// Both programs attached to this scope's cgroup.
+    pub enforced: bool,
+    pub links: Vec<LinkStatus>,
+    pub tunnels: Vec<InterfaceStatus>,
+    /// `None` when exceptions may leave through any non-tunnel interface.
+    pub uplinks: Option<Vec<InterfaceStatus>>,
+    pub servers: Vec<String>,
+    pub counters: Vec<CounterStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LinkStatus {
+    pub direction: &'static str,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub attached: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfaceStatus {
+    pub ifindex: u32,
+    /// The name in this network namespace; `None` if the interface is gone or in another one.
+    pub name: Option<String>,
+    pub this_netns: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterStatus {
+    pub direction: &'static str,
+    pub reason: &'static str,
+    pub verdict: &'static str,
+    pub packets: u64,
+}
+
+pub fn read(scope: &Scope) -> Result<ScopeStatus> {
+    let cgroup_id = scope.cgroup_id().ok();
+    let links: Vec<LinkStatus> = Direction::ALL
+        .iter()
+        .filter_map(|&direction| {
+            let fd = sys::obj_get(&ebpf::link_pin(&scope.pin_dir, direction)).ok()?;
+            let info = sys::cgroup_link_info(&fd).ok()?;
+            Some(LinkStatus {
+                direction: direction.name(),
+                link_id: info.link_id,
+                program_id: info.program_id,
+                attached: info.cgroup_id != 0 && Some(info.cgroup_id) == cgroup_id,
+            })
+        })
+        .collect();
+    let enforced = links.len() == Direction::ALL.len() && links.iter().all(|l| l.attached);
+
+    let maps = PinnedMaps::open(&scope.pin_dir)?;
+    let own_cookie = interfaces::netns_cookie()?;
+    let describe = |keys: Vec<InterfaceKey>| -> Vec<InterfaceStatus> {
+        keys.into_iter()
+            .map(|key| {
+                let this_netns = key.netns_cookie == own_cookie;
+                InterfaceStatus {
+                    ifindex: key.ifindex,
+                    name: this_netns
+                        .then(|| interfaces::name_of(key.ifindex))
+                        .flatten(),
+                    this_netns,
+                }
+            })
+            .collect()
+    };
+    let uplinks = (maps.settings()?.uplinks_restricted != 0)
+        .then(|| maps.uplinks())
+        .transpose()?;
+    Ok(ScopeStatus {
+        scope: scope.name.clone(),
+        cgroup: scope.cgroup.clone(),
+        pin_dir: scope.pin_dir.clone(),
+        backend: "ebpf",
+        enforced,
+        links,
+        tunnels: describe(maps.tunnels()?),
+        uplinks: uplinks.map(describe),
+        servers: maps
+            .servers()?
+            .iter()
+            .map(|k| server_endpoint(k).to_string())
+            .collect(),
+        counters: maps
+            .counters()?
+            .into_iter()
+            .map(|(direction, reason, packets)| CounterStatus {
+                direction: direction.name(),
+                reason: reason.name(),
+                verdict: if reason.allows() { "allow" } else { "drop" },
+                packets,
+            })
+            .collect(),
+    })
+}
