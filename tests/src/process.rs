@@ -1,0 +1,99 @@
+//! Starting processes inside a network namespace (and optionally a cgroup), bounded in time.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+use crate::{Cgroup, Netns};
+
+/// Every command started here is killed after this many seconds.
+pub const COMMAND_TIMEOUT_SECS: &str = "20";
+
+/// A command that joins `cgroup` (before entering the namespace: `ip netns exec` would hide
+/// /sys/fs/cgroup), then enters only the network namespace of `netns`.
+pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
+    let procs = cgroup
+        .map(|c| c.procs().display().to_string())
+        .unwrap_or_default();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"if [ -n "$1" ]; then echo $$ > "$1" || exit 125; fi; ns=$2; shift 2; exec nsenter --net="$ns" -- timeout -k 1 "$@""#)
+        .arg("sh")
+        .arg(procs)
+        .arg(netns.path())
+        .arg(COMMAND_TIMEOUT_SECS)
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+pub fn output_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Output {
+    command_in(netns, cgroup, program, args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+}
+
+/// The `killswitch` binary under test: `KILLSWITCH_BIN`, or built once through cargo.
+pub fn killswitch_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("KILLSWITCH_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "killswitch-user",
+                "--bin",
+                "killswitch",
+            ])
+            .args(["--message-format=json-render-diagnostics"])
+            .output()
+            .expect("cannot run cargo to build killswitch");
+        assert!(
+            out.status.success(),
+            "building killswitch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|msg| msg.get("executable")?.as_str().map(PathBuf::from))
+            .next_back()
+            .expect("cargo reported no killswitch executable")
+    })
+    .clone()
+}
+
+/// Runs `killswitch ARGS` in `netns` (outside any test cgroup), pins under `pin_root`.
+pub fn killswitch(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) -> Output {
+    let bin = killswitch_bin();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.path().display()))
+        .arg("--")
+        .arg("timeout")
+        .arg(COMMAND_TIMEOUT_SECS)
+        .arg(bin)
+        .args(args)
+        .env("KILLSWITCH_PIN_ROOT", &pin_root.path)
+        .env_remove("KILLSWITCH_LOG");
+    cmd.output().expect("cannot start killswitch")
+}
+
+/// Like [`killswitch`], panicking with the output unless it exits 0.
+pub fn killswitch_ok(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) -> String {
+    let out = killswitch(netns, pin_root, args);
+    assert!(
+        out.status.success(),
+        "killswitch {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,324 @@
+//! Real packets through the real kernel programs: `killswitch up --cgroup` on a child cgroup in
+//! private namespaces, probed from inside and outside the cgroup.
+
+use std::{net::SocketAddr, process::Output};
+
+use testbed::{
+    echo::EchoServer,
+    net::{TestNet, OTHER_V4, OTHER_V6, SERVER_V4, SERVER_V6, TUNNEL_PEER_V4, TUNNEL_PEER_V6},
+    process::{killswitch, killswitch_ok, output_in},
+    require_root, Cgroup, PinRoot,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_ks-probe");
+const SERVER_PORT: u16 = 1194;
+const OTHER_PORT: u16 = 8080;
+
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    Tcp(&'static str, u16),
+    Udp(&'static str, u16),
+    Ping(&'static str),
+}
+
+/// Whether `probe` succeeds from the client namespace, inside `cgroup` or outside any test cgroup.
+fn reaches(net: &TestNet, cgroup: Option<&Cgroup>, probe: Probe) -> bool {
+    let out: Output = match probe {
+        Probe::Tcp(addr, port) => output_in(
+            &net.client,
+            cgroup,
+            PROBE,
+            &["tcp", &socket(addr, port).to_string()],
+        ),
+        Probe::Udp(addr, port) => output_in(
+            &net.client,
+            cgroup,
+            PROBE,
+            &["udp", &socket(addr, port).to_string()],
+        ),
+        Probe::Ping(addr) => output_in(&net.client, cgroup, "ping", &["-c1", "-W1", "-q", addr]),
+    };
+    assert_ne!(out.status.code(), Some(125), "could not join the cgroup");
+    out.status.success()
+}
+
+fn socket(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.parse().unwrap(), port)
+}
+
+/// The config: the tunnel, one v4 server on any protocol, one v6 server on UDP only.
+fn write_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("killswitch.toml");
+    let text = format!(
+        r#"tunnels = ["tun0"]
+
+[[server]]
+address = "{SERVER_V4}"
+port = {SERVER_PORT}
+
+[[server]]
+address = "{SERVER_V6}"
+port = {SERVER_PORT}
+protocol = "udp"
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+struct Fixture {
+    net: TestNet,
+    cgroup: Cgroup,
+    pins: PinRoot,
+    config: std::path::PathBuf,
+    _servers: EchoServer,
+    _loopback: EchoServer,
+    _dir: TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let net = TestNet::new();
+        let servers = EchoServer::start(
+            &net.internet,
+            &[
+                socket(SERVER_V4, SERVER_PORT),
+                socket(SERVER_V4, SERVER_PORT + 1),
+                socket(SERVER_V6, SERVER_PORT),
+                socket(OTHER_V4, OTHER_PORT),
+                socket(OTHER_V6, OTHER_PORT),
+                socket(TUNNEL_PEER_V4, OTHER_PORT),
+                socket(TUNNEL_PEER_V6, OTHER_PORT),
+            ],
+        );
+        let loopback = EchoServer::start(&net.client, &[socket("127.0.0.1", 7), socket("::1", 7)]);
+        let dir = TempDir::new();
+        let config = write_config(&dir.0);
+        Fixture {
+            net,
+            cgroup: Cgroup::new(),
+            pins: PinRoot::new(),
+            config,
+            _servers: servers,
+            _loopback: loopback,
+            _dir: dir,
+        }
+    }
+
+    fn killswitch(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--config", self.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        killswitch(&self.net.client, &self.pins, &all)
+    }
+
+    fn killswitch_ok(&self, args: &[&str]) -> String {
+        let mut all = vec!["--config", self.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        killswitch_ok(&self.net.client, &self.pins, &all)
+    }
+
+    fn up(&self) {
+        self.killswitch_ok(&["up", "--cgroup", &self.cgroup.relative]);
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.killswitch(&["status", "--json", "--cgroup", &self.cgroup.relative]);
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let path = std::env::temp_dir().join(testbed::unique_name("kstest"));
+        std::fs::create_dir(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const ALLOWED: &[Probe] = &[
+    Probe::Tcp(SERVER_V4, SERVER_PORT),
+    Probe::Udp(SERVER_V4, SERVER_PORT),
+    Probe::Udp(SERVER_V6, SERVER_PORT),
+    Probe::Tcp("127.0.0.1", 7),
+    Probe::Udp("::1", 7),
+    Probe::Ping("127.0.0.1"),
+    Probe::Tcp(TUNNEL_PEER_V4, OTHER_PORT),
+    Probe::Udp(TUNNEL_PEER_V6, OTHER_PORT),
+    Probe::Ping(TUNNEL_PEER_V4),
+    Probe::Ping(TUNNEL_PEER_V6),
+];
+
+const BLOCKED: &[Probe] = &[
+    Probe::Tcp(OTHER_V4, OTHER_PORT),
+    Probe::Udp(OTHER_V4, OTHER_PORT),
+    Probe::Tcp(OTHER_V6, OTHER_PORT),
+    Probe::Udp(OTHER_V6, OTHER_PORT),
+    Probe::Ping(OTHER_V4),
+    Probe::Ping(OTHER_V6),
+    // The server, but the wrong port, protocol or ICMP.
+    Probe::Tcp(SERVER_V4, SERVER_PORT + 1),
+    Probe::Udp(SERVER_V4, SERVER_PORT + 1),
+    Probe::Tcp(SERVER_V6, SERVER_PORT),
+    Probe::Ping(SERVER_V4),
+    Probe::Ping(SERVER_V6),
+];
+
+fn check_all(fixture: &Fixture, cgroup: Option<&Cgroup>, expect_blocked: bool) {
+    let mut wrong = Vec::new();
+    for &probe in ALLOWED {
+        if !reaches(&fixture.net, cgroup, probe) {
+            wrong.push(format!("{probe:?} should pass"));
+        }
+    }
+    for &probe in BLOCKED {
+        if reaches(&fixture.net, cgroup, probe) == expect_blocked {
+            wrong.push(format!(
+                "{probe:?} should {}",
+                if expect_blocked { "be dropped" } else { "pass" }
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "wrong verdicts (cgroup: {}): {wrong:#?}",
+        cgroup.is_some()
+    );
+}
+
+fn counter(status: &serde_json::Value, direction: &str, reason: &str) -> u64 {
+    status["scopes"][0]["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["direction"] == direction && c["reason"] == reason)
+        .and_then(|c| c["packets"].as_u64())
+        .unwrap()
+}
+
+#[test]
+fn scope_allows_only_tunnel_loopback_and_servers_and_outlives_the_loader() {
+    require_root!();
+    let f = Fixture::new();
+
+    // Baseline: the network works, so a blocked probe below means the kill switch dropped it.
+    check_all(&f, Some(&f.cgroup), false);
+
+    f.up();
+    // `up` has exited: what follows is enforced by pinned programs alone.
+    check_all(&f, Some(&f.cgroup), true);
+    // Same namespace, outside the scope: untouched.
+    check_all(&f, None, false);
+
+    let status = f.status_json();
+    let scope = &status["scopes"][0];
+    assert_eq!(scope["enforced"], true, "{status:#}");
+    assert_eq!(scope["tunnels"][0]["name"], "tun0");
+    assert!(counter(&status, "egress", "default-drop") > 0);
+    assert!(counter(&status, "egress", "server") > 0);
+    assert!(counter(&status, "ingress", "server") > 0);
+    assert!(counter(&status, "egress", "tunnel") > 0);
+    assert!(counter(&status, "ingress", "loopback") > 0);
+
+    let out = f.killswitch_ok(&["down", "--cgroup", &f.cgroup.relative]);
+    assert!(out.contains("removed"), "{out}");
+    check_all(&f, Some(&f.cgroup), false);
+    let leftovers: Vec<_> = std::fs::read_dir(&f.pins.path).unwrap().collect();
+    assert!(leftovers.is_empty(), "down left pins behind: {leftovers:?}");
+    let attached = testbed::run(
+        "bpftool",
+        &["cgroup", "show", f.cgroup.path.to_str().unwrap()],
+    );
+    assert!(
+        !attached.contains("cgroup_inet"),
+        "programs still attached: {attached}"
+    );
+}
+
+#[test]
+fn rerunning_up_follows_a_new_tunnel_ifindex() {
+    require_root!();
+    let f = Fixture::new();
+    f.up();
+    let through_tunnel = Probe::Tcp(TUNNEL_PEER_V4, OTHER_PORT);
+    assert!(reaches(&f.net, Some(&f.cgroup), through_tunnel));
+
+    f.net.remove_tunnel();
+    f.net.add_tunnel();
+    // The old ifindex is gone; the new tun0 is not trusted until the policy is re-applied.
+    assert!(
+        !reaches(&f.net, Some(&f.cgroup), through_tunnel),
+        "new tunnel trusted blindly"
+    );
+    let out = f.killswitch_ok(&["up", "--cgroup", &f.cgroup.relative]);
+    assert!(out.contains("updated"), "{out}");
+    assert!(reaches(&f.net, Some(&f.cgroup), through_tunnel));
+    assert!(!reaches(
+        &f.net,
+        Some(&f.cgroup),
+        Probe::Tcp(OTHER_V4, OTHER_PORT)
+    ));
+}
+
+#[test]
+fn rerunning_up_never_leaves_the_scope_unfiltered() {
+    require_root!();
+    let f = Fixture::new();
+    let oracle = EchoServer::start(&f.net.internet, &[socket(OTHER_V4, 9999)]);
+    f.up();
+    // One datagram per millisecond towards a blocked address while `up` is re-applied 20 times.
+    let flood = testbed::process::command_in(
+        &f.net.client,
+        Some(&f.cgroup),
+        PROBE,
+        &["flood", &socket(OTHER_V4, 9999).to_string(), "4000"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    for _ in 0..20 {
+        f.up();
+    }
+    let sent = flood.wait_with_output().unwrap();
+    let attempts: u64 = String::from_utf8_lossy(&sent.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(attempts > 500, "the flood did not run: {attempts}");
+    assert_eq!(
+        oracle.received(),
+        0,
+        "datagrams leaked during re-application"
+    );
+}
+
+#[test]
+fn bad_config_leaves_the_enforcement_in_place() {
+    require_root!();
+    let f = Fixture::new();
+    f.up();
+    std::fs::write(&f.config, "tunnels = [\"tun0\"]\nbogus = 1\n").unwrap();
+    let out = f.killswitch(&["up", "--cgroup", &f.cgroup.relative]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+    assert!(stderr.contains("killswitch.toml:2"), "{stderr}");
+    assert!(!reaches(
+        &f.net,
+        Some(&f.cgroup),
+        Probe::Tcp(OTHER_V4, OTHER_PORT)
+    ));
+    assert!(reaches(
+        &f.net,
+        Some(&f.cgroup),
+        Probe::Tcp(SERVER_V4, SERVER_PORT)
+    ));
+}
