@@ -10,6 +10,7 @@ pub mod echo;
 pub mod lab;
 pub mod net;
 pub mod netns;
+pub mod packets;
 pub mod pins;
 pub mod process;
 
