@@ -122,7 +122,8 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
         file: file.to_owned(),
         line: e.span().map(|span| source.line_of(span.start)),
         key: None,
-        message: e.message().trim().to_owned(),
+        // One line: toml's messages sometimes span several.
+        message: e.message().trim().replace('\n', "; "),
     })?;
 
     let Some(tunnel_list) = &raw.tunnels else {

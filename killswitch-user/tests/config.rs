@@ -1,0 +1,218 @@
+//! The configuration file: valid inputs normalize as expected; each kind of bad input gives its
+//! exact one-line message naming file, line and key.
+
+use std::{
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use killswitch::policy::{Policy, Protocol, ServerAddress, ServerRule};
+
+fn parse(text: &str) -> Result<Policy, String> {
+    Policy::from_toml(text, Path::new("/etc/killswitch/killswitch.toml")).map_err(|e| e.to_string())
+}
+
+fn error(text: &str) -> String {
+    parse(text).expect_err("should be rejected")
+}
+
+#[test]
+fn full_valid_config_normalizes() {
+    let policy = parse(
+        r#"
+tunnels = ["tun0", "wg*"]
+uplinks = ["eth0"]
+
+[[server]]
+address = "198.51.100.1"
+port = 1194
+protocol = "udp"
+
+[[server]]
+address = "2001:db8::7"
+
+[[server]]
+address = "VPN.Example.NET."
+port = 443
+protocol = "tcp"
+
+[[server]]
+address = "::ffff:198.51.100.9"
+"#,
+    )
+    .unwrap();
+    let names: Vec<_> = policy.tunnels.iter().map(|t| t.as_str()).collect();
+    assert_eq!(names, ["tun0", "wg*"]);
+    assert!(policy.tunnels[1].matches("wg0") && !policy.tunnels[1].matches("eth0"));
+    assert!(policy.tunnels[0].matches("tun0") && !policy.tunnels[0].matches("tun01"));
+    assert_eq!(policy.uplinks.as_ref().unwrap()[0].as_str(), "eth0");
+    let ip = |s: &str| ServerAddress::Ip(s.parse::<IpAddr>().unwrap());
+    assert_eq!(
+        policy.servers,
+        vec![
+            ServerRule {
+                address: ip("198.51.100.1"),
+                port: Some(1194),
+                protocol: Some(Protocol::Udp)
+            },
+            ServerRule {
+                address: ip("2001:db8::7"),
+                port: None,
+                protocol: None
+            },
+            ServerRule {
+                address: ServerAddress::Host("vpn.example.net".into()),
+                port: Some(443),
+                protocol: Some(Protocol::Tcp)
+            },
+            // IPv4-mapped IPv6 is the IPv4 address.
+            ServerRule {
+                address: ip("198.51.100.9"),
+                port: None,
+                protocol: None
+            },
+        ]
+    );
+}
+
+#[test]
+fn minimal_config_has_no_uplink_restriction_and_no_servers() {
+    let policy = parse("tunnels = []\n").unwrap();
+    assert!(policy.tunnels.is_empty() && policy.uplinks.is_none() && policy.servers.is_empty());
+}
+
+#[test]
+fn each_kind_of_bad_input_has_its_message() {
+    let f = "/etc/killswitch/killswitch.toml";
+    let cases: &[(&str, String)] = &[
+        ("", format!("{f}: tunnels: missing; list the VPN's interfaces, e.g. tunnels = [\"tun0\"]")),
+        (
+            "tunnels = [\"tun0\"]\nkill = true\n",
+            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`"),
+        ),
+        (
+            "tunnels = [\"tun0\"]\n\n[lan]\nnetworks = []\n",
+            format!("{f}:3: unknown field `lan`, expected one of `tunnels`, `uplinks`, `server`"),
+        ),
+        ("tunnels = \"tun0\"\n", format!("{f}:1: invalid type: string \"tun0\", expected a sequence")),
+        ("tunnels = [\"tun0\"\n", format!("{f}:2: invalid array; expected `]`")),
+        ("tunnels = [\"*\"]\n", format!("{f}:1: tunnels: `*` alone matches every interface; name the interfaces")),
+        ("tunnels = [\"t*n\"]\n", format!("{f}:1: tunnels: `t*n` is not an interface name (a trailing `*` is the only wildcard)")),
+        ("tunnels = [\"a/b\"]\n", format!("{f}:1: tunnels: `a/b` is not an interface name (a trailing `*` is the only wildcard)")),
+        ("tunnels = [\"\"]\n", format!("{f}:1: tunnels: an interface name cannot be empty")),
+        (
+            "tunnels = [\"averyveryverylongname\"]\n",
+            format!("{f}:1: tunnels: `averyveryverylongname` is longer than the 15 bytes an interface name can have"),
+        ),
+        ("tunnels = [\"tun0\", \"tun0\"]\n", format!("{f}:1: tunnels: `tun0` is listed twice")),
+        (
+            "tunnels = [\"tun*\"]\nuplinks = [\"eth0\", \"tun0\"]\n",
+            format!("{f}:2: uplinks: `tun0` overlaps the tunnel `tun*`; an interface is either the tunnel or an uplink"),
+        ),
+        (
+            "tunnels = []\n[[server]]\nport = 1194\n",
+            format!("{f}:2: server.address: missing; every [[server]] needs an address"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.300\"\n",
+            format!("{f}:3: server.address: `198.51.100.300` is neither an IP address nor a hostname"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.0/24\"\n",
+            format!("{f}:3: server.address: `198.51.100.0/24` is a prefix; a server is one address or hostname"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"0.0.0.0\"\n",
+            format!("{f}:3: server.address: `0.0.0.0` cannot be a server address"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"bad_host!\"\n",
+            format!("{f}:3: server.address: `bad_host!` is neither an IP address nor a hostname"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.1\"\nport = 70000\n",
+            format!("{f}:4: server.port: 70000 is not a port (1-65535)"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.1\"\nport = 0\n",
+            format!("{f}:4: server.port: 0 is not a port (1-65535)"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.1\"\nprotocol = \"icmp\"\n",
+            format!("{f}:4: server.protocol: `icmp` is not \"udp\" or \"tcp\" (leave it out for both)"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.1\"\nprot = \"udp\"\n",
+            format!("{f}:4: unknown field `prot`, expected one of `address`, `port`, `protocol`"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"198.51.100.1\"\n[[server]]\naddress = \"198.51.100.1\"\n",
+            format!("{f}:4: server: duplicate of the server on line 2"),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (text, expected) in cases {
+        let got = error(text);
+        if &got != expected {
+            wrong.push(format!("input {text:?}\n  got:  {got}\n  want: {expected}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(text: &str, mode: u32) -> TempFile {
+        let path = std::env::temp_dir().join(format!(
+            "kstest-config-{}-{mode:o}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn files_anyone_can_edit_are_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to create root-owned files");
+        return;
+    }
+    let ok = TempFile::new("tunnels = [\"tun0\"]\n", 0o644);
+    assert!(Policy::load(&ok.0).is_ok());
+
+    let writable = TempFile::new("tunnels = [\"tun0\"]\n", 0o664);
+    let message = Policy::load(&writable.0).unwrap_err().to_string();
+    assert_eq!(
+        message,
+        format!(
+            "{0}: refusing a configuration that group or others can write (mode 0664); run `chmod go-w {0}`",
+            writable.0.display()
+        )
+    );
+
+    let foreign = TempFile::new("tunnels = [\"tun0\"]\n", 0o600);
+    nix::unistd::chown(&foreign.0, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let message = Policy::load(&foreign.0).unwrap_err().to_string();
+    assert!(
+        message.contains("owned by uid 65534 instead of root; run `chown root:"),
+        "{message}"
+    );
+
+    let missing = Policy::load(Path::new("/nonexistent/killswitch.toml"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        missing,
+        "/nonexistent/killswitch.toml: cannot read the configuration: No such file or directory (os error 2)"
+    );
+}
