@@ -1,1 +1,352 @@
-//! Placeholder, filled below.
+//! A real VPN between namespaces: a client behind a router, an OpenVPN 2.6 server that NATs the
+//! tunnel, and a web host. A tcpdump on the router's client-facing side is the leak oracle: it
+//! sees everything the client sends in the clear, whatever the client's own firewall claims.
+//!
+//! ```text
+//!  client ─ c0 192.168.77.2 ── rc 192.168.77.1 ─ router ─ rv 198.51.100.254 ── v0 198.51.100.1 ─ vpn
+//!   tun0 198.18.0.x (OpenVPN)                           ─ rw 203.0.113.254 ── w0 203.0.113.80 ─ web
+//! ```
+
+use std::{
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{echo::EchoServer, run, Netns};
+
+pub const VPN_SERVER: &str = "198.51.100.1";
+pub const VPN_PORT: u16 = 1194;
+pub const WEB_HOST: &str = "203.0.113.80";
+pub const TUNNEL_NET: &str = "198.18.0.0";
+/// Longest a long-running helper (openvpn, tcpdump) may live.
+const HELPER_LIFETIME_SECS: &str = "600";
+
+pub struct Lab {
+    pub client: Netns,
+    pub router: Netns,
+    pub vpn: Netns,
+    pub web: Netns,
+    dir: PathBuf,
+    vpn_server: Option<Child>,
+    vpn_client: Option<Child>,
+    capture: Option<Child>,
+    _web_server: EchoServer,
+}
+
+impl Lab {
+    /// Builds the namespaces, certificates and the OpenVPN server; the client is not started.
+    pub fn new(web_ports: &[u16]) -> Lab {
+        let client = Netns::new("lc");
+        let router = Netns::new("lr");
+        let vpn = Netns::new("lv");
+        let web = Netns::new("lw");
+        client.veth("c0", &router, "rc");
+        router.veth("rv", &vpn, "v0");
+        router.veth("rw", &web, "w0");
+        client.addr("c0", "192.168.77.2/24");
+        router.addr("rc", "192.168.77.1/24");
+        router.addr("rv", "198.51.100.254/24");
+        vpn.addr("v0", &format!("{VPN_SERVER}/24"));
+        router.addr("rw", "203.0.113.254/24");
+        web.addr("w0", &format!("{WEB_HOST}/24"));
+        // The client keeps its ordinary default route, so a dead tunnel really falls back to the
+        // uplink, as on a DHCP machine; otherwise a leak test could not fail.
+        client.ip(&["route", "add", "default", "via", "192.168.77.1"]);
+        vpn.ip(&["route", "add", "default", "via", "198.51.100.254"]);
+        web.ip(&["route", "add", "default", "via", "203.0.113.254"]);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        vpn.sysctl("net.ipv4.ip_forward", "1");
+        // The VPN server hides its clients behind its own address (in its own namespace only).
+        let nat = "add table ip lab_nat; \
+                   add chain ip lab_nat post { type nat hook postrouting priority 100; }; \
+                   add rule ip lab_nat post oifname \"v0\" masquerade";
+        run("ip", &["netns", "exec", &vpn.name, "nft", nat]);
+
+        let web_addrs: Vec<SocketAddr> = web_ports
+            .iter()
+            .map(|&p| SocketAddr::new(WEB_HOST.parse().unwrap(), p))
+            .collect();
+        let web_server = EchoServer::start(&web, &web_addrs);
+
+        let dir = std::env::temp_dir().join(crate::unique_name("kslab"));
+        std::fs::create_dir(&dir).unwrap();
+        make_certificates(&dir);
+        write_configs(&dir);
+        let mut lab = Lab {
+            client,
+            router,
+            vpn,
+            web,
+            dir,
+            vpn_server: None,
+            vpn_client: None,
+            capture: None,
+            _web_server: web_server,
+        };
+        let server = lab.spawn_openvpn(true);
+        lab.vpn_server = Some(server);
+        lab
+    }
+
+    fn spawn_openvpn(&self, server: bool) -> Child {
+        let (netns, config, log) = if server {
+            (&self.vpn, "server.conf", "server.log")
+        } else {
+            (&self.client, "client.conf", "client.log")
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(log))
+            .unwrap();
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.path().display()))
+            .args(["--", "timeout", HELPER_LIFETIME_SECS, "openvpn", "--cd"])
+            .arg(&self.dir)
+            .args(["--config", config])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start openvpn")
+    }
+
+    /// Starts the VPN client and waits (bounded) until `tun0` carries traffic.
+    pub fn connect(&mut self) -> Duration {
+        assert!(self.vpn_client.is_none(), "client already running");
+        let started = Instant::now();
+        self.vpn_client = Some(self.spawn_openvpn(false));
+        while started.elapsed() < Duration::from_secs(20) {
+            let routes = self.client.ip(&["route", "show"]);
+            if routes.contains("0.0.0.0/1") && routes.contains("dev tun0") {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the OpenVPN client did not connect within 20 s; log: {}",
+            self.log("client.log")
+        );
+    }
+
+    /// SIGKILLs the VPN client: the tunnel disappears without any orderly teardown.
+    pub fn kill_vpn_client(&mut self) {
+        if let Some(mut child) = self.vpn_client.take() {
+            kill(&mut child);
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if !self.client.ip(&["link", "show"]).contains("tun0") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tun0 did not disappear after the VPN client was killed");
+    }
+
+    pub fn tunnel_ifindex(&self) -> Option<u32> {
+        let links = self.client.ip(&["-o", "link", "show"]);
+        links
+            .lines()
+            .find(|l| l.contains(" tun0:"))
+            .and_then(|l| l.split(':').next()?.trim().parse().ok())
+    }
+
+    /// Starts capturing everything the client sends into the router (the leak oracle).
+    pub fn start_capture(&mut self) {
+        assert!(self.capture.is_none());
+        let file = self.dir.join("uplink.pcap");
+        let _ = std::fs::remove_file(&file);
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.router.path().display()))
+            .args([
+                "--",
+                "timeout",
+                HELPER_LIFETIME_SECS,
+                "tcpdump",
+                "-i",
+                "rc",
+                "-Q",
+                "in",
+            ])
+            .args(["-nn", "-U", "--immediate-mode", "-Z", "root", "-w"])
+            .arg(&file)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start tcpdump");
+        self.capture = Some(child);
+        // tcpdump announces "listening on" once the capture is open.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if file.exists() {
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tcpdump did not start");
+    }
+
+    /// Stops the capture and returns the packets matching a tcpdump `filter`, one line each.
+    pub fn stop_capture(&mut self, filter: &str) -> Vec<String> {
+        let mut child = self.capture.take().expect("capture running");
+        std::thread::sleep(Duration::from_millis(200));
+        signal_group(&child, nix::sys::signal::Signal::SIGINT);
+        let _ = child.wait();
+        let file = self.dir.join("uplink.pcap");
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&file)
+            .arg(filter)
+            .stderr(Stdio::null())
+            .output()
+            .expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Helpers run as `timeout CMD` in a process group of their own: signal the whole group, so the
+/// command `timeout` forked gets it too.
+fn signal_group(child: &Child, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+}
+
+fn kill(child: &mut Child) {
+    signal_group(child, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mut child in [
+            self.capture.take(),
+            self.vpn_client.take(),
+            self.vpn_server.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            kill(&mut child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A small CA, a server and a client certificate (EC P-256, valid for a day).
+fn make_certificates(dir: &Path) {
+    let ossl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ossl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "ca.key",
+    ]);
+    ossl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=killswitch lab CA",
+        "-out",
+        "ca.crt",
+    ]);
+    for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let crt = format!("{name}.crt");
+        let ext = format!("{name}.ext");
+        std::fs::write(
+            dir.join(&ext),
+            format!("extendedKeyUsage={usage}\nkeyUsage=digitalSignature,keyAgreement\n"),
+        )
+        .unwrap();
+        ossl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &key,
+        ]);
+        ossl(&[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            &format!("/CN={name}"),
+            "-out",
+            &csr,
+        ]);
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ]);
+    }
+}
+
+fn write_configs(dir: &Path) {
+    let common = "dev tun0\ndev-type tun\nproto udp\ndisable-dco\nca ca.crt\n\
+                  data-ciphers AES-256-GCM\nverb 3\nmute 20\npersist-key\n";
+    let server = format!(
+        "{common}local {VPN_SERVER}\nport {VPN_PORT}\ncert server.crt\nkey server.key\ndh none\n\
+         topology subnet\nserver {TUNNEL_NET} 255.255.255.0\npush \"redirect-gateway def1\"\n\
+         keepalive 1 10\n"
+    );
+    let client = format!(
+        "{common}client\nremote {VPN_SERVER} {VPN_PORT}\nnobind\ncert client.crt\nkey client.key\n\
+         remote-cert-tls server\nconnect-retry 1\nconnect-retry-max 20\n"
+    );
+    std::fs::write(dir.join("server.conf"), server).unwrap();
+    std::fs::write(dir.join("client.conf"), client).unwrap();
+}

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod packets;
 pub mod pins;
 pub mod process;
+pub mod story;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
