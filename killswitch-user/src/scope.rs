@@ -197,7 +197,7 @@ pub fn unescape_path(name: &str) -> PathBuf {
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet.
 pub fn ensure_bpffs() -> Result<()> {
     let mounted = nix::sys::statfs::statfs(BPFFS_MOUNT)
-        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if mounted {
         return Ok(());

@@ -103,8 +103,10 @@ impl Story {
 
     /// Tells the story; `say` gets one line per step.
     pub fn tell(&mut self, say: &mut dyn FnMut(&str)) -> Observed {
-        let mut seen = Observed::default();
-        seen.connect_ms = self.lab.connect().as_millis();
+        let mut seen = Observed {
+            connect_ms: self.lab.connect().as_millis(),
+            ..Observed::default()
+        };
         seen.old_ifindex = self.lab.tunnel_ifindex().unwrap_or(0);
         say(&format!(
             "OpenVPN connected in {} ms: tun0 has ifindex {}; the client's default route still \

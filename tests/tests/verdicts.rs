@@ -91,9 +91,11 @@ impl Kernel {
     fn verdict(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> (bool, Reason) {
         let before = self.maps.counters().unwrap();
         let ctx = skb_context(ifindex);
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(&ctx);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        };
         let result = self
             .programs
             .program(direction)

@@ -1,1 +1,109 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup|demo|test`.
+
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "killswitch developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages and bpf-linker 0.13 built against LLVM 22
+    Setup,
+    /// Set up if needed, build, and run the built-in demonstration (real OpenVPN, namespaces)
+    Demo,
+    /// Set up if needed and run every test
+    Test {
+        /// Extra arguments for `cargo test`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Test { args } => setup::run().and_then(|()| test(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root("the tests create namespaces, cgroups and BPF programs")?;
+    let status = cargo()
+        .args(["test", "--workspace", "--locked"])
+        .args(args)
+        .status()
+        .context("cannot run cargo test")?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    require_root("the demonstration creates namespaces, cgroups and BPF programs")?;
+    println!("demo: building killswitch and the probe");
+    let status = cargo()
+        .args([
+            "build",
+            "--quiet",
+            "--locked",
+            "-p",
+            "killswitch-user",
+            "-p",
+            "killswitch-tests",
+        ])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("build failed");
+    }
+    let bin = std::env::current_exe()?.with_file_name("killswitch");
+    std::env::set_var("KILLSWITCH_BIN", &bin);
+
+    println!("demo: building the lab: client -> router -> OpenVPN server (NAT) -> web host");
+    let mut story = testbed::story::Story::new();
+    let seen = story.tell(&mut |line| println!("demo: {line}"));
+    println!("demo: `killswitch status` while the tunnel was dead:");
+    for line in seen.status_table.lines() {
+        println!("      {line}");
+    }
+    drop(story);
+    let verdict = seen.through_tunnel
+        && !seen.after_kill_reached
+        && seen.leaked.is_empty()
+        && seen.new_tunnel_after_up;
+    if !verdict {
+        bail!("the demonstration did not go as expected: {seen:#?}");
+    }
+    println!("demo: done; namespaces, cgroup and pins removed");
+    Ok(())
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !setup::is_root() {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
