@@ -2,7 +2,10 @@
 
 mod setup;
 
-use std::process::{Command, ExitCode};
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, ExitCode, Stdio},
+};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -48,17 +51,45 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Runs the workspace's tests and ends with one summary line over every test binary.
 fn test(args: &[String]) -> Result<()> {
     require_root("the tests create namespaces, cgroups and BPF programs")?;
-    let status = cargo()
+    let mut child = cargo()
         .args(["test", "--workspace", "--locked"])
         .args(args)
-        .status()
+        .stdout(Stdio::piped())
+        .spawn()
         .context("cannot run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            passed += count(summary, " passed");
+            failed += count(summary, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("tests failed");
     }
     Ok(())
+}
+
+/// The number before `label` in a libtest summary ("ok. 4 passed; 0 failed; ...").
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find(|part| part.ends_with(label))
+        .and_then(|part| {
+            part.trim_end_matches(label)
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn demo() -> Result<()> {
