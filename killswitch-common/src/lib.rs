@@ -17,6 +17,11 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const MAX_INTERFACES: u32 = 256;
 /// Capacity of the server map (address, port, protocol entries).
 pub const MAX_SERVERS: u32 = 262_144;
+/// Capacity of the LAN prefix trie and of the NTP / DNS server and inbound-port maps.
+pub const MAX_PREFIXES: u32 = 4096;
+pub const MAX_ADDRESSES: u32 = 4096;
+/// IPv6 extension headers walked before the transport header counts as unreadable.
+pub const MAX_EXTENSION_HEADERS: u32 = 6;
 
 /// An interface the policy trusts, named by ifindex *and* network namespace: ifindexes are only
 /// unique inside one namespace, and a scope's programs also see its processes in other namespaces.
@@ -68,13 +73,42 @@ impl ServerKey {
     }
 }
 
-/// Scope-wide switches, one entry in the `SETTINGS` array map.
+/// Scope-wide switches, one entry in the `SETTINGS` array map. Each field is 0 or 1.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// Non-zero when `uplinks` is configured: exceptions leave only through the `UPLINKS` map.
+    /// `uplinks` is configured: exceptions leave only through the `UPLINKS` map.
     pub uplinks_restricted: u32,
-    pub _pad: u32,
+    /// `[dhcp] enabled`.
+    pub dhcp: u32,
+    /// `[lan] dns`: DNS to LAN addresses is allowed.
+    pub lan_dns: u32,
+    /// `[ipv6] mode = "block"`: every IPv6 packet except loopback is dropped.
+    pub ipv6_block: u32,
+}
+
+/// A key of the `LAN` longest-prefix-match trie: IPv4 prefixes are IPv4-mapped (`/96 + len`).
+pub type LanPrefix = [u8; 16];
+
+/// An `[[inbound]]` entry: TCP port on the tunnel, and a source (all zero = any source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboundKey {
+    pub source: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl InboundKey {
+    pub const ANY_SOURCE: [u8; 16] = [0; 16];
+
+    pub const fn new(source: [u8; 16], port: u16) -> Self {
+        Self {
+            source,
+            port,
+            _pad: 0,
+        }
+    }
 }
 
 /// Which program saw the packet.
@@ -113,6 +147,22 @@ pub enum Reason {
     Default = 4,
     /// Dropped: the IP header could not be read.
     Malformed = 5,
+    /// Allowed: DHCPv4 / DHCPv6 client-server exchange.
+    Dhcp = 6,
+    /// Allowed: UDP 123 with a configured NTP server.
+    Ntp = 7,
+    /// Allowed: port 53/853 with a configured DNS server.
+    Dns = 8,
+    /// Allowed: an address in a configured LAN prefix.
+    Lan = 9,
+    /// Allowed: IPv6 neighbour discovery (ICMPv6 133-137, link-local or ff02::/16).
+    NeighbourDiscovery = 10,
+    /// Dropped: DNS to a LAN address while `lan.dns = false` (a DNS leak).
+    LanDns = 11,
+    /// Dropped: IPv6 while `ipv6.mode = "block"`.
+    Ipv6Blocked = 12,
+    /// Dropped: unsolicited inbound TCP on the tunnel to a port not in `[[inbound]]`.
+    InboundRefused = 13,
 }
 
 /// Counter slots reserved per direction; more than the reasons so new ones keep the map layout.
@@ -121,18 +171,36 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_ENTRIES: u32 = REASON_SLOTS * 2;
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Loopback,
         Reason::Tunnel,
         Reason::Server,
+        Reason::Dhcp,
+        Reason::Ntp,
+        Reason::Dns,
+        Reason::Lan,
+        Reason::NeighbourDiscovery,
         Reason::NotUplink,
+        Reason::LanDns,
+        Reason::Ipv6Blocked,
+        Reason::InboundRefused,
         Reason::Default,
         Reason::Malformed,
     ];
 
     /// The verdict this reason carries: `true` = allow.
     pub const fn allows(self) -> bool {
-        matches!(self, Reason::Loopback | Reason::Tunnel | Reason::Server)
+        matches!(
+            self,
+            Reason::Loopback
+                | Reason::Tunnel
+                | Reason::Server
+                | Reason::Dhcp
+                | Reason::Ntp
+                | Reason::Dns
+                | Reason::Lan
+                | Reason::NeighbourDiscovery
+        )
     }
 
     /// Stable name used by `status`, logs and JSON.
@@ -144,6 +212,14 @@ impl Reason {
             Reason::NotUplink => "not-uplink",
             Reason::Default => "default-drop",
             Reason::Malformed => "malformed",
+            Reason::Dhcp => "dhcp",
+            Reason::Ntp => "ntp",
+            Reason::Dns => "dns",
+            Reason::Lan => "lan",
+            Reason::NeighbourDiscovery => "neighbour-discovery",
+            Reason::LanDns => "lan-dns",
+            Reason::Ipv6Blocked => "ipv6-blocked",
+            Reason::InboundRefused => "inbound-refused",
         }
     }
 
@@ -165,4 +241,5 @@ mod pod {
     unsafe impl aya::Pod for super::InterfaceKey {}
     unsafe impl aya::Pod for super::ServerKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::InboundKey {}
 }

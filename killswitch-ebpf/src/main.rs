@@ -6,25 +6,26 @@
 #![no_std]
 #![no_main]
 
+mod packet;
+
 use aya_ebpf::{
     cty::c_void,
     helpers::bpf_get_netns_cookie,
     macros::{cgroup_skb, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     programs::SkBuffContext,
 };
 use killswitch_common::{
-    ipv4_mapped, Direction, InterfaceKey, Reason, ServerKey, Settings, ANY_PORT, ANY_PROTOCOL,
-    COUNTER_ENTRIES, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IFINDEX, MAX_INTERFACES, MAX_SERVERS,
+    Direction, InboundKey, InterfaceKey, LanPrefix, Reason, ServerKey, Settings, ANY_PORT,
+    ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IFINDEX,
+    MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES, MAX_SERVERS,
 };
+use packet::{Packet, Ports, ETH_P_IPV6};
 
 const ALLOW: i32 = 1;
 const DROP: i32 = 0;
 /// `BPF_F_NO_PREALLOC`: the server map is large and usually almost empty.
 const NO_PREALLOC: u32 = 1;
-/// `skb->protocol` values, stored in network byte order.
-const ETH_P_IP: u32 = 0x0800u16.to_be() as u32;
-const ETH_P_IPV6: u32 = 0x86ddu16.to_be() as u32;
 
 #[map]
 static TUNNELS: HashMap<InterfaceKey, u8> = HashMap::pinned(MAX_INTERFACES, 0);
@@ -32,6 +33,14 @@ static TUNNELS: HashMap<InterfaceKey, u8> = HashMap::pinned(MAX_INTERFACES, 0);
 static UPLINKS: HashMap<InterfaceKey, u8> = HashMap::pinned(MAX_INTERFACES, 0);
 #[map]
 static SERVERS: HashMap<ServerKey, u8> = HashMap::pinned(MAX_SERVERS, NO_PREALLOC);
+#[map]
+static NTP_SERVERS: HashMap<[u8; 16], u8> = HashMap::pinned(MAX_ADDRESSES, 0);
+#[map]
+static DNS_SERVERS: HashMap<[u8; 16], u8> = HashMap::pinned(MAX_ADDRESSES, 0);
+#[map]
+static LAN: LpmTrie<LanPrefix, u8> = LpmTrie::pinned(MAX_PREFIXES, 0);
+#[map]
+static INBOUND: HashMap<InboundKey, u8> = HashMap::pinned(MAX_ADDRESSES, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
@@ -66,143 +75,90 @@ fn classify(ctx: &SkBuffContext, direction: Direction) -> Reason {
     if ifindex == LOOPBACK_IFINDEX {
         return Reason::Loopback;
     }
-    let interface = InterfaceKey::new(netns_cookie(ctx), ifindex);
-    if is_listed(&TUNNELS, &interface) {
-        return Reason::Tunnel;
+    let settings = settings();
+    if settings.ipv6_block != 0 && ctx.skb.protocol() == ETH_P_IPV6 {
+        return Reason::Ipv6Blocked;
     }
-    if uplinks_restricted() && !is_listed(&UPLINKS, &interface) {
+    let interface = InterfaceKey::new(netns_cookie(ctx), ifindex);
+    if TUNNELS.get_ptr(&interface).is_some() {
+        return match direction {
+            Direction::Egress => Reason::Tunnel,
+            Direction::Ingress => tunnel_ingress(ctx),
+        };
+    }
+    if settings.uplinks_restricted != 0 && UPLINKS.get_ptr(&interface).is_none() {
         return Reason::NotUplink;
     }
-    let Some(remote) = Remote::parse(ctx, direction) else {
+    let Some(packet) = Packet::parse(ctx, direction) else {
         return Reason::Malformed;
     };
-    if is_server(&remote) {
+    if is_server(&packet) {
         return Reason::Server;
+    }
+    if settings.dhcp != 0 && is_dhcp(&packet, direction) {
+        return Reason::Dhcp;
+    }
+    if is_ntp(&packet) {
+        return Reason::Ntp;
+    }
+    if is_dns_server(&packet) {
+        return Reason::Dns;
+    }
+    if let Some(reason) = lan(&packet, settings.lan_dns != 0) {
+        return reason;
+    }
+    if is_neighbour_discovery(&packet) {
+        return Reason::NeighbourDiscovery;
     }
     Reason::Default
 }
 
-/// The far end of a packet: destination on egress, source on ingress.
-struct Remote {
-    addr: [u8; 16],
-    protocol: u8,
-    /// `None` when the transport header cannot be read (non-first fragment, truncated, other
-    /// protocol): only rules that need no port can then match.
-    port: Option<u16>,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Header {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    flags_fragment: [u8; 2],
-    ttl: u8,
-    protocol: u8,
-    checksum: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Header {
-    version_class_flow: [u8; 4],
-    payload_len: [u8; 2],
-    next_header: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-impl Remote {
-    #[inline(always)]
-    fn parse(ctx: &SkBuffContext, direction: Direction) -> Option<Remote> {
-        match ctx.skb.protocol() {
-            ETH_P_IP => Self::parse_v4(ctx, direction),
-            ETH_P_IPV6 => Self::parse_v6(ctx, direction),
-            _ => None,
-        }
-    }
-
-    #[inline(always)]
-    fn parse_v4(ctx: &SkBuffContext, direction: Direction) -> Option<Remote> {
-        let ip: Ipv4Header = ctx.load(0).ok()?;
-        let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
-        if ip.version_ihl >> 4 != 4 || header_len < 20 {
-            return None;
-        }
-        let fragment_offset = u16::from_be_bytes(ip.flags_fragment) & 0x1fff;
-        let addr = match direction {
-            Direction::Egress => ip.dst,
-            Direction::Ingress => ip.src,
-        };
-        let port = if fragment_offset == 0 {
-            transport_port(ctx, header_len, ip.protocol, direction)
-        } else {
-            None
-        };
-        Some(Remote {
-            addr: ipv4_mapped(addr),
-            protocol: ip.protocol,
-            port,
-        })
-    }
-
-    #[inline(always)]
-    fn parse_v6(ctx: &SkBuffContext, direction: Direction) -> Option<Remote> {
-        let ip: Ipv6Header = ctx.load(0).ok()?;
-        if ip.version_class_flow[0] >> 4 != 6 {
-            return None;
-        }
-        let addr = match direction {
-            Direction::Egress => ip.dst,
-            Direction::Ingress => ip.src,
-        };
-        let port = transport_port(ctx, 40, ip.next_header, direction);
-        Some(Remote {
-            addr,
-            protocol: ip.next_header,
-            port,
-        })
-    }
-}
-
-/// The remote port of a TCP or UDP header at `offset`, if it is there.
+/// On the tunnel, unsolicited TCP (SYN without ACK) is accepted only for `[[inbound]]` ports.
 #[inline(always)]
-fn transport_port(
-    ctx: &SkBuffContext,
-    offset: usize,
-    protocol: u8,
-    direction: Direction,
-) -> Option<u16> {
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return None;
+fn tunnel_ingress(ctx: &SkBuffContext) -> Reason {
+    let Some(packet) = Packet::parse(ctx, Direction::Ingress) else {
+        return Reason::Tunnel;
+    };
+    if !packet.may_be_tcp() {
+        return Reason::Tunnel;
     }
-    let ports: [u8; 4] = ctx.load(offset).ok()?;
-    Some(match direction {
-        Direction::Egress => u16::from_be_bytes([ports[2], ports[3]]),
-        Direction::Ingress => u16::from_be_bytes([ports[0], ports[1]]),
-    })
+    // A TCP packet whose header cannot be read could be a SYN: it cannot be allowed by port.
+    let Some(ports) = packet.ports() else {
+        return Reason::InboundRefused;
+    };
+    match packet.tcp_flags(ctx) {
+        Some(flags) if flags & (TCP_SYN | TCP_ACK) != TCP_SYN => Reason::Tunnel,
+        Some(_) if inbound_allowed(&packet.remote, ports.local) => Reason::Tunnel,
+        _ => Reason::InboundRefused,
+    }
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn inbound_allowed(source: &[u8; 16], port: u16) -> bool {
+    INBOUND.get_ptr(InboundKey::new(*source, port)).is_some()
+        || INBOUND
+            .get_ptr(InboundKey::new(InboundKey::ANY_SOURCE, port))
+            .is_some()
 }
 
 /// Step 4: a server endpoint matches on address, then port (or any), then protocol (or any).
 #[inline(always)]
-fn is_server(remote: &Remote) -> bool {
-    if remote.protocol != IPPROTO_TCP && remote.protocol != IPPROTO_UDP {
+fn is_server(packet: &Packet) -> bool {
+    if packet.protocol != IPPROTO_TCP && packet.protocol != IPPROTO_UDP {
         return false;
     }
-    if let Some(port) = remote.port {
-        if server_listed(remote.addr, port, remote.protocol)
-            || server_listed(remote.addr, port, ANY_PROTOCOL)
+    if let Some(ports) = packet.ports() {
+        if server_listed(packet.remote, ports.remote, packet.protocol)
+            || server_listed(packet.remote, ports.remote, ANY_PROTOCOL)
         {
             return true;
         }
     }
-    server_listed(remote.addr, ANY_PORT, remote.protocol)
-        || server_listed(remote.addr, ANY_PORT, ANY_PROTOCOL)
+    server_listed(packet.remote, ANY_PORT, packet.protocol)
+        || server_listed(packet.remote, ANY_PORT, ANY_PROTOCOL)
 }
 
 #[inline(always)]
@@ -212,17 +168,83 @@ fn server_listed(addr: [u8; 16], port: u16, protocol: u8) -> bool {
         .is_some()
 }
 
+const DHCP_V4_CLIENT: u16 = 68;
+const DHCP_V4_SERVER: u16 = 67;
+const DHCP_V6_CLIENT: u16 = 546;
+const DHCP_V6_SERVER: u16 = 547;
+/// ff02::1:2, All_DHCP_Relay_Agents_and_Servers.
+const DHCP_V6_SERVERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
+
+/// Step 5: DHCPv4 68<->67, DHCPv6 546<->547 (requests to ff02::1:2).
 #[inline(always)]
-fn is_listed(map: &HashMap<InterfaceKey, u8>, interface: &InterfaceKey) -> bool {
-    map.get_ptr(interface).is_some()
+fn is_dhcp(packet: &Packet, direction: Direction) -> bool {
+    let Some(Ports { local, remote }) = packet.udp_ports() else {
+        return false;
+    };
+    if packet.ipv6 {
+        local == DHCP_V6_CLIENT
+            && remote == DHCP_V6_SERVER
+            && (direction == Direction::Ingress || packet.remote == DHCP_V6_SERVERS)
+    } else {
+        local == DHCP_V4_CLIENT && remote == DHCP_V4_SERVER
+    }
+}
+
+/// Step 6: UDP 123 with an NTP server.
+#[inline(always)]
+fn is_ntp(packet: &Packet) -> bool {
+    packet.udp_ports().is_some_and(|p| p.remote == 123)
+        && NTP_SERVERS.get_ptr(&packet.remote).is_some()
+}
+
+/// Step 7: DNS (53, DNS over TLS 853; UDP or TCP) with a DNS server.
+#[inline(always)]
+fn is_dns_server(packet: &Packet) -> bool {
+    packet.ports().is_some_and(|p| is_dns_port(p.remote))
+        && DNS_SERVERS.get_ptr(&packet.remote).is_some()
 }
 
 #[inline(always)]
-fn uplinks_restricted() -> bool {
-    // SAFETY: array lookups of index 0 of a one-entry array always return a valid pointer.
-    SETTINGS
-        .get(0)
-        .is_some_and(|settings| settings.uplinks_restricted != 0)
+fn is_dns_port(port: u16) -> bool {
+    port == 53 || port == 853
+}
+
+/// Step 8: LAN prefixes, except DNS unless `lan.dns` (a LAN resolver is a DNS leak).
+#[inline(always)]
+fn lan(packet: &Packet, lan_dns: bool) -> Option<Reason> {
+    LAN.get(Key::new(128, packet.remote))?;
+    if lan_dns || !packet.may_carry_ports() {
+        return Some(Reason::Lan);
+    }
+    match packet.ports() {
+        Some(ports) if is_dns_port(ports.remote) => Some(Reason::LanDns),
+        Some(_) => Some(Reason::Lan),
+        // No readable port: it could be DNS, so the LAN rule cannot allow it.
+        None => None,
+    }
+}
+
+/// Step 9: IPv6 neighbour discovery (router/neighbour solicitation and advertisement, redirect)
+/// with a link-local or link-scope multicast address.
+#[inline(always)]
+fn is_neighbour_discovery(packet: &Packet) -> bool {
+    if !packet.ipv6 || packet.protocol != IPPROTO_ICMPV6 {
+        return false;
+    }
+    let link_local = packet.remote[0] == 0xfe && packet.remote[1] & 0xc0 == 0x80;
+    let link_multicast = packet.remote[0] == 0xff && packet.remote[1] == 0x02;
+    packet.icmp_type().is_some_and(|t| (133..=137).contains(&t)) && (link_local || link_multicast)
+}
+
+#[inline(always)]
+fn settings() -> Settings {
+    SETTINGS.get(0).copied().unwrap_or(Settings {
+        // No settings entry: behave as the strictest policy.
+        uplinks_restricted: 1,
+        dhcp: 0,
+        lan_dns: 0,
+        ipv6_block: 1,
+    })
 }
 
 #[inline(always)]

@@ -89,11 +89,11 @@ fn each_kind_of_bad_input_has_its_message() {
         ("", format!("{f}: tunnels: missing; list the VPN's interfaces, e.g. tunnels = [\"tun0\"]")),
         (
             "tunnels = [\"tun0\"]\nkill = true\n",
-            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`"),
+            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`"),
         ),
         (
-            "tunnels = [\"tun0\"]\n\n[lan]\nnetworks = []\n",
-            format!("{f}:3: unknown field `lan`, expected one of `tunnels`, `uplinks`, `server`"),
+            "tunnels = [\"tun0\"]\n\n[vpn_client]\nmark = 1\n",
+            format!("{f}:3: unknown field `vpn_client`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`"),
         ),
         ("tunnels = \"tun0\"\n", format!("{f}:1: invalid type: string \"tun0\", expected a sequence")),
         ("tunnels = [\"tun0\"\n", format!("{f}:2: invalid array; expected `]`")),

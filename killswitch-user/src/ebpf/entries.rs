@@ -6,13 +6,13 @@ use std::{
 };
 
 use killswitch_common::{
-    ipv4_mapped, InterfaceKey, ServerKey, Settings, ANY_PORT, ANY_PROTOCOL, IPPROTO_TCP,
-    IPPROTO_UDP,
+    ipv4_mapped, InboundKey, InterfaceKey, ServerKey, Settings, ANY_PORT, ANY_PROTOCOL,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     interfaces::{self, Interface},
-    policy::{Policy, Protocol, ServerEndpoint},
+    policy::{Ipv6Mode, Policy, Prefix, Protocol, ServerEndpoint},
 };
 
 /// Everything one scope's maps hold.
@@ -23,6 +23,11 @@ pub struct MapEntries {
     pub tunnels: BTreeMap<InterfaceKey, String>,
     pub uplinks: BTreeMap<InterfaceKey, String>,
     pub servers: BTreeSet<ServerKey>,
+    pub ntp_servers: BTreeSet<[u8; 16]>,
+    pub dns_servers: BTreeSet<[u8; 16]>,
+    /// (prefix length in the 128-bit key space, key).
+    pub lan: BTreeSet<(u32, [u8; 16])>,
+    pub inbound: BTreeSet<InboundKey>,
 }
 
 impl MapEntries {
@@ -43,7 +48,9 @@ impl MapEntries {
         MapEntries {
             settings: Settings {
                 uplinks_restricted: u32::from(policy.uplinks.is_some()),
-                _pad: 0,
+                dhcp: u32::from(policy.dhcp),
+                lan_dns: u32::from(policy.lan.dns),
+                ipv6_block: u32::from(policy.ipv6 == Ipv6Mode::Block),
             },
             tunnels: keyed(interfaces::matching(interfaces, &policy.tunnels)),
             uplinks: keyed(
@@ -54,17 +61,52 @@ impl MapEntries {
                     .unwrap_or_default(),
             ),
             servers: servers.iter().map(server_key).collect(),
+            ntp_servers: policy
+                .ntp_servers
+                .iter()
+                .map(|&ip| address_key(ip))
+                .collect(),
+            dns_servers: policy
+                .dns_servers
+                .iter()
+                .map(|&ip| address_key(ip))
+                .collect(),
+            lan: policy.lan.networks.iter().map(lan_key).collect(),
+            inbound: policy
+                .inbound
+                .iter()
+                .flat_map(|rule| {
+                    let sources: Vec<[u8; 16]> = if rule.sources.is_empty() {
+                        vec![InboundKey::ANY_SOURCE]
+                    } else {
+                        rule.sources.iter().map(|&ip| address_key(ip)).collect()
+                    };
+                    sources
+                        .into_iter()
+                        .map(move |source| InboundKey::new(source, rule.port))
+                })
+                .collect(),
         }
     }
 }
 
-pub fn server_key(endpoint: &ServerEndpoint) -> ServerKey {
-    let addr = match endpoint.address.to_canonical() {
+/// The 16-byte key form of an address (IPv4 mapped into IPv6).
+pub fn address_key(ip: IpAddr) -> [u8; 16] {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
-    };
+    }
+}
+
+/// A LAN prefix in the LPM trie's 128-bit key space: IPv4 sits under ::ffff:0:0/96.
+pub fn lan_key(prefix: &Prefix) -> (u32, [u8; 16]) {
+    let offset = if prefix.addr.is_ipv4() { 96 } else { 0 };
+    (offset + u32::from(prefix.len), address_key(prefix.addr))
+}
+
+pub fn server_key(endpoint: &ServerEndpoint) -> ServerKey {
     ServerKey::new(
-        addr,
+        address_key(endpoint.address),
         endpoint.port.unwrap_or(ANY_PORT),
         endpoint.protocol.map_or(ANY_PROTOCOL, Protocol::number),
     )

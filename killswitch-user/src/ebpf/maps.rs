@@ -4,10 +4,15 @@
 use std::{collections::BTreeSet, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, Map, MapData, PerCpuArray,
+    },
     Pod,
 };
-use killswitch_common::{Direction, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES};
+use killswitch_common::{
+    Direction, InboundKey, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES,
+};
 
 use super::entries::MapEntries;
 use crate::error::{Error, Result};
@@ -17,7 +22,21 @@ pub const UPLINKS: &str = "UPLINKS";
 pub const SERVERS: &str = "SERVERS";
 pub const SETTINGS: &str = "SETTINGS";
 pub const COUNTERS: &str = "COUNTERS";
-pub const ALL: [&str; 5] = [TUNNELS, UPLINKS, SERVERS, SETTINGS, COUNTERS];
+pub const NTP_SERVERS: &str = "NTP_SERVERS";
+pub const DNS_SERVERS: &str = "DNS_SERVERS";
+pub const LAN: &str = "LAN";
+pub const INBOUND: &str = "INBOUND";
+pub const ALL: [&str; 9] = [
+    TUNNELS,
+    UPLINKS,
+    SERVERS,
+    SETTINGS,
+    COUNTERS,
+    NTP_SERVERS,
+    DNS_SERVERS,
+    LAN,
+    INBOUND,
+];
 
 pub struct PinnedMaps {
     tunnels: HashMap<MapData, InterfaceKey, u8>,
@@ -25,6 +44,10 @@ pub struct PinnedMaps {
     servers: HashMap<MapData, ServerKey, u8>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
+    ntp_servers: HashMap<MapData, [u8; 16], u8>,
+    dns_servers: HashMap<MapData, [u8; 16], u8>,
+    lan: LpmTrie<MapData, [u8; 16], u8>,
+    inbound: HashMap<MapData, InboundKey, u8>,
 }
 
 fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
@@ -47,18 +70,53 @@ impl PinnedMaps {
             servers: open(pin_dir, SERVERS)?,
             settings: open(pin_dir, SETTINGS)?,
             counters: open(pin_dir, COUNTERS)?,
+            ntp_servers: open(pin_dir, NTP_SERVERS)?,
+            dns_servers: open(pin_dir, DNS_SERVERS)?,
+            lan: open(pin_dir, LAN)?,
+            inbound: open(pin_dir, INBOUND)?,
         })
     }
 
-    /// Makes the maps hold exactly `entries`. Additions land before removals, and settings
-    /// that restrict (uplinks) before the interface lists they restrict to.
+    /// Makes the maps hold exactly `entries`. Within each map additions land before removals;
+    /// the uplink list is in place before the setting that restricts to it.
     pub fn write(&mut self, entries: &MapEntries) -> Result<()> {
         sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
         self.settings
             .set(0, entries.settings, 0)
             .map_err(|e| Error::kernel("cannot update the settings map", e))?;
         sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
-        sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)
+        sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
+        sync(
+            &mut self.ntp_servers,
+            entries.ntp_servers.iter().copied(),
+            NTP_SERVERS,
+        )?;
+        sync(
+            &mut self.dns_servers,
+            entries.dns_servers.iter().copied(),
+            DNS_SERVERS,
+        )?;
+        sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
+        self.sync_lan(&entries.lan)
+    }
+
+    fn sync_lan(&mut self, desired: &BTreeSet<(u32, [u8; 16])>) -> Result<()> {
+        let failed = |e: aya::maps::MapError| Error::kernel("cannot update the LAN map", e);
+        let current: BTreeSet<(u32, [u8; 16])> = self
+            .lan
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<_, _>>()
+            .map_err(failed)?;
+        for &(len, data) in desired.difference(&current) {
+            self.lan
+                .insert(&Key::new(len, data), 1, 0)
+                .map_err(failed)?;
+        }
+        for &(len, data) in current.difference(desired) {
+            self.lan.remove(&Key::new(len, data)).map_err(failed)?;
+        }
+        Ok(())
     }
 
     pub fn tunnels(&self) -> Result<Vec<InterfaceKey>> {

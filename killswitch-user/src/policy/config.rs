@@ -12,7 +12,9 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{InterfacePattern, Policy, Protocol, ServerAddress, ServerRule};
+use super::{
+    Inbound, InterfacePattern, Ipv6Mode, Lan, Policy, Prefix, Protocol, ServerAddress, ServerRule,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/killswitch/killswitch.toml";
 
@@ -80,6 +82,48 @@ struct RawConfig {
     uplinks: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     server: Vec<Spanned<RawServer>>,
+    lan: Option<RawLan>,
+    dhcp: Option<RawDhcp>,
+    ntp: Option<RawServerList>,
+    dns: Option<RawServerList>,
+    ipv6: Option<RawIpv6>,
+    #[serde(default)]
+    inbound: Vec<Spanned<RawInbound>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLan {
+    #[serde(default)]
+    networks: Vec<Spanned<String>>,
+    dns: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp {
+    enabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerList {
+    #[serde(default)]
+    servers: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIpv6 {
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    port: Option<Spanned<i64>>,
+    #[serde(default)]
+    sources: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -166,11 +210,164 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
         servers.push(rule);
     }
 
+    let ipv6 = match raw.ipv6.as_ref().and_then(|i| i.mode.as_ref()) {
+        None => Ipv6Mode::Tunnel,
+        Some(mode) => match mode.get_ref().as_str() {
+            "tunnel" => Ipv6Mode::Tunnel,
+            "block" => Ipv6Mode::Block,
+            other => {
+                return Err(source.error(
+                    mode,
+                    "ipv6.mode",
+                    format!("`{other}` is not \"tunnel\" or \"block\""),
+                ))
+            }
+        },
+    };
+    // An IPv6 exception under mode = "block" could never be used: say so instead.
+    let reject_v6 = |at: &Spanned<String>, key: &str, ip: IpAddr| {
+        if ipv6 == Ipv6Mode::Block && ip.is_ipv6() {
+            Err(source.error(
+                at,
+                key,
+                format!("`{ip}` is IPv6, but [ipv6] mode = \"block\" drops every IPv6 packet"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    for (entry, rule) in raw.server.iter().zip(&servers) {
+        if let (ServerAddress::Ip(ip), Some(address)) = (&rule.address, &entry.get_ref().address) {
+            reject_v6(address, "server.address", *ip)?;
+        }
+    }
+
+    let mut lan = Lan::default();
+    if let Some(raw_lan) = &raw.lan {
+        for text in &raw_lan.networks {
+            let prefix =
+                prefix(text.get_ref()).map_err(|m| source.error(text, "lan.networks", m))?;
+            reject_v6(text, "lan.networks", prefix.addr)?;
+            if lan.networks.contains(&prefix) {
+                return Err(source.error(
+                    text,
+                    "lan.networks",
+                    format!("`{prefix}` is listed twice"),
+                ));
+            }
+            lan.networks.push(prefix);
+        }
+        lan.dns = raw_lan.dns.unwrap_or(false);
+    }
+    let address_list =
+        |list: Option<&RawServerList>, key: &str| -> Result<Vec<IpAddr>, ConfigError> {
+            let mut out: Vec<IpAddr> = Vec::new();
+            for text in list.map(|l| l.servers.as_slice()).unwrap_or_default() {
+                let ip = plain_address(text.get_ref()).map_err(|m| source.error(text, key, m))?;
+                reject_v6(text, key, ip)?;
+                if out.contains(&ip) {
+                    return Err(source.error(text, key, format!("`{ip}` is listed twice")));
+                }
+                out.push(ip);
+            }
+            Ok(out)
+        };
+    let ntp_servers = address_list(raw.ntp.as_ref(), "ntp.servers")?;
+    let dns_servers = address_list(raw.dns.as_ref(), "dns.servers")?;
+
+    let mut inbound: Vec<Inbound> = Vec::new();
+    for entry in &raw.inbound {
+        let Some(port_value) = &entry.get_ref().port else {
+            return Err(source.error(
+                entry,
+                "inbound.port",
+                "missing; every [[inbound]] needs a port",
+            ));
+        };
+        let port =
+            port_number(port_value).map_err(|m| source.error(port_value, "inbound.port", m))?;
+        if inbound.iter().any(|i| i.port == port) {
+            return Err(source.error(
+                port_value,
+                "inbound.port",
+                format!("port {port} is listed twice"),
+            ));
+        }
+        let mut sources = Vec::new();
+        for text in &entry.get_ref().sources {
+            let ip = plain_address(text.get_ref())
+                .map_err(|m| source.error(text, "inbound.sources", m))?;
+            reject_v6(text, "inbound.sources", ip)?;
+            sources.push(ip);
+        }
+        inbound.push(Inbound { port, sources });
+    }
+
     Ok(Policy {
         tunnels,
         uplinks,
         servers,
+        lan,
+        dhcp: raw.dhcp.and_then(|d| d.enabled).unwrap_or(true),
+        ntp_servers,
+        dns_servers,
+        ipv6,
+        inbound,
     })
+}
+
+fn port_number(port: &Spanned<i64>) -> Result<u16, String> {
+    match u16::try_from(*port.get_ref()) {
+        Ok(value) if value != 0 => Ok(value),
+        _ => Err(format!("{} is not a port (1-65535)", port.get_ref())),
+    }
+}
+
+/// An IP address usable as a peer: not unspecified, multicast or broadcast.
+fn plain_address(text: &str) -> Result<IpAddr, String> {
+    let ip = text
+        .parse::<IpAddr>()
+        .map_err(|_| format!("`{text}` is not an IP address"))?
+        .to_canonical();
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        return Err(format!("`{text}` cannot be a peer address"));
+    }
+    Ok(ip)
+}
+
+/// `ADDR/LEN` (or a bare address, meaning one host) with no host bits set.
+fn prefix(text: &str) -> Result<Prefix, String> {
+    let (addr_text, len_text) = text.split_once('/').unwrap_or((text, ""));
+    let addr = addr_text
+        .parse::<IpAddr>()
+        .map_err(|_| format!("`{text}` is not an address prefix like 192.168.1.0/24"))?
+        .to_canonical();
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = if len_text.is_empty() {
+        max
+    } else {
+        len_text
+            .parse::<u8>()
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or_else(|| format!("`{text}`: the prefix length must be 0-{max}"))?
+    };
+    let network = match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    };
+    if network != addr {
+        return Err(format!(
+            "`{text}` has host bits set; did you mean {network}/{len}?"
+        ));
+    }
+    Ok(Prefix { addr, len })
 }
 
 fn interface_list(
@@ -231,16 +428,7 @@ fn server_rule(source: &Source<'_>, entry: &Spanned<RawServer>) -> Result<Server
         .map_err(|message| source.error(address, "server.address", message))?;
     let port = match &raw.port {
         None => None,
-        Some(port) => match u16::try_from(*port.get_ref()) {
-            Ok(value) if value != 0 => Some(value),
-            _ => {
-                return Err(source.error(
-                    port,
-                    "server.port",
-                    format!("{} is not a port (1-65535)", port.get_ref()),
-                ))
-            }
-        },
+        Some(port) => Some(port_number(port).map_err(|m| source.error(port, "server.port", m))?),
     };
     let protocol = match &raw.protocol {
         None => None,

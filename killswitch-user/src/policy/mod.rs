@@ -17,6 +17,70 @@ pub struct Policy {
     pub uplinks: Option<Vec<InterfacePattern>>,
     /// The only endpoints reachable outside the tunnel.
     pub servers: Vec<ServerRule>,
+    pub lan: Lan,
+    /// DHCPv4 / DHCPv6 client traffic allowed on the uplinks.
+    pub dhcp: bool,
+    /// UDP 123 outside the tunnel to these.
+    pub ntp_servers: Vec<IpAddr>,
+    /// Port 53/853 outside the tunnel to these.
+    pub dns_servers: Vec<IpAddr>,
+    pub ipv6: Ipv6Mode,
+    /// Unsolicited inbound TCP accepted through the tunnel.
+    pub inbound: Vec<Inbound>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lan {
+    pub networks: Vec<Prefix>,
+    /// DNS (53/853) to LAN addresses; off by default because a LAN resolver is a DNS leak.
+    pub dns: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ipv6Mode {
+    /// IPv6 only through the tunnel, plus neighbour discovery and configured v6 exceptions.
+    #[default]
+    Tunnel,
+    /// Every IPv6 packet except loopback is dropped.
+    Block,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    pub port: u16,
+    /// Empty: any source.
+    pub sources: Vec<IpAddr>,
+}
+
+/// An address prefix (`192.168.77.0/24`, `2001:db8::/32`) with no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }
 
 impl Policy {

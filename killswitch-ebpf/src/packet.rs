@@ -1,0 +1,230 @@
+//! Reading the parts of a packet the policy looks at. Every read goes through
+//! `bpf_skb_load_bytes`, which checks bounds at run time; anything unreadable is `None`.
+
+use aya_ebpf::programs::SkBuffContext;
+use killswitch_common::{
+    ipv4_mapped, Direction, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_EXTENSION_HEADERS,
+};
+
+/// `skb->protocol` values, stored in network byte order.
+pub const ETH_P_IP: u32 = 0x0800u16.to_be() as u32;
+pub const ETH_P_IPV6: u32 = 0x86ddu16.to_be() as u32;
+
+/// Protocol value for "the IPv6 header chain could not be followed to its end".
+pub const PROTOCOL_UNKNOWN: u8 = 255;
+
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DESTINATION_OPTIONS: u8 = 60;
+
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub local: u16,
+    pub remote: u16,
+}
+
+/// The far end of a packet (destination on egress, source on ingress) and its transport.
+///
+/// Plain fields with explicit "known" flags instead of `Option`s: LLVM copies the undefined
+/// payload of a `None`, and the verifier refuses reads of uninitialised registers.
+pub struct Packet {
+    pub ipv6: bool,
+    /// Upper-layer protocol, or [`PROTOCOL_UNKNOWN`].
+    pub protocol: u8,
+    pub remote: [u8; 16],
+    /// TCP/UDP ports were readable (not a non-first fragment, not behind an IPv6 fragment
+    /// header, not truncated).
+    ports_known: bool,
+    local_port: u16,
+    remote_port: u16,
+    icmp_known: bool,
+    icmp_type: u8,
+    transport_offset: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    flags_fragment: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    checksum: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+impl Packet {
+    /// `None` when the IP header itself is unreadable or inconsistent.
+    #[inline(always)]
+    pub fn parse(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
+        match ctx.skb.protocol() {
+            ETH_P_IP => Self::parse_v4(ctx, direction),
+            ETH_P_IPV6 => Self::parse_v6(ctx, direction),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn parse_v4(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
+        let ip: Ipv4Header = ctx.load(0).ok()?;
+        let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
+        if ip.version_ihl >> 4 != 4 || header_len < 20 {
+            return None;
+        }
+        let remote = match direction {
+            Direction::Egress => ip.dst,
+            Direction::Ingress => ip.src,
+        };
+        let first_fragment = u16::from_be_bytes(ip.flags_fragment) & 0x1fff == 0;
+        let mut packet = Packet {
+            ipv6: false,
+            protocol: ip.protocol,
+            remote: ipv4_mapped(remote),
+            ports_known: false,
+            local_port: 0,
+            remote_port: 0,
+            icmp_known: false,
+            icmp_type: 0,
+            transport_offset: header_len,
+        };
+        if first_fragment {
+            packet.read_transport(ctx, direction);
+        }
+        Some(packet)
+    }
+
+    #[inline(always)]
+    fn parse_v6(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
+        let ip: Ipv6Header = ctx.load(0).ok()?;
+        if ip.version_class_flow[0] >> 4 != 6 {
+            return None;
+        }
+        let mut packet = Packet {
+            ipv6: true,
+            protocol: PROTOCOL_UNKNOWN,
+            remote: match direction {
+                Direction::Egress => ip.dst,
+                Direction::Ingress => ip.src,
+            },
+            ports_known: false,
+            local_port: 0,
+            remote_port: 0,
+            icmp_known: false,
+            icmp_type: 0,
+            transport_offset: 40,
+        };
+        let mut next = ip.next_header;
+        for _ in 0..MAX_EXTENSION_HEADERS {
+            match next {
+                HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS => {
+                    let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) else {
+                        return Some(packet);
+                    };
+                    next = header[0];
+                    packet.transport_offset += (usize::from(header[1]) + 1) * 8;
+                }
+                FRAGMENT => {
+                    // Any fragment: the protocol is known, the ports are not dependable.
+                    if let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) {
+                        packet.protocol = header[0];
+                    }
+                    return Some(packet);
+                }
+                _ => break,
+            }
+        }
+        if matches!(next, HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS | FRAGMENT) {
+            // More extension headers than the bound: the transport stays unknown.
+            return Some(packet);
+        }
+        packet.protocol = next;
+        packet.read_transport(ctx, direction);
+        Some(packet)
+    }
+
+    #[inline(always)]
+    fn read_transport(&mut self, ctx: &SkBuffContext, direction: Direction) {
+        match self.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                if let Ok(ports) = ctx.load::<[u8; 4]>(self.transport_offset) {
+                    let src = u16::from_be_bytes([ports[0], ports[1]]);
+                    let dst = u16::from_be_bytes([ports[2], ports[3]]);
+                    (self.local_port, self.remote_port) = match direction {
+                        Direction::Egress => (src, dst),
+                        Direction::Ingress => (dst, src),
+                    };
+                    self.ports_known = true;
+                }
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                if let Ok(icmp_type) = ctx.load::<u8>(self.transport_offset) {
+                    self.icmp_type = icmp_type;
+                    self.icmp_known = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// TCP/UDP ports, when readable.
+    #[inline(always)]
+    pub fn ports(&self) -> Option<Ports> {
+        self.ports_known.then_some(Ports {
+            local: self.local_port,
+            remote: self.remote_port,
+        })
+    }
+
+    /// UDP ports, when this is UDP with a readable header.
+    #[inline(always)]
+    pub fn udp_ports(&self) -> Option<Ports> {
+        if self.protocol == IPPROTO_UDP {
+            self.ports()
+        } else {
+            None
+        }
+    }
+
+    /// The ICMP/ICMPv6 type, when readable.
+    #[inline(always)]
+    pub fn icmp_type(&self) -> Option<u8> {
+        self.icmp_known.then_some(self.icmp_type)
+    }
+
+    /// TCP, UDP, or a transport we could not identify: something that may have ports.
+    #[inline(always)]
+    pub fn may_carry_ports(&self) -> bool {
+        matches!(self.protocol, IPPROTO_TCP | IPPROTO_UDP | PROTOCOL_UNKNOWN)
+    }
+
+    #[inline(always)]
+    pub fn may_be_tcp(&self) -> bool {
+        matches!(self.protocol, IPPROTO_TCP | PROTOCOL_UNKNOWN)
+    }
+
+    /// The TCP flags byte, when this is TCP with a readable header.
+    #[inline(always)]
+    pub fn tcp_flags(&self, ctx: &SkBuffContext) -> Option<u8> {
+        if self.protocol != IPPROTO_TCP || !self.ports_known {
+            return None;
+        }
+        ctx.load::<u8>(self.transport_offset + 13).ok()
+    }
+}
