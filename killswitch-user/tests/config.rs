@@ -216,3 +216,129 @@ fn files_anyone_can_edit_are_refused() {
         "/nonexistent/killswitch.toml: cannot read the configuration: No such file or directory (os error 2)"
     );
 }
+
+#[test]
+fn every_section_of_the_spec_parses() {
+    use killswitch::policy::{Inbound, Ipv6Mode, Prefix};
+    let policy = parse(
+        r#"
+tunnels = ["tun0"]
+[lan]
+networks = ["192.168.77.0/24", "2001:db8:77::/64", "192.168.78.5"]
+dns = true
+[dhcp]
+enabled = false
+[ntp]
+servers = ["203.0.113.123"]
+[dns]
+servers = ["203.0.113.53", "2001:db8::53"]
+[ipv6]
+mode = "tunnel"
+[[inbound]]
+port = 51234
+sources = ["203.0.113.7"]
+[[inbound]]
+port = 22
+"#,
+    )
+    .unwrap();
+    let prefix = |a: &str, len| Prefix {
+        addr: a.parse().unwrap(),
+        len,
+    };
+    assert_eq!(
+        policy.lan.networks,
+        vec![
+            prefix("192.168.77.0", 24),
+            prefix("2001:db8:77::", 64),
+            prefix("192.168.78.5", 32)
+        ]
+    );
+    assert!(policy.lan.dns && !policy.dhcp);
+    assert_eq!(
+        policy.ntp_servers,
+        vec!["203.0.113.123".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(policy.dns_servers.len(), 2);
+    assert_eq!(policy.ipv6, Ipv6Mode::Tunnel);
+    assert_eq!(
+        policy.inbound,
+        vec![
+            Inbound {
+                port: 51234,
+                sources: vec!["203.0.113.7".parse().unwrap()]
+            },
+            Inbound {
+                port: 22,
+                sources: vec![]
+            }
+        ]
+    );
+    assert!(policy.lan.networks[0].contains("192.168.77.200".parse().unwrap()));
+    assert!(!policy.lan.networks[0].contains("192.168.78.1".parse().unwrap()));
+
+    let defaults = parse("tunnels = []\n").unwrap();
+    assert!(defaults.dhcp && !defaults.lan.dns && defaults.ipv6 == Ipv6Mode::Tunnel);
+}
+
+#[test]
+fn bad_sections_have_their_messages() {
+    let f = "/etc/killswitch/killswitch.toml";
+    let cases: &[(&str, String)] = &[
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"192.168.77.1/24\"]\n",
+            format!("{f}:3: lan.networks: `192.168.77.1/24` has host bits set; did you mean 192.168.77.0/24?"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"192.168.77.0/33\"]\n",
+            format!("{f}:3: lan.networks: `192.168.77.0/33`: the prefix length must be 0-32"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"lan\"]\n",
+            format!("{f}:3: lan.networks: `lan` is not an address prefix like 192.168.1.0/24"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n",
+            format!("{f}:3: lan.networks: `10.0.0.0/8` is listed twice"),
+        ),
+        ("tunnels = []\n[lan]\ndns = \"yes\"\n", format!("{f}:3: invalid type: string \"yes\", expected a boolean")),
+        (
+            "tunnels = []\n[ntp]\nservers = [\"pool.ntp.org\"]\n",
+            format!("{f}:3: ntp.servers: `pool.ntp.org` is not an IP address"),
+        ),
+        (
+            "tunnels = []\n[dns]\nservers = [\"203.0.113.53\", \"203.0.113.53\"]\n",
+            format!("{f}:3: dns.servers: `203.0.113.53` is listed twice"),
+        ),
+        (
+            "tunnels = []\n[ipv6]\nmode = \"off\"\n",
+            format!("{f}:3: ipv6.mode: `off` is not \"tunnel\" or \"block\""),
+        ),
+        (
+            "tunnels = []\n[ipv6]\nmode = \"block\"\n[dns]\nservers = [\"2001:db8::53\"]\n",
+            format!("{f}:5: dns.servers: `2001:db8::53` is IPv6, but [ipv6] mode = \"block\" drops every IPv6 packet"),
+        ),
+        (
+            "tunnels = []\n[ipv6]\nmode = \"block\"\n[[server]]\naddress = \"2001:db8::1\"\n",
+            format!("{f}:5: server.address: `2001:db8::1` is IPv6, but [ipv6] mode = \"block\" drops every IPv6 packet"),
+        ),
+        ("tunnels = []\n[[inbound]]\nsources = []\n", format!("{f}:2: inbound.port: missing; every [[inbound]] needs a port")),
+        (
+            "tunnels = []\n[[inbound]]\nport = 22\n[[inbound]]\nport = 22\n",
+            format!("{f}:5: inbound.port: port 22 is listed twice"),
+        ),
+        (
+            "tunnels = []\n[[inbound]]\nport = 22\nsources = [\"any\"]\n",
+            format!("{f}:4: inbound.sources: `any` is not an IP address"),
+        ),
+        ("tunnels = []\n[dhcp]\nenable = true\n", format!("{f}:3: unknown field `enable`, expected `enabled`")),
+    ];
+    let mut wrong = Vec::new();
+    for (text, expected) in cases {
+        let got = error(text);
+        if &got != expected {
+            wrong.push(format!("input {text:?}\n  got:  {got}\n  want: {expected}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

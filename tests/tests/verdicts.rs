@@ -600,3 +600,441 @@ fn programs_stay_small_for_the_verifier() {
         assert!(processed > 0 && processed < 100_000, "{processed}");
     }
 }
+
+const FULL_POLICY: &str = r#"
+tunnels = ["tun0"]
+
+[[server]]
+address = "198.51.100.1"
+port = 1194
+protocol = "udp"
+
+[lan]
+networks = ["192.168.77.0/24", "2001:db8:77::/64"]
+
+[ntp]
+servers = ["203.0.113.123", "2001:db8:123::1"]
+
+[dns]
+servers = ["203.0.113.53"]
+
+[[inbound]]
+port = 51234
+
+[[inbound]]
+port = 22
+sources = ["203.0.113.7"]
+"#;
+
+/// A TCP segment from `src:sport` to us with the given flags.
+fn tcp_in4(src: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = transport(TCP, sport, dport);
+    l4[13] = flags;
+    v4(TCP, src, ME4, &l4)
+}
+
+fn udp4(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    v4(UDP, src, dst, &transport(UDP, sport, dport))
+}
+
+fn udp6(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    v6(UDP, src, dst, &transport(UDP, sport, dport))
+}
+
+fn icmp6(src: &str, dst: &str, icmp_type: u8) -> Vec<u8> {
+    v6(ICMPV6, src, dst, &[icmp_type, 0, 0, 0, 0, 0, 0, 0])
+}
+
+/// IPv6 with `count` destination-options headers (8 bytes each) before a UDP header.
+fn v6_with_extensions(count: usize, dst: &str, dport: u16) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for i in 0..count {
+        let next = if i + 1 == count { UDP } else { 60 };
+        payload.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    payload.extend_from_slice(&transport(UDP, 40000, dport));
+    let first = if count == 0 { UDP } else { 60 };
+    ethernet(
+        ETH_P_IPV6,
+        &ipv6(first, ME6.parse().unwrap(), dst.parse().unwrap(), &payload),
+    )
+}
+
+#[test]
+fn every_verdict_step_of_the_full_policy() {
+    require_root!();
+    let k = Kernel::load(FULL_POLICY);
+    use Direction::{Egress as E, Ingress as I};
+    use Reason::*;
+    let syn = 0x02;
+    let syn_ack = 0x12;
+    let ack = 0x10;
+    let mut v6_fragment_to_lan = Vec::new();
+    v6_fragment_to_lan.extend_from_slice(&[UDP, 0, 0, 0, 0, 0, 0, 1]);
+    v6_fragment_to_lan.extend_from_slice(&transport(UDP, 40000, 53));
+    let v6_fragment_to_lan = ethernet(
+        ETH_P_IPV6,
+        &ipv6(
+            44,
+            ME6.parse().unwrap(),
+            "2001:db8:77::5".parse().unwrap(),
+            &v6_fragment_to_lan,
+        ),
+    );
+    check_table(
+        &k,
+        vec![
+            // DHCP (enabled by default).
+            (
+                "dhcpv4 discover",
+                E,
+                Dev::Up,
+                udp4("0.0.0.0", "255.255.255.255", 68, 67),
+                Dhcp,
+            ),
+            (
+                "dhcpv4 offer",
+                I,
+                Dev::Up,
+                udp4("192.0.2.1", "255.255.255.255", 67, 68),
+                Dhcp,
+            ),
+            (
+                "dhcpv4 wrong ports",
+                E,
+                Dev::Up,
+                udp4(ME4, "255.255.255.255", 67, 68),
+                Default,
+            ),
+            (
+                "dhcpv6 solicit",
+                E,
+                Dev::Up,
+                udp6("fe80::2", "ff02::1:2", 546, 547),
+                Dhcp,
+            ),
+            (
+                "dhcpv6 advertise",
+                I,
+                Dev::Up,
+                udp6("fe80::1", "fe80::2", 547, 546),
+                Dhcp,
+            ),
+            (
+                "dhcpv6 elsewhere",
+                E,
+                Dev::Up,
+                udp6(ME6, "2001:db8:203::9", 546, 547),
+                Default,
+            ),
+            // NTP servers: UDP 123 only.
+            ("ntp v4", E, Dev::Up, out4(UDP, "203.0.113.123", 123), Ntp),
+            ("ntp reply", I, Dev::Up, in4(UDP, "203.0.113.123", 123), Ntp),
+            ("ntp v6", E, Dev::Up, out6(UDP, "2001:db8:123::1", 123), Ntp),
+            (
+                "ntp server, other port",
+                E,
+                Dev::Up,
+                out4(UDP, "203.0.113.123", 124),
+                Default,
+            ),
+            (
+                "ntp server over tcp",
+                E,
+                Dev::Up,
+                out4(TCP, "203.0.113.123", 123),
+                Default,
+            ),
+            (
+                "123 to a non-ntp server",
+                E,
+                Dev::Up,
+                out4(UDP, "203.0.113.9", 123),
+                Default,
+            ),
+            // DNS servers: 53 and 853, UDP and TCP.
+            ("dns udp", E, Dev::Up, out4(UDP, "203.0.113.53", 53), Dns),
+            ("dns tcp", E, Dev::Up, out4(TCP, "203.0.113.53", 53), Dns),
+            (
+                "dns over tls",
+                E,
+                Dev::Up,
+                out4(TCP, "203.0.113.53", 853),
+                Dns,
+            ),
+            ("dns reply", I, Dev::Up, in4(UDP, "203.0.113.53", 53), Dns),
+            (
+                "dns server, other port",
+                E,
+                Dev::Up,
+                out4(TCP, "203.0.113.53", 443),
+                Default,
+            ),
+            // LAN, and no DNS to the LAN.
+            ("lan tcp", E, Dev::Up, out4(TCP, "192.168.77.10", 445), Lan),
+            ("lan icmp", E, Dev::Up, out4(ICMP, "192.168.77.1", 0), Lan),
+            ("lan reply", I, Dev::Up, in4(TCP, "192.168.77.10", 445), Lan),
+            ("lan v6", E, Dev::Up, out6(UDP, "2001:db8:77::5", 5353), Lan),
+            (
+                "dns to lan router",
+                E,
+                Dev::Up,
+                out4(UDP, "192.168.77.1", 53),
+                LanDns,
+            ),
+            (
+                "dot to lan router",
+                E,
+                Dev::Up,
+                out4(TCP, "192.168.77.1", 853),
+                LanDns,
+            ),
+            (
+                "dns to lan v6",
+                E,
+                Dev::Up,
+                out6(UDP, "2001:db8:77::1", 53),
+                LanDns,
+            ),
+            (
+                "outside the lan prefix",
+                E,
+                Dev::Up,
+                out4(TCP, "192.168.78.10", 445),
+                Default,
+            ),
+            (
+                "v6 fragment to lan",
+                E,
+                Dev::Up,
+                v6_fragment_to_lan,
+                Default,
+            ),
+            // Neighbour discovery in tunnel mode.
+            (
+                "neighbour solicitation",
+                E,
+                Dev::Up,
+                icmp6(ME6, "ff02::1:ff00:1", 135),
+                NeighbourDiscovery,
+            ),
+            (
+                "neighbour advertisement",
+                I,
+                Dev::Up,
+                icmp6("fe80::1", ME6, 136),
+                NeighbourDiscovery,
+            ),
+            (
+                "router solicitation",
+                E,
+                Dev::Up,
+                icmp6("fe80::2", "ff02::2", 133),
+                NeighbourDiscovery,
+            ),
+            (
+                "echo to link-local",
+                E,
+                Dev::Up,
+                icmp6(ME6, "fe80::1", 128),
+                Default,
+            ),
+            (
+                "ndp to a global address",
+                E,
+                Dev::Up,
+                icmp6(ME6, "2001:db8:203::9", 135),
+                Default,
+            ),
+            // Inbound on the tunnel.
+            (
+                "syn to inbound port",
+                I,
+                Dev::Tun,
+                tcp_in4("203.0.113.9", 40000, 51234, syn),
+                Tunnel,
+            ),
+            (
+                "syn to other port",
+                I,
+                Dev::Tun,
+                tcp_in4("203.0.113.9", 40000, 8080, syn),
+                InboundRefused,
+            ),
+            (
+                "syn-ack to any port",
+                I,
+                Dev::Tun,
+                tcp_in4("203.0.113.9", 443, 40000, syn_ack),
+                Tunnel,
+            ),
+            (
+                "ack to any port",
+                I,
+                Dev::Tun,
+                tcp_in4("203.0.113.9", 443, 40000, ack),
+                Tunnel,
+            ),
+            (
+                "syn from allowed source",
+                I,
+                Dev::Tun,
+                tcp_in4("203.0.113.7", 40000, 22, syn),
+                Tunnel,
+            ),
+            (
+                "syn from other source",
+                I,
+                Dev::Tun,
+                tcp_in4("203.0.113.8", 40000, 22, syn),
+                InboundRefused,
+            ),
+            (
+                "outgoing syn",
+                E,
+                Dev::Tun,
+                out4(TCP, "203.0.113.9", 22),
+                Tunnel,
+            ),
+            // IPv6 extension headers, walked up to the bound of 6.
+            (
+                "udp behind 0 headers",
+                E,
+                Dev::Up,
+                v6_with_extensions(0, "2001:db8:77::5", 53),
+                LanDns,
+            ),
+            (
+                "udp behind 1 header",
+                E,
+                Dev::Up,
+                v6_with_extensions(1, "2001:db8:77::5", 53),
+                LanDns,
+            ),
+            (
+                "udp behind 5 headers",
+                E,
+                Dev::Up,
+                v6_with_extensions(5, "2001:db8:77::5", 53),
+                LanDns,
+            ),
+            (
+                "udp behind 6 headers",
+                E,
+                Dev::Up,
+                v6_with_extensions(6, "2001:db8:77::5", 53),
+                LanDns,
+            ),
+            // Over the bound the port is unknown: it could be DNS, so the LAN rule cannot allow it.
+            (
+                "udp behind 7 headers",
+                E,
+                Dev::Up,
+                v6_with_extensions(7, "2001:db8:77::5", 53),
+                Default,
+            ),
+            (
+                "udp behind 7 headers, port 80",
+                E,
+                Dev::Up,
+                v6_with_extensions(7, "2001:db8:77::5", 80),
+                Default,
+            ),
+            (
+                "udp behind 6 headers, port 80",
+                E,
+                Dev::Up,
+                v6_with_extensions(6, "2001:db8:77::5", 80),
+                Lan,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn ipv6_block_mode_drops_all_ipv6_but_loopback() {
+    require_root!();
+    let k = Kernel::load(
+        "tunnels = [\"tun0\"]\n[ipv6]\nmode = \"block\"\n[lan]\nnetworks = [\"192.168.77.0/24\"]\n",
+    );
+    use Direction::{Egress as E, Ingress as I};
+    use Reason::*;
+    check_table(
+        &k,
+        vec![
+            (
+                "v6 on the tunnel",
+                E,
+                Dev::Tun,
+                out6(TCP, "2001:db8:203::9", 443),
+                Ipv6Blocked,
+            ),
+            (
+                "v6 from the tunnel",
+                I,
+                Dev::Tun,
+                in6(TCP, "2001:db8:203::9", 443),
+                Ipv6Blocked,
+            ),
+            (
+                "v6 neighbour discovery",
+                E,
+                Dev::Up,
+                icmp6(ME6, "ff02::1:ff00:1", 135),
+                Ipv6Blocked,
+            ),
+            (
+                "dhcpv6",
+                E,
+                Dev::Up,
+                udp6("fe80::2", "ff02::1:2", 546, 547),
+                Ipv6Blocked,
+            ),
+            ("v6 loopback", E, Dev::Lo, out6(TCP, "::1", 443), Loopback),
+            (
+                "v4 on the tunnel",
+                E,
+                Dev::Tun,
+                out4(TCP, "203.0.113.9", 443),
+                Tunnel,
+            ),
+            ("v4 lan", E, Dev::Up, out4(TCP, "192.168.77.10", 445), Lan),
+        ],
+    );
+}
+
+#[test]
+fn dhcp_disabled_and_lan_dns_allowed() {
+    require_root!();
+    let k = Kernel::load(
+        "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"192.168.77.0/24\"]\ndns = true\n",
+    );
+    use Direction::Egress as E;
+    use Reason::*;
+    check_table(
+        &k,
+        vec![
+            (
+                "dhcpv4 discover",
+                E,
+                Dev::Up,
+                udp4("0.0.0.0", "255.255.255.255", 68, 67),
+                Default,
+            ),
+            (
+                "dhcpv6 solicit",
+                E,
+                Dev::Up,
+                udp6("fe80::2", "ff02::1:2", 546, 547),
+                Default,
+            ),
+            (
+                "dns to lan router",
+                E,
+                Dev::Up,
+                out4(UDP, "192.168.77.1", 53),
+                Lan,
+            ),
+        ],
+    );
+}

@@ -4,7 +4,7 @@ use std::{path::Path, process::ExitCode};
 
 use crate::{
     error::Result,
-    policy::{resolve_servers, Policy, ServerAddress},
+    policy::{resolve_servers, Ipv6Mode, Policy, ServerAddress},
 };
 
 pub(super) fn run(config: &Path) -> Result<ExitCode> {
@@ -24,7 +24,7 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
         None => println!("uplinks  any non-tunnel interface"),
     }
     if policy.servers.is_empty() {
-        println!("servers  none: nothing is reachable outside the tunnel");
+        println!("servers  none");
     }
     for (i, rule) in policy.servers.iter().enumerate() {
         let label = if i == 0 { "servers" } else { "" };
@@ -35,5 +35,72 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
             ServerAddress::Host(host) => println!("{label:8} {host} -> {}", shown.join(", ")),
         }
     }
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let lan: Vec<String> = policy
+        .lan
+        .networks
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!(
+        "lan      {}{}",
+        list(lan),
+        if policy.lan.dns {
+            " (DNS to the LAN allowed)"
+        } else {
+            " (no DNS to the LAN)"
+        }
+    );
+    println!(
+        "dhcp     {}",
+        if policy.dhcp {
+            "allowed on uplinks"
+        } else {
+            "off"
+        }
+    );
+    println!(
+        "ntp      {}",
+        list(policy.ntp_servers.iter().map(ToString::to_string).collect())
+    );
+    println!(
+        "dns      {}",
+        list(policy.dns_servers.iter().map(ToString::to_string).collect())
+    );
+    println!(
+        "ipv6     {}",
+        match policy.ipv6 {
+            Ipv6Mode::Tunnel =>
+                "through the tunnel only, plus neighbour discovery and v6 exceptions",
+            Ipv6Mode::Block => "blocked (loopback only)",
+        }
+    );
+    let inbound: Vec<String> = policy
+        .inbound
+        .iter()
+        .map(|rule| {
+            let from = rule
+                .sources
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>();
+            format!(
+                "tcp/{} from {}",
+                rule.port,
+                if from.is_empty() {
+                    "anyone".into()
+                } else {
+                    from.join(" ")
+                }
+            )
+        })
+        .collect();
+    println!("inbound  {}", list(inbound));
     Ok(ExitCode::SUCCESS)
 }
