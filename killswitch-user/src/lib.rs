@@ -7,6 +7,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod error;
 pub mod interfaces;
+pub mod model;
 pub mod policy;
 pub mod scope;
 pub mod status;

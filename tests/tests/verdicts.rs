@@ -1038,3 +1038,228 @@ fn dhcp_disabled_and_lan_dns_allowed() {
         ],
     );
 }
+
+mod property {
+    //! Thousands of random packets over the space the policy cares about: the kernel's verdict
+    //! and reason must equal the reference model's for every one.
+
+    use std::net::IpAddr;
+
+    use killswitch::model::{self, Interface};
+
+    use super::*;
+
+    const POLICY_V6: &str = r#"
+tunnels = ["tun0"]
+[[server]]
+address = "198.51.100.1"
+port = 1194
+protocol = "udp"
+[[server]]
+address = "198.51.100.2"
+[[server]]
+address = "2001:db8:100::1"
+port = 443
+protocol = "tcp"
+[lan]
+networks = ["192.168.77.0/24", "2001:db8:77::/64"]
+[ntp]
+servers = ["203.0.113.123", "2001:db8:123::1"]
+[dns]
+servers = ["203.0.113.53", "2001:db8::53"]
+[[inbound]]
+port = 51234
+[[inbound]]
+port = 22
+sources = ["203.0.113.7", "2001:db8:203::7"]
+"#;
+
+    const POLICY_BLOCK: &str = r#"
+tunnels = ["tun0"]
+uplinks = ["up0"]
+[[server]]
+address = "198.51.100.1"
+port = 1194
+[lan]
+networks = ["192.168.77.0/24"]
+dns = true
+[dhcp]
+enabled = false
+[ipv6]
+mode = "block"
+[[inbound]]
+port = 22
+sources = ["203.0.113.7"]
+"#;
+
+    const V4: &[&str] = &[
+        "198.51.100.1",
+        "198.51.100.2",
+        "203.0.113.123",
+        "203.0.113.53",
+        "203.0.113.7",
+        "192.168.77.1",
+        "192.168.77.200",
+        "192.168.78.1",
+        "255.255.255.255",
+        "203.0.113.9",
+    ];
+    const V6: &[&str] = &[
+        "2001:db8:100::1",
+        "2001:db8:123::1",
+        "2001:db8::53",
+        "2001:db8:77::5",
+        "2001:db8:78::5",
+        "fe80::1",
+        "ff02::1:2",
+        "ff02::1:ff00:1",
+        "ff02::2",
+        "2001:db8:203::9",
+        "2001:db8:203::7",
+        "::ffff:198.51.100.1",
+    ];
+    const PORTS: &[u16] = &[
+        53, 853, 67, 68, 123, 546, 547, 1194, 1195, 443, 22, 51234, 80,
+    ];
+    const ICMP_TYPES: &[u8] = &[3, 8, 128, 133, 134, 135, 136, 137, 138];
+    const TCP_FLAGS: &[u8] = &[0x02, 0x12, 0x10, 0x11];
+
+    fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
+        items[rng.below(items.len() as u64) as usize]
+    }
+
+    fn random_packet(rng: &mut Rng) -> model::Packet {
+        let ipv6 = rng.below(2) == 0;
+        let remote: IpAddr = if ipv6 { pick(rng, V6) } else { pick(rng, V4) }
+            .parse()
+            .unwrap();
+        let icmp = if ipv6 { ICMPV6 } else { ICMP };
+        let port = |rng: &mut Rng| {
+            if rng.below(4) == 0 {
+                1024 + rng.below(60000) as u16
+            } else {
+                pick(rng, PORTS)
+            }
+        };
+        model::Packet {
+            direction: if rng.below(2) == 0 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            interface: pick(
+                rng,
+                &[
+                    Interface::Loopback,
+                    Interface::Tunnel,
+                    Interface::Uplink,
+                    Interface::Other,
+                ],
+            ),
+            remote,
+            protocol: pick(rng, &[TCP, UDP, TCP, UDP, icmp, 47]),
+            local_port: port(rng),
+            remote_port: port(rng),
+            tcp_flags: pick(rng, TCP_FLAGS),
+            icmp_type: pick(rng, ICMP_TYPES),
+            fragment: rng.below(6) == 0,
+            extension_headers: if ipv6 {
+                pick(rng, &[0, 0, 0, 1, 2, 5, 6, 7, 8])
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The wire form of a model packet, as the program in `packet.direction` sees it.
+    fn frame(p: &model::Packet) -> Vec<u8> {
+        let (src_port, dst_port) = match p.direction {
+            Direction::Egress => (p.local_port, p.remote_port),
+            Direction::Ingress => (p.remote_port, p.local_port),
+        };
+        let l4 = match p.protocol {
+            TCP => {
+                let mut h = transport(TCP, src_port, dst_port);
+                h[13] = p.tcp_flags;
+                h
+            }
+            UDP => transport(UDP, src_port, dst_port),
+            ICMP | ICMPV6 => vec![p.icmp_type, 0, 0, 0, 0, 0, 0, 0],
+            _ => vec![0; 8],
+        };
+        match p.remote {
+            IpAddr::V4(remote) => {
+                let me = ME4.parse().unwrap();
+                let (src, dst) = match p.direction {
+                    Direction::Egress => (me, remote),
+                    Direction::Ingress => (remote, me),
+                };
+                let offset = if p.fragment { 185 } else { 0 };
+                ethernet(ETH_P_IP, &ipv4(p.protocol, src, dst, offset, &l4))
+            }
+            IpAddr::V6(remote) => {
+                let me = ME6.parse().unwrap();
+                let (src, dst) = match p.direction {
+                    Direction::Egress => (me, remote),
+                    Direction::Ingress => (remote, me),
+                };
+                // Destination-options headers, then the fragment header if any, then L4.
+                let mut chain: Vec<u8> = (0..p.extension_headers).map(|_| 60).collect();
+                if p.fragment {
+                    chain.push(44);
+                }
+                chain.push(p.protocol);
+                let mut payload = Vec::new();
+                for pair in chain.windows(2) {
+                    if pair[0] == 44 {
+                        payload.extend_from_slice(&[pair[1], 0, 0, 0, 0, 0, 0, 1]);
+                    } else {
+                        payload.extend_from_slice(&[pair[1], 0, 1, 4, 0, 0, 0, 0]);
+                    }
+                }
+                payload.extend_from_slice(&l4);
+                ethernet(ETH_P_IPV6, &ipv6(chain[0], src, dst, &payload))
+            }
+        }
+    }
+
+    fn compare(policy_text: &str, packets: usize) {
+        let k = Kernel::load(policy_text);
+        let policy = Policy::from_toml(policy_text, Path::new("test.toml")).unwrap();
+        let seed = std::env::var("KILLSWITCH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| u64::from(std::process::id()) ^ 0xfeed);
+        let mut rng = Rng::new(seed);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..packets {
+            let packet = random_packet(&mut rng);
+            let ifindex = match packet.interface {
+                Interface::Loopback => 1,
+                Interface::Tunnel => k.tun0,
+                Interface::Uplink => k.up0,
+                Interface::Other => k.other0,
+            };
+            let (allowed, reason) = k.verdict(packet.direction, ifindex, &frame(&packet));
+            let (verdict, expected) = model::verdict(&policy, &packet);
+            assert!(
+                reason == expected && allowed == (verdict == model::Verdict::Allow),
+                "packet {i}: kernel {reason:?}, model {expected:?} (KILLSWITCH_SEED={seed})\n{packet:#?}"
+            );
+            seen.insert(expected);
+        }
+        eprintln!("{packets} packets agree; reasons seen: {seen:?}");
+    }
+
+    #[test]
+    fn kernel_matches_the_model_with_ipv6_exceptions() {
+        require_root!();
+        compare(POLICY_V6, 4000);
+    }
+
+    #[test]
+    fn kernel_matches_the_model_with_uplinks_and_ipv6_blocked() {
+        require_root!();
+        compare(POLICY_BLOCK, 3000);
+    }
+}

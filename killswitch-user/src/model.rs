@@ -1,0 +1,210 @@
+//! The executable specification: the SPEC's verdict order in plain Rust, over a packet described
+//! by its wire facts. The kernel programs are tested against it packet by packet, and the
+//! rendered rulesets will be too. It is never used to filter traffic.
+
+use std::net::IpAddr;
+
+pub use killswitch_common::{Direction, Reason};
+use killswitch_common::{
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_EXTENSION_HEADERS,
+};
+
+use crate::policy::{Ipv6Mode, Policy, ServerAddress};
+
+/// Protocol value for a transport the IPv6 header chain did not reveal.
+pub const PROTOCOL_UNKNOWN: u8 = 255;
+
+/// Which kind of interface the packet is on, as the policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interface {
+    Loopback,
+    Tunnel,
+    /// Listed in `uplinks` (any non-tunnel interface when `uplinks` is absent).
+    Uplink,
+    /// Neither a tunnel nor listed in `uplinks`.
+    Other,
+}
+
+/// A packet as it is on the wire, from the point of view of one program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub direction: Direction,
+    pub interface: Interface,
+    /// Destination on egress, source on ingress; the family is the packet's.
+    pub remote: IpAddr,
+    /// The upper-layer protocol the sender put there.
+    pub protocol: u8,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    /// IPv4: a non-first fragment; IPv6: the packet has a fragment header.
+    pub fragment: bool,
+    /// IPv6 extension headers (destination options) before the transport header.
+    pub extension_headers: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Drop,
+}
+
+/// What the filter can know of the transport: the protocol, and the header when readable.
+struct Transport {
+    protocol: u8,
+    readable: bool,
+}
+
+impl Packet {
+    fn transport(&self) -> Transport {
+        // A fragment header is one more extension header on the walk.
+        let chain = self.extension_headers + u32::from(self.fragment);
+        if self.remote.is_ipv6() && chain > MAX_EXTENSION_HEADERS {
+            return Transport {
+                protocol: PROTOCOL_UNKNOWN,
+                readable: false,
+            };
+        }
+        Transport {
+            protocol: self.protocol,
+            readable: !self.fragment,
+        }
+    }
+
+    fn ports(&self) -> Option<(u16, u16)> {
+        let t = self.transport();
+        (t.readable && matches!(t.protocol, IPPROTO_TCP | IPPROTO_UDP))
+            .then_some((self.local_port, self.remote_port))
+    }
+
+    fn udp_ports(&self) -> Option<(u16, u16)> {
+        (self.transport().protocol == IPPROTO_UDP)
+            .then(|| self.ports())
+            .flatten()
+    }
+
+    fn icmp_type(&self) -> Option<u8> {
+        let t = self.transport();
+        (t.readable && matches!(t.protocol, IPPROTO_ICMP | IPPROTO_ICMPV6))
+            .then_some(self.icmp_type)
+    }
+}
+
+/// The verdict and the reason the SPEC gives `packet` under `policy`. Servers given by hostname
+/// are not considered: resolution happens before the policy reaches the kernel.
+pub fn verdict(policy: &Policy, packet: &Packet) -> (Verdict, Reason) {
+    let reason = reason(policy, packet);
+    (
+        if reason.allows() {
+            Verdict::Allow
+        } else {
+            Verdict::Drop
+        },
+        reason,
+    )
+}
+
+fn reason(policy: &Policy, p: &Packet) -> Reason {
+    let ipv6 = p.remote.is_ipv6();
+    if p.interface == Interface::Loopback {
+        return Reason::Loopback;
+    }
+    if ipv6 && policy.ipv6 == Ipv6Mode::Block {
+        return Reason::Ipv6Blocked;
+    }
+    if p.interface == Interface::Tunnel {
+        return match p.direction {
+            Direction::Egress => Reason::Tunnel,
+            Direction::Ingress => tunnel_ingress(policy, p),
+        };
+    }
+    if policy.uplinks.is_some() && p.interface != Interface::Uplink {
+        return Reason::NotUplink;
+    }
+    let protocol = p.transport().protocol;
+    let remote = p.remote.to_canonical();
+    let tcp_or_udp = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP);
+
+    // 4. servers
+    let is_server = tcp_or_udp
+        && policy.servers.iter().any(|s| {
+            s.address == ServerAddress::Ip(remote)
+                && s.protocol.is_none_or(|proto| proto.number() == protocol)
+                && s.port
+                    .is_none_or(|port| p.ports().is_some_and(|(_, r)| r == port))
+        });
+    if is_server {
+        return Reason::Server;
+    }
+    // 5. DHCP
+    if policy.dhcp {
+        if let Some((local, remote_port)) = p.udp_ports() {
+            let dhcp = if ipv6 {
+                (local, remote_port) == (546, 547)
+                    && (p.direction == Direction::Ingress
+                        || remote == "ff02::1:2".parse::<IpAddr>().unwrap())
+            } else {
+                (local, remote_port) == (68, 67)
+            };
+            if dhcp {
+                return Reason::Dhcp;
+            }
+        }
+    }
+    // 6. NTP
+    if p.udp_ports().is_some_and(|(_, r)| r == 123) && policy.ntp_servers.contains(&remote) {
+        return Reason::Ntp;
+    }
+    // 7. DNS servers
+    let dns_port = |port: u16| port == 53 || port == 853;
+    if p.ports().is_some_and(|(_, r)| dns_port(r)) && policy.dns_servers.contains(&remote) {
+        return Reason::Dns;
+    }
+    // 8. LAN, except DNS unless lan.dns; an unreadable port could be DNS
+    if policy.lan.networks.iter().any(|n| n.contains(remote)) {
+        let may_carry_ports = tcp_or_udp || protocol == PROTOCOL_UNKNOWN;
+        if policy.lan.dns || !may_carry_ports {
+            return Reason::Lan;
+        }
+        match p.ports() {
+            Some((_, r)) if dns_port(r) => return Reason::LanDns,
+            Some(_) => return Reason::Lan,
+            None => {}
+        }
+    }
+    // 9. neighbour discovery
+    if let (true, IpAddr::V6(v6)) = (protocol == IPPROTO_ICMPV6, remote) {
+        let octets = v6.octets();
+        let link_local = octets[0] == 0xfe && octets[1] & 0xc0 == 0x80;
+        let link_multicast = octets[0] == 0xff && octets[1] == 0x02;
+        if p.icmp_type().is_some_and(|t| (133..=137).contains(&t)) && (link_local || link_multicast)
+        {
+            return Reason::NeighbourDiscovery;
+        }
+    }
+    Reason::Default
+}
+
+/// On the tunnel, unsolicited inbound TCP (SYN without ACK) only for `[[inbound]]`.
+fn tunnel_ingress(policy: &Policy, p: &Packet) -> Reason {
+    let protocol = p.transport().protocol;
+    if protocol != IPPROTO_TCP && protocol != PROTOCOL_UNKNOWN {
+        return Reason::Tunnel;
+    }
+    let Some((local, _)) = p.ports() else {
+        return Reason::InboundRefused;
+    };
+    if p.tcp_flags & 0x12 != 0x02 {
+        return Reason::Tunnel;
+    }
+    let source = p.remote.to_canonical();
+    let allowed = policy.inbound.iter().any(|rule| {
+        rule.port == local && (rule.sources.is_empty() || rule.sources.contains(&source))
+    });
+    if allowed {
+        Reason::Tunnel
+    } else {
+        Reason::InboundRefused
+    }
+}
