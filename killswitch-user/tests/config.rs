@@ -17,6 +17,18 @@ fn error(text: &str) -> String {
     parse(text).expect_err("should be rejected")
 }
 
+/// Every input is rejected with exactly its message; all mismatches are reported together.
+fn check_errors(cases: &[(&str, String)]) {
+    let mut wrong = Vec::new();
+    for (text, expected) in cases {
+        let got = error(text);
+        if &got != expected {
+            wrong.push(format!("input {text:?}\n  got:  {got}\n  want: {expected}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 #[test]
 fn full_valid_config_normalizes() {
     let policy = parse(
@@ -151,14 +163,7 @@ fn each_kind_of_bad_input_has_its_message() {
             format!("{f}:4: server: duplicate of the server on line 2"),
         ),
     ];
-    let mut wrong = Vec::new();
-    for (text, expected) in cases {
-        let got = error(text);
-        if &got != expected {
-            wrong.push(format!("input {text:?}\n  got:  {got}\n  want: {expected}"));
-        }
-    }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    check_errors(cases);
 }
 
 struct TempFile(PathBuf);
@@ -333,12 +338,5 @@ fn bad_sections_have_their_messages() {
         ),
         ("tunnels = []\n[dhcp]\nenable = true\n", format!("{f}:3: unknown field `enable`, expected `enabled`")),
     ];
-    let mut wrong = Vec::new();
-    for (text, expected) in cases {
-        let got = error(text);
-        if &got != expected {
-            wrong.push(format!("input {text:?}\n  got:  {got}\n  want: {expected}"));
-        }
-    }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    check_errors(cases);
 }

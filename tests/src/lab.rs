@@ -264,15 +264,18 @@ fn make_certificates(dir: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    ossl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "ca.key",
-    ]);
+    let new_key = |file: &str| {
+        ossl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            file,
+        ])
+    };
+    new_key("ca.key");
     ossl(&[
         "req",
         "-x509",
@@ -296,15 +299,7 @@ fn make_certificates(dir: &Path) {
             format!("extendedKeyUsage={usage}\nkeyUsage=digitalSignature,keyAgreement\n"),
         )
         .unwrap();
-        ossl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &key,
-        ]);
+        new_key(&key);
         ossl(&[
             "req",
             "-new",
