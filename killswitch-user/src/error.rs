@@ -46,7 +46,7 @@ impl Error {
     }
 
     pub(crate) fn kernel(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        // aya's errors nest their cause; flatten the chain into the one line.
+        // Callers pass aya's nested errors through `chain` so the cause stays on the one line.
         Error::Kernel {
             what: what.into(),
             reason: reason.to_string(),

@@ -6,7 +6,7 @@ use crate::{ebpf, error::Result};
 
 pub(super) fn run(cgroup: Option<&Path>) -> Result<ExitCode> {
     super::require_privileges()?;
-    let scope = super::scope_for(cgroup)?;
+    let scope = crate::scope::Scope::from_arg(cgroup)?;
     if ebpf::remove(&scope)? {
         tracing::info!(scope = %scope.name, "removed enforcement");
         println!(

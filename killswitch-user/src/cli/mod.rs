@@ -5,10 +5,7 @@ mod down;
 mod status;
 mod up;
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -143,8 +140,4 @@ fn require_privileges() -> Result<()> {
     } else {
         Err(Error::NotPermitted)
     }
-}
-
-fn scope_for(cgroup: Option<&Path>) -> Result<crate::scope::Scope> {
-    crate::scope::Scope::from_arg(cgroup)
 }

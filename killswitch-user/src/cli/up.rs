@@ -12,7 +12,7 @@ use crate::{
 pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     let policy = Policy::load(config)?;
     super::require_privileges()?;
-    let scope = super::scope_for(cgroup)?;
+    let scope = crate::scope::Scope::from_arg(cgroup)?;
     let started = Instant::now();
     let servers = resolve_servers(&policy.servers)?;
     let entries = MapEntries::new(

@@ -20,7 +20,7 @@ pub use entries::MapEntries;
 pub use maps::PinnedMaps;
 
 use crate::{
-    error::{Error, Result},
+    error::{chain, Error, Result},
     scope::{self, Scope},
 };
 
@@ -107,10 +107,6 @@ fn program_mut(ebpf: &mut Ebpf, direction: Direction) -> Result<&mut CgroupSkb> 
     ebpf.program_mut(direction.name())
         .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
         .ok_or_else(|| Error::kernel("broken eBPF object", "a cgroup_skb program is missing"))
-}
-
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    crate::error::chain(error)
 }
 
 /// Whether the scope has pinned links (it was brought `up` and not taken `down`).
