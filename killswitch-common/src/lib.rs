@@ -85,6 +85,59 @@ pub struct Settings {
     pub lan_dns: u32,
     /// `[ipv6] mode = "block"`: every IPv6 packet except loopback is dropped.
     pub ipv6_block: u32,
+    /// Drop events: at most one per this many nanoseconds per CPU on average...
+    pub event_interval_ns: u64,
+    /// ...with bursts of up to this many nanoseconds' worth of events (`burst × interval`).
+    pub event_burst_ns: u64,
+}
+
+/// Default drop-event budget per CPU: 100 events a second, bursts of 20.
+pub const EVENT_INTERVAL_NS: u64 = 10_000_000;
+pub const EVENT_BURST_NS: u64 = 20 * EVENT_INTERVAL_NS;
+/// Size of the drop-event ring buffer (a power of two, a multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+
+/// Per-CPU state of the drop-event rate limiter (one entry in `EVENT_LIMIT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventLimit {
+    /// When the bucket is next empty (GCRA theoretical arrival time), `bpf_ktime_get_ns` clock.
+    pub next_ns: u64,
+    /// Events not sent since this CPU's last sent event.
+    pub suppressed: u64,
+    /// Events not sent since the scope was set up (rate limit or full ring buffer).
+    pub suppressed_total: u64,
+}
+
+/// One dropped packet, as the kernel reports it through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns` (monotonic) when the packet was dropped.
+    pub timestamp_ns: u64,
+    /// The cgroup (v2) of the packet's socket; 0 when unknown.
+    pub cgroup_id: u64,
+    /// Events this CPU did not send since its previous one.
+    pub suppressed: u64,
+    /// Network namespace of the interface (`SO_NETNS_COOKIE` form).
+    pub netns_cookie: u64,
+    /// IPv4 addresses are IPv4-mapped.
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+    pub ifindex: u32,
+    /// Host byte order; meaningful only when `ports_known` is 1.
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// A [`Reason`] value.
+    pub reason: u8,
+    /// A [`Direction`] value.
+    pub direction: u8,
+    /// 4 or 6; 0 when the IP header could not be read.
+    pub family: u8,
+    /// Upper-layer protocol; 255 when the IPv6 header chain was not followed to its end.
+    pub protocol: u8,
+    pub ports_known: u8,
+    pub _pad: [u8; 7],
 }
 
 /// A key of the `LAN` longest-prefix-match trie: IPv4 prefixes are IPv4-mapped (`/96 + len`).
@@ -163,6 +216,9 @@ pub enum Reason {
     Ipv6Blocked = 12,
     /// Dropped: unsolicited inbound TCP on the tunnel to a port not in `[[inbound]]`.
     InboundRefused = 13,
+    /// Allowed: an ICMP/ICMPv6 error on an uplink about a packet the egress policy allows
+    /// (path-MTU discovery towards a server).
+    IcmpError = 14,
 }
 
 /// Counter slots reserved per direction; more than the reasons so new ones keep the map layout.
@@ -171,7 +227,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_ENTRIES: u32 = REASON_SLOTS * 2;
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Loopback,
         Reason::Tunnel,
         Reason::Server,
@@ -180,6 +236,7 @@ impl Reason {
         Reason::Dns,
         Reason::Lan,
         Reason::NeighbourDiscovery,
+        Reason::IcmpError,
         Reason::NotUplink,
         Reason::LanDns,
         Reason::Ipv6Blocked,
@@ -200,6 +257,7 @@ impl Reason {
                 | Reason::Dns
                 | Reason::Lan
                 | Reason::NeighbourDiscovery
+                | Reason::IcmpError
         )
     }
 
@@ -220,7 +278,13 @@ impl Reason {
             Reason::LanDns => "lan-dns",
             Reason::Ipv6Blocked => "ipv6-blocked",
             Reason::InboundRefused => "inbound-refused",
+            Reason::IcmpError => "icmp-error",
         }
+    }
+
+    /// The reason with this numeric value, as carried by a [`DropEvent`].
+    pub fn from_value(value: u32) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| *r as u32 == value)
     }
 
     pub const fn counter_index(self, direction: Direction) -> u32 {
@@ -242,4 +306,5 @@ mod pod {
     unsafe impl aya::Pod for super::ServerKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::EventLimit {}
 }

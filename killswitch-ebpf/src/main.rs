@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod packet;
 
 use aya_ebpf::{
@@ -58,24 +59,24 @@ pub fn ingress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn filter(ctx: &SkBuffContext, direction: Direction) -> i32 {
-    let reason = classify(ctx, direction);
+    let settings = settings();
+    let reason = classify(ctx, direction, &settings);
     count(direction, reason);
     if reason.allows() {
         ALLOW
     } else {
+        events::report(ctx, direction, reason, &settings);
         DROP
     }
 }
 
 /// The verdict order of the SPEC; the first matching step wins.
 #[inline(always)]
-fn classify(ctx: &SkBuffContext, direction: Direction) -> Reason {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn classify(ctx: &SkBuffContext, direction: Direction, settings: &Settings) -> Reason {
+    let ifindex = ifindex(ctx);
     if ifindex == LOOPBACK_IFINDEX {
         return Reason::Loopback;
     }
-    let settings = settings();
     if settings.ipv6_block != 0 && ctx.skb.protocol() == ETH_P_IPV6 {
         return Reason::Ipv6Blocked;
     }
@@ -92,22 +93,38 @@ fn classify(ctx: &SkBuffContext, direction: Direction) -> Reason {
     let Some(packet) = Packet::parse(ctx, direction) else {
         return Reason::Malformed;
     };
-    if is_server(&packet) {
-        return Reason::Server;
-    }
-    if settings.dhcp != 0 && is_dhcp(&packet, direction) {
-        return Reason::Dhcp;
-    }
-    if is_ntp(&packet) {
-        return Reason::Ntp;
-    }
-    if is_dns_server(&packet) {
-        return Reason::Dns;
-    }
-    if let Some(reason) = lan(&packet, settings.lan_dns != 0) {
+    let reason = exception(&packet, direction, settings);
+    if reason != Reason::Default || direction == Direction::Egress {
         return reason;
     }
-    if is_neighbour_discovery(&packet) {
+    // An ICMP error about a packet we may send (path-MTU discovery towards a server).
+    match packet.quoted(ctx) {
+        Some(quoted) if exception(&quoted, Direction::Egress, settings).allows() => {
+            Reason::IcmpError
+        }
+        _ => Reason::Default,
+    }
+}
+
+/// Steps 4-9: the exceptions that let a packet use an uplink.
+#[inline(always)]
+fn exception(packet: &Packet, direction: Direction, settings: &Settings) -> Reason {
+    if is_server(packet) {
+        return Reason::Server;
+    }
+    if settings.dhcp != 0 && is_dhcp(packet, direction) {
+        return Reason::Dhcp;
+    }
+    if is_ntp(packet) {
+        return Reason::Ntp;
+    }
+    if is_dns_server(packet) {
+        return Reason::Dns;
+    }
+    if let Some(reason) = lan(packet, settings.lan_dns != 0) {
+        return reason;
+    }
+    if is_neighbour_discovery(packet) {
         return Reason::NeighbourDiscovery;
     }
     Reason::Default
@@ -244,11 +261,19 @@ fn settings() -> Settings {
         dhcp: 0,
         lan_dns: 0,
         ipv6_block: 1,
+        event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
+        event_burst_ns: killswitch_common::EVENT_BURST_NS,
     })
 }
 
 #[inline(always)]
-fn netns_cookie(ctx: &SkBuffContext) -> u64 {
+pub(crate) fn ifindex(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+pub(crate) fn netns_cookie(ctx: &SkBuffContext) -> u64 {
     // SAFETY: the helper only reads the context it is given.
     unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut c_void) }
 }

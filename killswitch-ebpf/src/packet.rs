@@ -19,6 +19,13 @@ const ROUTING: u8 = 43;
 const FRAGMENT: u8 = 44;
 const DESTINATION_OPTIONS: u8 = 60;
 
+/// ICMP and ICMPv6 error types whose quoted packet decides their verdict.
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_TIME: u8 = 11;
+const ICMPV6_UNREACHABLE: u8 = 1;
+const ICMPV6_TOO_BIG: u8 = 2;
+const ICMPV6_TIME: u8 = 3;
+
 #[derive(Clone, Copy)]
 pub struct Ports {
     pub local: u16,
@@ -75,15 +82,37 @@ impl Packet {
     #[inline(always)]
     pub fn parse(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
         match ctx.skb.protocol() {
-            ETH_P_IP => Self::parse_v4(ctx, direction),
-            ETH_P_IPV6 => Self::parse_v6(ctx, direction),
+            ETH_P_IP => Self::parse_v4(ctx, 0, direction),
+            ETH_P_IPV6 => Self::parse_v6(ctx, 0, direction),
             _ => None,
         }
     }
 
+    /// The packet an ICMP/ICMPv6 error (destination unreachable, packet too big, time exceeded)
+    /// quotes, as this host sent it; `None` for anything else.
     #[inline(always)]
-    fn parse_v4(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
-        let ip: Ipv4Header = ctx.load(0).ok()?;
+    pub fn quoted(&self, ctx: &SkBuffContext) -> Option<Packet> {
+        let icmp_type = self.icmp_type()?;
+        // The quoted packet follows the 8-byte ICMP header and has the outer packet's family.
+        let offset = self.transport_offset + 8;
+        let v6_error = self.ipv6
+            && self.protocol == IPPROTO_ICMPV6
+            && matches!(icmp_type, ICMPV6_UNREACHABLE | ICMPV6_TOO_BIG | ICMPV6_TIME);
+        let v4_error = !self.ipv6
+            && self.protocol == IPPROTO_ICMP
+            && matches!(icmp_type, ICMP_UNREACHABLE | ICMP_TIME);
+        if v6_error {
+            return Self::parse_v6(ctx, offset, Direction::Egress);
+        }
+        if v4_error {
+            return Self::parse_v4(ctx, offset, Direction::Egress);
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn parse_v4(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
+        let ip: Ipv4Header = ctx.load(offset).ok()?;
         let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
         if ip.version_ihl >> 4 != 4 || header_len < 20 {
             return None;
@@ -102,7 +131,7 @@ impl Packet {
             remote_port: 0,
             icmp_known: false,
             icmp_type: 0,
-            transport_offset: header_len,
+            transport_offset: offset + header_len,
         };
         if first_fragment {
             packet.read_transport(ctx, direction);
@@ -111,8 +140,8 @@ impl Packet {
     }
 
     #[inline(always)]
-    fn parse_v6(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
-        let ip: Ipv6Header = ctx.load(0).ok()?;
+    fn parse_v6(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
+        let ip: Ipv6Header = ctx.load(offset).ok()?;
         if ip.version_class_flow[0] >> 4 != 6 {
             return None;
         }
@@ -128,7 +157,7 @@ impl Packet {
             remote_port: 0,
             icmp_known: false,
             icmp_type: 0,
-            transport_offset: 40,
+            transport_offset: offset + 40,
         };
         let mut next = ip.next_header;
         for _ in 0..MAX_EXTENSION_HEADERS {

@@ -16,6 +16,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// Something in the running system prevents the command (e.g. no scope is enforced).
+    #[error("{0}")]
+    Runtime(String),
+
     #[error(
         "killswitch needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run it with sudo"
     )]

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod ebpf;
 pub mod error;
+pub mod events;
 pub mod interfaces;
 pub mod model;
 pub mod policy;

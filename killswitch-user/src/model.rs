@@ -42,6 +42,19 @@ pub struct Packet {
     pub fragment: bool,
     /// IPv6 extension headers (destination options) before the transport header.
     pub extension_headers: u32,
+    /// For an ICMP/ICMPv6 error: the packet it quotes (which this host sent).
+    pub quoted: Option<Quoted>,
+}
+
+/// The packet an ICMP error quotes: a plain (unfragmented, no extension headers) packet this host
+/// sent, so its remote end is the quoted destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub remote: IpAddr,
+    pub protocol: u8,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub icmp_type: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +102,41 @@ impl Packet {
         (t.readable && matches!(t.protocol, IPPROTO_ICMP | IPPROTO_ICMPV6))
             .then_some(self.icmp_type)
     }
+
+    /// Destination unreachable, packet too big (IPv6) or time exceeded, with the ICMP of the
+    /// packet's own family.
+    fn is_icmp_error(&self) -> bool {
+        let family_icmp = if self.remote.is_ipv6() {
+            IPPROTO_ICMPV6
+        } else {
+            IPPROTO_ICMP
+        };
+        let error_types: &[u8] = if self.remote.is_ipv6() {
+            &[1, 2, 3]
+        } else {
+            &[3, 11]
+        };
+        self.transport().protocol == family_icmp
+            && self.icmp_type().is_some_and(|t| error_types.contains(&t))
+    }
+
+    /// The quoted packet as the egress program would have seen it leave.
+    fn quoted_packet(&self) -> Option<Packet> {
+        let q = self.quoted?;
+        (q.remote.is_ipv6() == self.remote.is_ipv6()).then_some(Packet {
+            direction: Direction::Egress,
+            interface: self.interface,
+            remote: q.remote,
+            protocol: q.protocol,
+            local_port: q.local_port,
+            remote_port: q.remote_port,
+            tcp_flags: 0,
+            icmp_type: q.icmp_type,
+            fragment: false,
+            extension_headers: 0,
+            quoted: None,
+        })
+    }
 }
 
 /// The verdict and the reason the SPEC gives `packet` under `policy`. Servers given by hostname
@@ -122,6 +170,21 @@ fn reason(policy: &Policy, p: &Packet) -> Reason {
     if policy.uplinks.is_some() && p.interface != Interface::Uplink {
         return Reason::NotUplink;
     }
+    let reason = exception(policy, p);
+    if reason != Reason::Default || p.direction == Direction::Egress {
+        return reason;
+    }
+    // An ICMP error about a packet the egress policy allows (path-MTU discovery to a server).
+    let quoted = p.is_icmp_error().then(|| p.quoted_packet()).flatten();
+    match quoted {
+        Some(q) if exception(policy, &q).allows() => Reason::IcmpError,
+        _ => Reason::Default,
+    }
+}
+
+/// Steps 4-9: the exceptions that let a packet use an uplink.
+fn exception(policy: &Policy, p: &Packet) -> Reason {
+    let ipv6 = p.remote.is_ipv6();
     let protocol = p.transport().protocol;
     let remote = p.remote.to_canonical();
     let tcp_or_udp = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP);

@@ -2,11 +2,15 @@
 
 use std::path::PathBuf;
 
-use killswitch_common::{Direction, InterfaceKey};
+use killswitch_common::{Direction, InboundKey, InterfaceKey};
 use serde::Serialize;
 
 use crate::{
-    ebpf::{self, entries::server_endpoint, sys, PinnedMaps},
+    ebpf::{
+        self,
+        entries::{key_address, lan_prefix, server_endpoint},
+        sys, PinnedMaps,
+    },
     error::Result,
     interfaces,
     scope::Scope,
@@ -25,7 +29,24 @@ pub struct ScopeStatus {
     /// `None` when exceptions may leave through any non-tunnel interface.
     pub uplinks: Option<Vec<InterfaceStatus>>,
     pub servers: Vec<String>,
+    pub exceptions: Exceptions,
     pub counters: Vec<CounterStatus>,
+    /// Drop events held back by the in-kernel rate limit or a full ring buffer.
+    pub events_suppressed: u64,
+}
+
+/// The uplink exceptions besides the servers, as the kernel holds them.
+#[derive(Debug, Serialize)]
+pub struct Exceptions {
+    pub lan: Vec<String>,
+    pub lan_dns: bool,
+    pub dhcp: bool,
+    /// "tunnel" or "block".
+    pub ipv6: &'static str,
+    pub ntp_servers: Vec<String>,
+    pub dns_servers: Vec<String>,
+    /// `PORT` or `PORT from SOURCE`.
+    pub inbound: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,7 +106,8 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
             })
             .collect()
     };
-    let uplinks = (maps.settings()?.uplinks_restricted != 0)
+    let settings = maps.settings()?;
+    let uplinks = (settings.uplinks_restricted != 0)
         .then(|| maps.uplinks())
         .transpose()?;
     Ok(ScopeStatus {
@@ -102,6 +124,8 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
             .iter()
             .map(|k| server_endpoint(k).to_string())
             .collect(),
+        exceptions: exceptions(&maps)?,
+        events_suppressed: maps.suppressed_events()?,
         counters: maps
             .counters()?
             .into_iter()
@@ -110,6 +134,42 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
                 reason: reason.name(),
                 verdict: if reason.allows() { "allow" } else { "drop" },
                 packets,
+            })
+            .collect(),
+    })
+}
+
+fn exceptions(maps: &PinnedMaps) -> Result<Exceptions> {
+    let settings = maps.settings()?;
+    let addresses = |keys: Vec<[u8; 16]>| -> Vec<String> {
+        keys.into_iter()
+            .map(|k| key_address(k).to_string())
+            .collect()
+    };
+    Ok(Exceptions {
+        lan: maps
+            .lan()?
+            .into_iter()
+            .map(|(len, key)| lan_prefix(len, key).to_string())
+            .collect(),
+        lan_dns: settings.lan_dns != 0,
+        dhcp: settings.dhcp != 0,
+        ipv6: if settings.ipv6_block != 0 {
+            "block"
+        } else {
+            "tunnel"
+        },
+        ntp_servers: addresses(maps.ntp_servers()?),
+        dns_servers: addresses(maps.dns_servers()?),
+        inbound: maps
+            .inbound()?
+            .into_iter()
+            .map(|k| {
+                if k.source == InboundKey::ANY_SOURCE {
+                    k.port.to_string()
+                } else {
+                    format!("{} from {}", k.port, key_address(k.source))
+                }
             })
             .collect(),
     })

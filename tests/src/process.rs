@@ -72,17 +72,23 @@ pub fn killswitch_bin() -> PathBuf {
 
 /// Runs `killswitch ARGS` in `netns` (outside any test cgroup), pins under `pin_root`.
 pub fn killswitch(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) -> Output {
-    let bin = killswitch_bin();
+    killswitch_command(netns, pin_root, args)
+        .output()
+        .expect("cannot start killswitch")
+}
+
+/// The command [`killswitch`] runs, for callers that start it in the background.
+pub fn killswitch_command(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", netns.path().display()))
         .arg("--")
         .arg("timeout")
         .arg(COMMAND_TIMEOUT_SECS)
-        .arg(bin)
+        .arg(killswitch_bin())
         .args(args)
         .env("KILLSWITCH_PIN_ROOT", &pin_root.path)
         .env_remove("KILLSWITCH_LOG");
-    cmd.output().expect("cannot start killswitch")
+    cmd
 }
 
 /// Like [`killswitch`], panicking with the output unless it exits 0.
@@ -96,4 +102,64 @@ pub fn killswitch_ok(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) ->
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A long-running command in its own process group whose stdout is read line by line; the whole
+/// group is killed on drop (`timeout` forks, so killing one pid would leave the command running).
+pub struct Background {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Background {
+    pub fn start(mut cmd: Command) -> Background {
+        use std::{io::BufRead, os::unix::process::CommandExt};
+        let mut child = cmd
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot start a background command");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Background { child, lines }
+    }
+
+    /// The next line of output, or `None` after `timeout`.
+    pub fn line(&self, timeout: std::time::Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Every line that arrives until `quiet` passes without one (bounded by `limit` lines).
+    pub fn lines_until_quiet(&self, quiet: std::time::Duration, limit: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        while lines.len() < limit {
+            match self.line(quiet) {
+                Some(line) => lines.push(line),
+                None => break,
+            }
+        }
+        lines
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
 }

@@ -951,6 +951,162 @@ fn every_verdict_step_of_the_full_policy() {
     );
 }
 
+/// An ICMP/ICMPv6 error from `router` quoting a packet we sent with `quoted` as its IP layer.
+fn icmp_error(ipv6: bool, router: &str, icmp_type: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![icmp_type, 0, 0, 0, 0, 0, 0x05, 0xdc];
+    l4.extend_from_slice(quoted);
+    if ipv6 {
+        v6(ICMPV6, router, ME6, &l4)
+    } else {
+        v4(ICMP, router, ME4, &l4)
+    }
+}
+
+/// The IP layer of a packet this host sent (no Ethernet header), as an ICMP error quotes it.
+fn sent4(protocol: u8, dst: &str, dport: u16, fragment_offset: u16) -> Vec<u8> {
+    let l4 = transport(protocol, 40000, dport);
+    ipv4(
+        protocol,
+        ME4.parse().unwrap(),
+        dst.parse().unwrap(),
+        fragment_offset,
+        &l4,
+    )
+}
+
+fn sent6(protocol: u8, dst: &str, dport: u16) -> Vec<u8> {
+    let l4 = transport(protocol, 40000, dport);
+    ipv6(protocol, ME6.parse().unwrap(), dst.parse().unwrap(), &l4)
+}
+
+#[test]
+fn icmp_errors_about_allowed_packets_pass_the_uplink() {
+    require_root!();
+    let k = Kernel::load(FULL_POLICY);
+    use Direction::{Egress as E, Ingress as I};
+    use Reason::*;
+    let router = "192.0.2.1";
+    let router6 = "2001:db8:2::1";
+    let to_server = sent4(UDP, "198.51.100.1", 1194, 0);
+    check_table(
+        &k,
+        vec![
+            (
+                "fragmentation needed, quoting the server",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &to_server),
+                IcmpError,
+            ),
+            (
+                "time exceeded, quoting the server",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 11, &to_server),
+                IcmpError,
+            ),
+            (
+                "parameter problem is not an error we accept",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 12, &to_server),
+                Default,
+            ),
+            (
+                "unreachable, quoting the server on another port",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(UDP, "198.51.100.1", 443, 0)),
+                Default,
+            ),
+            (
+                "unreachable, quoting tcp to the udp-only server",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(TCP, "198.51.100.1", 1194, 0)),
+                Default,
+            ),
+            (
+                "unreachable, quoting an internet host",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(TCP, "203.0.113.9", 80, 0)),
+                Default,
+            ),
+            (
+                "unreachable, quoting a non-first fragment to the server",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(UDP, "198.51.100.1", 1194, 185)),
+                Default,
+            ),
+            (
+                "unreachable, quoting dns to the lan",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(UDP, "192.168.77.1", 53, 0)),
+                Default,
+            ),
+            (
+                "unreachable, quoting ntp",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(UDP, "203.0.113.123", 123, 0)),
+                IcmpError,
+            ),
+            (
+                "icmpv4 error quoting an ipv6 packet",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent6(UDP, "2001:db8:123::1", 123)),
+                Default,
+            ),
+            (
+                "truncated quote",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &to_server[..10]),
+                Default,
+            ),
+            (
+                "the same error sent by us is not an exception",
+                E,
+                Dev::Up,
+                icmp_error(false, router, 3, &to_server),
+                Default,
+            ),
+            (
+                "packet too big, quoting v6 ntp",
+                I,
+                Dev::Up,
+                icmp_error(true, router6, 2, &sent6(UDP, "2001:db8:123::1", 123)),
+                IcmpError,
+            ),
+            (
+                "v6 unreachable, quoting the v6 lan",
+                I,
+                Dev::Up,
+                icmp_error(true, router6, 1, &sent6(TCP, "2001:db8:77::5", 80)),
+                IcmpError,
+            ),
+            (
+                "v6 time exceeded, quoting an internet host",
+                I,
+                Dev::Up,
+                icmp_error(true, router6, 3, &sent6(TCP, "2001:db8:203::9", 80)),
+                Default,
+            ),
+            (
+                "v6 echo reply is not an error",
+                I,
+                Dev::Up,
+                icmp_error(true, router6, 129, &sent6(UDP, "2001:db8:123::1", 123)),
+                Default,
+            ),
+        ],
+    );
+}
+
 #[test]
 fn ipv6_block_mode_drops_all_ipv6_but_loopback() {
     require_root!();
@@ -1121,7 +1277,7 @@ sources = ["203.0.113.7"]
     const PORTS: &[u16] = &[
         53, 853, 67, 68, 123, 546, 547, 1194, 1195, 443, 22, 51234, 80,
     ];
-    const ICMP_TYPES: &[u8] = &[3, 8, 128, 133, 134, 135, 136, 137, 138];
+    const ICMP_TYPES: &[u8] = &[1, 2, 3, 3, 11, 8, 128, 133, 134, 135, 136, 137, 138];
     const TCP_FLAGS: &[u8] = &[0x02, 0x12, 0x10, 0x11];
 
     fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
@@ -1157,7 +1313,7 @@ sources = ["203.0.113.7"]
                 ],
             ),
             remote,
-            protocol: pick(rng, &[TCP, UDP, TCP, UDP, icmp, 47]),
+            protocol: pick(rng, &[TCP, UDP, TCP, UDP, icmp, icmp, 47]),
             local_port: port(rng),
             remote_port: port(rng),
             tcp_flags: pick(rng, TCP_FLAGS),
@@ -1168,6 +1324,36 @@ sources = ["203.0.113.7"]
             } else {
                 0
             },
+            quoted: (rng.below(3) != 0).then(|| random_quoted(rng, ipv6)),
+        }
+    }
+
+    /// What an ICMP error quotes; now and then of the other family, which must not count.
+    fn random_quoted(rng: &mut Rng, ipv6: bool) -> model::Quoted {
+        let ipv6 = if rng.below(10) == 0 { !ipv6 } else { ipv6 };
+        let remote: IpAddr = if ipv6 { pick(rng, V6) } else { pick(rng, V4) }
+            .parse()
+            .unwrap();
+        let icmp = if ipv6 { ICMPV6 } else { ICMP };
+        model::Quoted {
+            remote,
+            protocol: pick(rng, &[TCP, UDP, TCP, UDP, icmp, 47]),
+            local_port: pick(rng, PORTS),
+            remote_port: pick(rng, PORTS),
+            icmp_type: pick(rng, ICMP_TYPES),
+        }
+    }
+
+    /// An IP packet this host sent to `q.remote` (egress view), as an ICMP error quotes it.
+    fn quoted_frame(q: &model::Quoted) -> Vec<u8> {
+        let l4 = match q.protocol {
+            TCP | UDP => transport(q.protocol, q.local_port, q.remote_port),
+            ICMP | ICMPV6 => vec![q.icmp_type, 0, 0, 0, 0, 0, 0, 0],
+            _ => vec![0; 8],
+        };
+        match q.remote {
+            IpAddr::V4(remote) => ipv4(q.protocol, ME4.parse().unwrap(), remote, 0, &l4),
+            IpAddr::V6(remote) => ipv6(q.protocol, ME6.parse().unwrap(), remote, &l4),
         }
     }
 
@@ -1184,7 +1370,11 @@ sources = ["203.0.113.7"]
                 h
             }
             UDP => transport(UDP, src_port, dst_port),
-            ICMP | ICMPV6 => vec![p.icmp_type, 0, 0, 0, 0, 0, 0, 0],
+            ICMP | ICMPV6 => {
+                let mut h = vec![p.icmp_type, 0, 0, 0, 0, 0, 0, 0];
+                h.extend(p.quoted.as_ref().map(quoted_frame).unwrap_or_default());
+                h
+            }
             _ => vec![0; 8],
         };
         match p.remote {

@@ -1,11 +1,12 @@
 //! `killswitch status`
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Args;
 
 use crate::{
-    error::Result,
+    error::{Error, Result},
+    events::{EventReader, Resolver},
     scope::Scope,
     status::{self, ScopeStatus},
 };
@@ -16,14 +17,21 @@ pub(super) struct StatusArgs {
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
 
-    /// Print JSON for programs instead of the table
+    /// Print JSON for programs instead of the table (with --follow: one object per line)
     #[arg(long)]
     json: bool,
+
+    /// Print dropped packets as they happen, one line each, until interrupted
+    #[arg(long, short)]
+    follow: bool,
 }
 
 /// Exit status 0 when every scope shown is enforced, 1 otherwise (also when there is none).
 pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
     super::require_privileges()?;
+    if args.follow {
+        return follow(args);
+    }
     let scopes = match &args.cgroup {
         Some(path) => vec![Scope::from_arg(Some(path))?],
         None => Scope::all_pinned()?,
@@ -111,6 +119,35 @@ fn print_table(s: &ScopeStatus) {
     for (i, server) in s.servers.iter().enumerate() {
         println!("{:8} {server}", if i == 0 { "servers" } else { "" });
     }
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    let e = &s.exceptions;
+    println!(
+        "lan      {}{}",
+        list(&e.lan),
+        match (e.lan.is_empty(), e.lan_dns) {
+            (true, _) => "",
+            (false, true) => " (DNS to the LAN allowed)",
+            (false, false) => " (DNS to the LAN refused)",
+        }
+    );
+    println!("dhcp     {}", if e.dhcp { "allowed" } else { "refused" });
+    println!(
+        "ipv6     {}",
+        if e.ipv6 == "block" {
+            "blocked everywhere"
+        } else {
+            "through the tunnel only"
+        }
+    );
+    println!("ntp      {}", list(&e.ntp_servers));
+    println!("dns      {}", list(&e.dns_servers));
+    println!("inbound  {}", list(&e.inbound));
     println!(
         "packets  {:<8} {:<14} {:>12} {:>12}",
         "verdict", "reason", "egress", "ingress"
@@ -121,5 +158,57 @@ fn print_table(s: &ScopeStatus) {
             "         {:<8} {:<14} {:>12} {:>12}",
             egress.verdict, egress.reason, egress.packets, ingress.packets
         );
+    }
+    println!(
+        "events   {} drop events held back by the rate limit",
+        s.events_suppressed
+    );
+}
+
+/// `status --follow`: drop events of one scope as they happen.
+fn follow(args: &StatusArgs) -> Result<ExitCode> {
+    let scope = match &args.cgroup {
+        Some(path) => Scope::from_arg(Some(path))?,
+        None => {
+            let mut scopes = Scope::all_pinned()?;
+            match scopes.len() {
+                0 => {
+                    return Err(Error::Runtime(
+                        "no scope is enforced; run `killswitch up`".into(),
+                    ))
+                }
+                1 => scopes.remove(0),
+                _ => {
+                    return Err(Error::Usage(
+                        "several scopes are enforced; choose one with --cgroup".into(),
+                    ))
+                }
+            }
+        }
+    };
+    if !crate::ebpf::is_pinned(&scope) {
+        return Err(Error::Runtime(format!(
+            "{} is not enforced; run `killswitch up`",
+            scope.display_cgroup()
+        )));
+    }
+    let mut reader = EventReader::open(&scope.pin_dir)?;
+    let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
+    eprintln!(
+        "following dropped packets of {} (Ctrl-C to stop)",
+        scope.display_cgroup()
+    );
+    loop {
+        for event in reader.wait(Duration::from_secs(1))? {
+            let record = resolver.record(&event);
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&record).expect("records serialize")
+                );
+            } else {
+                println!("{record}");
+            }
+        }
     }
 }

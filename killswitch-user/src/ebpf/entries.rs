@@ -7,7 +7,7 @@ use std::{
 
 use killswitch_common::{
     ipv4_mapped, InboundKey, InterfaceKey, ServerKey, Settings, ANY_PORT, ANY_PROTOCOL,
-    IPPROTO_TCP, IPPROTO_UDP,
+    EVENT_BURST_NS, EVENT_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -51,6 +51,8 @@ impl MapEntries {
                 dhcp: u32::from(policy.dhcp),
                 lan_dns: u32::from(policy.lan.dns),
                 ipv6_block: u32::from(policy.ipv6 == Ipv6Mode::Block),
+                event_interval_ns: EVENT_INTERVAL_NS,
+                event_burst_ns: EVENT_BURST_NS,
             },
             tunnels: keyed(interfaces::matching(interfaces, &policy.tunnels)),
             uplinks: keyed(
@@ -104,6 +106,21 @@ pub fn lan_key(prefix: &Prefix) -> (u32, [u8; 16]) {
     (offset + u32::from(prefix.len), address_key(prefix.addr))
 }
 
+/// The address an [`address_key`] stands for.
+pub fn key_address(key: [u8; 16]) -> IpAddr {
+    IpAddr::from(key).to_canonical()
+}
+
+/// The prefix a [`lan_key`] stands for.
+pub fn lan_prefix(len: u32, key: [u8; 16]) -> Prefix {
+    let addr = key_address(key);
+    let offset = if addr.is_ipv4() { 96 } else { 0 };
+    Prefix {
+        addr,
+        len: len.saturating_sub(offset) as u8,
+    }
+}
+
 pub fn server_key(endpoint: &ServerEndpoint) -> ServerKey {
     ServerKey::new(
         address_key(endpoint.address),
@@ -141,6 +158,18 @@ mod tests {
                     assert_eq!(server_endpoint(&server_key(&endpoint)), endpoint);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn lan_keys_round_trip_for_both_families() {
+        for (addr, len) in [("192.168.77.0", 24), ("0.0.0.0", 0), ("2001:db8:77::", 64)] {
+            let prefix = Prefix {
+                addr: addr.parse().unwrap(),
+                len,
+            };
+            let (key_len, key) = lan_key(&prefix);
+            assert_eq!(lan_prefix(key_len, key), prefix);
         }
     }
 

@@ -11,7 +11,7 @@ use aya::{
     Pod,
 };
 use killswitch_common::{
-    Direction, InboundKey, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES,
+    Direction, EventLimit, InboundKey, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES,
 };
 
 use super::entries::MapEntries;
@@ -26,7 +26,11 @@ pub const NTP_SERVERS: &str = "NTP_SERVERS";
 pub const DNS_SERVERS: &str = "DNS_SERVERS";
 pub const LAN: &str = "LAN";
 pub const INBOUND: &str = "INBOUND";
-pub const ALL: [&str; 9] = [
+pub const EVENTS: &str = "EVENTS";
+pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
+pub const ALL: [&str; 11] = [
+    EVENTS,
+    EVENT_LIMIT,
     TUNNELS,
     UPLINKS,
     SERVERS,
@@ -48,6 +52,7 @@ pub struct PinnedMaps {
     dns_servers: HashMap<MapData, [u8; 16], u8>,
     lan: LpmTrie<MapData, [u8; 16], u8>,
     inbound: HashMap<MapData, InboundKey, u8>,
+    event_limit: PerCpuArray<MapData, EventLimit>,
 }
 
 fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
@@ -74,6 +79,7 @@ impl PinnedMaps {
             dns_servers: open(pin_dir, DNS_SERVERS)?,
             lan: open(pin_dir, LAN)?,
             inbound: open(pin_dir, INBOUND)?,
+            event_limit: open(pin_dir, EVENT_LIMIT)?,
         })
     }
 
@@ -129,6 +135,39 @@ impl PinnedMaps {
 
     pub fn servers(&self) -> Result<Vec<ServerKey>> {
         keys(&self.servers, SERVERS)
+    }
+
+    pub fn ntp_servers(&self) -> Result<Vec<[u8; 16]>> {
+        keys(&self.ntp_servers, NTP_SERVERS)
+    }
+
+    pub fn dns_servers(&self) -> Result<Vec<[u8; 16]>> {
+        keys(&self.dns_servers, DNS_SERVERS)
+    }
+
+    pub fn inbound(&self) -> Result<Vec<InboundKey>> {
+        keys(&self.inbound, INBOUND)
+    }
+
+    /// LAN prefixes as (length in the 128-bit key space, key), sorted.
+    pub fn lan(&self) -> Result<Vec<(u32, [u8; 16])>> {
+        let mut prefixes = self
+            .lan
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::kernel("cannot read the LAN map", e))?;
+        prefixes.sort();
+        Ok(prefixes)
+    }
+
+    /// Drop events held back by the rate limit or a full ring buffer, summed over CPUs.
+    pub fn suppressed_events(&self) -> Result<u64> {
+        let values = self
+            .event_limit
+            .get(&0, 0)
+            .map_err(|e| Error::kernel("cannot read the event limit map", e))?;
+        Ok(values.iter().map(|v| v.suppressed_total).sum())
     }
 
     pub fn settings(&self) -> Result<Settings> {

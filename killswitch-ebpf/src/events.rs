@@ -1,0 +1,95 @@
+//! Drop events: one record per dropped packet through a ring buffer, rate-limited per CPU so a
+//! flood costs at most a fixed number of events a second. What the limit holds back is counted.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+    programs::SkBuffContext,
+};
+use killswitch_common::{ipv4_mapped, Direction, DropEvent, EventLimit, Reason, Settings};
+
+use crate::packet::{Packet, ETH_P_IP, ETH_P_IPV6};
+
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(killswitch_common::EVENT_RING_BYTES, 0);
+#[map]
+static EVENT_LIMIT: PerCpuArray<EventLimit> = PerCpuArray::pinned(1, 0);
+
+/// Sends a drop event for the current packet, unless this CPU is over its budget.
+#[inline(always)]
+pub fn report(ctx: &SkBuffContext, direction: Direction, reason: Reason, settings: &Settings) {
+    let Some(limit) = EVENT_LIMIT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+    let limit = unsafe { &mut *limit };
+    // SAFETY: the helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // GCRA: each event moves `next_ns` one interval on; a burst may run it ahead of `now`.
+    let next = if limit.next_ns > now {
+        limit.next_ns
+    } else {
+        now
+    };
+    if next - now > settings.event_burst_ns {
+        limit.suppressed += 1;
+        limit.suppressed_total += 1;
+        return;
+    }
+    limit.next_ns = next + settings.event_interval_ns;
+    let mut event = describe(ctx, direction, reason);
+    event.timestamp_ns = now;
+    event.suppressed = limit.suppressed;
+    if EVENTS.output::<DropEvent>(&event, 0).is_ok() {
+        limit.suppressed = 0;
+    } else {
+        // The ring buffer is full: nobody is reading, or not fast enough.
+        limit.suppressed += 1;
+        limit.suppressed_total += 1;
+    }
+}
+
+#[inline(always)]
+fn describe(ctx: &SkBuffContext, direction: Direction, reason: Reason) -> DropEvent {
+    let mut event = DropEvent {
+        reason: reason as u8,
+        direction: direction as u8,
+        ifindex: crate::ifindex(ctx),
+        netns_cookie: crate::netns_cookie(ctx),
+        // SAFETY: the helper only reads the context it is given.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+        ..DropEvent::default()
+    };
+    match ctx.skb.protocol() {
+        ETH_P_IP => {
+            if let (Ok(source), Ok(destination)) =
+                (ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16))
+            {
+                event.family = 4;
+                event.source = ipv4_mapped(source);
+                event.destination = ipv4_mapped(destination);
+            }
+        }
+        ETH_P_IPV6 => {
+            if let (Ok(source), Ok(destination)) =
+                (ctx.load::<[u8; 16]>(8), ctx.load::<[u8; 16]>(24))
+            {
+                event.family = 6;
+                event.source = source;
+                event.destination = destination;
+            }
+        }
+        _ => {}
+    }
+    if let Some(packet) = Packet::parse(ctx, Direction::Egress) {
+        event.protocol = packet.protocol;
+        // Parsed as egress: "local" is the source, "remote" the destination.
+        if let Some(ports) = packet.ports() {
+            event.ports_known = 1;
+            event.source_port = ports.local;
+            event.destination_port = ports.remote;
+        }
+    }
+    event
+}
