@@ -2,7 +2,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc, Arc,
@@ -25,6 +25,15 @@ pub struct EchoServer {
 impl EchoServer {
     /// Serves TCP and UDP echo on every address until dropped.
     pub fn start(netns: &Netns, addrs: &[SocketAddr]) -> EchoServer {
+        Self::start_in_groups(netns, addrs, &[])
+    }
+
+    /// Like [`EchoServer::start`]; IPv6 UDP sockets also join each (group, interface name).
+    pub fn start_in_groups(
+        netns: &Netns,
+        addrs: &[SocketAddr],
+        groups: &[(Ipv6Addr, &str)],
+    ) -> EchoServer {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicUsize::new(0));
         let mut threads = Vec::new();
@@ -34,6 +43,8 @@ impl EchoServer {
                 let stop = stop.clone();
                 let received = received.clone();
                 let ns_path = netns.path();
+                let groups: Vec<(Ipv6Addr, String)> =
+                    groups.iter().map(|&(g, i)| (g, i.to_string())).collect();
                 threads.push(std::thread::spawn(move || {
                     // setns(CLONE_NEWNET) moves only this thread; its sockets live in the netns.
                     let ns = std::fs::File::open(&ns_path).expect("open netns");
@@ -41,7 +52,7 @@ impl EchoServer {
                     if tcp {
                         serve_tcp(addr, &stop, &received, ready_tx)
                     } else {
-                        serve_udp(addr, &stop, &received, ready_tx)
+                        serve_udp(addr, &groups, &stop, &received, ready_tx)
                     }
                 }));
                 ready_rx
@@ -81,8 +92,22 @@ fn serve_tcp(addr: SocketAddr, stop: &AtomicBool, received: &AtomicUsize, ready:
     }
 }
 
-fn serve_udp(addr: SocketAddr, stop: &AtomicBool, received: &AtomicUsize, ready: mpsc::Sender<()>) {
+fn serve_udp(
+    addr: SocketAddr,
+    groups: &[(Ipv6Addr, String)],
+    stop: &AtomicBool,
+    received: &AtomicUsize,
+    ready: mpsc::Sender<()>,
+) {
     let socket = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+    if addr.is_ipv6() {
+        for (group, interface) in groups {
+            let index = nix::net::if_::if_nametoindex(interface.as_str()).expect("interface");
+            socket
+                .join_multicast_v6(group, index)
+                .unwrap_or_else(|e| panic!("join {group} on {interface}: {e}"));
+        }
+    }
     socket.set_read_timeout(Some(POLL)).unwrap();
     ready.send(()).unwrap();
     let mut buf = [0u8; 2048];

@@ -1,11 +1,13 @@
-//! `ks-probe tcp|udp ADDR:PORT [TIMEOUT_MS]`: sends "ping" and expects it echoed.
-//! Exit 0 when the echo came back, 1 otherwise (the reason on stderr).
+//! `ks-probe tcp|udp ADDR:PORT [TIMEOUT_MS] [LOCAL_PORT]`: sends "ping" and expects it echoed.
+//! Exit 0 when the echo came back, 1 otherwise (the reason on stderr). UDP may go to a broadcast
+//! address or to a link-scope multicast group written `[ff02::1:2%IFNAME]:547`.
+//! `ks-probe serve PORT MILLIS`: TCP echo on every address for MILLIS; prints "ready" first.
 //! `ks-probe flood ADDR:PORT MILLIS`: one UDP datagram per millisecond for MILLIS, errors ignored
 //! (a cgroup egress drop makes sendto fail with EPERM); prints how many were sent.
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
@@ -16,11 +18,18 @@ fn main() -> ExitCode {
         eprintln!("usage: ks-probe tcp|udp ADDR:PORT [TIMEOUT_MS]");
         return ExitCode::from(2);
     };
-    let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+    if kind == "serve" {
+        let port = addr.parse().expect("PORT");
+        let millis = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000);
+        serve(port, Duration::from_millis(millis));
+        return ExitCode::SUCCESS;
+    }
+    let addr = parse_addr(addr);
     let timeout = Duration::from_millis(args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000));
+    let local_port = args.get(4).and_then(|p| p.parse().ok()).unwrap_or(0);
     let result = match kind.as_str() {
         "tcp" => tcp(addr, timeout),
-        "udp" => udp(addr, timeout),
+        "udp" => udp(addr, timeout, local_port),
         "flood" => flood(addr, timeout),
         _ => Err("unknown probe kind".into()),
     };
@@ -46,15 +55,30 @@ fn tcp(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
         .ok_or_else(|| "wrong echo".into())
 }
 
-fn udp(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let local: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
+/// `ADDR:PORT`, where an IPv6 address may carry `%IFNAME` as its scope.
+fn parse_addr(text: &str) -> SocketAddr {
+    if let Some((head, tail)) = text.split_once('%') {
+        let (name, port) = tail.split_once("]:").expect("[ADDR%IFNAME]:PORT");
+        let ip: std::net::Ipv6Addr = head.trim_start_matches('[').parse().expect("IPv6 address");
+        let scope = nix::net::if_::if_nametoindex(name).expect("interface");
+        return SocketAddr::V6(std::net::SocketAddrV6::new(
+            ip,
+            port.parse().expect("port"),
+            0,
+            scope,
+        ));
     }
-    .parse()
-    .unwrap();
+    text.parse().expect("ADDR:PORT")
+}
+
+fn udp(addr: SocketAddr, timeout: Duration, local_port: u16) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], local_port))
+    } else {
+        SocketAddr::from(([0u16; 8], local_port))
+    };
     let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    socket.set_broadcast(true).map_err(|e| e.to_string())?;
     socket
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
@@ -84,4 +108,25 @@ fn flood(addr: SocketAddr, duration: Duration) -> Result<(), String> {
     }
     println!("{attempts}");
     Ok(())
+}
+
+/// Accepts TCP connections on `[::]:port` (both families) and echoes one read on each.
+fn serve(port: u16, duration: Duration) {
+    let listener = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    println!("ready");
+    let start = std::time::Instant::now();
+    while start.elapsed() < duration {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut buf = [0u8; 64];
+                if let Ok(n) = stream.read(&mut buf) {
+                    let _ = stream.write_all(&buf[..n]);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
