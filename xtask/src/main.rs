@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup|demo|test`.
+//! Developer tasks: `cargo xtask setup|demo|test|bench`.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -29,6 +30,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure per-packet cost per verdict path as the lists grow; writes target/bench/
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,9 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
+        Task::Bench => setup::run()
+            .and_then(|()| require_root("the benchmark loads BPF programs in a namespace"))
+            .and_then(|()| bench::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
