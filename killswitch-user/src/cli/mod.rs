@@ -122,7 +122,10 @@ fn init_logging(verbose: bool, quiet: bool) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {
-        builder.init();
+        // Colours only for a person at a terminal, never in files or pipes.
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 

@@ -149,13 +149,13 @@ fn print_table(s: &ScopeStatus) {
     println!("dns      {}", list(&e.dns_servers));
     println!("inbound  {}", list(&e.inbound));
     println!(
-        "packets  {:<8} {:<14} {:>12} {:>12}",
+        "packets  {:<8} {:<20} {:>12} {:>12}",
         "verdict", "reason", "egress", "ingress"
     );
     let half = s.counters.len() / 2;
     for (egress, ingress) in s.counters[..half].iter().zip(&s.counters[half..]) {
         println!(
-            "         {:<8} {:<14} {:>12} {:>12}",
+            "         {:<8} {:<20} {:>12} {:>12}",
             egress.verdict, egress.reason, egress.packets, ingress.packets
         );
     }
