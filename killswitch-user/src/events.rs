@@ -57,7 +57,8 @@ impl EventReader {
         Ok(events)
     }
 
-    fn drain(&mut self) -> Vec<DropEvent> {
+    /// The events waiting now, without waiting.
+    pub fn drain(&mut self) -> Vec<DropEvent> {
         let mut events = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() >= size_of::<DropEvent>() {
@@ -66,6 +67,12 @@ impl EventReader {
             }
         }
         events
+    }
+}
+
+impl std::os::fd::AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
     }
 }
 
@@ -100,8 +107,7 @@ impl std::fmt::Display for DropRecord {
         };
         write!(
             f,
-            "{} drop {} {} {} {} -> {} dev {}",
-            self.time,
+            "drop {} {} {} {} -> {} dev {}",
             self.direction,
             self.reason,
             self.protocol,

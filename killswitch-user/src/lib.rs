@@ -4,6 +4,7 @@
 //! The command line ([`cli`]) is a thin driver of this library.
 
 pub mod cli;
+pub mod daemon;
 pub mod ebpf;
 pub mod error;
 pub mod events;

@@ -1,7 +1,9 @@
 //! The command line: parse, call the library, print. No policy logic lives here.
 
 mod check;
+mod daemon;
 mod down;
+mod servers;
 mod status;
 mod up;
 
@@ -32,6 +34,9 @@ Examples:
   killswitch up                          enforce it system-wide
   killswitch up --cgroup work.slice      enforce it for one cgroup only
   killswitch status                      what is enforced, with packet counters
+  killswitch status --follow             every dropped packet as it happens
+  killswitch daemon                      enforce and keep up with tunnels, names, reloads
+  killswitch servers set 198.51.100.7:1194/udp   replace the server list live
   killswitch down                        remove the system-wide enforcement
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.";
@@ -65,6 +70,11 @@ enum Command {
     Status(status::StatusArgs),
     /// Validate the configuration, resolve names and print the normalized policy
     Check,
+    /// Apply the policy like `up`, then keep it current: tunnels that come and go, hostnames,
+    /// config reload on SIGHUP, drop events in the log. Stopping it leaves the scope enforced
+    Daemon(ScopeArgs),
+    /// Change the server list of an enforced scope while it runs (list, set, add, remove)
+    Servers(servers::ServersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +110,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Down(args) => down::run(args.cgroup.as_deref()),
         Command::Status(args) => status::run(args),
         Command::Check => check::run(&cli.config),
+        Command::Daemon(args) => daemon::run(&cli.config, args.cgroup.as_deref()),
+        Command::Servers(args) => servers::run(args),
     }
 }
 

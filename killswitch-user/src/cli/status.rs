@@ -207,7 +207,7 @@ fn follow(args: &StatusArgs) -> Result<ExitCode> {
                     serde_json::to_string(&record).expect("records serialize")
                 );
             } else {
-                println!("{record}");
+                println!("{} {record}", record.time);
             }
         }
     }

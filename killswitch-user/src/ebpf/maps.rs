@@ -106,6 +106,39 @@ impl PinnedMaps {
         self.sync_lan(&entries.lan)
     }
 
+    /// Makes only the tunnel and uplink maps match `entries` (interfaces came or went).
+    pub fn write_interfaces(&mut self, entries: &MapEntries) -> Result<()> {
+        sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
+        sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)
+    }
+
+    /// Makes the server map hold exactly `servers`, adding before removing.
+    pub fn set_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
+        sync(&mut self.servers, servers.iter().copied(), SERVERS)
+    }
+
+    pub fn add_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
+        for key in servers {
+            self.servers
+                .insert(key, 1, 0)
+                .map_err(|e| Error::kernel("cannot update the SERVERS map", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
+        for key in servers {
+            match self.servers.remove(key) {
+                Ok(()) => {}
+                // Removing what is not there is what the caller wanted.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::kernel("cannot update the SERVERS map", e)),
+            }
+        }
+        Ok(())
+    }
+
     fn sync_lan(&mut self, desired: &BTreeSet<(u32, [u8; 16])>) -> Result<()> {
         let failed = |e: aya::maps::MapError| Error::kernel("cannot update the LAN map", e);
         let current: BTreeSet<(u32, [u8; 16])> = self

@@ -7,7 +7,7 @@ mod resolve;
 use std::{fmt, net::IpAddr};
 
 pub use config::{ConfigError, DEFAULT_CONFIG_PATH};
-pub use resolve::resolve_servers;
+pub use resolve::{lookup, resolve_servers};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -188,5 +188,88 @@ impl fmt::Display for ServerEndpoint {
             write!(f, "/{}", protocol.name())?;
         }
         Ok(())
+    }
+}
+
+impl std::str::FromStr for ServerEndpoint {
+    type Err = String;
+
+    /// `ADDR[:PORT][/udp|tcp]`; IPv6 in brackets when a port follows (`[2001:db8::1]:443/tcp`).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (rest, protocol) = match text.rsplit_once('/') {
+            Some((rest, "udp")) => (rest, Some(Protocol::Udp)),
+            Some((rest, "tcp")) => (rest, Some(Protocol::Tcp)),
+            Some((_, other)) => return Err(format!("unknown protocol {other:?}: use udp or tcp")),
+            None => (text, None),
+        };
+        let (address, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let (address, after) = inner
+                .split_once(']')
+                .ok_or("an IPv6 address in brackets needs its closing ']'")?;
+            match after.strip_prefix(':') {
+                Some(port) => (address, Some(port)),
+                None if after.is_empty() => (address, None),
+                None => return Err("expected :PORT after ']'".into()),
+            }
+        } else if rest.matches(':').count() == 1 {
+            let (address, port) = rest.split_once(':').expect("one colon");
+            (address, Some(port))
+        } else {
+            (rest, None)
+        };
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("{address:?} is not an IP address"))?;
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(format!("{p:?} is not a port (1-65535)")),
+                Ok(port) => Some(port),
+            },
+        };
+        Ok(ServerEndpoint {
+            address: address.to_canonical(),
+            port,
+            protocol,
+        })
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_and_print_the_same() {
+        for text in [
+            "198.51.100.1",
+            "198.51.100.1:1194",
+            "198.51.100.1:1194/udp",
+            "198.51.100.1/tcp",
+            "2001:db8::1",
+            "[2001:db8::1]:443/tcp",
+            "2001:db8::1/udp",
+        ] {
+            let endpoint: ServerEndpoint = text.parse().unwrap();
+            assert_eq!(endpoint.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn bad_endpoints_say_what_is_wrong() {
+        for (text, message) in [
+            ("198.51.100.1:0", "\"0\" is not a port (1-65535)"),
+            (
+                "198.51.100.1/icmp",
+                "unknown protocol \"icmp\": use udp or tcp",
+            ),
+            ("vpn.example", "\"vpn.example\" is not an IP address"),
+            (
+                "[2001:db8::1",
+                "an IPv6 address in brackets needs its closing ']'",
+            ),
+        ] {
+            assert_eq!(text.parse::<ServerEndpoint>().unwrap_err(), message);
+        }
     }
 }

@@ -25,7 +25,8 @@ pub fn resolve_servers(rules: &[ServerRule]) -> Result<Vec<ServerEndpoint>> {
     Ok(endpoints.into_iter().collect())
 }
 
-fn lookup(host: &str) -> Result<Vec<std::net::IpAddr>> {
+/// The addresses of `host` through the system resolver.
+pub fn lookup(host: &str) -> Result<Vec<std::net::IpAddr>> {
     let addresses: BTreeSet<_> = (host, 0)
         .to_socket_addrs()
         .map_err(|error| Error::Resolve {

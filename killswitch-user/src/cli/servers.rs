@@ -1,0 +1,83 @@
+//! `killswitch servers list|set|add|remove`: change the server list of a running scope.
+
+use std::{collections::BTreeSet, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Subcommand};
+
+use crate::{
+    ebpf::{
+        self,
+        entries::{server_endpoint, server_key},
+        PinnedMaps,
+    },
+    error::{Error, Result},
+    policy::ServerEndpoint,
+    scope::{Scope, ScopeLock},
+};
+
+#[derive(Debug, Args)]
+pub(super) struct ServersArgs {
+    #[command(subcommand)]
+    action: Action,
+
+    /// The scope to change (absolute, or relative to the cgroup2 mount). Default: system-wide
+    #[arg(long, global = true, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// Print the server endpoints the kernel holds now, one per line
+    List,
+    /// Replace the whole list; endpoints in both the old and the new list are never dropped
+    Set {
+        /// ADDR[:PORT][/udp|tcp], IPv6 in brackets when a port follows
+        #[arg(value_name = "ENDPOINT")]
+        endpoints: Vec<ServerEndpoint>,
+    },
+    /// Add endpoints to the list
+    Add {
+        #[arg(value_name = "ENDPOINT", required = true)]
+        endpoints: Vec<ServerEndpoint>,
+    },
+    /// Remove endpoints; traffic to them is refused once the command returns
+    Remove {
+        #[arg(value_name = "ENDPOINT", required = true)]
+        endpoints: Vec<ServerEndpoint>,
+    },
+}
+
+pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
+    super::require_privileges()?;
+    let scope = Scope::from_arg(args.cgroup.as_deref())?;
+    let _lock = ScopeLock::acquire()?;
+    if !ebpf::is_pinned(&scope) {
+        return Err(Error::Runtime(format!(
+            "{} is not enforced; run `killswitch up` first",
+            scope.display_cgroup()
+        )));
+    }
+    let mut maps = PinnedMaps::open(&scope.pin_dir)?;
+    let keys = |endpoints: &[ServerEndpoint]| -> BTreeSet<_> {
+        endpoints.iter().map(server_key).collect()
+    };
+    match &args.action {
+        Action::List => {
+            for key in maps.servers()? {
+                println!("{}", server_endpoint(&key));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Action::Set { endpoints } => maps.set_servers(&keys(endpoints))?,
+        Action::Add { endpoints } => maps.add_servers(&keys(endpoints))?,
+        Action::Remove { endpoints } => maps.remove_servers(&keys(endpoints))?,
+    }
+    let count = maps.servers()?.len();
+    tracing::info!(scope = %scope.name, servers = count, "servers changed");
+    println!(
+        "killswitch: {} now allows {count} server endpoint{}",
+        scope.display_cgroup(),
+        if count == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
+}

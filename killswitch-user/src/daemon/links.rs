@@ -1,0 +1,79 @@
+//! Interface appearance, renaming and removal, from the kernel's rtnetlink link group.
+
+use futures::{channel::mpsc::UnboundedReceiver, StreamExt};
+use rtnetlink::{
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        link::{LinkAttribute, LinkMessage},
+        RouteNetlinkMessage,
+    },
+    sys::SocketAddr,
+    MulticastGroup,
+};
+
+use crate::error::{Error, Result};
+
+/// One link notification: the interface now exists under `name`, or is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkChange {
+    /// Created, renamed or changed state; `name` is its current name.
+    Present {
+        index: u32,
+        name: String,
+    },
+    Removed {
+        index: u32,
+        name: String,
+    },
+}
+
+/// The link notifications of the daemon's network namespace.
+pub struct LinkWatcher {
+    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+}
+
+impl LinkWatcher {
+    /// Subscribes before anything is listed, so no change between the two is missed.
+    pub fn subscribe() -> Result<LinkWatcher> {
+        let (connection, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+                .map_err(|e| Error::kernel("cannot subscribe to interface changes", e))?;
+        tokio::spawn(connection);
+        Ok(LinkWatcher { messages })
+    }
+
+    /// The next change; `None` if the netlink socket closed.
+    pub async fn next(&mut self) -> Option<LinkChange> {
+        loop {
+            let (message, _) = self.messages.next().await?;
+            let NetlinkPayload::InnerMessage(inner) = message.payload else {
+                continue;
+            };
+            match inner {
+                RouteNetlinkMessage::NewLink(link) => {
+                    return Some(LinkChange::Present {
+                        index: link.header.index,
+                        name: name(&link),
+                    })
+                }
+                RouteNetlinkMessage::DelLink(link) => {
+                    return Some(LinkChange::Removed {
+                        index: link.header.index,
+                        name: name(&link),
+                    })
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+fn name(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}

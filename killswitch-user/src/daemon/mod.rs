@@ -1,0 +1,241 @@
+//! `killswitch daemon`: applies the policy like `up`, then keeps the pinned scope current —
+//! tunnels appearing and disappearing, hostnames re-resolved, the config reloaded on SIGHUP, drop
+//! events logged. It never removes enforcement: stopping or killing it leaves the scope as it is.
+
+pub mod links;
+mod servers;
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, RawFd},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use killswitch_common::InterfaceKey;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use self::{links::LinkWatcher, servers::ResolvedServers};
+use crate::{
+    ebpf::{self, MapEntries, PinnedMaps},
+    error::{Error, Result},
+    events::{EventReader, Resolver},
+    interfaces,
+    policy::Policy,
+    scope::{Scope, ScopeLock},
+};
+
+/// Runs until SIGTERM or SIGINT. Errors before the first apply are returned; later ones are
+/// logged and the enforcement in place stays.
+pub fn run(config: &Path, scope: Scope) -> Result<()> {
+    let policy = Policy::load(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::kernel("cannot start the event loop", e))?;
+    runtime.block_on(async move {
+        let mut daemon = Daemon::start(config.to_path_buf(), scope, policy)?;
+        daemon.serve().await
+    })
+}
+
+struct Daemon {
+    config: PathBuf,
+    scope: Scope,
+    policy: Policy,
+    servers: ResolvedServers,
+    netns_cookie: u64,
+    /// Tunnels in the map, for the log lines.
+    tunnels: BTreeMap<InterfaceKey, String>,
+    links: LinkWatcher,
+}
+
+impl Daemon {
+    fn start(config: PathBuf, scope: Scope, policy: Policy) -> Result<Daemon> {
+        // Subscribe first: a tunnel that appears while we apply is still seen.
+        let links = LinkWatcher::subscribe()?;
+        let servers = ResolvedServers::resolve(&policy.servers, None);
+        let mut daemon = Daemon {
+            config,
+            scope,
+            policy,
+            servers,
+            netns_cookie: interfaces::netns_cookie()?,
+            tunnels: BTreeMap::new(),
+            links,
+        };
+        let entries = daemon.entries()?;
+        ebpf::apply(&daemon.scope, &entries)?;
+        daemon.log_tunnels(&entries);
+        tracing::info!(
+            scope = %daemon.scope.name,
+            servers = entries.servers.len(),
+            "daemon started; enforcing {}", daemon.scope.display_cgroup()
+        );
+        Ok(daemon)
+    }
+
+    fn entries(&self) -> Result<MapEntries> {
+        Ok(MapEntries::new(
+            &self.policy,
+            &interfaces::list()?,
+            self.netns_cookie,
+            &self.servers.endpoints(),
+        ))
+    }
+
+    async fn serve(&mut self) -> Result<()> {
+        let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+        let ring = Ring(EventReader::open(&self.scope.pin_dir)?);
+        // SAFETY: the ring buffer's fd is owned by `ring` and stays open until it is dropped.
+        let mut events = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| Error::kernel("cannot watch the drop events", e))?;
+        let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
+        let mut refresh = tokio::time::interval(servers::REFRESH);
+        refresh.tick().await;
+        loop {
+            tokio::select! {
+                change = self.links.next() => match change {
+                    Some(change) => self.interfaces_changed(change),
+                    None => return Err(Error::Runtime("the netlink socket closed".into())),
+                },
+                _ = hangup.recv() => self.reload(),
+                _ = refresh.tick(), if self.servers.has_hostnames() => self.refresh_hostnames(),
+                ready = events.readable_mut() => {
+                    let Ok(mut guard) = ready else { continue };
+                    for event in guard.get_inner_mut().0.drain() {
+                        tracing::warn!("{}", resolver.record(&event));
+                    }
+                    guard.clear_ready();
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+            if !ebpf::is_pinned(&self.scope) {
+                tracing::info!("{} was taken down; stopping", self.scope.display_cgroup());
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            "stopping; {} stays enforced until `killswitch down`",
+            self.scope.display_cgroup()
+        );
+        Ok(())
+    }
+
+    /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date.
+    fn interfaces_changed(&mut self, change: links::LinkChange) {
+        let started = Instant::now();
+        let result = self.entries().and_then(|entries| {
+            let _lock = ScopeLock::acquire()?;
+            PinnedMaps::open(&self.scope.pin_dir)?.write_interfaces(&entries)?;
+            Ok(entries)
+        });
+        match result {
+            Ok(entries) => {
+                tracing::debug!(
+                    ?change,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "interfaces synced"
+                );
+                self.log_tunnels(&entries);
+            }
+            Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+        }
+    }
+
+    /// One line per tunnel that came or went since the last call.
+    fn log_tunnels(&mut self, entries: &MapEntries) {
+        for (key, name) in &entries.tunnels {
+            if !self.tunnels.contains_key(key) {
+                tracing::info!(tunnel = %name, ifindex = key.ifindex, "tunnel up: {name} (ifindex {})", key.ifindex);
+            }
+        }
+        for (key, name) in &self.tunnels {
+            if !entries.tunnels.contains_key(key) {
+                tracing::info!(tunnel = %name, ifindex = key.ifindex, "tunnel gone: {name} (ifindex {})", key.ifindex);
+            }
+        }
+        self.tunnels = entries.tunnels.clone();
+    }
+
+    /// SIGHUP: a valid config replaces the policy (maps updated, additions first); an invalid
+    /// one is logged and the policy in force stays.
+    fn reload(&mut self) {
+        let policy = match Policy::load(&self.config) {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::error!("reload refused, the previous policy stays in force: {e}");
+                return;
+            }
+        };
+        let servers = ResolvedServers::resolve(&policy.servers, Some(&self.servers));
+        let previous = std::mem::replace(&mut self.policy, policy);
+        let previous_servers = std::mem::replace(&mut self.servers, servers);
+        let result = self.entries().and_then(|entries| {
+            let _lock = ScopeLock::acquire()?;
+            PinnedMaps::open(&self.scope.pin_dir)?.write(&entries)?;
+            Ok(entries)
+        });
+        match result {
+            Ok(entries) => {
+                tracing::info!(
+                    servers = entries.servers.len(),
+                    "reload applied from {}",
+                    self.config.display()
+                );
+                self.log_tunnels(&entries);
+            }
+            Err(e) => {
+                self.policy = previous;
+                self.servers = previous_servers;
+                tracing::error!("reload failed, the previous policy stays in force: {e}");
+            }
+        }
+    }
+
+    /// Re-resolves the hostnames; new addresses are added before stale ones are removed, and a
+    /// name that fails to resolve keeps its last known addresses.
+    fn refresh_hostnames(&mut self) {
+        let fresh = ResolvedServers::resolve(&self.policy.servers, Some(&self.servers));
+        let (added, removed) = self.servers.difference(&fresh);
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        let result = (|| {
+            let _lock = ScopeLock::acquire()?;
+            let mut maps = PinnedMaps::open(&self.scope.pin_dir)?;
+            maps.add_servers(&added)?;
+            maps.remove_servers(&removed)
+        })();
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    added = added.len(),
+                    removed = removed.len(),
+                    "server addresses changed"
+                );
+                self.servers = fresh;
+            }
+            Err(e) => tracing::error!("cannot update the server addresses: {e}"),
+        }
+    }
+}
+
+fn signal_error(e: std::io::Error) -> Error {
+    Error::kernel("cannot install the signal handlers", e)
+}
+
+/// The ring buffer as something tokio can wait on.
+struct Ring(EventReader);
+
+impl AsRawFd for Ring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}

@@ -1,0 +1,379 @@
+//! The daemon with real packets: tunnel churn followed over rtnetlink, SIGHUP reload, SIGTERM and
+//! SIGKILL leaving the scope enforced, live server changes under traffic, and racing writers.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use testbed::{
+    echo::EchoServer,
+    net::{TestNet, OTHER_V4, SERVER_V4, TUNNEL_PEER_V4},
+    process::{command_in, killswitch, killswitch_command, output_in, Background},
+    require_root, Cgroup, PinRoot,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_ks-probe");
+
+struct Setup {
+    net: TestNet,
+    cgroup: Cgroup,
+    pins: PinRoot,
+    dir: PathBuf,
+    config: PathBuf,
+    echo: EchoServer,
+}
+
+impl Setup {
+    fn new(config: &str) -> Setup {
+        let net = TestNet::new();
+        let echo = EchoServer::start(
+            &net.internet,
+            &[
+                format!("{OTHER_V4}:8080").parse().unwrap(),
+                format!("{SERVER_V4}:123").parse().unwrap(),
+                format!("{SERVER_V4}:124").parse().unwrap(),
+            ],
+        );
+        let dir = std::env::temp_dir().join(testbed::unique_name("kstest"));
+        std::fs::create_dir(&dir).unwrap();
+        let s = Setup {
+            net,
+            cgroup: Cgroup::new(),
+            pins: PinRoot::new(),
+            config: dir.join("killswitch.toml"),
+            dir,
+            echo,
+        };
+        s.write_config(config);
+        s
+    }
+
+    fn write_config(&self, text: &str) {
+        let temporary = self.dir.join("next.toml");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::set_permissions(
+            &temporary,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::rename(&temporary, &self.config).unwrap();
+    }
+
+    /// `killswitch --config C ARGS --cgroup G` in the client namespace.
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["--config", self.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.extend(["--cgroup", &self.cgroup.relative]);
+        all
+    }
+
+    fn killswitch(&self, args: &[&str]) -> std::process::Output {
+        killswitch(&self.net.client, &self.pins, &self.args(args))
+    }
+
+    /// Starts the daemon and waits (bounded) until the scope is enforced.
+    fn daemon(&self) -> Background {
+        let mut command = killswitch_command(&self.net.client, &self.pins, &self.args(&["daemon"]));
+        // Its log (one line per drop event, too) goes to a file, shown when a test fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        command.stderr(log);
+        let daemon = Background::start(command);
+        assert!(
+            wait_until(Duration::from_secs(10), || self.enforced()),
+            "the daemon did not enforce the scope"
+        );
+        daemon
+    }
+
+    fn enforced(&self) -> bool {
+        self.killswitch(&["status"]).status.success()
+    }
+
+    fn reaches(&self, kind: &str, target: &str, timeout_ms: &str) -> bool {
+        output_in(
+            &self.net.client,
+            Some(&self.cgroup),
+            PROBE,
+            &[kind, target, timeout_ms],
+        )
+        .status
+        .success()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().filter(|l| !l.contains(" drop ")).collect();
+            eprintln!("daemon log without drop events:\n{}", tail.join("\n"));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Signals the daemon itself: `timeout`, its parent, relays only the first signal it gets.
+fn signal(daemon: &Background, signal: nix::sys::signal::Signal) {
+    let children = format!("/proc/{0}/task/{0}/children", daemon.pid());
+    let pid: i32 = std::fs::read_to_string(children)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the daemon runs under timeout")
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+const TUNNEL_CONFIG: &str = "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.1\"\nport = 123\nprotocol = \"udp\"\n";
+
+/// A packet counter on the router side of the client's uplink for everything addressed to
+/// OTHER: traffic that should only ever go through the tunnel.
+fn uplink_oracle(net: &TestNet) -> impl Fn() -> u64 + '_ {
+    let nft = |script: &str| {
+        testbed::run(
+            "nsenter",
+            &[
+                &format!("--net={}", net.internet.path().display()),
+                "nft",
+                script,
+            ],
+        )
+    };
+    nft("add table inet oracle");
+    nft("add chain inet oracle in { type filter hook prerouting priority -300; }");
+    nft(&format!(
+        "add rule inet oracle in iifname \"up0\" ip daddr {OTHER_V4} counter"
+    ));
+    move || {
+        let out = nft("list chain inet oracle in");
+        out.split("packets ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .expect("the oracle's counter")
+    }
+}
+
+#[test]
+fn the_daemon_follows_tunnel_churn_without_leaking() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    let leaked = uplink_oracle(&s.net);
+    let daemon = s.daemon();
+    let route = |net: &TestNet| {
+        net.client.ip(&[
+            "route",
+            "replace",
+            &format!("{OTHER_V4}/32"),
+            "via",
+            TUNNEL_PEER_V4,
+        ])
+    };
+    route(&s.net);
+    let target = format!("{OTHER_V4}:8080");
+    assert!(
+        s.reaches("udp", &target, "1000"),
+        "traffic through the first tunnel"
+    );
+    // A flood for the whole churn: whenever the tunnel is gone it falls back to the uplink.
+    let flood = Background::start(command_in(
+        &s.net.client,
+        Some(&s.cgroup),
+        PROBE,
+        &["flood", &target, "19000"],
+    ));
+    let mut slowest = Duration::ZERO;
+    for round in 0..50 {
+        s.net.remove_tunnel();
+        std::thread::sleep(Duration::from_millis(20));
+        s.net.add_tunnel();
+        route(&s.net);
+        let started = Instant::now();
+        let works = wait_until(Duration::from_secs(1), || s.reaches("udp", &target, "100"));
+        assert!(
+            works,
+            "round {round}: the new tunnel did not carry traffic within 1 s"
+        );
+        slowest = slowest.max(started.elapsed());
+    }
+    drop(flood);
+    eprintln!("50 tunnel re-creations; slowest until traffic flowed: {slowest:?}");
+    assert_eq!(
+        leaked(),
+        0,
+        "packets for OTHER reached the router through the uplink"
+    );
+    assert!(s.enforced());
+    drop(daemon);
+}
+
+#[test]
+fn sigterm_and_sigkill_leave_the_scope_enforced() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    s.net.remove_tunnel();
+    let target = format!("{OTHER_V4}:8080");
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let daemon = s.daemon();
+        signal(&daemon, sig);
+        assert!(wait_until(Duration::from_secs(5), || {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), None).is_err()
+                || std::fs::read_to_string(format!("/proc/{}/stat", daemon.pid()))
+                    .is_ok_and(|s| s.contains(") Z "))
+        }));
+        drop(daemon);
+        assert!(s.enforced(), "{sig:?}: the scope is no longer enforced");
+        assert!(!s.reaches("tcp", &target, "500"), "{sig:?}: traffic leaks");
+        assert!(
+            s.reaches("udp", &format!("{SERVER_V4}:123"), "1000"),
+            "{sig:?}: the server"
+        );
+    }
+    assert_eq!(s.echo.received(), 2, "only the server probes arrived");
+}
+
+#[test]
+fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    s.net.remove_tunnel();
+    let daemon = s.daemon();
+    let ntp = format!("{SERVER_V4}:123");
+    let other_port = format!("{SERVER_V4}:124");
+    assert!(s.reaches("udp", &ntp, "1000"));
+    assert!(!s.reaches("udp", &other_port, "300"));
+
+    s.write_config("tunnels = [\"tun0\"]\nthis is not toml\n");
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s.enforced());
+    assert!(
+        s.reaches("udp", &ntp, "1000"),
+        "an invalid reload must keep the old policy"
+    );
+    assert!(!s.reaches("udp", &other_port, "300"));
+
+    s.write_config(
+        "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.1\"\nport = 124\nprotocol = \"udp\"\n",
+    );
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || s.reaches(
+            "udp",
+            &other_port,
+            "200"
+        )),
+        "a valid reload applies the new server"
+    );
+    assert!(!s.reaches("udp", &ntp, "300"), "the old server is gone");
+    drop(daemon);
+}
+
+#[test]
+fn a_server_kept_across_a_thousand_changes_never_drops_a_packet() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    s.net.remove_tunnel();
+    let kept = format!("{SERVER_V4}:124/udp");
+    let out = s.killswitch(&["up"]);
+    assert!(out.status.success());
+    let out = s.killswitch(&["servers", "set", &kept]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flood = Background::start(command_in(
+        &s.net.client,
+        Some(&s.cgroup),
+        PROBE,
+        &["flood", &format!("{SERVER_V4}:124"), "60000"],
+    ));
+    for i in 0..1000u32 {
+        let other = format!("198.18.{}.{}:1194/udp", 1 + i / 250, 1 + i % 250);
+        let out = s.killswitch(&["servers", "set", &kept, &other]);
+        assert!(
+            out.status.success(),
+            "change {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(flood);
+    let status: serde_json::Value =
+        serde_json::from_slice(&s.killswitch(&["status", "--json"]).stdout).unwrap();
+    let dropped: u64 = status["scopes"][0]["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "drop" && c["direction"] == "egress")
+        .map(|c| c["packets"].as_u64().unwrap())
+        .sum();
+    let sent = s.echo.received();
+    eprintln!(
+        "1000 server-list changes; {sent} datagrams reached the kept server, {dropped} dropped"
+    );
+    assert!(sent > 100, "the flood ran during the changes");
+    assert_eq!(dropped, 0, "a kept server lost packets during a change");
+
+    let out = s.killswitch(&["servers", "set", "198.18.9.9:1194/udp"]);
+    assert!(out.status.success());
+    assert!(
+        !s.reaches("udp", &format!("{SERVER_V4}:124"), "300"),
+        "a removed server is refused once the command returns"
+    );
+    let list = s.killswitch(&["servers", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout),
+        "198.18.9.9:1194/udp\n"
+    );
+}
+
+#[test]
+fn racing_ups_and_server_changes_end_in_a_consistent_scope() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    let daemon = s.daemon();
+    let children: Vec<_> = [
+        s.args(&["up"]),
+        s.args(&["up"]),
+        s.args(&["servers", "set", "198.18.7.7:1194/udp"]),
+    ]
+    .iter()
+    .map(|args| {
+        killswitch_command(&s.net.client, &s.pins, args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    })
+    .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    assert!(s.enforced(), "both programs attached to the scope");
+    let list = String::from_utf8(s.killswitch(&["servers", "list"]).stdout).unwrap();
+    assert!(
+        list == "198.51.100.1:123/udp\n" || list == "198.18.7.7:1194/udp\n",
+        "the server list is one writer's, not a mix: {list:?}"
+    );
+    drop(daemon);
+}
