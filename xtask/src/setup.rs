@@ -22,6 +22,8 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "iputils-ping",
     "util-linux",
+    // systemd-analyze, for the test that verifies the units
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
