@@ -192,7 +192,7 @@ impl Bench {
     }
 }
 
-pub fn run() -> Result<()> {
+pub fn run(release_bin: &std::path::Path) -> Result<()> {
     let mut bench = Bench::new()?;
     let paths = paths();
     let mut rows = Vec::new();
@@ -272,5 +272,36 @@ pub fn run() -> Result<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     println!("\nwritten: target/bench/per_packet.json");
+
+    let daemon = crate::bench_daemon::run(release_bin)?;
+    let field = |path: &[&str]| {
+        path.iter()
+            .fold(&daemon, |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    println!("\ndaemon and live server changes (release build)");
+    println!(
+        "link event -> tunnel map: added median {:.0} us, max {:.0} us; removed median {:.0} us, max {:.0} us (target: median < 5,000 us)",
+        field(&["link_added_to_map_us", "median"]),
+        field(&["link_added_to_map_us", "max"]),
+        field(&["link_removed_from_map_us", "median"]),
+        field(&["link_removed_from_map_us", "max"]),
+    );
+    let set_ms = field(&["servers_set_10000_ms"]);
+    let nft_ms = field(&["nft_f_10000_ms"]);
+    println!(
+        "servers set, 10,000 replacing 10,000: {set_ms:.1} ms (target < 50 ms); the same as one nft -f transaction: {nft_ms:.1} ms; ratio {:.2}",
+        set_ms / nft_ms
+    );
+    println!(
+        "daemon resident memory at 10,000 servers: {:.0} KiB",
+        field(&["daemon_rss_kib_at_10000_servers"])
+    );
+    std::fs::write(
+        out.join("daemon.json"),
+        serde_json::to_string_pretty(&daemon)?,
+    )?;
+    println!("written: target/bench/daemon.json");
     Ok(())
 }

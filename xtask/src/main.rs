@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask setup|demo|test|bench`.
 
 mod bench;
+mod bench_daemon;
 mod setup;
 
 use std::{
@@ -42,7 +43,8 @@ fn main() -> ExitCode {
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Bench => setup::run()
             .and_then(|()| require_root("the benchmark loads BPF programs in a namespace"))
-            .and_then(|()| bench::run()),
+            .and_then(|()| release_build())
+            .and_then(|bin| bench::run(&bin)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +138,31 @@ fn demo() -> Result<()> {
     }
     println!("demo: done; namespaces, cgroup and pins removed");
     Ok(())
+}
+
+/// Builds the release `killswitch` for the measurements that run the binary.
+fn release_build() -> Result<std::path::PathBuf> {
+    eprintln!("bench: building the release binary");
+    let status = cargo()
+        .args([
+            "build",
+            "--quiet",
+            "--locked",
+            "--release",
+            "-p",
+            "killswitch-user",
+        ])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    let debug = std::env::current_exe()?;
+    let target = debug
+        .parent()
+        .and_then(|p| p.parent())
+        .context("unexpected target directory")?;
+    Ok(target.join("release/killswitch"))
 }
 
 fn require_root(why: &str) -> Result<()> {

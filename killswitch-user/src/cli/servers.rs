@@ -61,23 +61,22 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
     let keys = |endpoints: &[ServerEndpoint]| -> BTreeSet<_> {
         endpoints.iter().map(server_key).collect()
     };
-    match &args.action {
+    let (verb, changed) = match &args.action {
         Action::List => {
             for key in maps.servers()? {
                 println!("{}", server_endpoint(&key));
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Action::Set { endpoints } => maps.set_servers(&keys(endpoints))?,
-        Action::Add { endpoints } => maps.add_servers(&keys(endpoints))?,
-        Action::Remove { endpoints } => maps.remove_servers(&keys(endpoints))?,
-    }
-    let count = maps.servers()?.len();
-    tracing::info!(scope = %scope.name, servers = count, "servers changed");
+        Action::Set { endpoints } => ("set", maps.set_servers(&keys(endpoints))?),
+        Action::Add { endpoints } => ("added", maps.add_servers(&keys(endpoints))?),
+        Action::Remove { endpoints } => ("removed", maps.remove_servers(&keys(endpoints))?),
+    };
+    tracing::info!(scope = %scope.name, endpoints = changed, "servers {verb}");
     println!(
-        "killswitch: {} now allows {count} server endpoint{}",
+        "killswitch: {verb} {changed} server endpoint{} of {}",
+        if changed == 1 { "" } else { "s" },
         scope.display_cgroup(),
-        if count == 1 { "" } else { "s" }
     );
     Ok(ExitCode::SUCCESS)
 }

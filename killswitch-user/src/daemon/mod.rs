@@ -51,6 +51,8 @@ struct Daemon {
     /// Tunnels in the map, for the log lines.
     tunnels: BTreeMap<InterfaceKey, String>,
     links: LinkWatcher,
+    /// The scope's maps, opened once: a link change then costs one listing and a few writes.
+    maps: Option<PinnedMaps>,
 }
 
 impl Daemon {
@@ -66,9 +68,11 @@ impl Daemon {
             netns_cookie: interfaces::netns_cookie()?,
             tunnels: BTreeMap::new(),
             links,
+            maps: None,
         };
         let entries = daemon.entries()?;
         ebpf::apply(&daemon.scope, &entries)?;
+        daemon.maps = Some(PinnedMaps::open(&daemon.scope.pin_dir)?);
         daemon.log_tunnels(&entries);
         tracing::info!(
             scope = %daemon.scope.name,
@@ -133,7 +137,7 @@ impl Daemon {
         let started = Instant::now();
         let result = self.entries().and_then(|entries| {
             let _lock = ScopeLock::acquire()?;
-            PinnedMaps::open(&self.scope.pin_dir)?.write_interfaces(&entries)?;
+            self.maps()?.write_interfaces(&entries)?;
             Ok(entries)
         });
         match result {
@@ -145,8 +149,20 @@ impl Daemon {
                 );
                 self.log_tunnels(&entries);
             }
-            Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+            Err(e) => {
+                tracing::error!("cannot follow {change:?}: {e}");
+                // Reopen next time, in case the scope was taken down and brought up again.
+                self.maps = None;
+            }
         }
+    }
+
+    /// The scope's maps, opened again after a failure (e.g. the scope was re-created).
+    fn maps(&mut self) -> Result<&mut PinnedMaps> {
+        if self.maps.is_none() {
+            self.maps = Some(PinnedMaps::open(&self.scope.pin_dir)?);
+        }
+        Ok(self.maps.as_mut().expect("just opened"))
     }
 
     /// One line per tunnel that came or went since the last call.
@@ -182,6 +198,7 @@ impl Daemon {
             PinnedMaps::open(&self.scope.pin_dir)?.write(&entries)?;
             Ok(entries)
         });
+        self.maps = None;
         match result {
             Ok(entries) => {
                 tracing::info!(
@@ -211,7 +228,7 @@ impl Daemon {
             let _lock = ScopeLock::acquire()?;
             let mut maps = PinnedMaps::open(&self.scope.pin_dir)?;
             maps.add_servers(&added)?;
-            maps.remove_servers(&removed)
+            maps.remove_servers(&removed).map(|_| ())
         })();
         match result {
             Ok(()) => {

@@ -113,20 +113,24 @@ impl PinnedMaps {
     }
 
     /// Makes the server map hold exactly `servers`, adding before removing.
-    pub fn set_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
-        sync(&mut self.servers, servers.iter().copied(), SERVERS)
+    /// Returns how many endpoints the map holds now.
+    pub fn set_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<usize> {
+        sync(&mut self.servers, servers.iter().copied(), SERVERS)?;
+        Ok(servers.len())
     }
 
-    pub fn add_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
+    /// Returns how many endpoints were given.
+    pub fn add_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<usize> {
         for key in servers {
             self.servers
                 .insert(key, 1, 0)
                 .map_err(|e| Error::kernel("cannot update the SERVERS map", e))?;
         }
-        Ok(())
+        Ok(servers.len())
     }
 
-    pub fn remove_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
+    /// Returns how many endpoints were given.
+    pub fn remove_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<usize> {
         for key in servers {
             match self.servers.remove(key) {
                 Ok(()) => {}
@@ -136,7 +140,7 @@ impl PinnedMaps {
                 Err(e) => return Err(Error::kernel("cannot update the SERVERS map", e)),
             }
         }
-        Ok(())
+        Ok(servers.len())
     }
 
     fn sync_lan(&mut self, desired: &BTreeSet<(u32, [u8; 16])>) -> Result<()> {
