@@ -110,6 +110,22 @@ impl Packet {
         None
     }
 
+    /// What the IP header says; the transport is filled in by `read_transport`.
+    #[inline(always)]
+    fn network(ipv6: bool, protocol: u8, remote: [u8; 16], transport_offset: usize) -> Packet {
+        Packet {
+            ipv6,
+            protocol,
+            remote,
+            ports_known: false,
+            local_port: 0,
+            remote_port: 0,
+            icmp_known: false,
+            icmp_type: 0,
+            transport_offset,
+        }
+    }
+
     #[inline(always)]
     fn parse_v4(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
         let ip: Ipv4Header = ctx.load(offset).ok()?;
@@ -122,17 +138,12 @@ impl Packet {
             Direction::Ingress => ip.src,
         };
         let first_fragment = u16::from_be_bytes(ip.flags_fragment) & 0x1fff == 0;
-        let mut packet = Packet {
-            ipv6: false,
-            protocol: ip.protocol,
-            remote: ipv4_mapped(remote),
-            ports_known: false,
-            local_port: 0,
-            remote_port: 0,
-            icmp_known: false,
-            icmp_type: 0,
-            transport_offset: offset + header_len,
-        };
+        let mut packet = Packet::network(
+            false,
+            ip.protocol,
+            ipv4_mapped(remote),
+            offset + header_len,
+        );
         if first_fragment {
             packet.read_transport(ctx, direction);
         }
@@ -145,20 +156,11 @@ impl Packet {
         if ip.version_class_flow[0] >> 4 != 6 {
             return None;
         }
-        let mut packet = Packet {
-            ipv6: true,
-            protocol: PROTOCOL_UNKNOWN,
-            remote: match direction {
-                Direction::Egress => ip.dst,
-                Direction::Ingress => ip.src,
-            },
-            ports_known: false,
-            local_port: 0,
-            remote_port: 0,
-            icmp_known: false,
-            icmp_type: 0,
-            transport_offset: offset + 40,
+        let remote = match direction {
+            Direction::Egress => ip.dst,
+            Direction::Ingress => ip.src,
         };
+        let mut packet = Packet::network(true, PROTOCOL_UNKNOWN, remote, offset + 40);
         let mut next = ip.next_header;
         for _ in 0..MAX_EXTENSION_HEADERS {
             match next {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use killswitch_common::{Direction, InboundKey, InterfaceKey};
+use killswitch_common::{Direction, InboundKey, InterfaceKey, Settings};
 use serde::Serialize;
 
 use crate::{
@@ -124,7 +124,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
             .iter()
             .map(|k| server_endpoint(k).to_string())
             .collect(),
-        exceptions: exceptions(&maps)?,
+        exceptions: exceptions(&maps, &settings)?,
         events_suppressed: maps.suppressed_events()?,
         counters: maps
             .counters()?
@@ -139,8 +139,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
     })
 }
 
-fn exceptions(maps: &PinnedMaps) -> Result<Exceptions> {
-    let settings = maps.settings()?;
+fn exceptions(maps: &PinnedMaps, settings: &Settings) -> Result<Exceptions> {
     let addresses = |keys: Vec<[u8; 16]>| -> Vec<String> {
         keys.into_iter()
             .map(|k| key_address(k).to_string())

@@ -61,3 +61,16 @@ macro_rules! require_root {
         }
     };
 }
+
+/// Writes a config file the way killswitch accepts it: mode 0600 (owned by root, as we are).
+/// Written beside `path` and renamed over it, so a reader never sees half a file.
+pub fn write_config(path: &std::path::Path, text: &str) {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::set_permissions(
+        &temporary,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}

@@ -64,6 +64,20 @@ impl Netns {
         }
     }
 
+    /// A namespace with one up veth (peer `DEVp`) per name in `devs`, entered by the calling
+    /// thread: BPF_PROG_TEST_RUN finds the context's ifindex in the caller's namespace.
+    pub fn entered_with_links(role: &str, devs: &[&str]) -> Netns {
+        let netns = Netns::new(role);
+        for dev in devs {
+            let peer = format!("{dev}p");
+            netns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+            netns.ip(&["link", "set", dev, "up"]);
+        }
+        let file = std::fs::File::open(netns.path()).expect("open netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        netns
+    }
+
     pub fn ifindex(&self, dev: &str) -> u32 {
         let out = self.ip(&["-o", "link", "show", "dev", dev]);
         out.split(':')

@@ -43,15 +43,12 @@ impl Story {
     pub fn new() -> Story {
         let lab = Lab::new(&[APP_PORT, OUTSIDE_PORT]);
         let config = lab.dir().join("killswitch.toml");
-        std::fs::write(
+        crate::write_config(
             &config,
-            format!(
+            &format!(
                 "tunnels = [\"tun0\"]\n\n[[server]]\naddress = \"{VPN_SERVER}\"\nport = {VPN_PORT}\nprotocol = \"udp\"\n"
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        );
         Story {
             lab,
             cgroup: Cgroup::new(),

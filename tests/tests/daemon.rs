@@ -50,14 +50,7 @@ impl Setup {
     }
 
     fn write_config(&self, text: &str) {
-        let temporary = self.dir.join("next.toml");
-        std::fs::write(&temporary, text).unwrap();
-        std::fs::set_permissions(
-            &temporary,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        std::fs::rename(&temporary, &self.config).unwrap();
+        testbed::write_config(&self.config, text);
     }
 
     /// `killswitch --config C ARGS --cgroup G` in the client namespace.
@@ -92,6 +85,16 @@ impl Setup {
 
     fn enforced(&self) -> bool {
         self.killswitch(&["status"]).status.success()
+    }
+
+    /// One UDP datagram a millisecond from inside the scope, in the background.
+    fn flood(&self, target: &str, millis: &str) -> Background {
+        Background::start(command_in(
+            &self.net.client,
+            Some(&self.cgroup),
+            PROBE,
+            &["flood", target, millis],
+        ))
     }
 
     fn reaches(&self, kind: &str, target: &str, timeout_ms: &str) -> bool {
@@ -192,12 +195,7 @@ fn the_daemon_follows_tunnel_churn_without_leaking() {
         "traffic through the first tunnel"
     );
     // A flood for the whole churn: whenever the tunnel is gone it falls back to the uplink.
-    let flood = Background::start(command_in(
-        &s.net.client,
-        Some(&s.cgroup),
-        PROBE,
-        &["flood", &target, "19000"],
-    ));
+    let flood = s.flood(&target, "19000");
     let mut slowest = Duration::ZERO;
     for round in 0..50 {
         s.net.remove_tunnel();
@@ -302,12 +300,7 @@ fn a_server_kept_across_a_thousand_changes_never_drops_a_packet() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let flood = Background::start(command_in(
-        &s.net.client,
-        Some(&s.cgroup),
-        PROBE,
-        &["flood", &format!("{SERVER_V4}:124"), "60000"],
-    ));
+    let flood = s.flood(&format!("{SERVER_V4}:124"), "60000");
     for i in 0..1000u32 {
         let other = format!("198.18.{}.{}:1194/udp", 1 + i / 250, 1 + i % 250);
         let out = s.killswitch(&["servers", "set", &kept, &other]);

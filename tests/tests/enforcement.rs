@@ -62,8 +62,7 @@ port = {SERVER_PORT}
 protocol = "udp"
 "#
     );
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    testbed::write_config(&path, &text);
     path
 }
 

@@ -28,9 +28,7 @@ impl Setup {
         let dir = std::env::temp_dir().join(testbed::unique_name("kstest"));
         std::fs::create_dir(&dir).unwrap();
         let config = dir.join("killswitch.toml");
-        std::fs::write(&config, "tunnels = [\"tun0\"]\n").unwrap();
-        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        testbed::write_config(&config, "tunnels = [\"tun0\"]\n");
         let s = Setup {
             net,
             cgroup: Cgroup::new(),

@@ -52,9 +52,7 @@ impl Setup {
         let dir = std::env::temp_dir().join(testbed::unique_name("kstest"));
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("killswitch.toml");
-        std::fs::write(&path, config).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        testbed::write_config(&path, config);
         let setup = Setup {
             net,
             cgroup: Cgroup::new(),

@@ -47,22 +47,7 @@ struct Kernel {
 
 impl Kernel {
     fn load(policy: &str) -> Kernel {
-        let netns = Netns::new("v");
-        for dev in ["tun0", "up0", "other0"] {
-            netns.ip(&[
-                "link",
-                "add",
-                dev,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("{dev}p"),
-            ]);
-            netns.ip(&["link", "set", dev, "up"]);
-        }
-        let file = std::fs::File::open(netns.path()).unwrap();
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let netns = Netns::entered_with_links("v", &["tun0", "up0", "other0"]);
 
         let policy = Policy::from_toml(policy, Path::new("test.toml")).expect("valid policy");
         let servers = resolve_servers(&policy.servers).unwrap();

@@ -89,23 +89,7 @@ struct Bench {
 
 impl Bench {
     fn new() -> Result<Bench> {
-        let netns = Netns::new("b");
-        for dev in ["tun0", "up0"] {
-            netns.ip(&[
-                "link",
-                "add",
-                dev,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("{dev}p"),
-            ]);
-            netns.ip(&["link", "set", dev, "up"]);
-        }
-        // BPF_PROG_TEST_RUN finds the context's ifindex in the caller's namespace.
-        let file = std::fs::File::open(netns.path())?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        let netns = Netns::entered_with_links("b", &["tun0", "up0"]);
         let policy = Policy::from_toml(POLICY, Path::new("bench.toml"))?;
         let base = MapEntries::new(
             &policy,

@@ -34,7 +34,7 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
     for i in 0..SERVERS {
         writeln!(text, "[[server]]\naddress = \"{}\"\nport = 1194", v4(0, i))?;
     }
-    write_config(&config, &text)?;
+    testbed::write_config(&config, &text);
     let killswitch = |args: &[&str]| {
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
@@ -94,12 +94,6 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
 /// Address number `i` of a block of 198.18.0.0/15 (benchmark range): block 0 or 1.
 fn v4(block: u32, i: u32) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(0xc612_0000u32 + block * 0x8000 + i)
-}
-
-fn write_config(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(())
 }
 
 struct Daemon(Child);
@@ -164,13 +158,21 @@ impl LinkEvents {
 
     /// Waits for the next notification (its content does not matter here).
     fn wait(&self) -> Result<()> {
-        let mut buf = [0u8; 65536];
-        nix::sys::socket::recv(
-            self.0.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::empty(),
-        )?;
+        self.receive(nix::sys::socket::MsgFlags::empty())?;
         Ok(())
+    }
+
+    /// Discards the notifications already queued.
+    fn drain(&self) {
+        while self
+            .receive(nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+            .is_ok()
+        {}
+    }
+
+    fn receive(&self, flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
+        let mut buf = [0u8; 65536];
+        nix::sys::socket::recv(self.0.as_raw_fd(), &mut buf, flags)
     }
 }
 
@@ -200,20 +202,8 @@ fn link_latency(
     ip.wait()?;
     // Let the remaining notifications of this change arrive before the next round.
     std::thread::sleep(Duration::from_millis(20));
-    drain(links)?;
+    links.drain();
     Ok(micros)
-}
-
-fn drain(links: &LinkEvents) -> Result<()> {
-    let mut buf = [0u8; 65536];
-    while nix::sys::socket::recv(
-        links.0.as_raw_fd(),
-        &mut buf,
-        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-    )
-    .is_ok()
-    {}
-    Ok(())
 }
 
 /// The same change as one nftables transaction: a set of 10,000 addresses replaced by 10,000

@@ -1,8 +1,9 @@
 //! The servers of the policy with their hostnames resolved, kept across re-resolutions.
 
-use std::{collections::BTreeSet, time::Duration};
-
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use killswitch_common::ServerKey;
 
