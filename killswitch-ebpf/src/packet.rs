@@ -138,12 +138,8 @@ impl Packet {
             Direction::Ingress => ip.src,
         };
         let first_fragment = u16::from_be_bytes(ip.flags_fragment) & 0x1fff == 0;
-        let mut packet = Packet::network(
-            false,
-            ip.protocol,
-            ipv4_mapped(remote),
-            offset + header_len,
-        );
+        let mut packet =
+            Packet::network(false, ip.protocol, ipv4_mapped(remote), offset + header_len);
         if first_fragment {
             packet.read_transport(ctx, direction);
         }
