@@ -213,17 +213,52 @@ pub fn ensure_bpffs() -> Result<()> {
     .map_err(|e| Error::io("cannot mount bpffs on", BPFFS_MOUNT, e.into()))
 }
 
-/// Holds the pin root's lock: one `up`/`down` at a time, so no one sees a half-updated scope.
+/// Holds a scope's lock (`flock` on its pin directory): one `up`, `down`, `servers` or daemon
+/// change at a time per scope, so no one sees it half-updated; other scopes are not held up.
 pub struct ScopeLock(#[allow(dead_code)] Flock<File>);
 
+/// How often to retry when the directory is removed and re-created while we wait for it.
+const LOCK_ATTEMPTS: usize = 100;
+
 impl ScopeLock {
-    pub fn acquire() -> Result<ScopeLock> {
-        let root = pin_root();
-        std::fs::create_dir_all(&root).map_err(|e| Error::io("cannot create", &root, e))?;
-        let dir = File::open(&root).map_err(|e| Error::io("cannot open", &root, e))?;
-        Flock::lock(dir, FlockArg::LockExclusive)
-            .map(ScopeLock)
-            .map_err(|(_, e)| Error::io("cannot lock", root, e.into()))
+    /// Locks the scope, creating its pin directory (for `up`).
+    pub fn acquire(scope: &Scope) -> Result<ScopeLock> {
+        for _ in 0..LOCK_ATTEMPTS {
+            std::fs::create_dir_all(&scope.pin_dir)
+                .map_err(|e| Error::io("cannot create", &scope.pin_dir, e))?;
+            if let Some(lock) = ScopeLock::existing(scope)? {
+                return Ok(lock);
+            }
+        }
+        Err(Error::Runtime(format!(
+            "cannot lock {}: it keeps being removed",
+            scope.pin_dir.display()
+        )))
+    }
+
+    /// Locks the scope if it has a pin directory; `None` once it is gone (taken `down`).
+    pub fn existing(scope: &Scope) -> Result<Option<ScopeLock>> {
+        for _ in 0..LOCK_ATTEMPTS {
+            let dir = match File::open(&scope.pin_dir) {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io("cannot open", &scope.pin_dir, e)),
+            };
+            let lock = Flock::lock(dir, FlockArg::LockExclusive)
+                .map_err(|(_, e)| Error::io("cannot lock", &scope.pin_dir, e.into()))?;
+            // `down` removes the directory under the lock: holding a removed one locks nothing.
+            let held = lock.metadata().map(|m| m.ino()).ok();
+            match std::fs::metadata(&scope.pin_dir) {
+                Ok(now) if Some(now.ino()) == held => return Ok(Some(ScopeLock(lock))),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io("cannot open", &scope.pin_dir, e)),
+            }
+        }
+        Err(Error::Runtime(format!(
+            "cannot lock {}: it keeps being re-created",
+            scope.pin_dir.display()
+        )))
     }
 }
 

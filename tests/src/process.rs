@@ -154,6 +154,11 @@ impl Background {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The exit status once the command has ended; `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Background {

@@ -370,3 +370,52 @@ fn racing_ups_and_server_changes_end_in_a_consistent_scope() {
     );
     drop(daemon);
 }
+
+#[test]
+fn one_scope_held_locked_does_not_hold_up_another() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    assert!(s.killswitch(&["up"]).status.success());
+    let pin_dir = std::fs::read_dir(&s.pins.path)
+        .unwrap()
+        .next()
+        .expect("the scope's pin directory")
+        .unwrap()
+        .path();
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&pin_dir).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap();
+    let mut waiting = Background::start(killswitch_command(
+        &s.net.client,
+        &s.pins,
+        &s.args(&["servers", "add", "198.18.7.7"]),
+    ));
+    let other = Cgroup::new();
+    let config = s.config.to_str().unwrap();
+    let other_up = killswitch(
+        &s.net.client,
+        &s.pins,
+        &["--config", config, "up", "--cgroup", &other.relative],
+    );
+    assert!(
+        other_up.status.success(),
+        "another scope comes up while this one is locked: {}",
+        String::from_utf8_lossy(&other_up.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        waiting.exited().is_none(),
+        "`servers add` waits for its scope's lock"
+    );
+    drop(held);
+    let mut status = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        status = waiting.exited();
+        status.is_some()
+    }));
+    assert!(status.unwrap().success());
+    let list = String::from_utf8(s.killswitch(&["servers", "list"]).stdout).unwrap();
+    assert!(list.contains("198.18.7.7\n"), "{list:?}");
+}

@@ -50,8 +50,8 @@ enum Action {
 pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
     super::require_privileges()?;
     let scope = Scope::from_arg(args.cgroup.as_deref())?;
-    let _lock = ScopeLock::acquire()?;
-    if !ebpf::is_pinned(&scope) {
+    let lock = ScopeLock::existing(&scope)?;
+    if lock.is_none() || !ebpf::is_pinned(&scope) {
         return Err(Error::Runtime(format!(
             "{} is not enforced; run `killswitch up` first",
             scope.display_cgroup()

@@ -136,7 +136,7 @@ impl Daemon {
     fn interfaces_changed(&mut self, change: links::LinkChange) {
         let started = Instant::now();
         let result = self.entries().and_then(|entries| {
-            let _lock = ScopeLock::acquire()?;
+            let _lock = self.lock()?;
             self.maps()?.write_interfaces(&entries)?;
             Ok(entries)
         });
@@ -155,6 +155,13 @@ impl Daemon {
                 self.maps = None;
             }
         }
+    }
+
+    /// The scope's lock; an error once the scope was taken down.
+    fn lock(&self) -> Result<ScopeLock> {
+        ScopeLock::existing(&self.scope)?.ok_or_else(|| {
+            Error::Runtime(format!("{} was taken down", self.scope.display_cgroup()))
+        })
     }
 
     /// The scope's maps, opened again after a failure (e.g. the scope was re-created).
@@ -194,7 +201,7 @@ impl Daemon {
         let previous = std::mem::replace(&mut self.policy, policy);
         let previous_servers = std::mem::replace(&mut self.servers, servers);
         let result = self.entries().and_then(|entries| {
-            let _lock = ScopeLock::acquire()?;
+            let _lock = self.lock()?;
             PinnedMaps::open(&self.scope.pin_dir)?.write(&entries)?;
             Ok(entries)
         });
@@ -225,7 +232,7 @@ impl Daemon {
             return;
         }
         let result = (|| {
-            let _lock = ScopeLock::acquire()?;
+            let _lock = self.lock()?;
             let mut maps = PinnedMaps::open(&self.scope.pin_dir)?;
             maps.add_servers(&added)?;
             maps.remove_servers(&removed).map(|_| ())

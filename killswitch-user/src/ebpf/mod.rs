@@ -120,16 +120,14 @@ pub fn is_pinned(scope: &Scope) -> bool {
 /// shared pinned maps in place and swap in freshly loaded programs without a gap.
 pub fn apply(scope: &Scope, entries: &MapEntries) -> Result<()> {
     scope::ensure_bpffs()?;
-    let _lock = scope::ScopeLock::acquire()?;
     let cgroup = File::open(&scope.cgroup).map_err(|e| {
         Error::Usage(format!(
             "--cgroup {}: no such cgroup ({e})",
             scope.cgroup.display()
         ))
     })?;
+    let _lock = scope::ScopeLock::acquire(scope)?;
     let fresh = !is_pinned(scope);
-    std::fs::create_dir_all(&scope.pin_dir)
-        .map_err(|e| Error::io("cannot create", &scope.pin_dir, e))?;
     let result = (|| {
         // Verify both programs before changing anything a running scope depends on.
         let mut programs = Programs::load(&scope.pin_dir)?;
@@ -145,10 +143,9 @@ pub fn apply(scope: &Scope, entries: &MapEntries) -> Result<()> {
 
 /// Removes the scope's enforcement. Returns false when there was nothing to remove.
 pub fn remove(scope: &Scope) -> Result<bool> {
-    if !scope.pin_dir.exists() {
+    let Some(_lock) = scope::ScopeLock::existing(scope)? else {
         return Ok(false);
-    }
-    let _lock = scope::ScopeLock::acquire()?;
+    };
     remove_pins(&scope.pin_dir)?;
     Ok(true)
 }
