@@ -97,6 +97,23 @@ impl Setup {
         ))
     }
 
+    /// How many of its datagrams a flood sent and how many the kernel refused, once it ends.
+    fn flood_result(flood: &Background) -> (u64, u64) {
+        let line = flood
+            .line(Duration::from_secs(30))
+            .expect("the flood reports when it ends");
+        let mut numbers = line.split_whitespace().map(|n| n.parse().unwrap());
+        (numbers.next().unwrap(), numbers.next().unwrap())
+    }
+
+    /// How many times the daemon has logged `text` so far.
+    fn logged(&self, text: &str) -> usize {
+        std::fs::read_to_string(self.dir.join("daemon.log"))
+            .unwrap_or_default()
+            .matches(text)
+            .count()
+    }
+
     fn reaches(&self, kind: &str, target: &str, timeout_ms: &str) -> bool {
         output_in(
             &self.net.client,
@@ -283,6 +300,63 @@ fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
         "a valid reload applies the new server"
     );
     assert!(!s.reaches("udp", &ntp, "300"), "the old server is gone");
+    drop(daemon);
+}
+
+/// Enough reloads that a policy swap with a gap (clear, then fill) is caught every time.
+const RELOADS: usize = 100;
+
+#[test]
+fn reloads_under_traffic_neither_leak_nor_drop_a_kept_server() {
+    require_root!();
+    let both = "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.1\"\nport = 123\nprotocol = \"udp\"\n[[server]]\naddress = \"198.51.100.1\"\nport = 124\nprotocol = \"udp\"\n";
+    // A provider-sized list, so that a swap with a gap (clear, then fill) would be a wide one.
+    let kept_only = (1..=200).fold(
+        "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.1\"\nport = 124\nprotocol = \"udp\"\n[ntp]\nservers = [\"198.18.0.2\"]\n".to_owned(),
+        |config, n| config + &format!("[[server]]\naddress = \"198.18.1.{n}\"\n"),
+    );
+    let s = Setup::new(both);
+    let leaked = uplink_oracle(&s.net);
+    s.net.remove_tunnel();
+    let daemon = s.daemon();
+    // Never allowed (no tunnel): the oracle on the router side must not see one of these.
+    let blocked = s.flood(&format!("{OTHER_V4}:8080"), "8000");
+    // Allowed by both configs: the kernel must not refuse one of these.
+    let kept = s.flood(&format!("{SERVER_V4}:124"), "8000");
+    let started = Instant::now();
+    for round in 0..RELOADS {
+        s.write_config(if round % 2 == 0 { &kept_only } else { both });
+        signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+        assert!(
+            wait_until(Duration::from_secs(5), || s.logged("reload applied")
+                > round),
+            "reload {round} was not applied"
+        );
+    }
+    let reloading = started.elapsed();
+    assert!(
+        reloading < Duration::from_secs(7),
+        "the reloads outlasted the floods: {reloading:?}"
+    );
+    let (kept_sent, kept_refused) = Setup::flood_result(&kept);
+    let (blocked_sent, _) = Setup::flood_result(&blocked);
+    eprintln!(
+        "{RELOADS} reloads in {reloading:?}: kept server {kept_sent} sent, {kept_refused} refused; blocked flood {blocked_sent} sent"
+    );
+    assert!(kept_sent > 1000 && blocked_sent > 1000, "the floods ran");
+    assert_eq!(kept_refused, 0, "a server in both configs lost packets");
+    assert_eq!(
+        leaked(),
+        0,
+        "packets for OTHER left the uplink during a reload"
+    );
+    // The last config was `both`; one more reload to `kept_only` removes port 123.
+    s.write_config(&kept_only);
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    assert!(wait_until(Duration::from_secs(5), || s
+        .logged("reload applied")
+        > RELOADS));
+    assert!(!s.reaches("udp", &format!("{SERVER_V4}:123"), "300"));
     drop(daemon);
 }
 

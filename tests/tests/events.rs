@@ -114,7 +114,9 @@ fn a_flood_is_held_to_the_event_budget_and_the_rest_is_counted() {
     );
     assert!(flood.status.success());
     let sent: u64 = String::from_utf8_lossy(&flood.stdout)
-        .trim()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
         .parse()
         .unwrap();
     let records: Vec<Value> = follower

@@ -3,7 +3,8 @@
 //! address or to a link-scope multicast group written `[ff02::1:2%IFNAME]:547`.
 //! `ks-probe serve PORT MILLIS`: TCP echo on every address for MILLIS; prints "ready" first.
 //! `ks-probe flood ADDR:PORT MILLIS`: one UDP datagram per millisecond for MILLIS, errors ignored
-//! (a cgroup egress drop makes sendto fail with EPERM); prints how many were sent.
+//! (a cgroup egress drop makes sendto fail with EPERM); prints how many were sent and how many of
+//! those the kernel refused.
 
 use std::{
     io::{Read, Write},
@@ -100,13 +101,15 @@ fn flood(addr: SocketAddr, duration: Duration) -> Result<(), String> {
     .unwrap();
     let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
     let start = std::time::Instant::now();
-    let mut attempts = 0u64;
+    let (mut attempts, mut refused) = (0u64, 0u64);
     while start.elapsed() < duration {
-        let _ = socket.send_to(b"flood", addr);
+        if socket.send_to(b"flood", addr).is_err() {
+            refused += 1;
+        }
         attempts += 1;
         std::thread::sleep(Duration::from_millis(1));
     }
-    println!("{attempts}");
+    println!("{attempts} {refused}");
     Ok(())
 }
 
