@@ -1,11 +1,15 @@
 //! The kill-switch story over a real OpenVPN tunnel, told once: `cargo xtask demo` narrates it,
 //! the end-to-end test asserts on what it observed.
 
-use std::{net::SocketAddr, process::Output, time::Instant};
+use std::{
+    net::SocketAddr,
+    process::Output,
+    time::{Duration, Instant},
+};
 
 use crate::{
     lab::{Lab, VPN_PORT, VPN_SERVER, WEB_HOST},
-    process::{killswitch, output_in},
+    process::{killswitch, killswitch_command, output_in, Background},
     Cgroup, PinRoot,
 };
 
@@ -58,10 +62,34 @@ impl Story {
     }
 
     pub fn killswitch(&self, args: &[&str]) -> Output {
+        killswitch(&self.lab.client, &self.pins, &self.args(args))
+    }
+
+    /// `--config C ARGS --cgroup G`.
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
         let mut all = vec!["--config", self.config.to_str().unwrap()];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--cgroup", &self.cgroup.relative]);
-        killswitch(&self.lab.client, &self.pins, &all)
+        all
+    }
+
+    /// Starts `killswitch daemon` for the scope, its log in `daemon.log` of the lab's directory,
+    /// and waits (bounded) until the scope is enforced.
+    pub fn daemon(&self) -> Background {
+        let mut command = killswitch_command(&self.lab.client, &self.pins, &self.args(&["daemon"]));
+        let log = std::fs::File::create(self.lab.dir().join("daemon.log")).unwrap();
+        command.stderr(log);
+        let daemon = Background::start(command);
+        let started = Instant::now();
+        while !self.killswitch(&["status"]).status.success() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the daemon did not enforce the scope: {}",
+                self.lab.log("daemon.log")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
     }
 
     fn up(&self) -> u128 {
@@ -76,7 +104,7 @@ impl Story {
     }
 
     /// A TCP request to the web host from inside the scope (or outside with `None`).
-    fn request(&self, cgroup: Option<&Cgroup>, port: u16) -> bool {
+    pub fn request(&self, cgroup: Option<&Cgroup>, port: u16) -> bool {
         let target = SocketAddr::new(WEB_HOST.parse().unwrap(), port).to_string();
         let probe = probe_bin();
         output_in(&self.lab.client, cgroup, &probe, &["tcp", &target, "1000"])
