@@ -6,6 +6,7 @@
 //! cgroup2 root or its firewall; every wait is bounded; only our own processes are killed.
 
 pub mod cgroup;
+pub mod dns;
 pub mod echo;
 pub mod lab;
 pub mod net;

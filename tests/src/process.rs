@@ -91,6 +91,35 @@ pub fn killswitch_command(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str
     cmd
 }
 
+/// Like [`killswitch_command`], but the command runs inside `cgroup`, under the policy it
+/// enforces as a system-wide daemon is, and sees `resolv_conf` as /etc/resolv.conf (in a mount
+/// namespace of its own, as `ip netns exec` does it). Killed after 90 s.
+pub fn killswitch_in_cgroup(
+    netns: &Netns,
+    pin_root: &crate::PinRoot,
+    cgroup: &Cgroup,
+    resolv_conf: &std::path::Path,
+    args: &[&str],
+) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$1" || exit 125; shift; exec unshare --mount --propagation private -- "$@""#)
+        .arg("sh")
+        .arg(cgroup.procs())
+        .arg("sh")
+        .arg("-c")
+        .arg(r#"mount --bind "$1" /etc/resolv.conf || exit 125; ns=$2; shift 2; exec nsenter --net="$ns" -- timeout "$@""#)
+        .arg("sh")
+        .arg(resolv_conf)
+        .arg(netns.path())
+        .arg("90")
+        .arg(killswitch_bin())
+        .args(args)
+        .env("KILLSWITCH_PIN_ROOT", &pin_root.path)
+        .env_remove("KILLSWITCH_LOG");
+    cmd
+}
+
 /// Like [`killswitch`], panicking with the output unless it exits 0.
 pub fn killswitch_ok(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) -> String {
     let out = killswitch(netns, pin_root, args);

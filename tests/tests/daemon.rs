@@ -2,14 +2,16 @@
 //! SIGKILL leaving the scope enforced, live server changes under traffic, and racing writers.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use testbed::{
     echo::EchoServer,
     net::{TestNet, OTHER_V4, SERVER_V4, TUNNEL_PEER_V4},
-    process::{command_in, killswitch, killswitch_command, output_in, Background},
+    process::{
+        command_in, killswitch, killswitch_command, killswitch_in_cgroup, output_in, Background,
+    },
     require_root, Cgroup, PinRoot,
 };
 
@@ -67,7 +69,25 @@ impl Setup {
 
     /// Starts the daemon and waits (bounded) until the scope is enforced.
     fn daemon(&self) -> Background {
-        let mut command = killswitch_command(&self.net.client, &self.pins, &self.args(&["daemon"]));
+        self.start_daemon(killswitch_command(
+            &self.net.client,
+            &self.pins,
+            &self.args(&["daemon"]),
+        ))
+    }
+
+    /// The daemon inside the scope it enforces, with `resolv_conf` as its /etc/resolv.conf.
+    fn daemon_in_scope(&self, resolv_conf: &Path) -> Background {
+        self.start_daemon(killswitch_in_cgroup(
+            &self.net.client,
+            &self.pins,
+            &self.cgroup,
+            resolv_conf,
+            &self.args(&["daemon"]),
+        ))
+    }
+
+    fn start_daemon(&self, mut command: std::process::Command) -> Background {
         // Its log (one line per drop event, too) goes to a file, shown when a test fails.
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -81,6 +101,31 @@ impl Setup {
             "the daemon did not enforce the scope"
         );
         daemon
+    }
+
+    /// The test DNS server on OTHER:53, answering from `zone` (see `testbed::dns`).
+    fn dns_server(&self, zone: &Path) -> Background {
+        // Longer-lived than `command_in` allows: the TTL tests take two refresh periods.
+        let mut command = std::process::Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.net.internet.path().display()))
+            .args([
+                "--",
+                "timeout",
+                "90",
+                PROBE,
+                "dns",
+                &format!("{OTHER_V4}:53"),
+            ])
+            .arg(zone)
+            .arg("80000");
+        let dns = Background::start(command);
+        assert_eq!(dns.line(Duration::from_secs(5)).as_deref(), Some("ready"));
+        dns
+    }
+
+    fn servers(&self) -> String {
+        String::from_utf8(self.killswitch(&["servers", "list"]).stdout).unwrap()
     }
 
     fn enforced(&self) -> bool {
@@ -492,4 +537,132 @@ fn one_scope_held_locked_does_not_hold_up_another() {
     assert!(status.unwrap().success());
     let list = String::from_utf8(s.killswitch(&["servers", "list"]).stdout).unwrap();
     assert!(list.contains("198.18.7.7\n"), "{list:?}");
+}
+
+/// A VPN server by name, port 124/udp; the test DNS server answers for it.
+const NAMED_SERVER: &str = "tunnels = [\"tun0\"]\n[[server]]\naddress = \"vpn.example.test\"\nport = 124\nprotocol = \"udp\"\n";
+const RESOLV_CONF: &str = "nameserver 203.0.113.9\noptions timeout:1 attempts:1\n";
+
+/// Skips what the DNS server printed so far; then waits (bounded) for its next query.
+fn next_query(dns: &Background, limit: Duration) -> bool {
+    while dns.line(Duration::ZERO).is_some() {}
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(line) = dns.line(Duration::from_millis(200)) {
+            if line.starts_with("query vpn.example.test") {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver() {
+    require_root!();
+    let s = Setup::new(&format!(
+        "{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n"
+    ));
+    // No tunnel: the daemon reaches the resolver only through the `dns.servers` exception.
+    s.net.remove_tunnel();
+    let zone = s.dir.join("zone");
+    let resolv = s.dir.join("resolv.conf");
+    std::fs::write(&zone, "vpn.example.test 1 198.51.100.1\n").unwrap();
+    std::fs::write(&resolv, RESOLV_CONF).unwrap();
+    let dns = s.dns_server(&zone);
+    let daemon = s.daemon_in_scope(&resolv);
+    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "resolved at start");
+    assert!(s.reaches("udp", &format!("{SERVER_V4}:124"), "1000"));
+
+    // The record changes. Its TTL (1 s, held to the 10 s minimum) brings the new address long
+    // before a fixed period of a minute would.
+    std::fs::write(&zone, "vpn.example.test 1 198.18.5.5\n").unwrap();
+    let changed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(25), || s.servers()
+            == "198.18.5.5:124/udp\n"),
+        "the new address did not arrive: {}",
+        s.servers()
+    );
+    eprintln!(
+        "new address in the map {:?} after the record changed",
+        changed.elapsed()
+    );
+    assert!(
+        !s.reaches("udp", &format!("{SERVER_V4}:124"), "300"),
+        "the stale address is refused"
+    );
+
+    // The resolver breaks (SERVFAIL): the last known address stays.
+    std::fs::remove_file(&zone).unwrap();
+    assert!(next_query(&dns, Duration::from_secs(25)), "no retry");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.servers(), "198.18.5.5:124/udp\n");
+    assert_eq!(s.logged("keeping its 1 last known addresses"), 1);
+    drop(daemon);
+}
+
+#[test]
+fn a_hostname_resolves_through_the_tunnel_and_dns_never_leaves_in_the_clear() {
+    require_root!();
+    let s = Setup::new(NAMED_SERVER);
+    let leaked = uplink_oracle(&s.net);
+    s.net.client.ip(&[
+        "route",
+        "replace",
+        &format!("{OTHER_V4}/32"),
+        "via",
+        TUNNEL_PEER_V4,
+    ]);
+    let zone = s.dir.join("zone");
+    let resolv = s.dir.join("resolv.conf");
+    std::fs::write(&zone, "vpn.example.test 1 198.51.100.1\n").unwrap();
+    std::fs::write(&resolv, RESOLV_CONF).unwrap();
+    let dns = s.dns_server(&zone);
+    let daemon = s.daemon_in_scope(&resolv);
+    assert_eq!(
+        s.servers(),
+        "198.51.100.1:124/udp\n",
+        "resolved through the tunnel"
+    );
+
+    // The tunnel goes: the resolver's route now leads to the uplink, where DNS is not allowed.
+    std::fs::write(&zone, "vpn.example.test 1 198.18.5.5\n").unwrap();
+    s.net.remove_tunnel();
+    while dns.line(Duration::ZERO).is_some() {}
+    assert!(
+        wait_until(Duration::from_secs(25), || s
+            .logged("keeping its 1 last known addresses")
+            == 1),
+        "the daemon did not try again"
+    );
+    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "kept");
+    assert_eq!(leaked(), 0, "DNS left through the uplink");
+    assert!(
+        dns.line(Duration::ZERO).is_none(),
+        "the resolver heard from the client without a tunnel"
+    );
+    drop(daemon);
+}
+
+#[test]
+fn up_enforces_even_when_a_hostname_does_not_resolve() {
+    require_root!();
+    // At boot the network may not be up: `up` must enforce anyway, and say that a server is missing.
+    let s = Setup::new(NAMED_SERVER);
+    let resolv = s.dir.join("resolv.conf");
+    std::fs::write(&resolv, RESOLV_CONF).unwrap();
+    let out = killswitch_in_cgroup(&s.net.client, &s.pins, &s.cgroup, &resolv, &s.args(&["up"]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot resolve server vpn.example.test"),
+        "{stderr}"
+    );
+    assert!(s.enforced(), "the policy is in force");
+    assert_eq!(s.servers(), "", "no address for the name");
+    s.net.remove_tunnel();
+    assert!(!s.reaches("udp", &format!("{OTHER_V4}:8080"), "300"));
 }

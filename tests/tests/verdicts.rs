@@ -50,7 +50,8 @@ impl Kernel {
         let netns = Netns::entered_with_links("v", &["tun0", "up0", "other0"]);
 
         let policy = Policy::from_toml(policy, Path::new("test.toml")).expect("valid policy");
-        let servers = resolve_servers(&policy.servers).unwrap();
+        let (servers, unresolved) = resolve_servers(&policy.servers);
+        assert!(unresolved.is_empty(), "{unresolved:?}");
         let entries = MapEntries::new(
             &policy,
             &interfaces::list().unwrap(),

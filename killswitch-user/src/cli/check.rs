@@ -28,7 +28,10 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
     }
     for (i, rule) in policy.servers.iter().enumerate() {
         let label = if i == 0 { "servers" } else { "" };
-        let endpoints = resolve_servers(std::slice::from_ref(rule))?;
+        let (endpoints, mut unresolved) = resolve_servers(std::slice::from_ref(rule));
+        if let Some(e) = unresolved.pop() {
+            return Err(e);
+        }
         let shown: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
         match &rule.address {
             ServerAddress::Ip(_) => println!("{label:8} {}", shown.join(", ")),

@@ -14,7 +14,7 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     super::require_privileges()?;
     let scope = crate::scope::Scope::from_arg(cgroup)?;
     let started = Instant::now();
-    let servers = resolve_servers(&policy.servers)?;
+    let (servers, unresolved) = resolve_servers(&policy.servers);
     let entries = MapEntries::new(
         &policy,
         &interfaces::list()?,
@@ -57,5 +57,16 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
         },
         scope.pin_dir.display(),
     );
-    Ok(ExitCode::SUCCESS)
+    // Enforced either way (at boot the network may not be up yet); the exit status says that a
+    // server is missing.
+    for e in &unresolved {
+        tracing::error!(
+            "{e}; its server stays blocked until the name resolves (the daemon retries)"
+        );
+    }
+    Ok(if unresolved.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -6,16 +6,17 @@ pub mod links;
 mod servers;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use killswitch_common::InterfaceKey;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
+    sync::mpsc,
 };
 
 use self::{links::LinkWatcher, servers::ResolvedServers};
@@ -24,9 +25,12 @@ use crate::{
     error::{Error, Result},
     events::{EventReader, Resolver},
     interfaces,
-    policy::Policy,
+    policy::{lookup, Lookup, Policy},
     scope::{Scope, ScopeLock},
 };
+
+/// Longest a hostname lookup may take before it counts as failed.
+const LOOKUP_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs until SIGTERM or SIGINT. Errors before the first apply are returned; later ones are
 /// logged and the enforcement in place stays.
@@ -37,7 +41,7 @@ pub fn run(config: &Path, scope: Scope) -> Result<()> {
         .build()
         .map_err(|e| Error::kernel("cannot start the event loop", e))?;
     runtime.block_on(async move {
-        let mut daemon = Daemon::start(config.to_path_buf(), scope, policy)?;
+        let mut daemon = Daemon::start(config.to_path_buf(), scope, policy).await?;
         daemon.serve().await
     })
 }
@@ -56,10 +60,21 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(config: PathBuf, scope: Scope, policy: Policy) -> Result<Daemon> {
+    async fn start(config: PathBuf, scope: Scope, policy: Policy) -> Result<Daemon> {
         // Subscribe first: a tunnel that appears while we apply is still seen.
         let links = LinkWatcher::subscribe()?;
-        let servers = ResolvedServers::resolve(&policy.servers, None);
+        let mut servers = ResolvedServers::for_rules(&policy.servers, None);
+        // Like `up`: resolve before the first apply (a name that fails is retried later).
+        let names = servers.take_due(Instant::now());
+        let answers = futures::future::join_all(
+            names
+                .into_iter()
+                .map(|name| async move { (lookup(&name).await, name) }),
+        )
+        .await;
+        for (answer, name) in answers {
+            servers.record(&name, answer);
+        }
         let mut daemon = Daemon {
             config,
             scope,
@@ -100,16 +115,19 @@ impl Daemon {
         let mut events = unsafe { AsyncFd::register(ring) }
             .map_err(|e| Error::kernel("cannot watch the drop events", e))?;
         let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
-        let mut refresh = tokio::time::interval(servers::REFRESH);
-        refresh.tick().await;
+        let (answers, mut answered) = mpsc::unbounded_channel();
         loop {
+            let next_lookup = self.servers.next_due();
+            let lookup_due =
+                tokio::time::sleep_until(next_lookup.unwrap_or_else(Instant::now).into());
             tokio::select! {
                 change = self.links.next() => match change {
                     Some(change) => self.interfaces_changed(change),
                     None => return Err(Error::Runtime("the netlink socket closed".into())),
                 },
                 _ = hangup.recv() => self.reload(),
-                _ = refresh.tick(), if self.servers.has_hostnames() => self.refresh_hostnames(),
+                _ = lookup_due, if next_lookup.is_some() => self.look_up_due_names(&answers),
+                Some((name, answer)) = answered.recv() => self.name_answered(&name, answer),
                 ready = events.readable_mut() => {
                     let Ok(mut guard) = ready else { continue };
                     for event in guard.get_inner_mut().0.drain() {
@@ -197,7 +215,8 @@ impl Daemon {
                 return;
             }
         };
-        let servers = ResolvedServers::resolve(&policy.servers, Some(&self.servers));
+        // Names the old config had keep their addresses; new ones are looked up right after.
+        let servers = ResolvedServers::for_rules(&policy.servers, Some(&self.servers));
         let previous = std::mem::replace(&mut self.policy, policy);
         let previous_servers = std::mem::replace(&mut self.servers, servers);
         let result = self.entries().and_then(|entries| {
@@ -223,30 +242,58 @@ impl Daemon {
         }
     }
 
-    /// Re-resolves the hostnames; new addresses are added before stale ones are removed, and a
-    /// name that fails to resolve keeps its last known addresses.
-    fn refresh_hostnames(&mut self) {
-        let fresh = ResolvedServers::resolve(&self.policy.servers, Some(&self.servers));
-        let (added, removed) = self.servers.difference(&fresh);
+    /// Starts a lookup of every name whose records expired (or whose last lookup failed); the
+    /// answers come back through `answers`, so a slow resolver never delays a tunnel change.
+    fn look_up_due_names(&mut self, answers: &mpsc::UnboundedSender<(String, Result<Lookup>)>) {
+        for name in self.servers.take_due(Instant::now()) {
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let answer = tokio::time::timeout(LOOKUP_LIMIT, lookup(&name))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::Resolve {
+                            host: name.clone(),
+                            reason: format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
+                        })
+                    });
+                let _ = answers.send((name, answer));
+            });
+        }
+    }
+
+    /// A lookup finished: new addresses are added before stale ones are removed; a failed lookup
+    /// keeps the last known addresses.
+    fn name_answered(&mut self, name: &str, answer: Result<Lookup>) {
+        let before = self.servers.keys();
+        let previous = self.servers.clone();
+        self.servers.record(name, answer);
+        let after = self.servers.keys();
+        let added: BTreeSet<_> = after.difference(&before).copied().collect();
+        let removed: BTreeSet<_> = before.difference(&after).copied().collect();
         if added.is_empty() && removed.is_empty() {
             return;
         }
         let result = (|| {
             let _lock = self.lock()?;
-            let mut maps = PinnedMaps::open(&self.scope.pin_dir)?;
+            let maps = self.maps()?;
             maps.add_servers(&added)?;
             maps.remove_servers(&removed).map(|_| ())
         })();
         match result {
-            Ok(()) => {
-                tracing::info!(
-                    added = added.len(),
-                    removed = removed.len(),
-                    "server addresses changed"
-                );
-                self.servers = fresh;
+            Ok(()) => tracing::info!(
+                host = name,
+                added = added.len(),
+                removed = removed.len(),
+                "server addresses changed: {name}: {} added, {} removed",
+                added.len(),
+                removed.len()
+            ),
+            Err(e) => {
+                // Keep what the maps hold; the name is asked again after the retry period.
+                self.servers = previous;
+                self.maps = None;
+                tracing::error!("cannot update the server addresses of {name}: {e}");
             }
-            Err(e) => tracing::error!("cannot update the server addresses: {e}"),
         }
     }
 }

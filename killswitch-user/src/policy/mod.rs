@@ -7,7 +7,7 @@ mod resolve;
 use std::{fmt, net::IpAddr};
 
 pub use config::{ConfigError, DEFAULT_CONFIG_PATH};
-pub use resolve::{lookup, resolve_servers};
+pub use resolve::{lookup, resolve_servers, Lookup, RETRY};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {

@@ -1,45 +1,93 @@
-//! Turns configured server rules into concrete endpoints (hostnames through the system resolver).
+//! Turns configured server rules into concrete endpoints. Hostnames go to the resolvers of
+//! `/etc/resolv.conf` (and `/etc/hosts`) through hickory, which, unlike getaddrinfo, reports how
+//! long an answer stays valid, so the daemon can re-resolve when the records expire.
 
-use std::{collections::BTreeSet, net::ToSocketAddrs};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use hickory_resolver::{config::LookupIpStrategy, TokioResolver};
 
 use super::{ServerAddress, ServerEndpoint, ServerRule};
 use crate::error::{Error, Result};
 
-/// Resolves every server; any name that does not resolve fails the whole call, so `up` never
-/// applies a policy that silently lost a server.
-pub fn resolve_servers(rules: &[ServerRule]) -> Result<Vec<ServerEndpoint>> {
-    let mut endpoints = BTreeSet::new();
-    for rule in rules {
-        let addresses = match &rule.address {
-            ServerAddress::Ip(ip) => vec![*ip],
-            ServerAddress::Host(host) => lookup(host)?,
-        };
-        for address in addresses {
-            endpoints.insert(ServerEndpoint {
-                address,
-                port: rule.port,
-                protocol: rule.protocol,
-            });
-        }
-    }
-    Ok(endpoints.into_iter().collect())
+/// Answers are looked up again after their TTL, but never sooner than this (a TTL of 0 would
+/// otherwise mean a query in a loop)...
+pub const MIN_REFRESH: Duration = Duration::from_secs(10);
+/// ...and never later than this, so a changed server list is seen within the hour.
+pub const MAX_REFRESH: Duration = Duration::from_secs(3600);
+/// A failed lookup is retried after this; the name keeps its last known addresses meanwhile.
+pub const RETRY: Duration = Duration::from_secs(10);
+
+/// The addresses of one hostname and when to ask again.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    pub addresses: BTreeSet<IpAddr>,
+    /// The records' TTL, held between [`MIN_REFRESH`] and [`MAX_REFRESH`].
+    pub refresh_after: Duration,
 }
 
-/// The addresses of `host` through the system resolver.
-pub fn lookup(host: &str) -> Result<Vec<std::net::IpAddr>> {
-    let addresses: BTreeSet<_> = (host, 0)
-        .to_socket_addrs()
-        .map_err(|error| Error::Resolve {
-            host: host.to_owned(),
-            reason: error.to_string(),
-        })?
-        .map(|socket| socket.ip())
-        .collect();
+/// Looks `host` up (A and AAAA) with the resolver configuration as it is now: a VPN client may
+/// have rewritten `/etc/resolv.conf` since the last time.
+pub async fn lookup(host: &str) -> Result<Lookup> {
+    let failed = |reason: String| Error::Resolve {
+        host: host.to_owned(),
+        reason,
+    };
+    let mut builder = TokioResolver::builder_tokio()
+        .map_err(|e| failed(format!("cannot read the resolver configuration: {e}")))?;
+    // A fresh resolver each time, so its cache never answers: the caller schedules by TTL.
+    builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    let resolver = builder.build().map_err(|e| failed(e.to_string()))?;
+    let answer = resolver
+        .lookup_ip(host)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let addresses: BTreeSet<IpAddr> = answer.iter().collect();
     if addresses.is_empty() {
-        return Err(Error::Resolve {
-            host: host.to_owned(),
-            reason: "no addresses".into(),
-        });
+        return Err(failed("no addresses".into()));
     }
-    Ok(addresses.into_iter().collect())
+    let ttl = answer
+        .valid_until()
+        .saturating_duration_since(Instant::now());
+    Ok(Lookup {
+        addresses,
+        refresh_after: ttl.clamp(MIN_REFRESH, MAX_REFRESH),
+    })
+}
+
+/// [`lookup`] for the one-shot commands, which have no event loop of their own.
+pub fn lookup_blocking(host: &str) -> Result<Lookup> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Runtime(format!("cannot start the resolver: {e}")))?
+        .block_on(lookup(host))
+}
+
+/// Every endpoint the rules name, and one error per hostname that did not resolve. A name that
+/// fails contributes no endpoint: its server stays blocked (fail closed) until it resolves.
+pub fn resolve_servers(rules: &[ServerRule]) -> (Vec<ServerEndpoint>, Vec<Error>) {
+    let mut endpoints = BTreeSet::new();
+    let mut failures = Vec::new();
+    for rule in rules {
+        let addresses = match &rule.address {
+            ServerAddress::Ip(ip) => BTreeSet::from([*ip]),
+            ServerAddress::Host(host) => match lookup_blocking(host) {
+                Ok(found) => found.addresses,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            },
+        };
+        endpoints.extend(addresses.into_iter().map(|address| ServerEndpoint {
+            address,
+            port: rule.port,
+            protocol: rule.protocol,
+        }));
+    }
+    (endpoints.into_iter().collect(), failures)
 }

@@ -2,6 +2,7 @@
 //! Exit 0 when the echo came back, 1 otherwise (the reason on stderr). UDP may go to a broadcast
 //! address or to a link-scope multicast group written `[ff02::1:2%IFNAME]:547`.
 //! `ks-probe serve PORT MILLIS`: TCP echo on every address for MILLIS; prints "ready" first.
+//! `ks-probe dns ADDR:PORT ZONE_FILE MILLIS`: the test DNS server of `testbed::dns`.
 //! `ks-probe flood ADDR:PORT MILLIS`: one UDP datagram per millisecond for MILLIS, errors ignored
 //! (a cgroup egress drop makes sendto fail with EPERM); prints how many were sent and how many of
 //! those the kernel refused.
@@ -19,6 +20,19 @@ fn main() -> ExitCode {
         eprintln!("usage: ks-probe tcp|udp ADDR:PORT [TIMEOUT_MS]");
         return ExitCode::from(2);
     };
+    if kind == "dns" {
+        let (Some(zone), Some(millis)) = (args.get(3), args.get(4)) else {
+            eprintln!("usage: ks-probe dns ADDR:PORT ZONE_FILE MILLIS");
+            return ExitCode::from(2);
+        };
+        let millis = millis.parse().expect("MILLIS");
+        testbed::dns::serve(
+            parse_addr(addr),
+            std::path::Path::new(zone),
+            Duration::from_millis(millis),
+        );
+        return ExitCode::SUCCESS;
+    }
     if kind == "serve" {
         let port = addr.parse().expect("PORT");
         let millis = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000);
