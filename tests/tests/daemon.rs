@@ -284,6 +284,95 @@ fn the_daemon_follows_tunnel_churn_without_leaking() {
 }
 
 #[test]
+fn a_renamed_tunnel_and_a_reused_ifindex_are_not_trusted() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    let daemon = s.daemon();
+    let client = &s.net.client;
+    let route = |dev: &str| {
+        client.ip(&[
+            "route",
+            "replace",
+            &format!("{OTHER_V4}/32"),
+            "via",
+            TUNNEL_PEER_V4,
+            "dev",
+            dev,
+        ])
+    };
+    let target = format!("{OTHER_V4}:8080");
+    route("tun0");
+    assert!(s.reaches("udp", &target, "1000"), "through tun0");
+
+    // Renamed away from the `tunnels` pattern: no longer a tunnel.
+    let rename = |from: &str, to: &str| {
+        client.ip(&["link", "set", from, "down"]);
+        client.ip(&["link", "set", from, "name", to]);
+        client.ip(&["link", "set", to, "up"]);
+        route(to);
+    };
+    rename("tun0", "wan9");
+    assert!(
+        wait_until(Duration::from_secs(1), || !s.reaches("udp", &target, "100")),
+        "the renamed interface is still trusted"
+    );
+    rename("wan9", "tun0");
+    assert!(
+        wait_until(Duration::from_secs(1), || s.reaches("udp", &target, "100")),
+        "renamed back, it is a tunnel again"
+    );
+
+    // Deleted, then its ifindex taken by an interface that is not a tunnel.
+    let index = tunnel_ifindex(&s);
+    client.ip(&["link", "del", "tun0"]);
+    client.ip(&[
+        "link",
+        "add",
+        "wan9",
+        "index",
+        &index,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "wan9p",
+        "netns",
+        &s.net.internet.name,
+    ]);
+    client.ip(&["addr", "add", "198.18.0.2/24", "dev", "wan9"]);
+    client.ip(&["link", "set", "wan9", "up"]);
+    s.net.internet.ip(&[
+        "addr",
+        "add",
+        &format!("{TUNNEL_PEER_V4}/24"),
+        "dev",
+        "wan9p",
+    ]);
+    s.net.internet.ip(&["link", "set", "wan9p", "up"]);
+    route("wan9");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = s.echo.received();
+    assert!(
+        !s.reaches("udp", &target, "500"),
+        "an interface reusing the tunnel's ifindex {index} is trusted"
+    );
+    assert_eq!(s.echo.received(), before);
+    drop(daemon);
+}
+
+/// tun0's ifindex in the client namespace.
+fn tunnel_ifindex(s: &Setup) -> String {
+    s.net
+        .client
+        .ip(&["-o", "link", "show", "tun0"])
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
 fn sigterm_and_sigkill_leave_the_scope_enforced() {
     require_root!();
     let s = Setup::new(TUNNEL_CONFIG);

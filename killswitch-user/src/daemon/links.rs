@@ -68,6 +68,18 @@ impl LinkWatcher {
     }
 }
 
+impl LinkWatcher {
+    /// Discards the notifications already queued and says how many there were: one re-listing
+    /// covers them all (a veth or a tunnel going away sends several at once).
+    pub fn skip_queued(&mut self) -> usize {
+        let mut skipped = 0;
+        while let Ok(_message) = self.messages.try_recv() {
+            skipped += 1;
+        }
+        skipped
+    }
+}
+
 fn name(link: &LinkMessage) -> String {
     link.attributes
         .iter()

@@ -153,6 +153,7 @@ impl Daemon {
     /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date.
     fn interfaces_changed(&mut self, change: links::LinkChange) {
         let started = Instant::now();
+        let also = self.links.skip_queued();
         let result = self.entries().and_then(|entries| {
             let _lock = self.lock()?;
             self.maps()?.write_interfaces(&entries)?;
@@ -162,6 +163,7 @@ impl Daemon {
             Ok(entries) => {
                 tracing::debug!(
                     ?change,
+                    also,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "interfaces synced"
                 );
