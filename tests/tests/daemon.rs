@@ -124,6 +124,23 @@ impl Setup {
         dns
     }
 
+    /// A resolv.conf naming the test DNS server (one try, 1 s), for commands run in the scope.
+    fn resolv_conf(&self) -> PathBuf {
+        let path = self.dir.join("resolv.conf");
+        std::fs::write(&path, RESOLV_CONF).unwrap();
+        path
+    }
+
+    /// The zone (vpn.example.test is SERVER, TTL 1 s), its DNS server, and the daemon inside the
+    /// scope using it.
+    fn dns_and_daemon(&self) -> (PathBuf, Background, Background) {
+        let zone = self.dir.join("zone");
+        std::fs::write(&zone, "vpn.example.test 1 198.51.100.1\n").unwrap();
+        let dns = self.dns_server(&zone);
+        let daemon = self.daemon_in_scope(&self.resolv_conf());
+        (zone, dns, daemon)
+    }
+
     fn servers(&self) -> String {
         String::from_utf8(self.killswitch(&["servers", "list"]).stdout).unwrap()
     }
@@ -654,12 +671,7 @@ fn a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_res
     ));
     // No tunnel: the daemon reaches the resolver only through the `dns.servers` exception.
     s.net.remove_tunnel();
-    let zone = s.dir.join("zone");
-    let resolv = s.dir.join("resolv.conf");
-    std::fs::write(&zone, "vpn.example.test 1 198.51.100.1\n").unwrap();
-    std::fs::write(&resolv, RESOLV_CONF).unwrap();
-    let dns = s.dns_server(&zone);
-    let daemon = s.daemon_in_scope(&resolv);
+    let (zone, dns, daemon) = s.dns_and_daemon();
     assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "resolved at start");
     assert!(s.reaches("udp", &format!("{SERVER_V4}:124"), "1000"));
 
@@ -703,12 +715,7 @@ fn a_hostname_resolves_through_the_tunnel_and_dns_never_leaves_in_the_clear() {
         "via",
         TUNNEL_PEER_V4,
     ]);
-    let zone = s.dir.join("zone");
-    let resolv = s.dir.join("resolv.conf");
-    std::fs::write(&zone, "vpn.example.test 1 198.51.100.1\n").unwrap();
-    std::fs::write(&resolv, RESOLV_CONF).unwrap();
-    let dns = s.dns_server(&zone);
-    let daemon = s.daemon_in_scope(&resolv);
+    let (zone, dns, daemon) = s.dns_and_daemon();
     assert_eq!(
         s.servers(),
         "198.51.100.1:124/udp\n",
@@ -739,8 +746,7 @@ fn up_enforces_even_when_a_hostname_does_not_resolve() {
     require_root!();
     // At boot the network may not be up: `up` must enforce anyway, and say that a server is missing.
     let s = Setup::new(NAMED_SERVER);
-    let resolv = s.dir.join("resolv.conf");
-    std::fs::write(&resolv, RESOLV_CONF).unwrap();
+    let resolv = s.resolv_conf();
     let out = killswitch_in_cgroup(&s.net.client, &s.pins, &s.cgroup, &resolv, &s.args(&["up"]))
         .output()
         .unwrap();
