@@ -223,41 +223,39 @@ const LOCK_ATTEMPTS: usize = 100;
 impl ScopeLock {
     /// Locks the scope, creating its pin directory (for `up`).
     pub fn acquire(scope: &Scope) -> Result<ScopeLock> {
-        for _ in 0..LOCK_ATTEMPTS {
-            std::fs::create_dir_all(&scope.pin_dir)
-                .map_err(|e| Error::io("cannot create", &scope.pin_dir, e))?;
-            if let Some(lock) = ScopeLock::existing(scope)? {
-                return Ok(lock);
-            }
-        }
-        Err(Error::Runtime(format!(
-            "cannot lock {}: it keeps being removed",
-            scope.pin_dir.display()
-        )))
+        ScopeLock::lock(scope, true)?
+            .ok_or_else(|| Error::Runtime("the scope's pin directory vanished".into()))
     }
 
     /// Locks the scope if it has a pin directory; `None` once it is gone (taken `down`).
     pub fn existing(scope: &Scope) -> Result<Option<ScopeLock>> {
+        ScopeLock::lock(scope, false)
+    }
+
+    fn lock(scope: &Scope, create: bool) -> Result<Option<ScopeLock>> {
+        let dir = &scope.pin_dir;
         for _ in 0..LOCK_ATTEMPTS {
-            let dir = match File::open(&scope.pin_dir) {
-                Ok(dir) => dir,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io("cannot open", &scope.pin_dir, e)),
-            };
-            let lock = Flock::lock(dir, FlockArg::LockExclusive)
-                .map_err(|(_, e)| Error::io("cannot lock", &scope.pin_dir, e.into()))?;
-            // `down` removes the directory under the lock: holding a removed one locks nothing.
-            let held = lock.metadata().map(|m| m.ino()).ok();
-            match std::fs::metadata(&scope.pin_dir) {
-                Ok(now) if Some(now.ino()) == held => return Ok(Some(ScopeLock(lock))),
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io("cannot open", &scope.pin_dir, e)),
+            if create {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+            }
+            let opened = File::open(dir).and_then(|file| {
+                let lock = Flock::lock(file, FlockArg::LockExclusive)
+                    .map_err(|(_, e)| std::io::Error::from(e))?;
+                // `down` removes the directory under the lock: holding a removed one locks nothing.
+                let same = lock.metadata()?.ino() == std::fs::metadata(dir)?.ino();
+                Ok(same.then_some(lock))
+            });
+            match opened {
+                Ok(Some(lock)) => return Ok(Some(ScopeLock(lock))),
+                Ok(None) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("cannot lock", dir, e)),
             }
         }
         Err(Error::Runtime(format!(
-            "cannot lock {}: it keeps being re-created",
-            scope.pin_dir.display()
+            "cannot lock {}: it keeps being removed and re-created",
+            dir.display()
         )))
     }
 }

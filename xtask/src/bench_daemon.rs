@@ -162,11 +162,7 @@ impl LinkEvents {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(5) {
             let mut buf = [0u8; 65536];
-            let len = nix::sys::socket::recv(
-                self.0.as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::empty(),
-            )?;
+            let len = self.receive(&mut buf, nix::sys::socket::MsgFlags::empty())?;
             if notifications(&buf[..len]).any(|(k, i)| k == kind && Some(i) == index()) {
                 return Ok(());
             }
@@ -176,15 +172,15 @@ impl LinkEvents {
 
     /// Discards the notifications already queued.
     fn drain(&self) {
+        let mut buf = [0u8; 65536];
         while self
-            .receive(nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+            .receive(&mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
             .is_ok()
         {}
     }
 
-    fn receive(&self, flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
-        let mut buf = [0u8; 65536];
-        nix::sys::socket::recv(self.0.as_raw_fd(), &mut buf, flags)
+    fn receive(&self, buf: &mut [u8], flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
+        nix::sys::socket::recv(self.0.as_raw_fd(), buf, flags)
     }
 }
 

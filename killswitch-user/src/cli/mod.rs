@@ -63,6 +63,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Apply the policy to a scope and pin it; re-running updates it in place with no gap
+    ///
+    /// A server hostname that does not resolve stays blocked, and the exit status is 1
     Up(ScopeArgs),
     /// Remove a scope's enforcement and pins
     Down(ScopeArgs),

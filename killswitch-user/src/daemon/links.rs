@@ -66,9 +66,7 @@ impl LinkWatcher {
             }
         }
     }
-}
 
-impl LinkWatcher {
     /// Discards the notifications already queued and says how many there were: one re-listing
     /// covers them all (a veth or a tunnel going away sends several at once).
     pub fn skip_queued(&mut self) -> usize {

@@ -69,7 +69,7 @@ impl Daemon {
         let answers = futures::future::join_all(
             names
                 .into_iter()
-                .map(|name| async move { (lookup(&name).await, name) }),
+                .map(|name| async move { (bounded_lookup(&name).await, name) }),
         )
         .await;
         for (answer, name) in answers {
@@ -250,14 +250,7 @@ impl Daemon {
         for name in self.servers.take_due(Instant::now()) {
             let answers = answers.clone();
             tokio::spawn(async move {
-                let answer = tokio::time::timeout(LOOKUP_LIMIT, lookup(&name))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Error::Resolve {
-                            host: name.clone(),
-                            reason: format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
-                        })
-                    });
+                let answer = bounded_lookup(&name).await;
                 let _ = answers.send((name, answer));
             });
         }
@@ -266,9 +259,9 @@ impl Daemon {
     /// A lookup finished: new addresses are added before stale ones are removed; a failed lookup
     /// keeps the last known addresses.
     fn name_answered(&mut self, name: &str, answer: Result<Lookup>) {
-        let before = self.servers.keys();
         let previous = self.servers.clone();
         self.servers.record(name, answer);
+        let before = previous.keys();
         let after = self.servers.keys();
         let added: BTreeSet<_> = after.difference(&before).copied().collect();
         let removed: BTreeSet<_> = before.difference(&after).copied().collect();
@@ -298,6 +291,18 @@ impl Daemon {
             }
         }
     }
+}
+
+/// A lookup that counts as failed after [`LOOKUP_LIMIT`].
+async fn bounded_lookup(name: &str) -> Result<Lookup> {
+    tokio::time::timeout(LOOKUP_LIMIT, lookup(name))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Resolve {
+                host: name.to_owned(),
+                reason: format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
+            })
+        })
 }
 
 fn signal_error(e: std::io::Error) -> Error {

@@ -58,18 +58,17 @@ pub async fn lookup(host: &str) -> Result<Lookup> {
     })
 }
 
-/// [`lookup`] for the one-shot commands, which have no event loop of their own.
-pub fn lookup_blocking(host: &str) -> Result<Lookup> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Runtime(format!("cannot start the resolver: {e}")))?
-        .block_on(lookup(host))
-}
-
 /// Every endpoint the rules name, and one error per hostname that did not resolve. A name that
 /// fails contributes no endpoint: its server stays blocked (fail closed) until it resolves.
 pub fn resolve_servers(rules: &[ServerRule]) -> (Vec<ServerEndpoint>, Vec<Error>) {
+    // The one-shot commands have no event loop of their own: one for all their lookups.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let lookup_blocking = |host| match &runtime {
+        Ok(runtime) => runtime.block_on(lookup(host)),
+        Err(e) => Err(Error::Runtime(format!("cannot start the resolver: {e}"))),
+    };
     let mut endpoints = BTreeSet::new();
     let mut failures = Vec::new();
     for rule in rules {
