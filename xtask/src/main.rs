@@ -1,11 +1,15 @@
 //! Developer tasks: `cargo xtask setup|demo|test|bench`.
+//!
+//! xtask itself depends on small host crates only, so it builds on a machine that has nothing but
+//! a stock Rust toolchain: `setup` installs the eBPF toolchain, and everything that needs the
+//! library (the demonstration, the benchmarks) is a binary of `killswitch-tests` that xtask builds
+//! and runs with cargo afterwards.
 
-mod bench;
-mod bench_daemon;
 mod setup;
 
 use std::{
     io::{BufRead, BufReader},
+    path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
 };
 
@@ -41,10 +45,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
-        Task::Bench => setup::run()
-            .and_then(|()| require_root("the benchmark loads BPF programs in a namespace"))
-            .and_then(|()| release_build())
-            .and_then(|bin| bench::run(&bin)),
+        Task::Bench => setup::run().and_then(|()| bench()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,8 +56,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace root: every task runs there, wherever `cargo xtask` was started.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace());
+    cmd
+}
+
+/// Builds the workspace's binaries (`--release` or debug) and returns the directory they are in.
+fn build(release: bool, packages: &[&str]) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--quiet", "--locked"]);
+    if release {
+        cmd.arg("--release");
+    }
+    for package in packages {
+        cmd.args(["-p", package]);
+    }
+    if !cmd.status().context("cannot run cargo build")?.success() {
+        bail!("build failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }))
+}
+
+fn run(program: &Path, args: &[&Path]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace())
+        .status()
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    if !status.success() {
+        bail!("{} failed", program.display());
+    }
+    Ok(())
 }
 
 /// Runs the workspace's tests and ends with one summary line over every test binary.
@@ -102,67 +144,18 @@ fn count(summary: &str, label: &str) -> u64 {
 
 fn demo() -> Result<()> {
     require_root("the demonstration creates namespaces, cgroups and BPF programs")?;
-    println!("demo: building killswitch and the probe");
-    let status = cargo()
-        .args([
-            "build",
-            "--quiet",
-            "--locked",
-            "-p",
-            "killswitch-user",
-            "-p",
-            "killswitch-tests",
-        ])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("build failed");
-    }
-    let bin = std::env::current_exe()?.with_file_name("killswitch");
-    std::env::set_var("KILLSWITCH_BIN", &bin);
-
-    println!("demo: building the lab: client -> router -> OpenVPN server (NAT) -> web host");
-    let mut story = testbed::story::Story::new();
-    let seen = story.tell(&mut |line| println!("demo: {line}"));
-    println!("demo: `killswitch status` while the tunnel was dead:");
-    for line in seen.status_table.lines() {
-        println!("      {line}");
-    }
-    drop(story);
-    let verdict = seen.through_tunnel
-        && !seen.after_kill_reached
-        && seen.leaked.is_empty()
-        && seen.new_tunnel_after_up;
-    if !verdict {
-        bail!("the demonstration did not go as expected: {seen:#?}");
-    }
-    println!("demo: done; namespaces, cgroup and pins removed");
-    Ok(())
+    println!("demo: building killswitch and the lab's helpers");
+    let bin = build(false, &["killswitch-user", "killswitch-tests"])?;
+    run(&bin.join("ks-demo"), &[])
 }
 
-/// Builds the release `killswitch` for the measurements that run the binary.
-fn release_build() -> Result<std::path::PathBuf> {
-    eprintln!("bench: building the release binary");
-    let status = cargo()
-        .args([
-            "build",
-            "--quiet",
-            "--locked",
-            "--release",
-            "-p",
-            "killswitch-user",
-        ])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("release build failed");
-    }
-    let debug = std::env::current_exe()?;
-    let target = debug
-        .parent()
-        .and_then(|p| p.parent())
-        .context("unexpected target directory")?;
-    Ok(target.join("release/killswitch"))
+/// The benchmark drives the release `killswitch` for the daemon's timings.
+fn bench() -> Result<()> {
+    require_root("the benchmark loads BPF programs in a namespace")?;
+    eprintln!("bench: building the release binary and the benchmark");
+    let release = build(true, &["killswitch-user"])?;
+    let debug = build(false, &["killswitch-tests"])?;
+    run(&debug.join("ks-bench"), &[&release.join("killswitch")])
 }
 
 fn require_root(why: &str) -> Result<()> {

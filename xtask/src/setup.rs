@@ -1,7 +1,11 @@
-//! `cargo xtask setup`: installs only what is missing, one line per step. With everything
-//! present it runs two quick queries and touches no network.
+//! `cargo xtask setup`: installs only what is missing, one line per step with its duration. With
+//! everything present it runs two quick queries and touches no network.
 
-use std::process::{Command, Stdio};
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::Instant,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -33,30 +37,46 @@ pub fn run() -> Result<()> {
     bpf_linker()
 }
 
+/// Prints "setup: WHAT ... N.N s" around one step, so a slow one shows what it is doing.
+fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    print!("setup: {what} ... ");
+    let _ = std::io::stdout().flush();
+    let start = Instant::now();
+    let result = f();
+    let took = start.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => println!("{took:.1} s"),
+        Err(_) => println!("failed after {took:.1} s"),
+    }
+    result
+}
+
 fn packages() -> Result<()> {
-    let missing = missing_packages()?;
+    let missing = step("checking Debian packages", missing_packages)?;
     if missing.is_empty() {
-        println!("setup: Debian packages present");
         return Ok(());
     }
-    println!("setup: installing Debian packages: {}", missing.join(" "));
     if !is_root() {
         bail!(
             "installing packages needs root: sudo apt-get install {}",
             missing.join(" ")
         );
     }
-    quiet(
-        Command::new("apt-get").args(["update", "-q"]),
-        "apt-get update",
-    )?;
-    quiet(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-        "apt-get install",
-    )
+    step("apt-get update", || {
+        quiet(
+            Command::new("apt-get").args(["update", "-q"]),
+            "apt-get update",
+        )
+    })?;
+    step(&format!("installing {}", missing.join(" ")), || {
+        quiet(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+            "apt-get install",
+        )
+    })
 }
 
 fn missing_packages() -> Result<Vec<String>> {
@@ -80,26 +100,34 @@ fn missing_packages() -> Result<Vec<String>> {
 }
 
 fn bpf_linker() -> Result<()> {
-    let version = Command::new("bpf-linker").arg("--version").output();
-    if let Ok(out) = version {
-        let text = String::from_utf8_lossy(&out.stdout);
-        if out.status.success() && text.contains(BPF_LINKER_VERSION) {
-            println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
-            return Ok(());
-        }
+    let present = step(&format!("checking bpf-linker {BPF_LINKER_VERSION}"), || {
+        Ok(Command::new("bpf-linker")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| {
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+            }))
+    })?;
+    if present {
+        return Ok(());
     }
-    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 75 s)");
-    quiet(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            // bpf-linker's build finds libLLVM through this; without it, it picks LLVM 14.
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--locked",
-            ])
-            .args(["--no-default-features", "--features", "llvm-22"]),
-        "cargo install bpf-linker",
+    step(
+        &format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 75 s)"),
+        || {
+            quiet(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    // bpf-linker's build finds libLLVM through this; without it, it picks LLVM 14.
+                    .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                    .args([
+                        "install",
+                        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                        "--locked",
+                    ])
+                    .args(["--no-default-features", "--features", "llvm-22"]),
+                "cargo install bpf-linker",
+            )
+        },
     )
 }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: per-packet cost of each verdict path through BPF_PROG_TEST_RUN, as the
+//! Per-packet cost of each verdict path through BPF_PROG_TEST_RUN, as the
 //! server list and the LAN list grow. The kernel reports the average time per run; each number
 //! is the median of several rounds. Results go to `target/bench/per_packet.json`.
 
@@ -259,7 +259,7 @@ pub fn run(release_bin: &std::path::Path) -> Result<()> {
     )?;
     println!("\nwritten: target/bench/per_packet.json");
 
-    let daemon = crate::bench_daemon::run(release_bin)?;
+    let daemon = crate::daemon::run(release_bin)?;
     let field = |path: &[&str]| {
         path.iter()
             .fold(&daemon, |v, k| &v[*k])

@@ -1,0 +1,26 @@
+//! `ks-bench RELEASE_KILLSWITCH`: the measurements behind `cargo xtask bench`. Per-packet cost of
+//! each verdict path as the lists grow, then the daemon's and live server changes' timings with
+//! the release binary. Writes `target/bench/` under the current directory.
+
+mod daemon;
+mod per_packet;
+
+use std::{path::PathBuf, process::ExitCode};
+
+fn main() -> ExitCode {
+    let Some(release_bin) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: ks-bench RELEASE_KILLSWITCH (run by `cargo xtask bench`)");
+        return ExitCode::from(2);
+    };
+    if !testbed::privileged() {
+        eprintln!("ks-bench: run as root: the benchmark loads BPF programs in a namespace");
+        return ExitCode::from(2);
+    }
+    match per_packet::run(&release_bin) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ks-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
