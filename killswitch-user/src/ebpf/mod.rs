@@ -8,13 +8,17 @@ pub mod sys;
 use std::{
     fs::File,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use aya::{
-    programs::{cgroup_skb::CgroupSkbAttachType, links::FdLink, CgroupAttachMode, CgroupSkb},
+    programs::{
+        cgroup_skb::CgroupSkbAttachType, links::FdLink, CgroupAttachMode, CgroupSkb, ProgramError,
+    },
     Ebpf, EbpfLoader,
 };
 use killswitch_common::Direction;
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 
 pub use entries::MapEntries;
 pub use maps::PinnedMaps;
@@ -52,17 +56,15 @@ pub struct Programs {
 
 impl Programs {
     pub fn load(pin_dir: &Path) -> Result<Programs> {
+        // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
+        // signals for after the load (they are delivered when the mask is restored).
+        let _signals = SignalsHeld::new();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
         for direction in Direction::ALL {
-            program_mut(&mut ebpf, direction)?.load().map_err(|e| {
-                Error::kernel(
-                    format!("the kernel refused the {} program", direction.name()),
-                    chain(&e),
-                )
-            })?;
+            load_program(program_mut(&mut ebpf, direction)?, direction)?;
         }
         Ok(Programs { ebpf })
     }
@@ -100,6 +102,58 @@ impl Programs {
                 .map_err(|e| Error::io("cannot replace the pinned link", &final_pin, e))?;
         }
         Ok(())
+    }
+}
+
+/// How often a load interrupted by a signal (EAGAIN) is tried again, as libbpf does.
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads one program, trying again a bounded number of times when the verifier was interrupted.
+fn load_program(program: &mut CgroupSkb, direction: Direction) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                LOAD_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "loading the {} program was interrupted (EAGAIN); attempt {} of {LOAD_ATTEMPTS}",
+                    direction.name(),
+                    attempt + 1
+                );
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(Error::kernel(
+                    format!("the kernel refused the {} program", direction.name()),
+                    chain(&e),
+                ))
+            }
+        }
+    }
+}
+
+/// Loads tried again after EAGAIN since the process started (the tests and the bench report it).
+pub static LOAD_RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// Blocks every blockable signal on this thread until dropped; pending ones arrive then.
+struct SignalsHeld(Option<SigSet>);
+
+impl SignalsHeld {
+    fn new() -> Self {
+        let mut old = SigSet::empty();
+        let held = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old));
+        SignalsHeld(held.ok().map(|()| old))
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(old), None);
+        }
     }
 }
 

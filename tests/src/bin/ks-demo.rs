@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     if !testbed::privileged() {
-        eprintln!("ks-demo: run as root: the demonstration creates namespaces, cgroups and BPF programs");
+        eprintln!(
+            "ks-demo: run as root: the demonstration creates namespaces, cgroups and BPF programs"
+        );
         return ExitCode::from(2);
     }
     if std::env::var_os("KILLSWITCH_BIN").is_none() {
