@@ -18,7 +18,13 @@ static EVENT_LIMIT: PerCpuArray<EventLimit> = PerCpuArray::pinned(1, 0);
 
 /// Sends a drop event for the current packet, unless this CPU is over its budget.
 #[inline(always)]
-pub fn report(ctx: &SkBuffContext, direction: Direction, reason: Reason, settings: &Settings) {
+pub fn report(
+    ctx: &SkBuffContext,
+    netns: u64,
+    direction: Direction,
+    reason: Reason,
+    settings: &Settings,
+) {
     let Some(limit) = EVENT_LIMIT.get_ptr_mut(0) else {
         return;
     };
@@ -38,7 +44,7 @@ pub fn report(ctx: &SkBuffContext, direction: Direction, reason: Reason, setting
         return;
     }
     limit.next_ns = next + settings.event_interval_ns;
-    let mut event = describe(ctx, direction, reason);
+    let mut event = describe(ctx, netns, direction, reason);
     event.timestamp_ns = now;
     event.suppressed = limit.suppressed;
     if EVENTS.output::<DropEvent>(&event, 0).is_ok() {
@@ -51,12 +57,12 @@ pub fn report(ctx: &SkBuffContext, direction: Direction, reason: Reason, setting
 }
 
 #[inline(always)]
-fn describe(ctx: &SkBuffContext, direction: Direction, reason: Reason) -> DropEvent {
+fn describe(ctx: &SkBuffContext, netns: u64, direction: Direction, reason: Reason) -> DropEvent {
     let mut event = DropEvent {
         reason: reason as u8,
         direction: direction as u8,
         ifindex: crate::ifindex(ctx),
-        netns_cookie: crate::netns_cookie(ctx),
+        netns_cookie: netns,
         // SAFETY: the helper only reads the context it is given.
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         ..DropEvent::default()

@@ -7,11 +7,10 @@
 #![no_main]
 
 mod events;
+mod netns;
 mod packet;
 
 use aya_ebpf::{
-    cty::c_void,
-    helpers::bpf_get_netns_cookie,
     macros::{cgroup_skb, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     programs::SkBuffContext,
@@ -21,6 +20,7 @@ use killswitch_common::{
     ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IFINDEX,
     MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES, MAX_SERVERS,
 };
+use netns::{Helper, NetnsSource, Socket};
 use packet::{Packet, Ports, ETH_P_IPV6};
 
 const ALLOW: i32 = 1;
@@ -47,32 +47,80 @@ static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 
+// One pair per way of learning the packet's network namespace (see netns.rs); the loader
+// loads the pair the kernel supports. Names stay within the kernel's 15 characters.
+
 #[cgroup_skb]
 pub fn egress(ctx: SkBuffContext) -> i32 {
-    filter(&ctx, Direction::Egress)
+    filter::<Helper>(&ctx, Direction::Egress)
 }
 
 #[cgroup_skb]
 pub fn ingress(ctx: SkBuffContext) -> i32 {
-    filter(&ctx, Direction::Ingress)
+    filter::<Helper>(&ctx, Direction::Ingress)
+}
+
+#[cgroup_skb]
+pub fn egress_sock(ctx: SkBuffContext) -> i32 {
+    filter::<Socket>(&ctx, Direction::Egress)
+}
+
+#[cgroup_skb]
+pub fn ingress_sock(ctx: SkBuffContext) -> i32 {
+    filter::<Socket>(&ctx, Direction::Ingress)
+}
+
+// Lockdown: what a scope gets when its policy cannot be enforced (the kernel refused the
+// programs at a first `up`): loopback and DHCP only, with nothing a kernel might lack.
+
+#[cgroup_skb]
+pub fn egress_locked(ctx: SkBuffContext) -> i32 {
+    lockdown(&ctx, Direction::Egress)
+}
+
+#[cgroup_skb]
+pub fn ingress_locked(ctx: SkBuffContext) -> i32 {
+    lockdown(&ctx, Direction::Ingress)
 }
 
 #[inline(always)]
-fn filter(ctx: &SkBuffContext, direction: Direction) -> i32 {
-    let settings = settings();
-    let reason = classify(ctx, direction, &settings);
+fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
+    let reason = if ifindex(ctx) == LOOPBACK_IFINDEX {
+        Reason::Loopback
+    } else {
+        match Packet::parse(ctx, direction) {
+            Some(packet) if is_dhcp(&packet, direction) => Reason::Dhcp,
+            _ => Reason::Default,
+        }
+    };
     count(direction, reason);
     if reason.allows() {
         ALLOW
     } else {
-        events::report(ctx, direction, reason, &settings);
+        DROP
+    }
+}
+
+#[inline(always)]
+fn filter<N: NetnsSource>(ctx: &SkBuffContext, direction: Direction) -> i32 {
+    let settings = settings();
+    let reason = classify::<N>(ctx, direction, &settings);
+    count(direction, reason);
+    if reason.allows() {
+        ALLOW
+    } else {
+        events::report(ctx, N::cookie(ctx), direction, reason, &settings);
         DROP
     }
 }
 
 /// The verdict order of the SPEC; the first matching step wins.
 #[inline(always)]
-fn classify(ctx: &SkBuffContext, direction: Direction, settings: &Settings) -> Reason {
+fn classify<N: NetnsSource>(
+    ctx: &SkBuffContext,
+    direction: Direction,
+    settings: &Settings,
+) -> Reason {
     let ifindex = ifindex(ctx);
     if ifindex == LOOPBACK_IFINDEX {
         return Reason::Loopback;
@@ -80,7 +128,8 @@ fn classify(ctx: &SkBuffContext, direction: Direction, settings: &Settings) -> R
     if settings.ipv6_block != 0 && ctx.skb.protocol() == ETH_P_IPV6 {
         return Reason::Ipv6Blocked;
     }
-    let interface = InterfaceKey::new(netns_cookie(ctx), ifindex);
+    // Only packets that are not on loopback pay for learning the namespace.
+    let interface = InterfaceKey::new(N::cookie(ctx), ifindex);
     if TUNNELS.get_ptr(&interface).is_some() {
         return match direction {
             Direction::Egress => Reason::Tunnel,
@@ -270,12 +319,6 @@ fn settings() -> Settings {
 pub(crate) fn ifindex(ctx: &SkBuffContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe { (*ctx.skb.skb).ifindex }
-}
-
-#[inline(always)]
-pub(crate) fn netns_cookie(ctx: &SkBuffContext) -> u64 {
-    // SAFETY: the helper only reads the context it is given.
-    unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut c_void) }
 }
 
 #[inline(always)]

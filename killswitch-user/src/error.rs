@@ -32,6 +32,14 @@ pub enum Error {
     #[error("{what}: {reason}")]
     Kernel { what: String, reason: String },
 
+    /// The policy could not be enforced on a scope that was not enforced yet: it is held in
+    /// lockdown instead.
+    #[error(
+        "{0}; the scope is held in lockdown (loopback and DHCP only) until `killswitch up` \
+         succeeds, or `killswitch down` removes it"
+    )]
+    Lockdown(Box<Error>),
+
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,

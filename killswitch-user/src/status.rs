@@ -9,7 +9,7 @@ use crate::{
     ebpf::{
         self,
         entries::{key_address, lan_prefix, server_endpoint},
-        sys, PinnedMaps,
+        sys, Pair, PinnedMaps,
     },
     error::Result,
     interfaces,
@@ -24,6 +24,11 @@ pub struct ScopeStatus {
     pub backend: &'static str,
     /// Both programs attached to this scope's cgroup.
     pub enforced: bool,
+    /// "policy", or "lockdown" (loopback and DHCP only: the policy could not be enforced).
+    pub mode: &'static str,
+    /// How the programs learn a packet's network namespace: "bpf_get_netns_cookie", or
+    /// "socket" (the socket's, through BTF offsets, on kernels before 6.17).
+    pub namespace_from: Option<&'static str>,
     pub links: Vec<LinkStatus>,
     pub tunnels: Vec<InterfaceStatus>,
     /// `None` when exceptions may leave through any non-tunnel interface.
@@ -54,6 +59,8 @@ pub struct LinkStatus {
     pub direction: &'static str,
     pub link_id: u32,
     pub program_id: u32,
+    /// The attached program's name in the kernel.
+    pub program: Option<String>,
     pub attached: bool,
 }
 
@@ -75,6 +82,7 @@ pub struct CounterStatus {
 
 pub fn read(scope: &Scope) -> Result<ScopeStatus> {
     let cgroup_id = scope.cgroup_id().ok();
+    let names = program_names();
     let links: Vec<LinkStatus> = Direction::ALL
         .iter()
         .filter_map(|&direction| {
@@ -84,11 +92,22 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
                 direction: direction.name(),
                 link_id: info.link_id,
                 program_id: info.program_id,
+                program: names.get(&info.program_id).cloned(),
                 attached: info.cgroup_id != 0 && Some(info.cgroup_id) == cgroup_id,
             })
         })
         .collect();
     let enforced = links.len() == Direction::ALL.len() && links.iter().all(|l| l.attached);
+    let program = links
+        .first()
+        .and_then(|l| l.program.as_deref())
+        .unwrap_or("");
+    let mode = Pair::of_program_name(program).unwrap_or("unknown");
+    let namespace_from = match program {
+        "egress" | "ingress" => Some("bpf_get_netns_cookie"),
+        "egress_sock" | "ingress_sock" => Some("socket"),
+        _ => None,
+    };
 
     let maps = PinnedMaps::open(&scope.pin_dir)?;
     let own_cookie = interfaces::netns_cookie()?;
@@ -116,6 +135,8 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         pin_dir: scope.pin_dir.clone(),
         backend: "ebpf",
         enforced,
+        mode,
+        namespace_from,
         links,
         tunnels: describe(maps.tunnels()?),
         uplinks: uplinks.map(describe),
@@ -172,4 +193,12 @@ fn exceptions(maps: &PinnedMaps, settings: &Settings) -> Result<Exceptions> {
             })
             .collect(),
     })
+}
+
+/// Names of the loaded BPF programs by id (the kernel keeps each program's name).
+fn program_names() -> std::collections::HashMap<u32, String> {
+    aya::programs::loaded_programs()
+        .filter_map(|info| info.ok())
+        .filter_map(|info| Some((info.id(), info.name_as_str()?.to_owned())))
+        .collect()
 }

@@ -1,6 +1,6 @@
 //! The test bed: network namespaces, child cgroups and bpffs pin directories owned by Drop
 //! guards, processes started inside a cgroup + namespace, echo servers, and the OpenVPN lab used
-//! by the end-to-end tests and by `cargo xtask demo`.
+//! by the end-to-end tests and by `cargo xtask demo`, and other kernels booted in qemu.
 //!
 //! Safety rules (shared/TESTBED.md): nothing here touches the root network namespace, the host's
 //! cgroup2 root or its firewall; every wait is bounded; only our own processes are killed.
@@ -15,6 +15,7 @@ pub mod packets;
 pub mod pins;
 pub mod process;
 pub mod story;
+pub mod vm;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -323,3 +323,49 @@ fn bad_config_leaves_the_enforcement_in_place() {
         Probe::Tcp(SERVER_V4, SERVER_PORT)
     ));
 }
+
+/// A first `up` that the kernel refuses holds the scope in lockdown: loopback (and DHCP) only,
+/// the servers and the tunnel included in what is refused. The running kernel accepts the
+/// programs, so `tests/tests/kernels.rs` runs this test in a VM booted from Debian 12's kernel
+/// with `lockdown=confidentiality`, which refuses `bpf_probe_read_kernel` to every program.
+#[test]
+#[ignore = "needs a kernel that refuses the programs: tests/tests/kernels.rs runs it in a VM"]
+fn a_first_up_the_kernel_refuses_holds_the_scope_in_lockdown() {
+    require_root!();
+    let f = Fixture::new();
+    check_all(&f, Some(&f.cgroup), false);
+
+    let out = f.killswitch(&["up", "--cgroup", &f.cgroup.relative]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+    assert!(stderr.contains("lockdown"), "{stderr}");
+    assert!(
+        stderr.contains("bpf_probe_read_kernel"),
+        "names the feature: {stderr}"
+    );
+
+    let mut wrong = Vec::new();
+    for &probe in ALLOWED.iter().chain(BLOCKED) {
+        let loopback = matches!(
+            probe,
+            Probe::Tcp("127.0.0.1", _) | Probe::Udp("::1", _) | Probe::Ping("127.0.0.1")
+        );
+        if reaches(&f.net, Some(&f.cgroup), probe) != loopback {
+            wrong.push(probe);
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "in lockdown, only loopback is reachable: {wrong:?}"
+    );
+    check_all(&f, None, false);
+
+    let status = f.status_json();
+    let scope = &status["scopes"][0];
+    assert_eq!(scope["enforced"], true, "{status:#}");
+    assert_eq!(scope["mode"], "lockdown", "{status:#}");
+
+    f.killswitch_ok(&["down", "--cgroup", &f.cgroup.relative]);
+    check_all(&f, Some(&f.cgroup), false);
+}

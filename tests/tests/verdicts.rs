@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use aya::programs::{TestRun, TestRunOptions};
 use killswitch::{
-    ebpf::{MapEntries, PinnedMaps, Programs},
+    ebpf::{kernel::socket_offsets, MapEntries, NetnsSource, Pair, PinnedMaps, Programs},
     interfaces,
     policy::{resolve_servers, Policy},
 };
@@ -35,8 +35,13 @@ port = 51820
 
 /// Loaded programs in a namespace with `tun0`, `up0` and `other0`; the calling test thread
 /// enters that namespace, since test_run resolves the context's ifindex there.
+///
+/// `programs` is the pair the kernel gets from `up`. Where that pair uses
+/// `bpf_get_netns_cookie`, `socket_pair` is the pair older kernels get (namespace read from the
+/// socket through BTF offsets), and every packet goes through both: their verdicts must agree.
 struct Kernel {
     programs: Programs,
+    socket_pair: Option<Programs>,
     maps: PinnedMaps,
     tun0: u32,
     up0: u32,
@@ -60,10 +65,17 @@ impl Kernel {
         );
         let pins = PinRoot::new();
         let programs = Programs::load(&pins.path).expect("programs load and verify");
+        eprintln!("namespace source: {:?}", programs.netns());
+        let socket_pair = (programs.netns() == Some(NetnsSource::Helper)).then(|| {
+            let offsets = socket_offsets(Path::new("/sys/kernel/btf/vmlinux")).expect("BTF");
+            Programs::load_pair(&pins.path, Pair::Policy(offsets))
+                .expect("the socket pair loads and verifies")
+        });
         let mut maps = PinnedMaps::open(&pins.path).unwrap();
         maps.write(&entries).unwrap();
         Kernel {
             programs,
+            socket_pair,
             maps,
             tun0: netns.ifindex("tun0"),
             up0: netns.ifindex("up0"),
@@ -75,6 +87,25 @@ impl Kernel {
 
     /// Runs one frame; returns whether it was allowed and the reason counter that moved.
     fn verdict(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> (bool, Reason) {
+        let verdict = self.verdict_of(&self.programs, direction, ifindex, frame);
+        if let Some(socket_pair) = &self.socket_pair {
+            let other = self.verdict_of(socket_pair, direction, ifindex, frame);
+            assert_eq!(
+                verdict,
+                other,
+                "the socket-namespace pair disagrees on {direction:?} ifindex {ifindex}: {frame:02x?}"
+            );
+        }
+        verdict
+    }
+
+    fn verdict_of(
+        &self,
+        programs: &Programs,
+        direction: Direction,
+        ifindex: u32,
+        frame: &[u8],
+    ) -> (bool, Reason) {
         let before = self.maps.counters().unwrap();
         let ctx = skb_context(ifindex);
         let opts = TestRunOptions {
@@ -82,8 +113,7 @@ impl Kernel {
             ctx_in: Some(&ctx),
             ..Default::default()
         };
-        let result = self
-            .programs
+        let result = programs
             .program(direction)
             .test_run(opts)
             .unwrap_or_else(|e| panic!("test_run of {} bytes: {e:?}", frame.len()));
@@ -574,16 +604,19 @@ fn programs_stay_small_for_the_verifier() {
     require_root!();
     // Loading already ran the verifier; this records its work per program for the notes.
     let k = Kernel::load(POLICY);
-    for direction in Direction::ALL {
-        let info = k.programs.program(direction).info().unwrap();
-        let processed = info.verified_instruction_count().unwrap_or(0);
-        let translated = info.size_translated().unwrap_or(0) / 8;
-        eprintln!(
-            "{}: verifier processed {processed} insns; {translated} instructions after translation",
-            direction.name()
-        );
-        // The verifier's budget is 1,000,000; staying far below keeps new steps cheap to add.
-        assert!(processed > 0 && processed < 100_000, "{processed}");
+    for programs in std::iter::once(&k.programs).chain(&k.socket_pair) {
+        for direction in Direction::ALL {
+            let info = programs.program(direction).info().unwrap();
+            let processed = info.verified_instruction_count().unwrap_or(0);
+            let translated = info.size_translated().unwrap_or(0) / 8;
+            eprintln!(
+                "{} ({:?}): verifier processed {processed} insns; {translated} instructions after translation",
+                direction.name(),
+                programs.netns(),
+            );
+            // The verifier's budget is 1,000,000; staying far below keeps new steps cheap to add.
+            assert!(processed > 0 && processed < 100_000, "{processed}");
+        }
     }
 }
 

@@ -28,6 +28,12 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // systemd-analyze, for the test that verifies the units
     "systemd",
+    // Debian 12's and 13's kernels booted in qemu (tests/tests/kernels.rs)
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "binutils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

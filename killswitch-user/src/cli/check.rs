@@ -3,6 +3,7 @@
 use std::{path::Path, process::ExitCode};
 
 use crate::{
+    ebpf::kernel,
     error::Result,
     policy::{resolve_servers, Ipv6Mode, Policy, ServerAddress},
 };
@@ -105,5 +106,26 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
         })
         .collect();
     println!("inbound  {}", list(inbound));
+    print_kernel();
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the running kernel offers the programs, in one short block.
+fn print_kernel() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("kernel   Linux {}", release.trim());
+    if !nix::unistd::geteuid().is_root() {
+        println!("         features not probed: probing loads a test program, which needs root");
+        return;
+    }
+    match kernel::netns_source() {
+        Ok(source) => {
+            println!("         eBPF programs: full policy");
+            println!("         namespace: {}", source.describe());
+        }
+        Err(reason) => {
+            println!("         eBPF programs: CANNOT ENFORCE THE POLICY: {reason}");
+            println!("         a first `up` holds the scope in lockdown (loopback and DHCP only)");
+        }
+    }
 }

@@ -81,8 +81,16 @@ fn print_table(s: &ScopeStatus) {
             format!("{} {state} (prog {})", l.direction, l.program_id)
         })
         .collect();
+    let how = match (s.mode, s.namespace_from) {
+        ("lockdown", _) => {
+            "LOCKDOWN, loopback and DHCP only (run `killswitch up` to see why)".into()
+        }
+        (_, Some("socket")) => "namespace from the socket, via BTF".into(),
+        (_, Some(from)) => format!("namespace from {from}"),
+        (mode, None) => mode.to_string(),
+    };
     println!(
-        "state    {} via {} — {}",
+        "state    {} via {} ({how}) — {}",
         if s.enforced {
             "enforced"
         } else {

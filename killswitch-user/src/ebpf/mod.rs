@@ -2,6 +2,7 @@
 //! a scope's cgroup and pin the links so enforcement outlives every process of ours.
 
 pub mod entries;
+pub mod kernel;
 pub mod maps;
 pub mod sys;
 
@@ -21,6 +22,7 @@ use killswitch_common::Direction;
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 
 pub use entries::MapEntries;
+pub use kernel::{NetnsSource, Pair};
 pub use maps::PinnedMaps;
 
 use crate::{
@@ -52,29 +54,64 @@ fn attach_type(direction: Direction) -> CgroupSkbAttachType {
 /// Both programs loaded and verified, their maps pinned in one directory (reused if present).
 pub struct Programs {
     ebpf: Ebpf,
+    pair: Pair,
 }
 
 impl Programs {
+    /// Loads the policy pair that suits the running kernel.
     pub fn load(pin_dir: &Path) -> Result<Programs> {
+        let netns = kernel::netns_source().map_err(|reason| {
+            Error::kernel("this kernel cannot run the killswitch programs", reason)
+        })?;
+        Programs::load_pair(pin_dir, Pair::Policy(netns))
+    }
+
+    /// Loads one pair of the object (the tests load both policy pairs where the kernel can).
+    pub fn load_pair(pin_dir: &Path, pair: Pair) -> Result<Programs> {
         // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
         // signals for after the load (they are delivered when the mask is restored).
         let _signals = SignalsHeld::new();
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        let offsets;
+        if let Pair::Policy(NetnsSource::Socket {
+            sock_net_offset,
+            net_cookie_offset,
+        }) = pair
+        {
+            offsets = [sock_net_offset, net_cookie_offset];
+            loader
+                .override_global("SOCK_NET_OFFSET", &offsets[0], true)
+                .override_global("NET_COOKIE_OFFSET", &offsets[1], true);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
         for direction in Direction::ALL {
-            load_program(program_mut(&mut ebpf, direction)?, direction)?;
+            let name = pair.program_name(direction);
+            load_program(program_mut(&mut ebpf, name)?, direction)?;
         }
-        Ok(Programs { ebpf })
+        Ok(Programs { ebpf, pair })
+    }
+
+    pub fn pair(&self) -> Pair {
+        self.pair
+    }
+
+    /// How these programs learn a packet's network namespace (none in lockdown).
+    pub fn netns(&self) -> Option<NetnsSource> {
+        match self.pair {
+            Pair::Policy(netns) => Some(netns),
+            Pair::Lockdown => None,
+        }
     }
 
     /// The loaded (not attached) program, e.g. for BPF_PROG_TEST_RUN.
     pub fn program(&self, direction: Direction) -> &CgroupSkb {
         self.ebpf
-            .program(direction.name())
+            .program(self.pair.program_name(direction))
             .and_then(|p| <&CgroupSkb>::try_from(p).ok())
-            .expect("the object defines both cgroup_skb programs")
+            .expect("the object defines every cgroup_skb program")
     }
 
     /// Attaches both programs next to whatever is attached (multi-attach: any drop wins), then
@@ -82,7 +119,7 @@ impl Programs {
     /// at least one complete program per direction is attached.
     fn attach_and_pin(&mut self, cgroup: &File, pin_dir: &Path) -> Result<()> {
         for direction in Direction::ALL {
-            let program = program_mut(&mut self.ebpf, direction)?;
+            let program = program_mut(&mut self.ebpf, self.pair.program_name(direction))?;
             // A cgroup bpf_link always runs next to other links; the kernel rejects
             // BPF_F_ALLOW_MULTI in link_create flags, so the mode must be the flag-less one.
             let id = program
@@ -125,6 +162,17 @@ fn load_program(program: &mut CgroupSkb, direction: Direction) -> Result<()> {
                 );
                 attempt += 1;
             }
+            Err(ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
+                let log = verifier_log.to_string();
+                tracing::debug!("the verifier on the {} program:\n{log}", direction.name());
+                return Err(Error::kernel(
+                    format!("the kernel refused the {} program", direction.name()),
+                    format!("{io_error}; the verifier said: {}", verifier_verdict(&log)),
+                ));
+            }
             Err(e) => {
                 return Err(Error::kernel(
                     format!("the kernel refused the {} program", direction.name()),
@@ -133,6 +181,20 @@ fn load_program(program: &mut CgroupSkb, direction: Direction) -> Result<()> {
             }
         }
     }
+}
+
+/// The line of a verifier log that says why it refused (its last lines are statistics).
+fn verifier_verdict(log: &str) -> &str {
+    log.lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| {
+            !line.is_empty()
+                && !line.starts_with("verification time")
+                && !line.starts_with("stack depth")
+                && !line.starts_with("processed ")
+        })
+        .unwrap_or("nothing (run with -v for its log)")
 }
 
 /// Loads tried again after EAGAIN since the process started (the tests and the bench report it).
@@ -157,8 +219,8 @@ impl Drop for SignalsHeld {
     }
 }
 
-fn program_mut(ebpf: &mut Ebpf, direction: Direction) -> Result<&mut CgroupSkb> {
-    ebpf.program_mut(direction.name())
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSkb> {
+    ebpf.program_mut(name)
         .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
         .ok_or_else(|| Error::kernel("broken eBPF object", "a cgroup_skb program is missing"))
 }
@@ -188,11 +250,23 @@ pub fn apply(scope: &Scope, entries: &MapEntries) -> Result<()> {
         PinnedMaps::open(&scope.pin_dir)?.write(entries)?;
         programs.attach_and_pin(&cgroup, &scope.pin_dir)
     })();
-    if result.is_err() && fresh {
-        // Nothing was enforced before: leave nothing half-made behind.
-        let _ = remove_pins(&scope.pin_dir);
+    match result {
+        // Nothing enforced this scope before: never leave it open. Hold it in lockdown.
+        Err(cause) if fresh => Err(match lock_down(&cgroup, &scope.pin_dir) {
+            Ok(()) => Error::Lockdown(Box::new(cause)),
+            Err(also) => {
+                let _ = remove_pins(&scope.pin_dir);
+                Error::kernel(cause.to_string(), format!("lockdown failed too: {also}"))
+            }
+        }),
+        // Already enforced: what is in force stays untouched.
+        other => other,
     }
-    result
+}
+
+/// Attaches and pins the lockdown pair (loopback and DHCP only) in place of anything else.
+fn lock_down(cgroup: &File, pin_dir: &Path) -> Result<()> {
+    Programs::load_pair(pin_dir, Pair::Lockdown)?.attach_and_pin(cgroup, pin_dir)
 }
 
 /// Removes the scope's enforcement. Returns false when there was nothing to remove.

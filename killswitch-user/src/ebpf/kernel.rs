@@ -1,0 +1,183 @@
+//! What the running kernel offers the programs, probed once per load: how they learn a packet's
+//! network namespace (see `killswitch-ebpf/src/netns.rs`). `check` and `status` report it.
+
+use std::path::Path;
+
+use aya::{
+    programs::ProgramType,
+    sys::{is_helper_supported, BpfHelper},
+};
+use btf_rs::{Btf, Type};
+use killswitch_common::Direction;
+use serde::Serialize;
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// How the programs learn a packet's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "mechanism", rename_all = "kebab-case")]
+pub enum NetnsSource {
+    /// `bpf_get_netns_cookie` on the packet (Linux 6.17 and later).
+    Helper,
+    /// The packet's socket's namespace, read at offsets from the kernel's BTF (older kernels).
+    Socket {
+        sock_net_offset: u32,
+        net_cookie_offset: u32,
+    },
+}
+
+impl NetnsSource {
+    pub fn describe(self) -> String {
+        match self {
+            NetnsSource::Helper => "bpf_get_netns_cookie on the packet".into(),
+            NetnsSource::Socket {
+                sock_net_offset,
+                net_cookie_offset,
+            } => format!(
+                "the packet's socket, read at BTF offsets {sock_net_offset} (sock) and \
+                 {net_cookie_offset} (net)"
+            ),
+        }
+    }
+}
+
+/// The pair of programs in the object that a scope runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pair {
+    /// The whole policy, learning the namespace from `NetnsSource`.
+    Policy(NetnsSource),
+    /// Loopback and DHCP only: held when the policy cannot be enforced.
+    Lockdown,
+}
+
+impl Pair {
+    /// Program names in the object (the kernel keeps 15 characters).
+    pub fn program_name(self, direction: Direction) -> &'static str {
+        use Direction::*;
+        match (self, direction) {
+            (Pair::Policy(NetnsSource::Helper), Egress) => "egress",
+            (Pair::Policy(NetnsSource::Helper), Ingress) => "ingress",
+            (Pair::Policy(NetnsSource::Socket { .. }), Egress) => "egress_sock",
+            (Pair::Policy(NetnsSource::Socket { .. }), Ingress) => "ingress_sock",
+            (Pair::Lockdown, Egress) => "egress_locked",
+            (Pair::Lockdown, Ingress) => "ingress_locked",
+        }
+    }
+
+    /// What a program of that name enforces, for `status` (kernels keep the name).
+    pub fn of_program_name(name: &str) -> Option<&'static str> {
+        match name {
+            "egress" | "ingress" => Some("policy"),
+            "egress_sock" | "ingress_sock" => Some("policy"),
+            "egress_locked" | "ingress_locked" => Some("lockdown"),
+            _ => None,
+        }
+    }
+}
+
+/// The kernel's answer: the source the programs will use, or why none is available.
+pub fn netns_source() -> Result<NetnsSource, String> {
+    let cookie = BpfHelper::BPF_FUNC_get_netns_cookie;
+    if helper_supported(cookie)? {
+        return Ok(NetnsSource::Helper);
+    }
+    if !helper_supported(BpfHelper::BPF_FUNC_probe_read_kernel)? {
+        return Err(
+            "the kernel lets cgroup_skb programs use neither bpf_get_netns_cookie (Linux 6.17) \
+             nor bpf_probe_read_kernel (is kernel lockdown in confidentiality mode?)"
+                .into(),
+        );
+    }
+    socket_offsets(Path::new(VMLINUX_BTF))
+}
+
+fn helper_supported(helper: BpfHelper) -> Result<bool, String> {
+    is_helper_supported(ProgramType::CgroupSkb, helper)
+        .map_err(|e| format!("cannot probe the kernel for {helper:?}: {e}"))
+}
+
+/// `skc_net.net` in `struct sock` and `net_cookie` in `struct net`, from the kernel's BTF.
+pub fn socket_offsets(vmlinux: &Path) -> Result<NetnsSource, String> {
+    let btf = Btf::from_file(vmlinux).map_err(|e| {
+        format!(
+            "{} is unreadable ({e}); a kernel before Linux 6.17 needs BTF (CONFIG_DEBUG_INFO_BTF)",
+            vmlinux.display()
+        )
+    })?;
+    let sock_net = member_offset(&btf, "sock", &["__sk_common", "skc_net", "net"])?;
+    let net_cookie = member_offset(&btf, "net", &["net_cookie"])?;
+    Ok(NetnsSource::Socket {
+        sock_net_offset: sock_net,
+        net_cookie_offset: net_cookie,
+    })
+}
+
+/// Byte offset of `path` (member names, anonymous members searched through) in `struct name`.
+fn member_offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32, String> {
+    let missing = || {
+        format!(
+            "the kernel's BTF has no struct {name} with {}",
+            path.join(".")
+        )
+    };
+    let root = btf
+        .resolve_types_by_name(name)
+        .map_err(|_| missing())?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => Some(s),
+            _ => None,
+        })
+        .ok_or_else(missing)?;
+    let mut offset = 0;
+    let mut current = root;
+    for (i, field) in path.iter().enumerate() {
+        let (bits, ty) = find_member(btf, &current, field).ok_or_else(missing)?;
+        if bits % 8 != 0 {
+            return Err(missing());
+        }
+        offset += bits / 8;
+        if i + 1 < path.len() {
+            current = match resolve(btf, ty).ok_or_else(missing)? {
+                Type::Struct(s) | Type::Union(s) => s,
+                _ => return Err(missing()),
+            };
+        }
+    }
+    Ok(offset)
+}
+
+/// The member called `field`, looking inside anonymous structs and unions; its bit offset and
+/// type.
+fn find_member(btf: &Btf, parent: &btf_rs::Struct, field: &str) -> Option<(u32, Type)> {
+    for member in &parent.members {
+        let ty = btf.resolve_chained_type(member).ok()?;
+        let name = btf.resolve_name(member).unwrap_or_default();
+        if name == field {
+            return Some((member.bit_offset(), ty));
+        }
+        if name.is_empty() {
+            if let Some(Type::Struct(inner) | Type::Union(inner)) = resolve(btf, ty) {
+                if let Some((bits, ty)) = find_member(btf, &inner, field) {
+                    return Some((member.bit_offset() + bits, ty));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Follows typedefs and qualifiers to the type they name.
+fn resolve(btf: &Btf, mut ty: Type) -> Option<Type> {
+    for _ in 0..16 {
+        ty = match ty {
+            Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
+            Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
+            Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
+            Type::Restrict(t) => btf.resolve_chained_type(&t).ok()?,
+            Type::TypeTag(t) => btf.resolve_chained_type(&t).ok()?,
+            other => return Some(other),
+        };
+    }
+    None
+}

@@ -1,0 +1,246 @@
+//! The kernels people have: Debian 12's 6.1 and Debian 13's 6.12, booted in qemu from Debian's
+//! own packages. In each guest the verdict tests run whole (both programs loaded and attached to
+//! a child cgroup, the verdict tables and the property test's packets against the model) and a
+//! real-packet check on veth namespaces (a process in the scope is refused, one outside is not).
+//! The running kernel gets all of that from the other test files.
+//!
+//! A third boot, Debian 12's kernel with `lockdown=confidentiality` (it refuses
+//! `bpf_probe_read_kernel`, which that kernel's programs need), proves that a first `up` the
+//! kernel refuses holds the scope in lockdown.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use testbed::{
+    require_root,
+    vm::{boot, DebianKernel, Initramfs},
+};
+
+/// Under software emulation a guest runs the verdict tests in about 90 s.
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
+const BOOKWORM_KERNEL: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64$";
+const TRIXIE_KERNEL: &str = r"^linux-image-6\.12\.[0-9]+\+deb13-amd64$";
+
+#[test]
+fn debian_12_kernel_runs_the_whole_policy() {
+    run_in_guest("bookworm", BOOKWORM_KERNEL, "", &policy_steps());
+}
+
+#[test]
+fn debian_13_kernel_runs_the_whole_policy() {
+    run_in_guest("trixie", TRIXIE_KERNEL, "", &policy_steps());
+}
+
+#[test]
+fn a_kernel_that_refuses_the_programs_gets_lockdown() {
+    let steps = [Step {
+        name: "lockdown",
+        command: "/ks/enforcement --test-threads=1 --ignored --exact \
+                  a_first_up_the_kernel_refuses_holds_the_scope_in_lockdown",
+    }];
+    run_in_guest(
+        "bookworm",
+        BOOKWORM_KERNEL,
+        "lockdown=confidentiality",
+        &steps,
+    );
+}
+
+struct Step {
+    name: &'static str,
+    command: &'static str,
+}
+
+fn policy_steps() -> [Step; 3] {
+    [
+        // Its output names the mechanism and the verifier's work, for the report.
+        Step {
+            name: "verifier",
+            command: "/ks/verdicts --test-threads=1 --exact \
+                      programs_stay_small_for_the_verifier --nocapture",
+        },
+        Step {
+            name: "verdicts",
+            command: "/ks/verdicts --test-threads=1",
+        },
+        Step {
+            name: "real-packets",
+            command: "/ks/enforcement --test-threads=1 --exact \
+                      scope_allows_only_tunnel_loopback_and_servers_and_outlives_the_loader",
+        },
+    ]
+}
+
+fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
+    require_root!();
+    if let Some(missing) = ["qemu-system-x86_64", "busybox", "cpio"]
+        .into_iter()
+        .find(|tool| !on_path(tool))
+    {
+        eprintln!("SKIPPED: {missing} is missing (cargo xtask setup installs it)");
+        return;
+    }
+    let kernel = match DebianKernel::fetch(&kernel_cache(), suite, package) {
+        Ok(kernel) => kernel,
+        Err(reason) => {
+            eprintln!("SKIPPED: cannot fetch Debian {suite}'s kernel: {reason}");
+            return;
+        }
+    };
+
+    let archive = std::env::temp_dir()
+        .join(testbed::unique_name("ksinitrd"))
+        .with_extension("cpio");
+    let mut initramfs = Initramfs::new();
+    for tool in ["ip", "nsenter", "timeout", "ping", "bpftool"] {
+        // All in /usr/bin, ahead of busybox's applets on the guest's PATH.
+        initramfs.add_binary(&which(tool), &format!("/usr/bin/{tool}"));
+    }
+    let tests = test_binaries();
+    initramfs.add_binary(&tests.verdicts, "/ks/verdicts");
+    initramfs.add_binary(&tests.enforcement, "/ks/enforcement");
+    initramfs.add_binary(&testbed::process::killswitch_bin(), "/ks/killswitch");
+    // The tests find the probe at the path it was built to.
+    let probe = env!("CARGO_BIN_EXE_ks-probe");
+    initramfs.add_binary(Path::new(probe), probe);
+    for module in ["veth", "tun"] {
+        initramfs.add_module(&kernel.modules, module);
+    }
+    initramfs.add_script("/init", &init_script(steps));
+    initramfs.pack(&archive);
+    drop(initramfs);
+
+    let run = boot(&kernel, &archive, append, BOOT_LIMIT);
+    let _ = std::fs::remove_file(&archive);
+    eprintln!(
+        "{} {append}: booted and tested in {:.0} s",
+        kernel.release,
+        run.took.as_secs_f64()
+    );
+    for line in run.console.lines().filter(|l| {
+        l.contains("KS-")
+            || l.contains("verifier processed")
+            || l.contains("namespace source")
+            || l.starts_with("test result")
+    }) {
+        eprintln!("  {}", line.trim());
+    }
+    assert!(
+        run.console
+            .contains(&format!("KS-KERNEL {}", kernel.release)),
+        "the guest did not start:\n{}",
+        tail(&run.console)
+    );
+    for step in steps {
+        assert_eq!(
+            run.exit(step.name),
+            Some(0),
+            "step {} failed on {}:\n{}",
+            step.name,
+            kernel.release,
+            tail(&run.console)
+        );
+    }
+}
+
+fn init_script(steps: &[Step]) -> String {
+    let mut script = String::from(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/usr/bin:/usr/sbin:/bin:/sbin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup; mount -t bpf bpffs /sys/fs/bpf\n\
+         mount -t tmpfs tmpfs /run; mkdir -p /run/netns; mount -t tmpfs tmpfs /tmp\n\
+         insmod /ks/veth.ko; insmod /ks/tun.ko\n\
+         ip link set lo up\n\
+         export KILLSWITCH_BIN=/ks/killswitch RUST_BACKTRACE=0\n\
+         cd /tmp\n\
+         echo \"KS-KERNEL $(uname -r)\"\n",
+    );
+    for step in steps {
+        script.push_str(&format!(
+            "{} 2>&1; echo \"KS-EXIT {} $?\"\n",
+            step.command, step.name
+        ));
+    }
+    script.push_str("poweroff -f\n");
+    script
+}
+
+/// Downloaded kernels live beside the build, so a second run needs no network.
+fn kernel_cache() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("kernels")
+}
+
+struct TestBinaries {
+    verdicts: PathBuf,
+    enforcement: PathBuf,
+}
+
+/// The compiled verdict and enforcement tests, as cargo reports them (built already).
+fn test_binaries() -> TestBinaries {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["test", "--no-run", "--locked", "--message-format=json"])
+        .args([
+            "-p",
+            "killswitch-tests",
+            "--test",
+            "verdicts",
+            "--test",
+            "enforcement",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut found = (None, None);
+    for message in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(message) else {
+            continue;
+        };
+        let (Some(name), Some(exe)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) else {
+            continue;
+        };
+        match name {
+            "verdicts" => found.0 = Some(PathBuf::from(exe)),
+            "enforcement" => found.1 = Some(PathBuf::from(exe)),
+            _ => {}
+        }
+    }
+    TestBinaries {
+        verdicts: found.0.expect("cargo built the verdict tests"),
+        enforcement: found.1.expect("cargo built the enforcement tests"),
+    }
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn which(tool: &str) -> PathBuf {
+    let out = testbed::run("sh", &["-c", &format!("command -v {tool}")]);
+    PathBuf::from(out.trim())
+}
+
+fn tail(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
