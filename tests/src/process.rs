@@ -42,32 +42,36 @@ pub fn killswitch_bin() -> PathBuf {
         if let Some(path) = std::env::var_os("KILLSWITCH_BIN") {
             return PathBuf::from(path);
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "killswitch-user",
-                "--bin",
-                "killswitch",
-            ])
-            .args(["--message-format=json-render-diagnostics"])
-            .output()
-            .expect("cannot run cargo to build killswitch");
-        assert!(
-            out.status.success(),
-            "building killswitch failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter_map(|msg| msg.get("executable")?.as_str().map(PathBuf::from))
-            .next_back()
+        cargo_executables(&["build", "-p", "killswitch-user", "--bin", "killswitch"])
+            .pop()
             .expect("cargo reported no killswitch executable")
+            .1
     })
     .clone()
+}
+
+/// Runs `cargo ARGS` (a build) and returns the executables it reports, as (target name, path).
+pub fn cargo_executables(args: &[&str]) -> Vec<(String, PathBuf)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(args)
+        .args(["--quiet", "--message-format=json-render-diagnostics"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "cargo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|msg| {
+            let name = msg["target"]["name"].as_str()?.to_owned();
+            Some((name, PathBuf::from(msg.get("executable")?.as_str()?)))
+        })
+        .collect()
 }
 
 /// Runs `killswitch ARGS` in `netns` (outside any test cgroup), pins under `pin_root`.

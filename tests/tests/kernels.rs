@@ -186,45 +186,27 @@ struct TestBinaries {
 
 /// The compiled verdict and enforcement tests, as cargo reports them (built already).
 fn test_binaries() -> TestBinaries {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["test", "--no-run", "--locked", "--message-format=json"])
-        .args([
-            "-p",
-            "killswitch-tests",
-            "--test",
-            "verdicts",
-            "--test",
-            "enforcement",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cannot run cargo");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut found = (None, None);
-    for message in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(message) else {
-            continue;
-        };
-        let (Some(name), Some(exe)) = (
-            message["target"]["name"].as_str(),
-            message["executable"].as_str(),
-        ) else {
-            continue;
-        };
-        match name {
-            "verdicts" => found.0 = Some(PathBuf::from(exe)),
-            "enforcement" => found.1 = Some(PathBuf::from(exe)),
-            _ => {}
-        }
-    }
+    let built = testbed::process::cargo_executables(&[
+        "test",
+        "--no-run",
+        "--locked",
+        "-p",
+        "killswitch-tests",
+        "--test",
+        "verdicts",
+        "--test",
+        "enforcement",
+    ]);
+    let find = |name: &str| {
+        built
+            .iter()
+            .find(|(target, _)| target == name)
+            .map(|(_, path)| path.clone())
+            .unwrap_or_else(|| panic!("cargo built no {name} tests"))
+    };
     TestBinaries {
-        verdicts: found.0.expect("cargo built the verdict tests"),
-        enforcement: found.1.expect("cargo built the enforcement tests"),
+        verdicts: find("verdicts"),
+        enforcement: find("enforcement"),
     }
 }
 
