@@ -16,9 +16,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use killswitch_common::{
-    Direction, InboundKey, InterfaceKey, LanPrefix, Reason, ServerKey, Settings, ANY_PORT,
-    ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IFINDEX,
-    MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES, MAX_SERVERS,
+    ipv4_mapped, Direction, InboundKey, InterfaceKey, LanPrefix, Reason, ServerKey, Settings,
+    ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES, MAX_SERVERS,
 };
 use netns::{Helper, NetnsSource, Socket};
 use packet::{Packet, Ports, ETH_P_IPV6};
@@ -83,13 +83,23 @@ pub fn ingress_locked(ctx: SkBuffContext) -> i32 {
     lockdown(&ctx, Direction::Ingress)
 }
 
+/// Lockdown's DHCP is narrower than the policy's: requests only to the broadcast address (v4)
+/// or ff02::1:2 (v6), so nothing bound to port 68 can talk to an internet host. A lease is then
+/// renewed by rebinding (broadcast) instead of unicast renewal.
 #[inline(always)]
 fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
     let reason = if ifindex(ctx) == LOOPBACK_IFINDEX {
         Reason::Loopback
     } else {
         match Packet::parse(ctx, direction) {
-            Some(packet) if is_dhcp(&packet, direction) => Reason::Dhcp,
+            Some(packet)
+                if is_dhcp(&packet, direction)
+                    && (direction == Direction::Ingress
+                        || packet.ipv6
+                        || packet.remote == ipv4_mapped([255; 4])) =>
+            {
+                Reason::Dhcp
+            }
             _ => Reason::Default,
         }
     };

@@ -13,8 +13,6 @@
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
-    macros::map,
-    maps::PerCpuArray,
     programs::SkBuffContext,
 };
 
@@ -41,25 +39,17 @@ static SOCK_NET_OFFSET: u32 = 0;
 #[no_mangle]
 static NET_COOKIE_OFFSET: u32 = 0;
 
-/// One slot to turn the socket pointer into a plain number: the verifier allows no arithmetic
-/// on socket pointers, but a privileged program may store one and read it back as a scalar.
-#[map]
-static SOCKET_ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 impl NetnsSource for Socket {
     #[inline(always)]
     fn cookie(ctx: &SkBuffContext) -> u64 {
         // SAFETY: reading a field of the context.
         let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-        let Some(slot) = SOCKET_ADDRESS.get_ptr_mut(0) else {
-            return 0;
-        };
-        // Volatile, so the compiler keeps the store and the load the trick needs.
-        // SAFETY: a per-CPU slot of this map, valid for the program run.
-        let address = unsafe {
-            core::ptr::write_volatile(slot, sk as u64);
-            core::ptr::read_volatile(slot)
-        };
+        // The verifier allows no arithmetic on a socket pointer, but a privileged program may
+        // copy one: reading it back from this program's own stack gives a plain number. (A
+        // per-CPU map slot would race with a softirq running these programs on this CPU.)
+        let holder = sk as u64;
+        // SAFETY: reads 8 bytes of this program's stack.
+        let address = unsafe { bpf_probe_read_kernel(&holder as *const u64).unwrap_or(0) };
         if address == 0 {
             return 0;
         }

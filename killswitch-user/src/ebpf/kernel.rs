@@ -77,6 +77,8 @@ impl Pair {
 
 /// The kernel's answer: the source the programs will use, or why none is available.
 pub fn netns_source() -> Result<NetnsSource, String> {
+    // The probes load test programs: a pending signal would make the verifier give up.
+    let _signals = super::SignalsHeld::new();
     let cookie = BpfHelper::BPF_FUNC_get_netns_cookie;
     if helper_supported(cookie)? {
         return Ok(NetnsSource::Helper);
@@ -96,7 +98,9 @@ fn helper_supported(helper: BpfHelper) -> Result<bool, String> {
         .map_err(|e| format!("cannot probe the kernel for {helper:?}: {e}"))
 }
 
-/// `skc_net.net` in `struct sock` and `net_cookie` in `struct net`, from the kernel's BTF.
+/// `skc_net.net` in `struct sock` and `net_cookie` in `struct net`, from the kernel's BTF. Each
+/// path must end in a field of the right kind (a pointer; an 8-byte integer), or no offset is
+/// given and the socket pair is not used.
 pub fn socket_offsets(vmlinux: &Path) -> Result<NetnsSource, String> {
     let btf = Btf::from_file(vmlinux).map_err(|e| {
         format!(
@@ -104,56 +108,84 @@ pub fn socket_offsets(vmlinux: &Path) -> Result<NetnsSource, String> {
             vmlinux.display()
         )
     })?;
-    let sock_net = member_offset(&btf, "sock", &["__sk_common", "skc_net", "net"])?;
-    let net_cookie = member_offset(&btf, "net", &["net_cookie"])?;
+    let sock_net = member_offset(&btf, "sock", &["__sk_common", "skc_net", "net"], Leaf::Pointer)?;
+    let net_cookie = member_offset(&btf, "net", &["net_cookie"], Leaf::U64)?;
     Ok(NetnsSource::Socket {
         sock_net_offset: sock_net,
         net_cookie_offset: net_cookie,
     })
 }
 
-/// Byte offset of `path` (member names, anonymous members searched through) in `struct name`.
-fn member_offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32, String> {
-    let missing = || {
-        format!(
-            "the kernel's BTF has no struct {name} with {}",
-            path.join(".")
-        )
-    };
-    let root = btf
-        .resolve_types_by_name(name)
-        .map_err(|_| missing())?
+/// What the last field of a path must be.
+#[derive(Clone, Copy)]
+enum Leaf {
+    Pointer,
+    U64,
+}
+
+impl Leaf {
+    fn matches(self, ty: &Type) -> bool {
+        match (self, ty) {
+            (Leaf::Pointer, Type::Ptr(_)) => true,
+            (Leaf::U64, Type::Int(int)) => int.size() == 8,
+            _ => false,
+        }
+    }
+}
+
+/// Byte offset of `path` (member names, anonymous members searched through) in the struct
+/// called `name`; every struct of that name is tried.
+fn member_offset(btf: &Btf, name: &str, path: &[&str], leaf: Leaf) -> Result<u32, String> {
+    btf.resolve_types_by_name(name)
+        .unwrap_or_default()
         .into_iter()
-        .find_map(|t| match t {
-            Type::Struct(s) => Some(s),
+        .filter_map(|t| match t {
+            Type::Struct(s) => walk(btf, s, path, leaf),
             _ => None,
         })
-        .ok_or_else(missing)?;
+        .next()
+        .ok_or_else(|| {
+            format!(
+                "the kernel's BTF has no struct {name} with a {} {}",
+                match leaf {
+                    Leaf::Pointer => "pointer",
+                    Leaf::U64 => "64-bit",
+                },
+                path.join(".")
+            )
+        })
+}
+
+fn walk(btf: &Btf, root: btf_rs::Struct, path: &[&str], leaf: Leaf) -> Option<u32> {
     let mut offset = 0;
     let mut current = root;
     for (i, field) in path.iter().enumerate() {
-        let (bits, ty) = find_member(btf, &current, field).ok_or_else(missing)?;
+        let (bits, ty) = find_member(btf, &current, field)?;
         if bits % 8 != 0 {
-            return Err(missing());
+            return None;
         }
         offset += bits / 8;
-        if i + 1 < path.len() {
-            current = match resolve(btf, ty).ok_or_else(missing)? {
-                Type::Struct(s) | Type::Union(s) => s,
-                _ => return Err(missing()),
-            };
+        let ty = resolve(btf, ty)?;
+        if i + 1 == path.len() {
+            return leaf.matches(&ty).then_some(offset);
         }
+        current = match ty {
+            Type::Struct(s) | Type::Union(s) => s,
+            _ => return None,
+        };
     }
-    Ok(offset)
+    None
 }
 
 /// The member called `field`, looking inside anonymous structs and unions; its bit offset and
-/// type.
+/// type. Members whose type cannot be resolved are skipped.
 fn find_member(btf: &Btf, parent: &btf_rs::Struct, field: &str) -> Option<(u32, Type)> {
     for member in &parent.members {
-        let ty = btf.resolve_chained_type(member).ok()?;
+        let Ok(ty) = btf.resolve_chained_type(member) else {
+            continue;
+        };
         let name = btf.resolve_name(member).unwrap_or_default();
-        if name == field {
+        if name == field && member.bitfield_size().unwrap_or(0) == 0 {
             return Some((member.bit_offset(), ty));
         }
         if name.is_empty() {

@@ -60,6 +60,7 @@ pub struct Programs {
 impl Programs {
     /// Loads the policy pair that suits the running kernel.
     pub fn load(pin_dir: &Path) -> Result<Programs> {
+        let _signals = SignalsHeld::new();
         let netns = kernel::netns_source().map_err(|reason| {
             Error::kernel("this kernel cannot run the killswitch programs", reason)
         })?;
@@ -201,10 +202,10 @@ fn verifier_verdict(log: &str) -> &str {
 pub static LOAD_RETRIES: AtomicU64 = AtomicU64::new(0);
 
 /// Blocks every blockable signal on this thread until dropped; pending ones arrive then.
-struct SignalsHeld(Option<SigSet>);
+pub(crate) struct SignalsHeld(Option<SigSet>);
 
 impl SignalsHeld {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut old = SigSet::empty();
         let held = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old));
         SignalsHeld(held.ok().map(|()| old))
