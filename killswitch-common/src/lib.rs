@@ -22,6 +22,9 @@ pub const MAX_PREFIXES: u32 = 4096;
 pub const MAX_ADDRESSES: u32 = 4096;
 /// IPv6 extension headers walked before the transport header counts as unreadable.
 pub const MAX_EXTENSION_HEADERS: u32 = 6;
+/// Bytes of the `LOCKDOWN` map's one value: why the scope is in lockdown (UTF-8, NUL-padded;
+/// all NUL while the policy is in force).
+pub const LOCKDOWN_REASON_BYTES: usize = 512;
 
 /// An interface the policy trusts, named by ifindex *and* network namespace: ifindexes are only
 /// unique inside one namespace, and a scope's programs also see its processes in other namespaces.

@@ -18,7 +18,8 @@ use aya_ebpf::{
 use killswitch_common::{
     ipv4_mapped, Direction, InboundKey, InterfaceKey, LanPrefix, Reason, ServerKey, Settings,
     ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES, MAX_SERVERS,
+    LOCKDOWN_REASON_BYTES, LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
+    MAX_SERVERS,
 };
 use netns::{Helper, NetnsSource, Socket};
 use packet::{Packet, Ports, ETH_P_IPV6};
@@ -46,6 +47,9 @@ static INBOUND: HashMap<InboundKey, u8> = HashMap::pinned(MAX_ADDRESSES, 0);
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+/// Why the scope is in lockdown, for `status`; the programs never read it.
+#[map]
+static LOCKDOWN: Array<[u8; LOCKDOWN_REASON_BYTES]> = Array::pinned(1, 0);
 
 // One pair per way of learning the packet's network namespace (see netns.rs); the loader
 // loads the pair the kernel supports. Names stay within the kernel's 15 characters.

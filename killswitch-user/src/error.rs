@@ -53,6 +53,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => 2,
+            Error::Lockdown(cause) => cause.exit_code(),
             _ => 1,
         }
     }

@@ -9,7 +9,7 @@ use crate::{
     ebpf::{
         self,
         entries::{key_address, lan_prefix, server_endpoint},
-        sys, Pair, PinnedMaps,
+        sys, PinnedMaps,
     },
     error::Result,
     interfaces,
@@ -26,6 +26,8 @@ pub struct ScopeStatus {
     pub enforced: bool,
     /// "policy", or "lockdown" (loopback and DHCP only: the policy could not be enforced).
     pub mode: &'static str,
+    /// Why the scope is in lockdown (the error `up` or the daemon reported).
+    pub lockdown_reason: Option<String>,
     /// How the programs learn a packet's network namespace: "bpf_get_netns_cookie", or
     /// "socket" (the socket's, through BTF offsets, on kernels before 6.17).
     pub namespace_from: Option<&'static str>,
@@ -82,7 +84,7 @@ pub struct CounterStatus {
 
 pub fn read(scope: &Scope) -> Result<ScopeStatus> {
     let cgroup_id = scope.cgroup_id().ok();
-    let names = program_names();
+    let names = ebpf::program_names();
     let links: Vec<LinkStatus> = Direction::ALL
         .iter()
         .filter_map(|&direction| {
@@ -102,7 +104,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         .first()
         .and_then(|l| l.program.as_deref())
         .unwrap_or("");
-    let mode = Pair::of_program_name(program).unwrap_or("unknown");
+    let mode = ebpf::mode(scope).unwrap_or("unknown");
     let namespace_from = match program {
         "egress" | "ingress" => Some("bpf_get_netns_cookie"),
         "egress_sock" | "ingress_sock" => Some("socket"),
@@ -136,6 +138,9 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         backend: "ebpf",
         enforced,
         mode,
+        lockdown_reason: (mode == "lockdown")
+            .then(|| ebpf::maps::lockdown_reason(&scope.pin_dir))
+            .flatten(),
         namespace_from,
         links,
         tunnels: describe(maps.tunnels()?),
@@ -193,12 +198,4 @@ fn exceptions(maps: &PinnedMaps, settings: &Settings) -> Result<Exceptions> {
             })
             .collect(),
     })
-}
-
-/// Names of the loaded BPF programs by id (the kernel keeps each program's name).
-fn program_names() -> std::collections::HashMap<u32, String> {
-    aya::programs::loaded_programs()
-        .filter_map(|info| info.ok())
-        .filter_map(|info| Some((info.id(), info.name_as_str()?.to_owned())))
-        .collect()
 }

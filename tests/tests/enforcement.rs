@@ -345,6 +345,20 @@ fn a_first_up_the_kernel_refuses_holds_the_scope_in_lockdown() {
         "names the feature: {stderr}"
     );
 
+    only_loopback_reachable(&f);
+    check_all(&f, None, false);
+
+    let status = f.status_json();
+    let scope = &status["scopes"][0];
+    assert_eq!(scope["enforced"], true, "{status:#}");
+    assert_eq!(scope["mode"], "lockdown", "{status:#}");
+
+    f.killswitch_ok(&["down", "--cgroup", &f.cgroup.relative]);
+    check_all(&f, Some(&f.cgroup), false);
+}
+
+/// Only loopback answers from the scope: what lockdown allows (DHCP aside).
+fn only_loopback_reachable(f: &Fixture) {
     let mut wrong = Vec::new();
     for &probe in ALLOWED.iter().chain(BLOCKED) {
         let loopback = matches!(
@@ -359,13 +373,134 @@ fn a_first_up_the_kernel_refuses_holds_the_scope_in_lockdown() {
         wrong.is_empty(),
         "in lockdown, only loopback is reachable: {wrong:?}"
     );
-    check_all(&f, None, false);
+}
 
+#[test]
+fn a_bad_config_at_the_first_up_holds_the_scope_in_lockdown() {
+    require_root!();
+    let f = Fixture::new();
+    check_all(&f, Some(&f.cgroup), false);
+    let valid = std::fs::read_to_string(&f.config).unwrap();
+
+    testbed::write_config(&f.config, "tunnels = [\"tun0\"]\nbogus = 1\n");
+    let out = f.killswitch(&["up", "--cgroup", &f.cgroup.relative]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+    assert!(
+        stderr.contains("killswitch.toml:2") && stderr.contains("lockdown"),
+        "{stderr}"
+    );
+    only_loopback_reachable(&f);
+    check_all(&f, None, false);
     let status = f.status_json();
     let scope = &status["scopes"][0];
-    assert_eq!(scope["enforced"], true, "{status:#}");
     assert_eq!(scope["mode"], "lockdown", "{status:#}");
+    assert!(
+        scope["lockdown_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("killswitch.toml:2")),
+        "{status:#}"
+    );
+    // A second bad `up` changes nothing; `servers` refuses to edit a locked scope.
+    let out = f.killswitch(&["up", "--cgroup", &f.cgroup.relative]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = f.killswitch(&[
+        "servers",
+        "add",
+        "203.0.113.9:8080",
+        "--cgroup",
+        &f.cgroup.relative,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    only_loopback_reachable(&f);
 
-    f.killswitch_ok(&["down", "--cgroup", &f.cgroup.relative]);
-    check_all(&f, Some(&f.cgroup), false);
+    // A missing file is a bad config too; the lockdown stays.
+    let missing = f.config.with_file_name("missing.toml");
+    let out = killswitch(
+        &f.net.client,
+        &f.pins,
+        &[
+            "--config",
+            missing.to_str().unwrap(),
+            "up",
+            "--cgroup",
+            &f.cgroup.relative,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    only_loopback_reachable(&f);
+
+    // A valid config replaces the lockdown with the policy.
+    testbed::write_config(&f.config, &valid);
+    f.up();
+    check_all(&f, Some(&f.cgroup), true);
+    let status = f.status_json();
+    assert_eq!(status["scopes"][0]["mode"], "policy", "{status:#}");
+    assert!(
+        status["scopes"][0]["lockdown_reason"].is_null(),
+        "{status:#}"
+    );
+}
+
+/// A process of the scope in another network namespace (a container) whose interface has the
+/// host tunnel's ifindex: the programs key interfaces by namespace too, so it is not the tunnel.
+#[test]
+fn an_interface_of_another_namespace_with_the_tunnels_ifindex_is_not_the_tunnel() {
+    require_root!();
+    let f = Fixture::new();
+    let tunnel = f.net.client.ifindex("tun0");
+    let container = testbed::Netns::new("k");
+    let beyond = testbed::Netns::new("b");
+    let index = tunnel.to_string();
+    container.ip(&[
+        "link",
+        "add",
+        "eth9",
+        "index",
+        &index,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth9p",
+        "netns",
+        &beyond.name,
+    ]);
+    container.ip(&["link", "set", "eth9", "up"]);
+    beyond.ip(&["link", "set", "eth9p", "up"]);
+    container.addr("eth9", "198.18.9.2/24");
+    beyond.addr("eth9p", "198.18.9.1/24");
+    assert_eq!(container.ifindex("eth9"), tunnel);
+    let _echo = EchoServer::start(&beyond, &[socket("198.18.9.1", OTHER_PORT)]);
+    let probe = |kind: &str| {
+        let out = output_in(
+            &container,
+            Some(&f.cgroup),
+            PROBE,
+            &[kind, &socket("198.18.9.1", OTHER_PORT).to_string()],
+        );
+        assert_ne!(out.status.code(), Some(125), "could not join the cgroup");
+        out.status.success()
+    };
+    assert!(
+        probe("tcp") && probe("udp"),
+        "baseline: the container's network works"
+    );
+
+    f.up();
+    assert!(
+        !probe("tcp"),
+        "TCP from another namespace passed as the tunnel"
+    );
+    assert!(
+        !probe("udp"),
+        "UDP from another namespace passed as the tunnel"
+    );
+    // The host's own tunnel still carries the scope's traffic.
+    assert!(reaches(
+        &f.net,
+        Some(&f.cgroup),
+        Probe::Tcp(TUNNEL_PEER_V4, OTHER_PORT)
+    ));
 }

@@ -1,7 +1,9 @@
 //! The kernels people have: Debian 12's 6.1 and Debian 13's 6.12, booted in qemu from Debian's
 //! own packages. In each guest the verdict tests run whole (both programs loaded and attached to
-//! a child cgroup, the verdict tables and the property test's packets against the model) and a
-//! real-packet check on veth namespaces (a process in the scope is refused, one outside is not).
+//! a child cgroup, the verdict tables and the property test's packets against the model) and
+//! real-packet checks on veth namespaces: a process in the scope is refused, one outside is not;
+//! a process of the scope in another namespace on the tunnel's ifindex is refused; a bad config
+//! at the first `up` gives lockdown.
 //! The running kernel gets all of that from the other test files.
 //!
 //! A third boot, Debian 12's kernel with `lockdown=confidentiality` (it refuses
@@ -70,7 +72,9 @@ fn policy_steps() -> [Step; 3] {
         Step {
             name: "real-packets",
             command: "/ks/enforcement --test-threads=1 --exact \
-                      scope_allows_only_tunnel_loopback_and_servers_and_outlives_the_loader",
+                      scope_allows_only_tunnel_loopback_and_servers_and_outlives_the_loader \
+                      an_interface_of_another_namespace_with_the_tunnels_ifindex_is_not_the_tunnel \
+                      a_bad_config_at_the_first_up_holds_the_scope_in_lockdown",
         },
     ]
 }

@@ -57,6 +57,13 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
             scope.display_cgroup()
         )));
     }
+    if ebpf::mode(&scope) == Some("lockdown") {
+        return Err(Error::Runtime(format!(
+            "{} is in lockdown, not enforcing a policy; fix what `killswitch status` shows and \
+             run `killswitch up`",
+            scope.display_cgroup()
+        )));
+    }
     let mut maps = PinnedMaps::open(&scope.pin_dir)?;
     let keys = |endpoints: &[ServerEndpoint]| -> BTreeSet<_> {
         endpoints.iter().map(server_key).collect()

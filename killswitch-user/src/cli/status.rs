@@ -82,9 +82,7 @@ fn print_table(s: &ScopeStatus) {
         })
         .collect();
     let how = match (s.mode, s.namespace_from) {
-        ("lockdown", _) => {
-            "LOCKDOWN, loopback and DHCP only (run `killswitch up` to see why)".into()
-        }
+        ("lockdown", _) => "LOCKDOWN: loopback and DHCP only".into(),
         (_, Some("socket")) => "namespace from the socket, via BTF".into(),
         (_, Some(from)) => format!("namespace from {from}"),
         (mode, None) => mode.to_string(),
@@ -103,6 +101,18 @@ fn print_table(s: &ScopeStatus) {
             links.join(", ")
         }
     );
+    if s.mode == "lockdown" {
+        // The maps may still hold an older policy; none of it is in force.
+        println!(
+            "why      {}",
+            s.lockdown_reason
+                .as_deref()
+                .unwrap_or("not recorded; run `killswitch up` to see it")
+        );
+        println!("policy   none in force until `killswitch up` succeeds");
+        print_counters(s);
+        return;
+    }
     let interfaces = |list: &[status::InterfaceStatus]| -> String {
         if list.is_empty() {
             return "none present".into();
@@ -156,6 +166,10 @@ fn print_table(s: &ScopeStatus) {
     println!("ntp      {}", list(&e.ntp_servers));
     println!("dns      {}", list(&e.dns_servers));
     println!("inbound  {}", list(&e.inbound));
+    print_counters(s);
+}
+
+fn print_counters(s: &ScopeStatus) {
     println!(
         "packets  {:<8} {:<20} {:>12} {:>12}",
         "verdict", "reason", "egress", "ingress"

@@ -10,17 +10,24 @@ use crate::{
 };
 
 pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
-    let policy = Policy::load(config)?;
-    super::require_privileges()?;
     let scope = crate::scope::Scope::from_arg(cgroup)?;
+    let policy = match Policy::load(config) {
+        Ok(policy) => policy,
+        // At boot a typo must not leave the machine open: lockdown, unless already enforced.
+        Err(e) if super::require_privileges().is_ok() => {
+            return Err(ebpf::lock_down(&scope, e.into()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    super::require_privileges()?;
     let started = Instant::now();
     let (servers, unresolved) = resolve_servers(&policy.servers);
-    let entries = MapEntries::new(
-        &policy,
-        &interfaces::list()?,
-        interfaces::netns_cookie()?,
-        &servers,
-    );
+    let listed = interfaces::list().and_then(|list| Ok((list, interfaces::netns_cookie()?)));
+    let (list, cookie) = match listed {
+        Ok(listed) => listed,
+        Err(e) => return Err(ebpf::lock_down(&scope, e)),
+    };
+    let entries = MapEntries::new(&policy, &list, cookie, &servers);
     if entries.tunnels.is_empty() {
         let patterns: Vec<_> = policy.tunnels.iter().map(|p| p.as_str()).collect();
         tracing::warn!(

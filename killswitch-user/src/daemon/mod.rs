@@ -32,18 +32,43 @@ use crate::{
 /// Longest a hostname lookup may take before it counts as failed.
 const LOOKUP_LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs until SIGTERM or SIGINT. Errors before the first apply are returned; later ones are
-/// logged and the enforcement in place stays.
+/// Runs until SIGTERM or SIGINT. Errors of the first apply are returned (a scope that was not
+/// enforced is then in lockdown); later ones are logged and the enforcement in place stays.
 pub fn run(config: &Path, scope: Scope) -> Result<()> {
-    let policy = Policy::load(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::kernel("cannot start the event loop", e))?;
     runtime.block_on(async move {
+        let Some(policy) = first_valid_policy(config, &scope).await? else {
+            return Ok(());
+        };
         let mut daemon = Daemon::start(config.to_path_buf(), scope, policy).await?;
         daemon.serve().await
     })
+}
+
+/// The config to start with. While it cannot be used, the scope is held in lockdown (if nothing
+/// enforced it yet; otherwise what is in force stays) and the daemon waits for SIGHUP. `None`:
+/// told to stop while waiting.
+async fn first_valid_policy(config: &Path, scope: &Scope) -> Result<Option<Policy>> {
+    let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    loop {
+        match Policy::load(config) {
+            Ok(policy) => return Ok(Some(policy)),
+            Err(e) => {
+                let e = ebpf::lock_down(scope, e.into());
+                tracing::error!("{e}; waiting for SIGHUP to read the config again");
+            }
+        }
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = terminate.recv() => return Ok(None),
+            _ = interrupt.recv() => return Ok(None),
+        }
+    }
 }
 
 struct Daemon {

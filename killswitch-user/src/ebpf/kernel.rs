@@ -108,7 +108,12 @@ pub fn socket_offsets(vmlinux: &Path) -> Result<NetnsSource, String> {
             vmlinux.display()
         )
     })?;
-    let sock_net = member_offset(&btf, "sock", &["__sk_common", "skc_net", "net"], Leaf::Pointer)?;
+    let sock_net = member_offset(
+        &btf,
+        "sock",
+        &["__sk_common", "skc_net", "net"],
+        Leaf::Pointer,
+    )?;
     let net_cookie = member_offset(&btf, "net", &["net_cookie"], Leaf::U64)?;
     Ok(NetnsSource::Socket {
         sock_net_offset: sock_net,

@@ -12,6 +12,7 @@ use aya::{
 };
 use killswitch_common::{
     Direction, EventLimit, InboundKey, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES,
+    LOCKDOWN_REASON_BYTES,
 };
 
 use super::entries::MapEntries;
@@ -28,7 +29,9 @@ pub const LAN: &str = "LAN";
 pub const INBOUND: &str = "INBOUND";
 pub const EVENTS: &str = "EVENTS";
 pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
-pub const ALL: [&str; 11] = [
+pub const LOCKDOWN: &str = "LOCKDOWN";
+pub const ALL: [&str; 12] = [
+    LOCKDOWN,
     EVENTS,
     EVENT_LIMIT,
     TUNNELS,
@@ -65,6 +68,29 @@ where
     let map = Map::from_map_data(data)
         .map_err(|e| Error::kernel(format!("unexpected map {}", path.display()), e))?;
     T::try_from(map).map_err(|e| Error::kernel(format!("unexpected map {}", path.display()), e))
+}
+
+/// Records why the scope is held in lockdown; an empty reason means the policy is in force.
+pub fn set_lockdown_reason(pin_dir: &Path, reason: &str) -> Result<()> {
+    let mut map: Array<MapData, [u8; LOCKDOWN_REASON_BYTES]> = open(pin_dir, LOCKDOWN)?;
+    let mut value = [0u8; LOCKDOWN_REASON_BYTES];
+    // Cut on a character boundary so the stored text stays valid UTF-8.
+    let mut end = reason.len().min(LOCKDOWN_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end].copy_from_slice(&reason.as_bytes()[..end]);
+    map.set(0, value, 0)
+        .map_err(|e| Error::kernel("cannot record the lockdown reason", e))
+}
+
+/// Why the scope is in lockdown, if it is (`None` also for scopes pinned before the map existed).
+pub fn lockdown_reason(pin_dir: &Path) -> Option<String> {
+    let map: Array<MapData, [u8; LOCKDOWN_REASON_BYTES]> = open(pin_dir, LOCKDOWN).ok()?;
+    let value = map.get(&0, 0).ok()?;
+    let text = String::from_utf8_lossy(&value);
+    let text = text.trim_end_matches('\0');
+    (!text.is_empty()).then(|| text.to_owned())
 }
 
 impl PinnedMaps {

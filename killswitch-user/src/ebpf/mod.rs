@@ -234,40 +234,106 @@ pub fn is_pinned(scope: &Scope) -> bool {
 }
 
 /// Applies `entries` to the scope: first time, load + fill + attach + pin; again, update the
-/// shared pinned maps in place and swap in freshly loaded programs without a gap.
+/// shared pinned maps in place and swap in freshly loaded programs without a gap. A first apply
+/// that fails leaves the scope in lockdown (`Error::Lockdown`), never open.
 pub fn apply(scope: &Scope, entries: &MapEntries) -> Result<()> {
     scope::ensure_bpffs()?;
-    let cgroup = File::open(&scope.cgroup).map_err(|e| {
-        Error::Usage(format!(
-            "--cgroup {}: no such cgroup ({e})",
-            scope.cgroup.display()
-        ))
-    })?;
+    let cgroup = open_cgroup(scope)?;
     let _lock = scope::ScopeLock::acquire(scope)?;
     let fresh = !is_pinned(scope);
     let result = (|| {
         // Verify both programs before changing anything a running scope depends on.
         let mut programs = Programs::load(&scope.pin_dir)?;
         PinnedMaps::open(&scope.pin_dir)?.write(entries)?;
-        programs.attach_and_pin(&cgroup, &scope.pin_dir)
+        programs.attach_and_pin(&cgroup, &scope.pin_dir)?;
+        maps::set_lockdown_reason(&scope.pin_dir, "")
     })();
     match result {
-        // Nothing enforced this scope before: never leave it open. Hold it in lockdown.
-        Err(cause) if fresh => Err(match lock_down(&cgroup, &scope.pin_dir) {
-            Ok(()) => Error::Lockdown(Box::new(cause)),
-            Err(also) => {
-                let _ = remove_pins(&scope.pin_dir);
-                Error::kernel(cause.to_string(), format!("lockdown failed too: {also}"))
-            }
-        }),
+        // Nothing enforced this scope before: never leave it open.
+        Err(cause) if fresh => Err(held_in_lockdown(&cgroup, scope, cause)),
         // Already enforced: what is in force stays untouched.
         other => other,
     }
 }
 
-/// Attaches and pins the lockdown pair (loopback and DHCP only) in place of anything else.
-fn lock_down(cgroup: &File, pin_dir: &Path) -> Result<()> {
-    Programs::load_pair(pin_dir, Pair::Lockdown)?.attach_and_pin(cgroup, pin_dir)
+/// Holds a scope that is not enforced yet in lockdown because the policy cannot be applied
+/// (`cause`: a config the daemon or `up` cannot use, a kernel that refuses the programs).
+/// Returns the error to report: `Error::Lockdown(cause)`, or `cause` itself when the scope is
+/// already enforced (then nothing is touched).
+pub fn lock_down(scope: &Scope, cause: Error) -> Error {
+    let prepared = scope::ensure_bpffs().and_then(|()| open_cgroup(scope));
+    let cgroup = match prepared {
+        Ok(cgroup) => cgroup,
+        Err(also) => return not_enforced(scope, cause, also),
+    };
+    let _lock = match scope::ScopeLock::acquire(scope) {
+        Ok(lock) => lock,
+        Err(also) => return not_enforced(scope, cause, also),
+    };
+    if is_pinned(scope) {
+        return cause;
+    }
+    held_in_lockdown(&cgroup, scope, cause)
+}
+
+fn held_in_lockdown(cgroup: &File, scope: &Scope, cause: Error) -> Error {
+    let held = (|| {
+        let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown)?;
+        maps::set_lockdown_reason(&scope.pin_dir, &cause.to_string())?;
+        programs.attach_and_pin(cgroup, &scope.pin_dir)
+    })();
+    match held {
+        Ok(()) => Error::Lockdown(Box::new(cause)),
+        // Whatever did get attached stays: stricter than nothing.
+        Err(also) => not_enforced(scope, cause, also),
+    }
+}
+
+fn not_enforced(scope: &Scope, cause: Error, also: Error) -> Error {
+    Error::kernel(
+        cause.to_string(),
+        format!(
+            "lockdown failed too ({also}); {} may be NOT ENFORCED: see `killswitch status`",
+            scope.display_cgroup()
+        ),
+    )
+}
+
+fn open_cgroup(scope: &Scope) -> Result<File> {
+    File::open(&scope.cgroup).map_err(|e| {
+        Error::Usage(format!(
+            "--cgroup {}: no such cgroup ({e})",
+            scope.cgroup.display()
+        ))
+    })
+}
+
+/// "policy" or "lockdown": what the programs attached to the scope enforce, from their names
+/// in the kernel (`None` when nothing of ours is attached).
+pub fn mode(scope: &Scope) -> Option<&'static str> {
+    let names = program_names();
+    let modes: Vec<&'static str> = Direction::ALL
+        .iter()
+        .filter_map(|&d| {
+            let link = sys::obj_get(&link_pin(&scope.pin_dir, d)).ok()?;
+            let info = sys::cgroup_link_info(&link).ok()?;
+            Pair::of_program_name(names.get(&info.program_id)?)
+        })
+        .collect();
+    // Either direction in lockdown means the policy is not what is enforced.
+    if modes.contains(&"lockdown") {
+        Some("lockdown")
+    } else {
+        modes.first().copied()
+    }
+}
+
+/// Names of the loaded BPF programs by id (the kernel keeps each program's name).
+pub fn program_names() -> std::collections::HashMap<u32, String> {
+    aya::programs::loaded_programs()
+        .filter_map(|info| info.ok())
+        .filter_map(|info| Some((info.id(), info.name_as_str()?.to_owned())))
+        .collect()
 }
 
 /// Removes the scope's enforcement. Returns false when there was nothing to remove.
