@@ -53,7 +53,9 @@ pub fn killswitch_bin() -> PathBuf {
 /// Runs `cargo ARGS` (a build) and returns the executables it reports, as (target name, path).
 pub fn cargo_executables(args: &[&str]) -> Vec<(String, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
+    // Bounded like every wait here: a first build of everything takes about 3 minutes.
+    let out = Command::new("timeout")
+        .args(["1200", &cargo])
         .args(args)
         .args(["--quiet", "--message-format=json-render-diagnostics"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -23,7 +23,8 @@ static FETCHING: Mutex<()> = Mutex::new(());
 impl DebianKernel {
     /// The newest package of `suite` whose name matches `name_regex` (apt-cache search syntax),
     /// from the mirrors this machine's apt already uses, with `suite` in place of its own
-    /// release. Cached in `cache/suite`. `Err` says why it cannot be had (no archive, no match).
+    /// release. Cached in `cache/suite`. `Err` only when the archive cannot be reached (the
+    /// caller may skip); anything else that goes wrong panics.
     pub fn fetch(cache: &Path, suite: &str, name_regex: &str) -> Result<DebianKernel, String> {
         let _one_at_a_time = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
         let dir = cache.join(suite);
@@ -35,10 +36,10 @@ impl DebianKernel {
         }
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["lists/partial", "cache/archives/partial", "deb", "x"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let sources = dir.join("sources.list");
-        std::fs::write(&sources, sources_for(suite)?).map_err(|e| e.to_string())?;
+        std::fs::write(&sources, sources_for(suite)?).unwrap();
         let apt_options = [
             format!("Dir::Etc::sourcelist={}", sources.display()),
             "Dir::Etc::sourceparts=-".into(),
@@ -65,16 +66,19 @@ impl DebianKernel {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
         apt("apt-get", &["update", "-q"], &dir)?;
-        let found = apt("apt-cache", &["search", "--names-only", name_regex], &dir)?;
+        // From here on the archive answered: a failure is a broken test, not a missing archive.
+        let found = apt("apt-cache", &["search", "--names-only", name_regex], &dir)
+            .unwrap_or_else(|e| panic!("{e}"));
         let package = found
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .max_by_key(|name| version_key(name))
-            .ok_or_else(|| format!("no package matches {name_regex} in {suite}"))?
+            .unwrap_or_else(|| panic!("no package matches {name_regex} in {suite}"))
             .to_owned();
-        apt("apt-get", &["download", "-q", &package], &dir.join("deb"))?;
-        for deb in std::fs::read_dir(dir.join("deb")).map_err(|e| e.to_string())? {
-            let deb = deb.map_err(|e| e.to_string())?.path();
+        apt("apt-get", &["download", "-q", &package], &dir.join("deb"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for deb in std::fs::read_dir(dir.join("deb")).unwrap() {
+            let deb = deb.unwrap().path();
             crate::run(
                 "dpkg-deb",
                 &["-x", deb.to_str().unwrap(), dir.join("x").to_str().unwrap()],
@@ -86,8 +90,8 @@ impl DebianKernel {
             .trim_end_matches("-unsigned")
             .to_owned();
         let kernel = unpacked(&dir, &release)
-            .ok_or_else(|| format!("{package} holds no vmlinuz-{release} and modules"))?;
-        std::fs::write(&marker, &release).map_err(|e| e.to_string())?;
+            .unwrap_or_else(|| panic!("{package} holds no vmlinuz-{release} and modules"));
+        std::fs::write(&marker, &release).unwrap();
         Ok(kernel)
     }
 }
@@ -181,14 +185,16 @@ fn sources_for(suite: &str) -> Result<String, String> {
     Ok(lines.join("\n") + "\n")
 }
 
-/// A root file system for the guest, packed as a newc cpio archive.
+/// A root file system for the guest, packed as a newc cpio archive; both are removed on drop.
 pub struct Initramfs {
     root: PathBuf,
+    archive: PathBuf,
 }
 
 impl Initramfs {
     pub fn new() -> Initramfs {
         let root = std::env::temp_dir().join(crate::unique_name("ksinitrd"));
+        let archive = root.with_extension("cpio");
         for dir in [
             "bin", "sbin", "usr/bin", "proc", "sys", "dev", "run", "tmp", "etc", "ks", "root",
         ] {
@@ -196,7 +202,7 @@ impl Initramfs {
         }
         std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-        let mut initramfs = Initramfs { root };
+        let mut initramfs = Initramfs { root, archive };
         initramfs.add_binary(Path::new("/bin/busybox"), "/bin/busybox");
         initramfs
     }
@@ -261,13 +267,15 @@ impl Initramfs {
         self.root.join(at.trim_start_matches('/'))
     }
 
-    pub fn pack(&self, archive: &Path) {
+    /// Packs the tree and returns the archive's path (valid while `self` lives).
+    pub fn pack(&self) -> &Path {
         let script = format!(
             "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
             self.root.display(),
-            archive.display()
+            self.archive.display()
         );
         crate::run("sh", &["-c", &script]);
+        &self.archive
     }
 }
 
@@ -280,6 +288,7 @@ impl Default for Initramfs {
 impl Drop for Initramfs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_file(&self.archive);
     }
 }
 

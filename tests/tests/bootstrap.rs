@@ -21,7 +21,7 @@ fn xtask_builds_and_starts_without_the_ebpf_toolchain() {
         done
         if /usr/bin/rustc --version >/dev/null 2>&1; then echo "rustc-web still usable" >&2; exit 90; fi
         if bpf-linker --version >/dev/null 2>&1; then echo "bpf-linker still usable" >&2; exit 90; fi
-        "$CARGO_UNDER_TEST" build --quiet --locked -p xtask --target-dir "$TARGET"
+        timeout 600 "$CARGO_UNDER_TEST" build --quiet --locked -p xtask --target-dir "$TARGET"
         "$TARGET/debug/xtask" --help
     "#;
     let out = Command::new("unshare")

@@ -96,9 +96,6 @@ fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
         }
     };
 
-    let archive = std::env::temp_dir()
-        .join(testbed::unique_name("ksinitrd"))
-        .with_extension("cpio");
     let mut initramfs = Initramfs::new();
     for tool in ["ip", "nsenter", "timeout", "ping", "bpftool"] {
         // All in /usr/bin, ahead of busybox's applets on the guest's PATH.
@@ -115,11 +112,8 @@ fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
         initramfs.add_module(&kernel.modules, module);
     }
     initramfs.add_script("/init", &init_script(steps));
-    initramfs.pack(&archive);
+    let run = boot(&kernel, initramfs.pack(), append, BOOT_LIMIT);
     drop(initramfs);
-
-    let run = boot(&kernel, &archive, append, BOOT_LIMIT);
-    let _ = std::fs::remove_file(&archive);
     eprintln!(
         "{} {append}: booted and tested in {:.0} s",
         kernel.release,

@@ -106,26 +106,32 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
         })
         .collect();
     println!("inbound  {}", list(inbound));
-    print_kernel();
-    Ok(ExitCode::SUCCESS)
+    Ok(if print_kernel() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-/// What the running kernel offers the programs, in one short block.
-fn print_kernel() {
+/// What the running kernel offers the programs, in one short block. False when it cannot run
+/// the policy (`up` would hold the scope in lockdown).
+fn print_kernel() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel   Linux {}", release.trim());
     if !nix::unistd::geteuid().is_root() {
         println!("         features not probed: probing loads a test program, which needs root");
-        return;
+        return true;
     }
     match kernel::netns_source() {
         Ok(source) => {
             println!("         eBPF programs: full policy");
             println!("         namespace: {}", source.describe());
+            true
         }
         Err(reason) => {
             println!("         eBPF programs: CANNOT ENFORCE THE POLICY: {reason}");
             println!("         a first `up` holds the scope in lockdown (loopback and DHCP only)");
+            false
         }
     }
 }
