@@ -172,6 +172,9 @@ fn classify<N: NetnsSource>(
 /// Steps 4-9: the exceptions that let a packet use an uplink.
 #[inline(always)]
 fn exception(packet: &Packet, direction: Direction, settings: &Settings) -> Reason {
+    if packet.remote_is_v4_mapped() {
+        return Reason::Default;
+    }
     if is_server(packet) {
         return Reason::Server;
     }
@@ -208,7 +211,7 @@ fn tunnel_ingress(ctx: &SkBuffContext) -> Reason {
     };
     match packet.tcp_flags(ctx) {
         Some(flags) if flags & (TCP_SYN | TCP_ACK) != TCP_SYN => Reason::Tunnel,
-        Some(_) if inbound_allowed(&packet.remote, ports.local) => Reason::Tunnel,
+        Some(_) if inbound_allowed(&packet, ports.local) => Reason::Tunnel,
         _ => Reason::InboundRefused,
     }
 }
@@ -217,8 +220,12 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
-fn inbound_allowed(source: &[u8; 16], port: u16) -> bool {
-    INBOUND.get_ptr(InboundKey::new(*source, port)).is_some()
+fn inbound_allowed(packet: &Packet, port: u16) -> bool {
+    // An IPv4-mapped IPv6 source must not pass for the IPv4 source an entry names.
+    (!packet.remote_is_v4_mapped()
+        && INBOUND
+            .get_ptr(InboundKey::new(packet.remote, port))
+            .is_some())
         || INBOUND
             .get_ptr(InboundKey::new(InboundKey::ANY_SOURCE, port))
             .is_some()

@@ -78,6 +78,14 @@ struct Ipv6Header {
 }
 
 impl Packet {
+    /// An IPv6 packet whose remote address is IPv4-mapped (::ffff:a.b.c.d). Such addresses
+    /// belong to the socket API, not the wire; the maps hold IPv4 entries in that form, so these
+    /// packets must never match an address entry.
+    #[inline(always)]
+    pub fn remote_is_v4_mapped(&self) -> bool {
+        self.ipv6 && self.remote[..12] == killswitch_common::ipv4_mapped([0; 4])[..12]
+    }
+
     /// `None` when the IP header itself is unreadable or inconsistent.
     #[inline(always)]
     pub fn parse(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {

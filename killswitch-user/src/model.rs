@@ -182,11 +182,20 @@ fn reason(policy: &Policy, p: &Packet) -> Reason {
     }
 }
 
+/// An IPv6 address in ::ffff:0:0/96: the socket API's spelling of an IPv4 address, never a
+/// real IPv6 peer. An IPv6 packet with such a remote address matches no address entry.
+fn is_v4_mapped(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
+}
+
 /// Steps 4-9: the exceptions that let a packet use an uplink.
 fn exception(policy: &Policy, p: &Packet) -> Reason {
+    if is_v4_mapped(p.remote) {
+        return Reason::Default;
+    }
     let ipv6 = p.remote.is_ipv6();
     let protocol = p.transport().protocol;
-    let remote = p.remote.to_canonical();
+    let remote = p.remote;
     let tcp_or_udp = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP);
 
     // 4. servers
@@ -261,9 +270,10 @@ fn tunnel_ingress(policy: &Policy, p: &Packet) -> Reason {
     if p.tcp_flags & 0x12 != 0x02 {
         return Reason::Tunnel;
     }
-    let source = p.remote.to_canonical();
     let allowed = policy.inbound.iter().any(|rule| {
-        rule.port == local && (rule.sources.is_empty() || rule.sources.contains(&source))
+        rule.port == local
+            && (rule.sources.is_empty()
+                || (!is_v4_mapped(p.remote) && rule.sources.contains(&p.remote)))
     });
     if allowed {
         Reason::Tunnel

@@ -306,6 +306,30 @@ fn bad_sections_have_their_messages() {
             "tunnels = []\n[lan]\nnetworks = [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n",
             format!("{f}:3: lan.networks: `10.0.0.0/8` is listed twice"),
         ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"0.0.0.0/0\"]\n",
+            format!("{f}:3: lan.networks: `0.0.0.0/0` is wider than a /8: that is the internet, not a LAN"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"8.0.0.0/7\"]\n",
+            format!("{f}:3: lan.networks: `8.0.0.0/7` is wider than a /8: that is the internet, not a LAN"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"::/0\"]\n",
+            format!("{f}:3: lan.networks: `::/0` is wider than a /7: that is the internet, not a LAN"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"::/64\"]\n",
+            format!("{f}:3: lan.networks: `::/64` covers the IPv4-mapped range ::ffff:0:0/96 and would match every IPv4 address; list IPv4 LANs as IPv4 prefixes"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"::/8\"]\n",
+            format!("{f}:3: lan.networks: `::/8` covers the IPv4-mapped range ::ffff:0:0/96 and would match every IPv4 address; list IPv4 LANs as IPv4 prefixes"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"::ffff:0:0/96\"]\n",
+            format!("{f}:3: lan.networks: `::ffff:0:0/96`: the prefix length must be 0-32"),
+        ),
         ("tunnels = []\n[lan]\ndns = \"yes\"\n", format!("{f}:3: invalid type: string \"yes\", expected a boolean")),
         (
             "tunnels = []\n[ntp]\nservers = [\"pool.ntp.org\"]\n",
@@ -339,4 +363,15 @@ fn bad_sections_have_their_messages() {
         ("tunnels = []\n[dhcp]\nenable = true\n", format!("{f}:3: unknown field `enable`, expected `enabled`")),
     ];
     check_errors(cases);
+}
+
+#[test]
+fn the_widest_private_ranges_are_still_lans() {
+    let policy = parse(
+        "tunnels = []\n[lan]\nnetworks = [\"10.0.0.0/8\", \"fc00::/7\", \"fe80::/10\", \"2001:db8::/32\"]\n",
+    )
+    .expect("private and link-local ranges are LANs");
+    assert_eq!(policy.lan.networks.len(), 4);
+    // An IPv4 prefix never holds an IPv6 address, not even an IPv4-mapped one.
+    assert!(!policy.lan.networks[0].contains("::ffff:10.0.0.1".parse().unwrap()));
 }

@@ -410,11 +410,19 @@ fn verdict_table_egress_and_ingress() {
                 Default,
             ),
             (
+                // An IPv6 packet to ::ffff:a.b.c.d is not a packet to a.b.c.d.
                 "v4-mapped is not v4",
                 E,
                 Dev::Up,
                 out6(UDP, "::ffff:198.51.100.1", 1194),
-                Server,
+                Default,
+            ),
+            (
+                "v4-mapped source is not v4",
+                I,
+                Dev::Up,
+                in6(UDP, "::ffff:198.51.100.1", 1194),
+                Default,
             ),
             (
                 "server on another interface",
@@ -909,6 +917,17 @@ fn every_verdict_step_of_the_full_policy() {
                 InboundRefused,
             ),
             (
+                "syn from the allowed source, IPv4-mapped in IPv6",
+                I,
+                Dev::Tun,
+                {
+                    let mut l4 = transport(TCP, 40000, 22);
+                    l4[13] = syn;
+                    v6(TCP, "::ffff:203.0.113.7", ME6, &l4)
+                },
+                InboundRefused,
+            ),
+            (
                 "outgoing syn",
                 E,
                 Dev::Tun,
@@ -1291,7 +1310,12 @@ sources = ["203.0.113.7"]
         "ff02::2",
         "2001:db8:203::9",
         "2001:db8:203::7",
+        // IPv4-mapped: never an IPv4 entry (server, LAN, NTP, DNS, inbound source).
         "::ffff:198.51.100.1",
+        "::ffff:192.168.77.1",
+        "::ffff:203.0.113.123",
+        "::ffff:203.0.113.53",
+        "::ffff:203.0.113.7",
     ];
     const PORTS: &[u16] = &[
         53, 853, 67, 68, 123, 546, 547, 1194, 1195, 443, 22, 51234, 80,

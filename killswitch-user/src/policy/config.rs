@@ -248,6 +248,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
             let prefix =
                 prefix(text.get_ref()).map_err(|m| source.error(text, "lan.networks", m))?;
             reject_v6(text, "lan.networks", prefix.addr)?;
+            lan_sized(&prefix).map_err(|m| source.error(text, "lan.networks", m))?;
             if lan.networks.contains(&prefix) {
                 return Err(source.error(
                     text,
@@ -333,6 +334,32 @@ fn plain_address(text: &str) -> Result<IpAddr, String> {
         return Err(format!("`{text}` cannot be a peer address"));
     }
     Ok(ip)
+}
+
+/// A LAN prefix must stay a LAN: at most a /8 of IPv4 (10.0.0.0/8 is the widest private
+/// range), at most a /7 of IPv6 (fc00::/7; fe80::/10 fits too), and never over the IPv4-mapped
+/// range ::ffff:0:0/96, where the kernel keeps IPv4 entries (a v6 prefix covering it would
+/// match every IPv4 address).
+fn lan_sized(prefix: &Prefix) -> Result<(), String> {
+    match prefix.addr {
+        IpAddr::V4(_) if prefix.len < 8 => Err(format!(
+            "`{prefix}` is wider than a /8: that is the internet, not a LAN"
+        )),
+        IpAddr::V6(_) if prefix.len < 7 => Err(format!(
+            "`{prefix}` is wider than a /7: that is the internet, not a LAN"
+        )),
+        IpAddr::V6(_)
+            if prefix.contains(IpAddr::V6(std::net::Ipv6Addr::new(
+                0, 0, 0, 0, 0, 0xffff, 0, 0,
+            ))) =>
+        {
+            Err(format!(
+                "`{prefix}` covers the IPv4-mapped range ::ffff:0:0/96 and would match every \
+                 IPv4 address; list IPv4 LANs as IPv4 prefixes"
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `ADDR/LEN` (or a bare address, meaning one host) with no host bits set.

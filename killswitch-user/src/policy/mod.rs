@@ -60,8 +60,10 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// Whether `ip` is in the prefix; an IPv6 address is never in an IPv4 prefix, even when it
+    /// is IPv4-mapped.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
+        match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
