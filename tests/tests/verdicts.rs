@@ -85,6 +85,19 @@ impl Kernel {
         }
     }
 
+    /// Writes another policy into the loaded programs' maps, as a reload does.
+    fn apply(&mut self, policy: &Policy) {
+        let (servers, unresolved) = resolve_servers(&policy.servers);
+        assert!(unresolved.is_empty(), "{unresolved:?}");
+        let entries = MapEntries::new(
+            policy,
+            &interfaces::list().unwrap(),
+            interfaces::netns_cookie().unwrap(),
+            &servers,
+        );
+        self.maps.write(&entries).unwrap();
+    }
+
     /// Runs one frame; returns whether it was allowed and the reason counter that moved.
     fn verdict(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> (bool, Reason) {
         let verdict = self.verdict_of(&self.programs, direction, ifindex, frame);
@@ -1327,11 +1340,15 @@ sources = ["203.0.113.7"]
         items[rng.below(items.len() as u64) as usize]
     }
 
-    fn random_packet(rng: &mut Rng) -> model::Packet {
+    /// The fixed address lists, parsed.
+    fn fixed() -> (Vec<IpAddr>, Vec<IpAddr>) {
+        let parse = |list: &[&str]| list.iter().map(|a| a.parse().unwrap()).collect();
+        (parse(V4), parse(V6))
+    }
+
+    fn random_packet(rng: &mut Rng, v4: &[IpAddr], v6: &[IpAddr]) -> model::Packet {
         let ipv6 = rng.below(2) == 0;
-        let remote: IpAddr = if ipv6 { pick(rng, V6) } else { pick(rng, V4) }
-            .parse()
-            .unwrap();
+        let remote = if ipv6 { pick(rng, v6) } else { pick(rng, v4) };
         let icmp = if ipv6 { ICMPV6 } else { ICMP };
         let port = |rng: &mut Rng| {
             if rng.below(4) == 0 {
@@ -1367,16 +1384,14 @@ sources = ["203.0.113.7"]
             } else {
                 0
             },
-            quoted: (rng.below(3) != 0).then(|| random_quoted(rng, ipv6)),
+            quoted: (rng.below(3) != 0).then(|| random_quoted(rng, ipv6, v4, v6)),
         }
     }
 
     /// What an ICMP error quotes; now and then of the other family, which must not count.
-    fn random_quoted(rng: &mut Rng, ipv6: bool) -> model::Quoted {
+    fn random_quoted(rng: &mut Rng, ipv6: bool, v4: &[IpAddr], v6: &[IpAddr]) -> model::Quoted {
         let ipv6 = if rng.below(10) == 0 { !ipv6 } else { ipv6 };
-        let remote: IpAddr = if ipv6 { pick(rng, V6) } else { pick(rng, V4) }
-            .parse()
-            .unwrap();
+        let remote = if ipv6 { pick(rng, v6) } else { pick(rng, v4) };
         let icmp = if ipv6 { ICMPV6 } else { ICMP };
         model::Quoted {
             remote,
@@ -1456,32 +1471,246 @@ sources = ["203.0.113.7"]
         }
     }
 
+    fn seed() -> u64 {
+        std::env::var("KILLSWITCH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| u64::from(std::process::id()) ^ 0xfeed)
+    }
+
     fn compare(policy_text: &str, packets: usize) {
         let k = Kernel::load(policy_text);
         let policy = Policy::from_toml(policy_text, Path::new("test.toml")).unwrap();
-        let seed = std::env::var("KILLSWITCH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| u64::from(std::process::id()) ^ 0xfeed);
+        let seed = seed();
         let mut rng = Rng::new(seed);
+        let (v4, v6) = fixed();
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..packets {
-            let packet = random_packet(&mut rng);
-            let ifindex = match packet.interface {
-                Interface::Loopback => 1,
-                Interface::Tunnel => k.tun0,
-                Interface::Uplink => k.up0,
-                Interface::Other => k.other0,
-            };
-            let (allowed, reason) = k.verdict(packet.direction, ifindex, &frame(&packet));
-            let (verdict, expected) = model::verdict(&policy, &packet);
-            assert!(
-                reason == expected && allowed == (verdict == model::Verdict::Allow),
-                "packet {i}: kernel {reason:?}, model {expected:?} (KILLSWITCH_SEED={seed})\n{packet:#?}"
-            );
+            let packet = random_packet(&mut rng, &v4, &v6);
+            let expected = agree(&k, &policy, &packet, || {
+                format!("packet {i} (KILLSWITCH_SEED={seed})")
+            });
             seen.insert(expected);
         }
         eprintln!("{packets} packets agree; reasons seen: {seen:?}");
+    }
+
+    /// Runs one packet through the kernel and the model; they must give the same reason.
+    fn agree(
+        k: &Kernel,
+        policy: &Policy,
+        packet: &model::Packet,
+        context: impl Fn() -> String,
+    ) -> Reason {
+        let ifindex = match packet.interface {
+            Interface::Loopback => 1,
+            Interface::Tunnel => k.tun0,
+            Interface::Uplink => k.up0,
+            Interface::Other => k.other0,
+        };
+        let (allowed, reason) = k.verdict(packet.direction, ifindex, &frame(packet));
+        let (verdict, expected) = model::verdict(policy, packet);
+        assert!(
+            reason == expected && allowed == (verdict == model::Verdict::Allow),
+            "{}: kernel {reason:?}, model {expected:?}\n{packet:#?}",
+            context()
+        );
+        expected
+    }
+
+    /// A random policy the config accepts: uplinks or not, 0-4 servers with and without port and
+    /// protocol, 0-4 LAN prefixes of every accepted length (overlapping now and then), NTP and
+    /// DNS servers, inbound rules with and without sources, every setting. Addresses come from
+    /// a few small ranges so entries and packets meet.
+    fn random_policy(rng: &mut Rng) -> String {
+        let block = rng.below(5) == 0;
+        // IPv6 entries are errors in block mode.
+        let address = |rng: &mut Rng| {
+            let ipv6 = !block && rng.below(2) == 0;
+            random_address(rng, ipv6)
+        };
+        let prefix = |rng: &mut Rng| {
+            let ipv6 = !block && rng.below(2) == 0;
+            random_prefix(rng, ipv6)
+        };
+        let mut text = String::from("tunnels = [\"tun0\"]\n");
+        if rng.below(2) == 0 {
+            text.push_str("uplinks = [\"up0\"]\n");
+        }
+        let mut servers = std::collections::BTreeSet::new();
+        for _ in 0..rng.below(5) {
+            let address = address(rng);
+            let port = (rng.below(2) == 0).then(|| pick(rng, PORTS));
+            let protocol = pick(rng, &[None, Some("udp"), Some("tcp")]);
+            if servers.insert((address, port, protocol)) {
+                text.push_str(&format!("[[server]]\naddress = \"{address}\"\n"));
+                if let Some(port) = port {
+                    text.push_str(&format!("port = {port}\n"));
+                }
+                if let Some(protocol) = protocol {
+                    text.push_str(&format!("protocol = \"{protocol}\"\n"));
+                }
+            }
+        }
+        let mut lan = std::collections::BTreeSet::new();
+        for _ in 0..rng.below(5) {
+            lan.insert(prefix(rng));
+        }
+        let quoted = |items: Vec<String>| {
+            items
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        text.push_str(&format!(
+            "[lan]\nnetworks = [{}]\ndns = {}\n",
+            quoted(lan.into_iter().collect()),
+            rng.below(2) == 0
+        ));
+        text.push_str(&format!("[dhcp]\nenabled = {}\n", rng.below(3) != 0));
+        for section in ["ntp", "dns"] {
+            let addresses: std::collections::BTreeSet<String> = (0..rng.below(3))
+                .map(|_| address(rng).to_string())
+                .collect();
+            text.push_str(&format!(
+                "[{section}]\nservers = [{}]\n",
+                quoted(addresses.into_iter().collect())
+            ));
+        }
+        text.push_str(&format!(
+            "[ipv6]\nmode = \"{}\"\n",
+            if block { "block" } else { "tunnel" }
+        ));
+        let mut ports = std::collections::BTreeSet::new();
+        for _ in 0..rng.below(3) {
+            let port = pick(rng, &[22, 51234, 443, 80]);
+            if !ports.insert(port) {
+                continue;
+            }
+            text.push_str(&format!("[[inbound]]\nport = {port}\n"));
+            if rng.below(2) == 0 {
+                let source = address(rng);
+                text.push_str(&format!("sources = [\"{source}\"]\n"));
+            }
+        }
+        text
+    }
+
+    /// An address in one of a few small ranges (so that entries overlap and packets hit them).
+    fn random_address(rng: &mut Rng, ipv6: bool) -> IpAddr {
+        if ipv6 {
+            let base: u128 = pick(
+                rng,
+                &[
+                    0x2001_0db8_0000_0000_0000_0000_0000_0000,
+                    0x2001_0db8_0077_0000_0000_0000_0000_0000,
+                    0xfd00_0000_0000_0000_0000_0000_0000_0000,
+                    0xfe80_0000_0000_0000_0000_0000_0000_0000,
+                ],
+            );
+            IpAddr::V6((base | u128::from(rng.below(4)) << 64 | u128::from(rng.below(8))).into())
+        } else {
+            let base: u32 = pick(rng, &[0xc633_6400, 0xcb00_7100, 0xc0a8_4d00, 0x0a00_0000]);
+            IpAddr::V4((base | rng.below(8) as u32 | (rng.below(2) as u32) << 16).into())
+        }
+    }
+
+    /// A prefix the config accepts (IPv4 /8-/32, IPv6 /7-/128 away from ::ffff:0:0/96).
+    fn random_prefix(rng: &mut Rng, ipv6: bool) -> String {
+        let address = random_address(rng, ipv6);
+        match address {
+            IpAddr::V4(v4) => {
+                let len = 8 + rng.below(25) as u32;
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let len = 7 + rng.below(122) as u32;
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        }
+    }
+
+    /// Addresses aimed at and around every entry of `policy`: each address and its neighbours,
+    /// each prefix's first and last address and the ones just outside, the IPv4-mapped form of
+    /// IPv4 entries, and the fixed lists.
+    fn aimed(policy: &Policy) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        let (mut v4, mut v6) = fixed();
+        let mut add = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => {
+                v4.push(ip);
+                v6.push(IpAddr::V6(a.to_ipv6_mapped()));
+            }
+            IpAddr::V6(_) => v6.push(ip),
+        };
+        let around = |ip: IpAddr, delta: i128| -> IpAddr {
+            match ip {
+                IpAddr::V4(a) => IpAddr::V4(
+                    ((i128::from(u32::from(a)) + delta).rem_euclid(1 << 32) as u32).into(),
+                ),
+                IpAddr::V6(a) => IpAddr::V6((u128::from(a).wrapping_add(delta as u128)).into()),
+            }
+        };
+        let mut singles: Vec<IpAddr> = policy.ntp_servers.clone();
+        singles.extend(&policy.dns_servers);
+        for server in &policy.servers {
+            if let killswitch::policy::ServerAddress::Ip(ip) = server.address {
+                singles.push(ip);
+            }
+        }
+        for rule in &policy.inbound {
+            singles.extend(&rule.sources);
+        }
+        for ip in singles {
+            for delta in [-1, 0, 1] {
+                add(around(ip, delta));
+            }
+        }
+        for prefix in &policy.lan.networks {
+            let bits = if prefix.addr.is_ipv4() { 32 } else { 128 };
+            let size: i128 = if bits - u32::from(prefix.len) >= 127 {
+                i128::MAX
+            } else {
+                1i128 << (bits - u32::from(prefix.len))
+            };
+            for delta in [-1, 0, 1, size / 2, size - 1, size] {
+                add(around(prefix.addr, delta));
+            }
+        }
+        (v4, v6)
+    }
+
+    /// At least 300 random policies (`KILLSWITCH_POLICIES` changes it), written one after the
+    /// other into the maps of the same loaded programs as a reload would, each with 100 packets
+    /// aimed at and around its entries: kernel and model agree on every packet.
+    #[test]
+    fn kernel_matches_the_model_on_random_policies() {
+        require_root!();
+        let policies: usize = std::env::var("KILLSWITCH_POLICIES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        let mut k = Kernel::load("tunnels = [\"tun0\"]\n");
+        let seed = seed();
+        let mut rng = Rng::new(seed);
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 0..policies {
+            let text = random_policy(&mut rng);
+            let policy = Policy::from_toml(&text, Path::new("test.toml"))
+                .unwrap_or_else(|e| panic!("policy {n} refused: {e}\n{text}"));
+            k.apply(&policy);
+            let (v4, v6) = aimed(&policy);
+            for i in 0..100 {
+                let packet = random_packet(&mut rng, &v4, &v6);
+                seen.insert(agree(&k, &policy, &packet, || {
+                    format!("policy {n}, packet {i} (KILLSWITCH_SEED={seed})\n{text}")
+                }));
+            }
+        }
+        eprintln!("{policies} random policies x 100 packets agree; reasons seen: {seen:?}");
+        assert!(seen.len() >= 12, "too few reasons reached: {seen:?}");
     }
 
     #[test]
