@@ -96,6 +96,7 @@ fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
         Reason::Loopback
     } else {
         match Packet::parse(ctx, direction) {
+            // Lockdown has no LAN: its v4 requests go to the broadcast address only.
             Some(packet)
                 if is_dhcp(&packet, direction)
                     && (direction == Direction::Ingress
@@ -262,19 +263,37 @@ const DHCP_V6_SERVER: u16 = 547;
 /// ff02::1:2, All_DHCP_Relay_Agents_and_Servers.
 const DHCP_V6_SERVERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
 
-/// Step 5: DHCPv4 68<->67, DHCPv6 546<->547 (requests to ff02::1:2).
+/// Step 5: DHCPv4 68<->67, DHCPv6 546<->547. A request goes only where a DHCP server can be:
+/// v4 to the broadcast address or a LAN address (a unicast renewal to an on-link server), v6 to
+/// ff02::1:2 or a link-local address. Anything bound to port 68 could otherwise talk to any
+/// internet host.
 #[inline(always)]
 fn is_dhcp(packet: &Packet, direction: Direction) -> bool {
     let Some(Ports { local, remote }) = packet.udp_ports() else {
         return false;
     };
-    if packet.ipv6 {
-        local == DHCP_V6_CLIENT
-            && remote == DHCP_V6_SERVER
-            && (direction == Direction::Ingress || packet.remote == DHCP_V6_SERVERS)
+    let (ports, reachable) = if packet.ipv6 {
+        (
+            local == DHCP_V6_CLIENT && remote == DHCP_V6_SERVER,
+            packet.remote == DHCP_V6_SERVERS || is_link_local(&packet.remote),
+        )
     } else {
-        local == DHCP_V4_CLIENT && remote == DHCP_V4_SERVER
-    }
+        (
+            local == DHCP_V4_CLIENT && remote == DHCP_V4_SERVER,
+            packet.remote == ipv4_mapped([255; 4]) || in_lan(&packet.remote),
+        )
+    };
+    ports && (direction == Direction::Ingress || reachable)
+}
+
+#[inline(always)]
+fn is_link_local(address: &[u8; 16]) -> bool {
+    address[0] == 0xfe && address[1] & 0xc0 == 0x80
+}
+
+#[inline(always)]
+fn in_lan(address: &[u8; 16]) -> bool {
+    LAN.get(Key::new(128, *address)).is_some()
 }
 
 /// Step 6: UDP 123 with an NTP server.
@@ -299,7 +318,7 @@ fn is_dns_port(port: u16) -> bool {
 /// Step 8: LAN prefixes, except DNS unless `lan.dns` (a LAN resolver is a DNS leak).
 #[inline(always)]
 fn lan(packet: &Packet, lan_dns: bool) -> Option<Reason> {
-    LAN.get(Key::new(128, packet.remote))?;
+    in_lan(&packet.remote).then_some(())?;
     if lan_dns || !packet.may_carry_ports() {
         return Some(Reason::Lan);
     }
@@ -318,7 +337,7 @@ fn is_neighbour_discovery(packet: &Packet) -> bool {
     if !packet.ipv6 || packet.protocol != IPPROTO_ICMPV6 {
         return false;
     }
-    let link_local = packet.remote[0] == 0xfe && packet.remote[1] & 0xc0 == 0x80;
+    let link_local = is_link_local(&packet.remote);
     let link_multicast = packet.remote[0] == 0xff && packet.remote[1] == 0x02;
     packet.icmp_type().is_some_and(|t| (133..=137).contains(&t)) && (link_local || link_multicast)
 }

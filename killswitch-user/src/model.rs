@@ -193,7 +193,6 @@ fn exception(policy: &Policy, p: &Packet) -> Reason {
     if is_v4_mapped(p.remote) {
         return Reason::Default;
     }
-    let ipv6 = p.remote.is_ipv6();
     let protocol = p.transport().protocol;
     let remote = p.remote;
     let tcp_or_udp = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP);
@@ -209,17 +208,23 @@ fn exception(policy: &Policy, p: &Packet) -> Reason {
     if is_server {
         return Reason::Server;
     }
-    // 5. DHCP
+    // 5. DHCP: requests only to where a server can be (broadcast or LAN; ff02::1:2 or
+    // link-local), answers from anywhere
+    let in_lan = policy.lan.networks.iter().any(|n| n.contains(remote));
     if policy.dhcp {
         if let Some((local, remote_port)) = p.udp_ports() {
-            let dhcp = if ipv6 {
-                (local, remote_port) == (546, 547)
-                    && (p.direction == Direction::Ingress
-                        || remote == "ff02::1:2".parse::<IpAddr>().unwrap())
-            } else {
-                (local, remote_port) == (68, 67)
+            let (ports, reachable) = match remote {
+                IpAddr::V6(v6) => (
+                    (local, remote_port) == (546, 547),
+                    v6 == "ff02::1:2".parse::<std::net::Ipv6Addr>().unwrap()
+                        || v6.octets()[0] == 0xfe && v6.octets()[1] & 0xc0 == 0x80,
+                ),
+                IpAddr::V4(v4) => (
+                    (local, remote_port) == (68, 67),
+                    v4 == std::net::Ipv4Addr::BROADCAST || in_lan,
+                ),
             };
-            if dhcp {
+            if ports && (p.direction == Direction::Ingress || reachable) {
                 return Reason::Dhcp;
             }
         }
@@ -234,7 +239,7 @@ fn exception(policy: &Policy, p: &Packet) -> Reason {
         return Reason::Dns;
     }
     // 8. LAN, except DNS unless lan.dns; an unreadable port could be DNS
-    if policy.lan.networks.iter().any(|n| n.contains(remote)) {
+    if in_lan {
         let may_carry_ports = tcp_or_udp || protocol == PROTOCOL_UNKNOWN;
         if policy.lan.dns || !may_carry_ports {
             return Reason::Lan;

@@ -747,6 +747,27 @@ fn every_verdict_step_of_the_full_policy() {
                 Default,
             ),
             (
+                "dhcpv4 request to an internet host",
+                E,
+                Dev::Up,
+                udp4(ME4, "203.0.113.9", 68, 67),
+                Default,
+            ),
+            (
+                "dhcpv4 renewal to a server on the LAN",
+                E,
+                Dev::Up,
+                udp4(ME4, "192.168.77.1", 68, 67),
+                Dhcp,
+            ),
+            (
+                "dhcpv6 request to a link-local server",
+                E,
+                Dev::Up,
+                udp6("fe80::2", "fe80::1", 546, 547),
+                Dhcp,
+            ),
+            (
                 "dhcpv6 solicit",
                 E,
                 Dev::Up,
