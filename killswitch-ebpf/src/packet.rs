@@ -19,6 +19,25 @@ const ROUTING: u8 = 43;
 const FRAGMENT: u8 = 44;
 const DESTINATION_OPTIONS: u8 = 60;
 
+/// Headers that carry (or hide) another protocol after them and are not walked: ESP, AH, and
+/// for IPv6 the other extension headers (Mobility, HIP, Shim6, the experimental 253/254). The
+/// transport behind them cannot be read, so it counts as unknown: a rule that needs a port
+/// cannot allow it (UDP/53 behind AH is not "not DNS").
+#[inline(always)]
+fn hides_transport(protocol: u8, ipv6: bool) -> bool {
+    matches!(protocol, 50 | 51) || ipv6 && matches!(protocol, 135 | 139 | 140 | 253 | 254)
+}
+
+/// The protocol as the filter may trust it.
+#[inline(always)]
+fn upper_layer(protocol: u8, ipv6: bool) -> u8 {
+    if hides_transport(protocol, ipv6) {
+        PROTOCOL_UNKNOWN
+    } else {
+        protocol
+    }
+}
+
 /// ICMP and ICMPv6 error types whose quoted packet decides their verdict.
 const ICMP_UNREACHABLE: u8 = 3;
 const ICMP_TIME: u8 = 11;
@@ -146,8 +165,8 @@ impl Packet {
             Direction::Ingress => ip.src,
         };
         let first_fragment = u16::from_be_bytes(ip.flags_fragment) & 0x1fff == 0;
-        let mut packet =
-            Packet::network(false, ip.protocol, ipv4_mapped(remote), offset + header_len);
+        let protocol = upper_layer(ip.protocol, false);
+        let mut packet = Packet::network(false, protocol, ipv4_mapped(remote), offset + header_len);
         if first_fragment {
             packet.read_transport(ctx, direction);
         }
@@ -178,7 +197,7 @@ impl Packet {
                 FRAGMENT => {
                     // Any fragment: the protocol is known, the ports are not dependable.
                     if let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) {
-                        packet.protocol = header[0];
+                        packet.protocol = upper_layer(header[0], true);
                     }
                     return Some(packet);
                 }
@@ -189,7 +208,7 @@ impl Packet {
             // More extension headers than the bound: the transport stays unknown.
             return Some(packet);
         }
-        packet.protocol = next;
+        packet.protocol = upper_layer(next, true);
         packet.read_transport(ctx, direction);
         Some(packet)
     }

@@ -71,9 +71,13 @@ struct Transport {
 
 impl Packet {
     fn transport(&self) -> Transport {
+        let ipv6 = self.remote.is_ipv6();
         // A fragment header is one more extension header on the walk.
         let chain = self.extension_headers + u32::from(self.fragment);
-        if self.remote.is_ipv6() && chain > MAX_EXTENSION_HEADERS {
+        // ESP and AH, and IPv6's other extension headers, hide the transport behind them.
+        let hidden = matches!(self.protocol, 50 | 51)
+            || ipv6 && matches!(self.protocol, 135 | 139 | 140 | 253 | 254);
+        if ipv6 && chain > MAX_EXTENSION_HEADERS || hidden {
             return Transport {
                 protocol: PROTOCOL_UNKNOWN,
                 readable: false,

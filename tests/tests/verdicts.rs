@@ -686,6 +686,17 @@ fn icmp6(src: &str, dst: &str, icmp_type: u8) -> Vec<u8> {
 }
 
 /// IPv6 with `count` destination-options headers (8 bytes each) before a UDP header.
+/// UDP to `dst`:`dport` behind an authentication header (12 bytes: next header UDP).
+fn behind_ah(ipv6: bool, dst: &str, dport: u16) -> Vec<u8> {
+    let mut payload = vec![UDP, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+    payload.extend_from_slice(&transport(UDP, 40000, dport));
+    if ipv6 {
+        v6(51, ME6, dst, &payload)
+    } else {
+        v4(51, ME4, dst, &payload)
+    }
+}
+
 fn v6_with_extensions(count: usize, dst: &str, dport: u16) -> Vec<u8> {
     let mut payload = Vec::new();
     for i in 0..count {
@@ -969,6 +980,21 @@ fn every_verdict_step_of_the_full_policy() {
                 Tunnel,
             ),
             // IPv6 extension headers, walked up to the bound of 6.
+            (
+                // AH is not walked: the UDP/53 behind it could be DNS to the LAN.
+                "udp/53 to the LAN behind AH (v6)",
+                E,
+                Dev::Up,
+                behind_ah(true, "2001:db8:77::5", 53),
+                Default,
+            ),
+            (
+                "udp/53 to the LAN behind AH (v4)",
+                E,
+                Dev::Up,
+                behind_ah(false, "192.168.77.5", 53),
+                Default,
+            ),
             (
                 "udp behind 0 headers",
                 E,
@@ -1394,7 +1420,8 @@ sources = ["203.0.113.7"]
                 ],
             ),
             remote,
-            protocol: pick(rng, &[TCP, UDP, TCP, UDP, icmp, icmp, 47]),
+            // 47 GRE; 50 ESP, 51 AH and 135 Mobility hide what follows them.
+            protocol: pick(rng, &[TCP, UDP, TCP, UDP, icmp, icmp, 47, 50, 51, 135]),
             local_port: port(rng),
             remote_port: port(rng),
             tcp_flags: pick(rng, TCP_FLAGS),
