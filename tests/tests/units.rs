@@ -41,7 +41,7 @@ fn the_boot_unit_runs_up_before_the_network() {
     let boot = unit("killswitch.service");
     for line in [
         "DefaultDependencies=no",
-        "Before=network-pre.target",
+        "Before=sysinit.target network-pre.target",
         "Wants=network-pre.target",
         "Type=oneshot",
         "ExecStart=/usr/local/bin/killswitch up",
@@ -54,6 +54,7 @@ fn the_boot_unit_runs_up_before_the_network() {
     let daemon = unit("killswitch-daemon.service");
     for line in [
         "After=killswitch.service",
+        "StartLimitIntervalSec=0",
         "Restart=always",
         "ExecStart=/usr/local/bin/killswitch daemon",
     ] {
