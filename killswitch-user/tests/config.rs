@@ -136,7 +136,19 @@ fn each_kind_of_bad_input_has_its_message() {
         ),
         (
             "tunnels = []\n[[server]]\naddress = \"0.0.0.0\"\n",
-            format!("{f}:3: server.address: `0.0.0.0` cannot be a server address"),
+            format!("{f}:3: server.address: `0.0.0.0` cannot be a server address: it is the unspecified address"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"127.0.0.1\"\n",
+            format!("{f}:3: server.address: `127.0.0.1` cannot be a server address: it is a loopback address (loopback is always allowed)"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"fe80::1\"\n",
+            format!("{f}:3: server.address: `fe80::1` cannot be a server address: it is a link-local address"),
+        ),
+        (
+            "tunnels = []\n[[server]]\naddress = \"224.0.0.251\"\n",
+            format!("{f}:3: server.address: `224.0.0.251` cannot be a server address: it is a multicast address"),
         ),
         (
             "tunnels = []\n[[server]]\naddress = \"bad_host!\"\n",

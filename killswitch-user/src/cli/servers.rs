@@ -31,9 +31,12 @@ enum Action {
     List,
     /// Replace the whole list; endpoints in both the old and the new list are never dropped
     Set {
-        /// ADDR[:PORT][/udp|tcp], IPv6 in brackets when a port follows
-        #[arg(value_name = "ENDPOINT")]
+        /// ADDR[:PORT][/udp|tcp], IPv6 always in brackets ([2001:db8::1]:443/tcp)
+        #[arg(value_name = "ENDPOINT", required_unless_present = "none")]
         endpoints: Vec<ServerEndpoint>,
+        /// Empty the list: no server is reachable outside the tunnel until one is added
+        #[arg(long, conflicts_with = "endpoints")]
+        none: bool,
     },
     /// Add endpoints to the list
     Add {
@@ -75,7 +78,7 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Action::Set { endpoints } => ("set", maps.set_servers(&keys(endpoints))?),
+        Action::Set { endpoints, .. } => ("set", maps.set_servers(&keys(endpoints))?),
         Action::Add { endpoints } => ("added", maps.add_servers(&keys(endpoints))?),
         Action::Remove { endpoints } => ("removed", maps.remove_servers(&keys(endpoints))?),
     };
@@ -86,4 +89,22 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
         scope.display_cgroup(),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::Cli;
+
+    #[test]
+    fn an_empty_server_list_must_be_asked_for() {
+        assert!(Cli::try_parse_from(["killswitch", "servers", "set"]).is_err());
+        assert!(Cli::try_parse_from(["killswitch", "servers", "set", "--none"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["killswitch", "servers", "set", "--none", "198.51.100.1"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["killswitch", "servers", "add", "0.0.0.0"]).is_err());
+    }
 }

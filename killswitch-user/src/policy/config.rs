@@ -485,11 +485,12 @@ fn server_address(text: &str) -> Result<ServerAddress, String> {
         ));
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
-        let ip = ip.to_canonical();
-        if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
-            return Err(format!("`{text}` cannot be a server address"));
+        if let Some(problem) = super::not_a_peer(ip) {
+            return Err(format!(
+                "`{text}` cannot be a server address: it is {problem}"
+            ));
         }
-        return Ok(ServerAddress::Ip(ip));
+        return Ok(ServerAddress::Ip(ip.to_canonical()));
     }
     if is_hostname(text) {
         return Ok(ServerAddress::Host(

@@ -181,6 +181,7 @@ impl fmt::Display for ServerEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.address, self.port) {
             (IpAddr::V6(v6), Some(_)) => write!(f, "[{v6}]")?,
+            (IpAddr::V6(v6), None) if ends_like_a_port(&v6.to_string()) => write!(f, "[{v6}]")?,
             (address, _) => write!(f, "{address}")?,
         }
         if let Some(port) = self.port {
@@ -190,6 +191,37 @@ impl fmt::Display for ServerEndpoint {
             write!(f, "/{}", protocol.name())?;
         }
         Ok(())
+    }
+}
+
+/// An unbracketed IPv6 text whose last group could also be read as a port after an address.
+fn ends_like_a_port(text: &str) -> bool {
+    text.rsplit_once(':').is_some_and(|(address, port)| {
+        address.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok_and(|p| p != 0)
+    })
+}
+
+/// Why `ip` cannot be a VPN server or other remote peer, if it cannot: the unspecified
+/// address, broadcast, multicast, loopback (always allowed anyway) and link-local addresses
+/// (meaningless without an interface). One rule for the config, `servers` and DNS answers.
+pub fn not_a_peer(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip == IpAddr::from([255, 255, 255, 255]) {
+        Some("the broadcast address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_loopback() {
+        Some("a loopback address (loopback is always allowed)")
+    } else if link_local {
+        Some("a link-local address")
+    } else {
+        None
     }
 }
 
@@ -216,12 +248,20 @@ impl std::str::FromStr for ServerEndpoint {
         } else if rest.matches(':').count() == 1 {
             let (address, port) = rest.split_once(':').expect("one colon");
             (address, Some(port))
+        } else if ends_like_a_port(rest) {
+            // `2001:db8::1:443` is an address, or an address and a port: refuse to guess.
+            return Err(format!(
+                "{rest:?} is ambiguous: write [{rest}] for the address, or [ADDRESS]:PORT"
+            ));
         } else {
             (rest, None)
         };
         let address: IpAddr = address
             .parse()
             .map_err(|_| format!("{address:?} is not an IP address"))?;
+        if let Some(problem) = not_a_peer(address) {
+            return Err(format!("{address} cannot be a server: it is {problem}"));
+        }
         let port = match port {
             None => None,
             Some(p) => match p.parse::<u16>() {
@@ -251,6 +291,8 @@ mod endpoint_tests {
             "2001:db8::1",
             "[2001:db8::1]:443/tcp",
             "2001:db8::1/udp",
+            "[2001:db8::1:443]",
+            "[2001:db8::1:443]/tcp",
         ] {
             let endpoint: ServerEndpoint = text.parse().unwrap();
             assert_eq!(endpoint.to_string(), text);
@@ -270,6 +312,23 @@ mod endpoint_tests {
                 "[2001:db8::1",
                 "an IPv6 address in brackets needs its closing ']'",
             ),
+            (
+                "2001:db8::1:443",
+                "\"2001:db8::1:443\" is ambiguous: write [2001:db8::1:443] for the address, or [ADDRESS]:PORT",
+            ),
+            (
+                "0.0.0.0:1194",
+                "0.0.0.0 cannot be a server: it is the unspecified address",
+            ),
+            (
+                "255.255.255.255",
+                "255.255.255.255 cannot be a server: it is the broadcast address",
+            ),
+            (
+                "[ff02::1]:443",
+                "ff02::1 cannot be a server: it is a multicast address",
+            ),
+            ("[::]", ":: cannot be a server: it is the unspecified address"),
         ] {
             assert_eq!(text.parse::<ServerEndpoint>().unwrap_err(), message);
         }
