@@ -1587,7 +1587,13 @@ sources = ["203.0.113.7"]
         }
         let mut servers = std::collections::BTreeSet::new();
         for _ in 0..rng.below(5) {
-            let address = address(rng);
+            // A server may not be link-local (fe80::/10).
+            let address = match address(rng) {
+                IpAddr::V6(v6) if v6.segments()[0] == 0xfe80 => {
+                    IpAddr::V6((u128::from(v6) ^ 0xfe80u128 << 112 | 0x2001_0db8u128 << 96).into())
+                }
+                other => other,
+            };
             let port = (rng.below(2) == 0).then(|| pick(rng, PORTS));
             let protocol = pick(rng, &[None, Some("udp"), Some("tcp")]);
             if servers.insert((address, port, protocol)) {
