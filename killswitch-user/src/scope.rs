@@ -1,6 +1,7 @@
 //! Scopes: a cgroup v2 directory whose sockets the policy governs, and the bpffs directory where
 //! its enforcement is pinned (`/sys/fs/bpf/killswitch/<scope>/`).
 
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::{
     fs::File,
     os::unix::fs::MetadataExt,
@@ -54,6 +55,8 @@ impl Scope {
                 relative.display()
             )));
         }
+        // One cgroup, one name: `a//b` and `a/./b` are `a/b`.
+        let relative: PathBuf = relative.components().collect();
         let name = escape_path(&relative);
         Ok(Scope {
             cgroup: mount.join(&relative),
@@ -153,13 +156,19 @@ fn unescape_mountinfo(field: &str) -> String {
 /// Like `systemd-escape --path` (`/` becomes `-`, anything unusual `\xNN`, the root is `-`), but
 /// `.` is escaped too: bpffs refuses names that contain a dot.
 pub fn escape_path(relative: &Path) -> String {
-    let text = relative.to_string_lossy();
-    let text = text.trim_matches('/');
+    // The raw bytes: a lossy UTF-8 view would give \xff, \xfe and U+FFFD one name.
+    let text = relative.as_os_str().as_bytes();
+    let start = text.iter().position(|&b| b != b'/').unwrap_or(text.len());
+    let end = text
+        .iter()
+        .rposition(|&b| b != b'/')
+        .map_or(start, |i| i + 1);
+    let text = &text[start..end.max(start)];
     if text.is_empty() {
         return "-".into();
     }
     let mut out = String::new();
-    for byte in text.bytes() {
+    for &byte in text {
         match byte {
             b'/' => out.push('-'),
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b':' | b'_' => out.push(byte as char),
@@ -191,7 +200,7 @@ pub fn unescape_path(name: &str) -> PathBuf {
         }
         i += 1;
     }
-    PathBuf::from(String::from_utf8_lossy(&bytes).into_owned())
+    PathBuf::from(std::ffi::OsString::from_vec(bytes))
 }
 
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet.
@@ -263,6 +272,28 @@ impl ScopeLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_cgroup_one_name_and_one_name_one_cgroup() {
+        use std::ffi::OsStr;
+        let names: Vec<String> = [&b"ks\xff"[..], b"ks\xfe", "ks\u{fffd}".as_bytes()]
+            .iter()
+            .map(|raw| escape_path(Path::new(OsStr::from_bytes(raw))))
+            .collect();
+        assert_eq!(names, ["ks\\xff", "ks\\xfe", "ks\\xef\\xbf\\xbd"]);
+        for name in &names {
+            assert_eq!(
+                escape_path(&unescape_path(name)),
+                *name,
+                "round trip of {name}"
+            );
+        }
+        let same: Vec<String> = ["a/b", "a//b", "a/./b", "a/b/"]
+            .iter()
+            .map(|p| Scope::from_arg(Some(Path::new(p))).unwrap().name)
+            .collect();
+        assert!(same.iter().all(|n| n == "a-b"), "{same:?}");
+    }
 
     #[test]
     fn escaping_round_trips_like_systemd_escape() {
