@@ -2,6 +2,7 @@
 //! its enforcement is pinned (`/sys/fs/bpf/killswitch/<scope>/`).
 
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::{
     fs::File,
     os::unix::fs::MetadataExt,
@@ -212,14 +213,59 @@ pub fn ensure_bpffs() -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(BPFFS_MOUNT).map_err(|e| Error::io("cannot create", BPFFS_MOUNT, e))?;
+    // The kernel's default mode is 1777: anyone could create our pin root before we do.
     nix::mount::mount(
         Some("bpffs"),
         BPFFS_MOUNT,
         Some("bpf"),
         nix::mount::MsFlags::empty(),
-        None::<&str>,
+        Some("mode=0700"),
     )
     .map_err(|e| Error::io("cannot mount bpffs on", BPFFS_MOUNT, e.into()))
+}
+
+/// Refuses a pin directory or pinned object that someone else could have put there or can
+/// change: a symlink, not owned by root, or writable by group or others.
+pub fn check_pinned(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("cannot inspect", path, e)),
+    };
+    let problem = if meta.file_type().is_symlink() {
+        Some("is a symlink".to_owned())
+    } else if meta.uid() != 0 {
+        Some(format!("is owned by uid {}, not root", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(Error::Runtime(format!(
+            "refusing {}: it {problem}; someone else may have made it. Remove it (`rm -r {}`) \
+             and run the command again",
+            path.display(),
+            path.display()
+        ))),
+    }
+}
+
+/// Creates `dir` (and the pin root above it) as root-only directories, or checks them.
+fn make_pin_dir(dir: &Path) -> Result<()> {
+    for path in [pin_root(), dir.to_path_buf()] {
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("cannot create", &path, e)),
+        }
+        check_pinned(&path)?;
+    }
+    Ok(())
 }
 
 /// Holds a scope's lock (`flock` on its pin directory): one `up`, `down`, `servers` or daemon
@@ -245,7 +291,9 @@ impl ScopeLock {
         let dir = &scope.pin_dir;
         for _ in 0..LOCK_ATTEMPTS {
             if create {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+                make_pin_dir(dir)?;
+            } else {
+                check_pinned(dir)?;
             }
             let opened = File::open(dir).and_then(|file| {
                 let lock = Flock::lock(file, FlockArg::LockExclusive)

@@ -72,6 +72,13 @@ impl Programs {
         // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
         // signals for after the load (they are delivered when the mask is restored).
         let _signals = SignalsHeld::new();
+        // Pinned maps are reused by name: only ones that root made and only root can change.
+        scope::check_pinned(pin_dir)?;
+        if let Ok(entries) = std::fs::read_dir(pin_dir) {
+            for entry in entries.flatten() {
+                scope::check_pinned(&entry.path())?;
+            }
+        }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         let offsets;
