@@ -178,23 +178,33 @@ fn each_kind_of_bad_input_has_its_message() {
     check_errors(cases);
 }
 
-struct TempFile(PathBuf);
+/// A private directory under /run (root's, mode 0700), removed on drop: the loader refuses a
+/// config in a directory others can write, and /tmp is one.
+struct PrivateDir(PathBuf);
 
-impl TempFile {
-    fn new(text: &str, mode: u32) -> TempFile {
-        let path = std::env::temp_dir().join(format!(
-            "kstest-config-{}-{mode:o}.toml",
-            std::process::id()
-        ));
+impl PrivateDir {
+    fn new(name: &str) -> PrivateDir {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = PathBuf::from(format!("/run/kstest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .unwrap();
+        PrivateDir(path)
+    }
+
+    fn file(&self, text: &str, mode: u32) -> PathBuf {
+        let path = self.0.join(format!("killswitch-{mode:o}.toml"));
         std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        TempFile(path)
+        path
     }
 }
 
-impl Drop for TempFile {
+impl Drop for PrivateDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -204,26 +214,64 @@ fn files_anyone_can_edit_are_refused() {
         eprintln!("SKIPPED: needs root to create root-owned files");
         return;
     }
-    let ok = TempFile::new("tunnels = [\"tun0\"]\n", 0o644);
-    assert!(Policy::load(&ok.0).is_ok());
+    let dir = PrivateDir::new("files");
+    let ok = dir.file("tunnels = [\"tun0\"]\n", 0o644);
+    assert!(Policy::load(&ok).is_ok());
 
-    let writable = TempFile::new("tunnels = [\"tun0\"]\n", 0o664);
-    let message = Policy::load(&writable.0).unwrap_err().to_string();
+    let writable = dir.file("tunnels = [\"tun0\"]\n", 0o664);
+    let message = Policy::load(&writable).unwrap_err().to_string();
     assert_eq!(
         message,
         format!(
             "{0}: refusing a configuration that group or others can write (mode 0664); run `chmod go-w {0}`",
-            writable.0.display()
+            writable.display()
         )
     );
 
-    let foreign = TempFile::new("tunnels = [\"tun0\"]\n", 0o600);
-    nix::unistd::chown(&foreign.0, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-    let message = Policy::load(&foreign.0).unwrap_err().to_string();
+    let foreign = dir.file("tunnels = [\"tun0\"]\n", 0o600);
+    nix::unistd::chown(&foreign, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let message = Policy::load(&foreign).unwrap_err().to_string();
     assert!(
         message.contains("owned by uid 65534 instead of root; run `chown root:"),
         "{message}"
     );
+
+    // A directory someone else owns or can write: they could swap the file under our feet.
+    let shared = PrivateDir::new("shared");
+    let inside = shared.file("tunnels = [\"tun0\"]\n", 0o600);
+    std::fs::set_permissions(&shared.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let message = Policy::load(&inside).unwrap_err().to_string();
+    assert!(
+        message.contains("group or others can write (mode 0777"),
+        "{message}"
+    );
+    std::fs::set_permissions(&shared.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&shared.0, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let message = Policy::load(&inside).unwrap_err().to_string();
+    assert!(message.contains("root does not own"), "{message}");
+    // The same file reached through a symlink in that directory.
+    let link = dir.0.join("link.toml");
+    std::os::unix::fs::symlink(&inside, &link).unwrap();
+    let message = Policy::load(&link).unwrap_err().to_string();
+    assert!(message.contains("root does not own"), "{message}");
+    let in_tmp = std::env::temp_dir().join(format!("kstest-tmp-{}.toml", std::process::id()));
+    std::fs::write(&in_tmp, "tunnels = [\"tun0\"]\n").unwrap();
+    let message = Policy::load(&in_tmp).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&in_tmp);
+    assert!(
+        message.contains("group or others can write (mode 1777"),
+        "{message}"
+    );
+
+    // A FIFO does not hang the loader; a huge file is not read whole.
+    let fifo = dir.0.join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let message = Policy::load(&fifo).unwrap_err().to_string();
+    assert!(message.ends_with("not a regular file"), "{message}");
+    let big = PrivateDir::new("huge");
+    let huge = big.file(&"#".repeat(17 << 20), 0o600);
+    let message = Policy::load(&huge).unwrap_err().to_string();
+    assert!(message.contains("larger than 16 MiB"), "{message}");
 
     let missing = Policy::load(Path::new("/nonexistent/killswitch.toml"))
         .unwrap_err()

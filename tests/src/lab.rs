@@ -71,8 +71,7 @@ impl Lab {
             .collect();
         let web_server = EchoServer::start(&web, &web_addrs);
 
-        let dir = std::env::temp_dir().join(crate::unique_name("kslab"));
-        std::fs::create_dir(&dir).unwrap();
+        let dir = crate::private_dir("kslab");
         make_certificates(&dir);
         write_configs(&dir);
         let mut lab = Lab {

@@ -64,6 +64,19 @@ macro_rules! require_root {
     };
 }
 
+/// A new private directory for config files: root's, mode 0700, under /run, whose ancestors
+/// only root can write. killswitch refuses a config anywhere else (/tmp is 1777). The caller
+/// removes it.
+pub fn private_dir(prefix: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = std::path::Path::new("/run").join(unique_name(prefix));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+    path
+}
+
 /// Writes a config file the way killswitch accepts it: mode 0600 (owned by root, as we are).
 /// Written beside `path` and renamed over it, so a reader never sees half a file.
 pub fn write_config(path: &std::path::Path, text: &str) {

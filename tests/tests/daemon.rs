@@ -37,8 +37,7 @@ impl Setup {
                 format!("{SERVER_V4}:124").parse().unwrap(),
             ],
         );
-        let dir = std::env::temp_dir().join(testbed::unique_name("kstest"));
-        std::fs::create_dir(&dir).unwrap();
+        let dir = testbed::private_dir("kstest");
         let s = Setup {
             net,
             cgroup: Cgroup::new(),

@@ -131,8 +131,7 @@ struct TempDir(std::path::PathBuf);
 
 impl TempDir {
     fn new() -> TempDir {
-        let path = std::env::temp_dir().join(testbed::unique_name("kstest"));
-        std::fs::create_dir(&path).unwrap();
+        let path = testbed::private_dir("kstest");
         TempDir(path)
     }
 }

@@ -25,8 +25,7 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let net = TestNet::new();
-        let dir = std::env::temp_dir().join(testbed::unique_name("kstest"));
-        std::fs::create_dir(&dir).unwrap();
+        let dir = testbed::private_dir("kstest");
         let config = dir.join("killswitch.toml");
         testbed::write_config(&config, "tunnels = [\"tun0\"]\n");
         let s = Setup {

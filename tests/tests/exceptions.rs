@@ -49,8 +49,7 @@ impl Setup {
     fn with_echo(config: &str, echo: impl FnOnce(&TestNet) -> EchoServer) -> Setup {
         let net = TestNet::new();
         let echo = echo(&net);
-        let dir = std::env::temp_dir().join(testbed::unique_name("kstest"));
-        std::fs::create_dir(&dir).unwrap();
+        let dir = testbed::private_dir("kstest");
         let path = dir.join("killswitch.toml");
         testbed::write_config(&path, config);
         let setup = Setup {

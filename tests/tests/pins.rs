@@ -15,11 +15,12 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
 fn pin_directories_and_objects_others_could_have_made_are_refused() {
     require_root!();
     let netns = Netns::new("p");
-    netns.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "tun0p"]);
+    netns.ip(&[
+        "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p",
+    ]);
     let pins = PinRoot::new();
     let cgroup = Cgroup::new();
-    let dir = std::env::temp_dir().join(testbed::unique_name("kspins"));
-    std::fs::create_dir(&dir).unwrap();
+    let dir = testbed::private_dir("kspins");
     let config = config(&dir);
     let up = || {
         killswitch(

@@ -4,8 +4,12 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    io::Read,
     net::IpAddr,
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -42,7 +46,12 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Reads the file after checking that only root can change it.
+/// Largest configuration read: 10,000 servers take about 600 KB.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Reads the file after checking that only root can change it. The file is opened once (not
+/// blocking, so a FIFO cannot hang a reload) and every check is made on what was opened: its
+/// owner and mode, and each directory above it, where someone else could swap a name.
 pub(super) fn load(path: &Path) -> Result<Policy, ConfigError> {
     let error = |message: String| ConfigError {
         file: path.to_owned(),
@@ -50,7 +59,13 @@ pub(super) fn load(path: &Path) -> Result<Policy, ConfigError> {
         key: None,
         message,
     };
-    let meta = std::fs::metadata(path)
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
+    let meta = file
+        .metadata()
         .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
     if !meta.is_file() {
         return Err(error("not a regular file".into()));
@@ -70,8 +85,39 @@ pub(super) fn load(path: &Path) -> Result<Policy, ConfigError> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
+    // Where the opened file really is, and where the given name led: no directory on either
+    // way may let anyone but root replace a name in it.
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| error(format!("cannot tell where the configuration is: {e}")))?;
+    let given = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    for dir in real.ancestors().skip(1).chain(given.ancestors().skip(1)) {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        let dir_meta = std::fs::metadata(dir)
+            .map_err(|e| error(format!("cannot inspect {}: {e}", dir.display())))?;
+        if dir_meta.uid() != 0 || dir_meta.mode() & 0o022 != 0 {
+            return Err(error(format!(
+                "refusing a configuration in {}, which {} (mode {:04o}, uid {}): someone else \
+                 could replace the file; keep it in a directory only root can write, like /etc/killswitch",
+                dir.display(),
+                if dir_meta.uid() != 0 { "root does not own" } else { "group or others can write" },
+                dir_meta.mode() & 0o7777,
+                dir_meta.uid()
+            )));
+        }
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(error(format!(
+            "larger than {} MiB; that is not a configuration",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| error("not UTF-8 text".into()))?;
     parse(&text, path)
 }
 

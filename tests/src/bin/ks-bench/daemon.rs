@@ -19,8 +19,7 @@ const LINK_EVENTS: usize = 100;
 const SERVERS: u32 = 10_000;
 
 pub fn run(bin: &Path) -> Result<Value> {
-    let dir = std::env::temp_dir().join(testbed::unique_name("ksbench"));
-    std::fs::create_dir(&dir)?;
+    let dir = testbed::private_dir("ksbench");
     let result = measure(bin, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
