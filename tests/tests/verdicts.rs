@@ -1293,6 +1293,67 @@ fn dhcp_disabled_and_lan_dns_allowed() {
     );
 }
 
+/// An update swaps policies that differ in settings while another thread keeps sending DNS to a
+/// LAN address: the old policy refuses it (`lan.dns = false`), the new one has no LAN at all, so
+/// no moment of the update may allow it.
+#[test]
+fn an_update_never_allows_what_neither_policy_allows() {
+    require_root!();
+    const LAN_WITHOUT_DNS: &str =
+        "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n";
+    const NO_LAN_DNS_ALLOWED: &str =
+        "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\ndns = true\n";
+    let mut k = Kernel::load(LAN_WITHOUT_DNS);
+    let policies = [LAN_WITHOUT_DNS, NO_LAN_DNS_ALLOWED]
+        .map(|text| Policy::from_toml(text, Path::new("test.toml")).unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = std::thread::spawn({
+        let stop = stop.clone();
+        let ready = ready.clone();
+        let pins = k._pins.path.clone();
+        let netns = std::fs::File::open(k._netns.path()).unwrap();
+        let up0 = k.up0;
+        move || {
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            // Its own programs over the same pinned maps.
+            let programs = Programs::load(&pins).unwrap();
+            let frame = v4(UDP, ME4, "10.0.0.53", &transport(UDP, 40000, 53));
+            let ctx = skb_context(up0);
+            let (mut runs, mut allowed) = (0u64, 0u64);
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && runs < 50_000_000 {
+                let opts = TestRunOptions {
+                    data_in: Some(&frame),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                };
+                let result = programs.program(Direction::Egress).test_run(opts).unwrap();
+                runs += 1;
+                allowed += u64::from(result.return_value == 1);
+            }
+            (runs, allowed)
+        }
+    });
+    for _ in 0..1000 {
+        if ready.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for i in 0..200 {
+        k.apply(&policies[(i + 1) % 2]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (runs, allowed) = hammer.join().unwrap();
+    eprintln!("{runs} DNS-to-LAN packets during 200 updates; {allowed} allowed");
+    assert!(
+        runs > 1000,
+        "the packets must run during the updates: {runs}"
+    );
+    assert_eq!(allowed, 0, "an update allowed what neither policy allows");
+}
+
 mod property {
     //! Thousands of random packets over the space the policy cares about: the kernel's verdict
     //! and reason must equal the reference model's for every one.

@@ -70,6 +70,18 @@ where
     T::try_from(map).map_err(|e| Error::kernel(format!("unexpected map {}", path.display()), e))
 }
 
+/// What both `a` and `b` allow: uplinks restricted and IPv6 blocked if either says so, DHCP
+/// and DNS to the LAN only if both allow them.
+fn strictest(a: &Settings, b: &Settings) -> Settings {
+    Settings {
+        uplinks_restricted: a.uplinks_restricted.max(b.uplinks_restricted),
+        dhcp: a.dhcp.min(b.dhcp),
+        lan_dns: a.lan_dns.min(b.lan_dns),
+        ipv6_block: a.ipv6_block.max(b.ipv6_block),
+        ..*b
+    }
+}
+
 /// Records why the scope is held in lockdown; an empty reason means the policy is in force.
 pub fn set_lockdown_reason(pin_dir: &Path, reason: &str) -> Result<()> {
     let mut map: Array<MapData, [u8; LOCKDOWN_REASON_BYTES]> = open(pin_dir, LOCKDOWN)?;
@@ -112,10 +124,12 @@ impl PinnedMaps {
     /// Makes the maps hold exactly `entries`. Within each map additions land before removals;
     /// the uplink list is in place before the setting that restricts to it.
     pub fn write(&mut self, entries: &MapEntries) -> Result<()> {
+        // While the lists change, the stricter of the old and the new settings hold, so that no
+        // moment combines an entry of one policy with a setting only the other has; the new
+        // settings come last, once every list is in place.
+        let old = self.settings()?;
+        self.set_settings(&strictest(&old, &entries.settings))?;
         sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
-        self.settings
-            .set(0, entries.settings, 0)
-            .map_err(|e| Error::kernel("cannot update the settings map", e))?;
         sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
         sync(
@@ -129,7 +143,14 @@ impl PinnedMaps {
             DNS_SERVERS,
         )?;
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
-        self.sync_lan(&entries.lan)
+        self.sync_lan(&entries.lan)?;
+        self.set_settings(&entries.settings)
+    }
+
+    fn set_settings(&mut self, settings: &Settings) -> Result<()> {
+        self.settings
+            .set(0, *settings, 0)
+            .map_err(|e| Error::kernel("cannot update the settings map", e))
     }
 
     /// Makes only the tunnel and uplink maps match `entries` (interfaces came or went).
