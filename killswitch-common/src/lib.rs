@@ -222,6 +222,9 @@ pub enum Reason {
     /// Allowed: an ICMP/ICMPv6 error on an uplink about a packet the egress policy allows
     /// (path-MTU discovery towards a server).
     IcmpError = 14,
+    /// Dropped: outside the tunnel, an IPv4 packet with header options (source routes among
+    /// them) or an IPv6 packet whose routing header still has segments to visit.
+    SourceRoute = 15,
 }
 
 /// Counter slots reserved per direction; more than the reasons so new ones keep the map layout.
@@ -230,7 +233,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_ENTRIES: u32 = REASON_SLOTS * 2;
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Loopback,
         Reason::Tunnel,
         Reason::Server,
@@ -246,6 +249,7 @@ impl Reason {
         Reason::InboundRefused,
         Reason::Default,
         Reason::Malformed,
+        Reason::SourceRoute,
     ];
 
     /// The verdict this reason carries: `true` = allow.
@@ -273,6 +277,7 @@ impl Reason {
             Reason::NotUplink => "not-uplink",
             Reason::Default => "default-drop",
             Reason::Malformed => "malformed",
+            Reason::SourceRoute => "source-route",
             Reason::Dhcp => "dhcp",
             Reason::Ntp => "ntp",
             Reason::Dns => "dns",

@@ -157,6 +157,9 @@ fn classify<N: NetnsSource>(
     let Some(packet) = Packet::parse(ctx, direction) else {
         return Reason::Malformed;
     };
+    if packet.source_route {
+        return Reason::SourceRoute;
+    }
     let reason = exception(&packet, direction, settings);
     if reason != Reason::Default || direction == Direction::Egress {
         return reason;

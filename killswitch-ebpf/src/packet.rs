@@ -57,6 +57,9 @@ pub struct Ports {
 /// payload of a `None`, and the verifier refuses reads of uninitialised registers.
 pub struct Packet {
     pub ipv6: bool,
+    /// IPv4 header options (a source route among them), or an IPv6 routing header with
+    /// segments left: a second destination past the first hop. The transport is not read then.
+    pub source_route: bool,
     /// Upper-layer protocol, or [`PROTOCOL_UNKNOWN`].
     pub protocol: u8,
     pub remote: [u8; 16],
@@ -142,6 +145,7 @@ impl Packet {
     fn network(ipv6: bool, protocol: u8, remote: [u8; 16], transport_offset: usize) -> Packet {
         Packet {
             ipv6,
+            source_route: false,
             protocol,
             remote,
             ports_known: false,
@@ -167,6 +171,12 @@ impl Packet {
         let first_fragment = u16::from_be_bytes(ip.flags_fragment) & 0x1fff == 0;
         let protocol = upper_layer(ip.protocol, false);
         let mut packet = Packet::network(false, protocol, ipv4_mapped(remote), offset + header_len);
+        // Options are all but unused; loose and strict source routes are among them. Returning
+        // at once keeps the verifier from carrying the flag through the rest of the parse.
+        if header_len > 20 {
+            packet.source_route = true;
+            return Some(packet);
+        }
         if first_fragment {
             packet.read_transport(ctx, direction);
         }
@@ -188,9 +198,14 @@ impl Packet {
         for _ in 0..MAX_EXTENSION_HEADERS {
             match next {
                 HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS => {
-                    let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) else {
+                    let Ok(header) = ctx.load::<[u8; 4]>(packet.transport_offset) else {
                         return Some(packet);
                     };
+                    // A routing header with segments left names another destination.
+                    if next == ROUTING && header[3] != 0 {
+                        packet.source_route = true;
+                        return Some(packet);
+                    }
                     next = header[0];
                     packet.transport_offset += (usize::from(header[1]) + 1) * 8;
                 }

@@ -42,6 +42,9 @@ pub struct Packet {
     pub fragment: bool,
     /// IPv6 extension headers (destination options) before the transport header.
     pub extension_headers: u32,
+    /// IPv4: the header carries options (a source route among them). IPv6: a routing header
+    /// with segments left comes first in the chain. Either way the transport is not read.
+    pub source_route: bool,
     /// For an ICMP/ICMPv6 error: the packet it quotes (which this host sent).
     pub quoted: Option<Quoted>,
 }
@@ -77,7 +80,7 @@ impl Packet {
         // ESP and AH, and IPv6's other extension headers, hide the transport behind them.
         let hidden = matches!(self.protocol, 50 | 51)
             || ipv6 && matches!(self.protocol, 135 | 139 | 140 | 253 | 254);
-        if ipv6 && chain > MAX_EXTENSION_HEADERS || hidden {
+        if ipv6 && (chain > MAX_EXTENSION_HEADERS || self.source_route) || hidden {
             return Transport {
                 protocol: PROTOCOL_UNKNOWN,
                 readable: false,
@@ -85,7 +88,7 @@ impl Packet {
         }
         Transport {
             protocol: self.protocol,
-            readable: !self.fragment,
+            readable: !self.fragment && !self.source_route,
         }
     }
 
@@ -138,6 +141,7 @@ impl Packet {
             icmp_type: q.icmp_type,
             fragment: false,
             extension_headers: 0,
+            source_route: false,
             quoted: None,
         })
     }
@@ -173,6 +177,10 @@ fn reason(policy: &Policy, p: &Packet) -> Reason {
     }
     if policy.uplinks.is_some() && p.interface != Interface::Uplink {
         return Reason::NotUplink;
+    }
+    // A second destination past the first hop: never outside the tunnel.
+    if p.source_route {
+        return Reason::SourceRoute;
     }
     let reason = exception(policy, p);
     if reason != Reason::Default || p.direction == Direction::Egress {

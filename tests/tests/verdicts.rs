@@ -607,7 +607,11 @@ fn random_frames_never_pass_the_uplink_and_always_pass_the_tunnel() {
         };
         let (allowed, reason) = k.verdict(direction, k.up0, &frame);
         assert!(
-            !allowed && matches!(reason, Reason::Default | Reason::Malformed),
+            !allowed
+                && matches!(
+                    reason,
+                    Reason::Default | Reason::Malformed | Reason::SourceRoute
+                ),
             "frame {i} passed the uplink as {reason:?} (KILLSWITCH_SEED={seed}): {frame:02x?}"
         );
         let (allowed, reason) = k.verdict(direction, k.tun0, &frame);
@@ -686,6 +690,14 @@ fn icmp6(src: &str, dst: &str, icmp_type: u8) -> Vec<u8> {
 }
 
 /// IPv6 with `count` destination-options headers (8 bytes each) before a UDP header.
+/// Adds a loose source route option (through 192.0.2.77) to an IPv4 packet built by `ipv4`.
+fn with_loose_source_route(packet: &mut Vec<u8>) {
+    packet[0] = 0x47;
+    let total = u16::from_be_bytes([packet[2], packet[3]]) + 8;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    packet.splice(20..20, [0x83, 7, 4, 192, 0, 2, 77, 0]);
+}
+
 /// UDP to `dst`:`dport` behind an authentication header (12 bytes: next header UDP).
 fn behind_ah(ipv6: bool, dst: &str, dport: u16) -> Vec<u8> {
     let mut payload = vec![UDP, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
@@ -980,6 +992,45 @@ fn every_verdict_step_of_the_full_policy() {
                 Tunnel,
             ),
             // IPv6 extension headers, walked up to the bound of 6.
+            (
+                "loose source route to the server, v4",
+                E,
+                Dev::Up,
+                {
+                    let mut packet = ipv4(
+                        UDP,
+                        ME4.parse().unwrap(),
+                        "198.51.100.1".parse().unwrap(),
+                        0,
+                        &transport(UDP, 40000, 1194),
+                    );
+                    with_loose_source_route(&mut packet);
+                    ethernet(ETH_P_IP, &packet)
+                },
+                SourceRoute,
+            ),
+            (
+                "routing header with a segment left, v6",
+                E,
+                Dev::Up,
+                {
+                    let mut payload = vec![UDP, 0, 4, 1, 0, 0, 0, 0];
+                    payload.extend_from_slice(&transport(UDP, 40000, 80));
+                    v6(43, ME6, "2001:db8:77::5", &payload)
+                },
+                SourceRoute,
+            ),
+            (
+                "routing header with no segment left, v6",
+                E,
+                Dev::Up,
+                {
+                    let mut payload = vec![UDP, 0, 4, 0, 0, 0, 0, 0];
+                    payload.extend_from_slice(&transport(UDP, 40000, 80));
+                    v6(43, ME6, "2001:db8:77::5", &payload)
+                },
+                Lan,
+            ),
             (
                 // AH is not walked: the UDP/53 behind it could be DNS to the LAN.
                 "udp/53 to the LAN behind AH (v6)",
@@ -1493,6 +1544,7 @@ sources = ["203.0.113.7"]
             } else {
                 0
             },
+            source_route: rng.below(12) == 0,
             quoted: (rng.below(3) != 0).then(|| random_quoted(rng, ipv6, v4, v6)),
         }
     }
@@ -1552,7 +1604,11 @@ sources = ["203.0.113.7"]
                     Direction::Ingress => (remote, me),
                 };
                 let offset = if p.fragment { 185 } else { 0 };
-                ethernet(ETH_P_IP, &ipv4(p.protocol, src, dst, offset, &l4))
+                let mut packet = ipv4(p.protocol, src, dst, offset, &l4);
+                if p.source_route {
+                    with_loose_source_route(&mut packet);
+                }
+                ethernet(ETH_P_IP, &packet)
             }
             IpAddr::V6(remote) => {
                 let me = ME6.parse().unwrap();
@@ -1561,7 +1617,9 @@ sources = ["203.0.113.7"]
                     Direction::Ingress => (remote, me),
                 };
                 // Destination-options headers, then the fragment header if any, then L4.
-                let mut chain: Vec<u8> = (0..p.extension_headers).map(|_| 60).collect();
+                // A routing header with one segment left first, when the packet has one.
+                let mut chain: Vec<u8> = if p.source_route { vec![43] } else { vec![] };
+                chain.extend((0..p.extension_headers).map(|_| 60));
                 if p.fragment {
                     chain.push(44);
                 }
@@ -1570,6 +1628,8 @@ sources = ["203.0.113.7"]
                 for pair in chain.windows(2) {
                     if pair[0] == 44 {
                         payload.extend_from_slice(&[pair[1], 0, 0, 0, 0, 0, 0, 1]);
+                    } else if pair[0] == 43 {
+                        payload.extend_from_slice(&[pair[1], 0, 4, 1, 0, 0, 0, 0]);
                     } else {
                         payload.extend_from_slice(&[pair[1], 0, 1, 4, 0, 0, 0, 0]);
                     }
