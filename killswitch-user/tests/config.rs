@@ -435,3 +435,41 @@ fn the_widest_private_ranges_are_still_lans() {
     // An IPv4 prefix never holds an IPv6 address, not even an IPv4-mapped one.
     assert!(!policy.lan.networks[0].contains("::ffff:10.0.0.1".parse().unwrap()));
 }
+
+#[test]
+fn more_entries_than_the_kernel_maps_hold_are_refused_at_check() {
+    let f = "/etc/killswitch/killswitch.toml";
+    let prefixes: Vec<String> = (0..5000u32)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    let text = format!(
+        "tunnels = []\n[lan]\nnetworks = [\n{}\n]\n",
+        prefixes.join(",\n")
+    );
+    assert_eq!(
+        error(&text),
+        format!("{f}:4100: lan.networks: more than 4096 prefixes; the kernel map holds 4096")
+    );
+    let ntp: Vec<String> = (0..4097u32)
+        .map(|i| format!("\"198.18.{}.{}\"", i / 256, i % 256))
+        .collect();
+    let text = format!("tunnels = []\n[ntp]\nservers = [\n{}\n]\n", ntp.join(",\n"));
+    assert_eq!(
+        error(&text),
+        format!("{f}:4100: ntp.servers: more than 4096 addresses; the kernel map holds 4096")
+    );
+    // 10,000 servers are fine, and checked in linear time (no per-entry scans).
+    let servers: String = (0..10_000u32)
+        .map(|i| {
+            format!(
+                "[[server]]\naddress = \"198.18.{}.{}\"\nport = 1194\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let policy = parse(&format!("tunnels = [\"tun0\"]\n{servers}")).unwrap();
+    assert_eq!(policy.servers.len(), 10_000);
+    eprintln!("10,000 servers checked in {:?}", started.elapsed());
+}

@@ -13,6 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use killswitch_common::{MAX_ADDRESSES, MAX_PREFIXES, MAX_SERVERS};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -182,18 +183,14 @@ struct RawServer {
 
 /// Locates spans in the text so errors can name lines.
 struct Source<'a> {
-    text: &'a str,
     file: &'a Path,
+    /// Byte offset of every newline, so that a line number is a binary search, not a scan.
+    newlines: Vec<usize>,
 }
 
 impl Source<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.newlines.partition_point(|&n| n < offset) + 1
     }
 
     fn error<T>(&self, at: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
@@ -207,7 +204,10 @@ impl Source<'_> {
 }
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
-    let source = Source { text, file };
+    let source = Source {
+        file,
+        newlines: text.match_indices('\n').map(|(i, _)| i).collect(),
+    };
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: file.to_owned(),
         line: e.span().map(|span| source.line_of(span.start)),
@@ -243,8 +243,26 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
 
     let mut servers = Vec::new();
     let mut seen: BTreeMap<ServerRule, usize> = BTreeMap::new();
+    // What the rules may put in the kernel's server map: one entry per address, up to
+    // MAX_ADDRESSES_PER_NAME per hostname.
+    let mut server_entries = 0usize;
     for entry in &raw.server {
         let rule = server_rule(&source, entry)?;
+        server_entries += match rule.address {
+            ServerAddress::Ip(_) => 1,
+            ServerAddress::Host(_) => super::resolve::MAX_ADDRESSES_PER_NAME,
+        };
+        if server_entries > MAX_SERVERS as usize {
+            return Err(source.error(
+                entry,
+                "server",
+                format!(
+                    "too many servers: the kernel map holds {MAX_SERVERS} entries (a hostname \
+                     counts {})",
+                    super::resolve::MAX_ADDRESSES_PER_NAME
+                ),
+            ));
+        }
         let line = source.line_of(entry.span().start);
         if let Some(first) = seen.insert(rule.clone(), line) {
             return Err(source.error(
@@ -290,12 +308,22 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
 
     let mut lan = Lan::default();
     if let Some(raw_lan) = &raw.lan {
+        let mut listed = std::collections::BTreeSet::new();
         for text in &raw_lan.networks {
+            if listed.len() == MAX_PREFIXES as usize {
+                return Err(source.error(
+                    text,
+                    "lan.networks",
+                    format!(
+                        "more than {MAX_PREFIXES} prefixes; the kernel map holds {MAX_PREFIXES}"
+                    ),
+                ));
+            }
             let prefix =
                 prefix(text.get_ref()).map_err(|m| source.error(text, "lan.networks", m))?;
             reject_v6(text, "lan.networks", prefix.addr)?;
             lan_sized(&prefix).map_err(|m| source.error(text, "lan.networks", m))?;
-            if lan.networks.contains(&prefix) {
+            if !listed.insert(prefix) {
                 return Err(source.error(
                     text,
                     "lan.networks",
@@ -309,10 +337,20 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
     let address_list =
         |list: Option<&RawServerList>, key: &str| -> Result<Vec<IpAddr>, ConfigError> {
             let mut out: Vec<IpAddr> = Vec::new();
+            let mut listed = std::collections::BTreeSet::new();
             for text in list.map(|l| l.servers.as_slice()).unwrap_or_default() {
+                if out.len() == MAX_ADDRESSES as usize {
+                    return Err(source.error(
+                        text,
+                        key,
+                        format!(
+                        "more than {MAX_ADDRESSES} addresses; the kernel map holds {MAX_ADDRESSES}"
+                    ),
+                    ));
+                }
                 let ip = plain_address(text.get_ref()).map_err(|m| source.error(text, key, m))?;
                 reject_v6(text, key, ip)?;
-                if out.contains(&ip) {
+                if !listed.insert(ip) {
                     return Err(source.error(text, key, format!("`{ip}` is listed twice")));
                 }
                 out.push(ip);
@@ -323,7 +361,18 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
     let dns_servers = address_list(raw.dns.as_ref(), "dns.servers")?;
 
     let mut inbound: Vec<Inbound> = Vec::new();
+    let mut inbound_ports = std::collections::BTreeSet::new();
+    // Each (source, port) pair, or the port alone, is one entry of the kernel's inbound map.
+    let mut inbound_entries = 0usize;
     for entry in &raw.inbound {
+        inbound_entries += entry.get_ref().sources.len().max(1);
+        if inbound_entries > MAX_ADDRESSES as usize {
+            return Err(source.error(
+                entry,
+                "inbound",
+                format!("too many inbound entries; the kernel map holds {MAX_ADDRESSES}"),
+            ));
+        }
         let Some(port_value) = &entry.get_ref().port else {
             return Err(source.error(
                 entry,
@@ -333,7 +382,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
         };
         let port =
             port_number(port_value).map_err(|m| source.error(port_value, "inbound.port", m))?;
-        if inbound.iter().any(|i| i.port == port) {
+        if !inbound_ports.insert(port) {
             return Err(source.error(
                 port_value,
                 "inbound.port",
