@@ -6,7 +6,10 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    os::{fd::AsFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -183,7 +186,7 @@ impl Resolver {
         }
     }
 
-    /// A cgroup's path from its id (the inode number of its directory), searched once.
+    /// A cgroup's path from its id, asked of the kernel, remembered for the next events.
     fn cgroup_path(&mut self, id: u64) -> Option<String> {
         if id == 0 {
             return None;
@@ -191,28 +194,67 @@ impl Resolver {
         if let Some(found) = self.cgroups.get(&id) {
             return found.clone();
         }
-        let found = find_inode(&self.cgroup_root, id, 0).map(|path| {
+        let found = cgroup_by_id(&self.cgroup_root, id).map(|path| {
             let relative = path.strip_prefix(&self.cgroup_root).unwrap_or(&path);
-            format!("/{}", relative.display())
+            format!("/{}", escaped(relative))
         });
+        // Bounded: a flood from many short-lived cgroups must not grow the daemon.
+        if self.cgroups.len() >= MAX_CACHED_CGROUPS {
+            self.cgroups.clear();
+        }
         self.cgroups.insert(id, found.clone());
         found
     }
 }
 
-/// Depth-first search for the directory with inode `ino`, bounded in depth.
-fn find_inode(dir: &Path, ino: u64, depth: u32) -> Option<PathBuf> {
-    if std::fs::metadata(dir).ok()?.ino() == ino {
-        return Some(dir.to_path_buf());
+/// Cgroup paths remembered by the event reader.
+const MAX_CACHED_CGROUPS: usize = 4096;
+
+/// The directory of the cgroup with this id, by the kernel's file handle for it (the id is the
+/// handle of a cgroup2 directory): one lookup, no walk over the tree.
+fn cgroup_by_id(root: &Path, id: u64) -> Option<PathBuf> {
+    /// `struct file_handle` with the 8 bytes kernfs uses (FILEID_KERNFS).
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        id: u64,
     }
-    if depth >= 16 {
+    const FILEID_KERNFS: i32 = 0xfe;
+    let mount = std::fs::File::open(root).ok()?;
+    let mut handle = Handle {
+        bytes: 8,
+        kind: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: a valid mount fd and a handle of the size it declares.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &mut handle as *mut Handle,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
         return None;
     }
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .find_map(|e| find_inode(&e.path(), ino, depth + 1))
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()
+}
+
+/// A path for logs and terminals: printable ASCII as is, every other byte as `\xNN`.
+pub fn escaped(path: &Path) -> String {
+    let mut out = String::new();
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_graphic() && byte != b'\\' || byte == b' ' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
 }
 
 fn protocol_name(protocol: u8, family: u8) -> String {
@@ -223,5 +265,17 @@ fn protocol_name(protocol: u8, family: u8) -> String {
         IPPROTO_ICMPV6 if family == 6 => "icmpv6".into(),
         255 if family == 6 => "ipv6-unknown".into(),
         other => format!("proto-{other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_names_are_escaped_for_terminals() {
+        use std::ffi::OsStr;
+        let path = Path::new(OsStr::from_bytes(b"app\x1b[31m/a b\\c\xff"));
+        assert_eq!(escaped(path), "app\\x1b[31m/a b\\x5cc\\xff");
     }
 }
