@@ -42,6 +42,91 @@ pub fn matching(all: &[Interface], patterns: &[InterfacePattern]) -> Vec<Interfa
         .collect()
 }
 
+/// Interfaces that `tunnels` matches but that do not look like a VPN's: an Ethernet-type
+/// device (a physical NIC, a bridge, a container's veth) whose driver is neither tun (also
+/// OpenVPN's tap mode) nor wireguard. A veth counts as a tunnel only when named exactly (test
+/// beds stand one in for `tun0`). Trusting such an interface as the tunnel would let
+/// everything out through it in the clear.
+pub fn not_tunnel_like(all: &[Interface], patterns: &[InterfacePattern]) -> Vec<String> {
+    all.iter()
+        .filter_map(|i| {
+            let pattern = patterns.iter().find(|p| p.matches(&i.name))?;
+            let ethernet = device_type(&i.name) == Some(libc::ARPHRD_ETHER);
+            let driver = driver(&i.name).unwrap_or_default();
+            let exact_veth = driver == "veth" && pattern.as_str() == i.name;
+            let tunnel_like =
+                !ethernet || matches!(driver.as_str(), "tun" | "wireguard") || exact_veth;
+            (!tunnel_like).then(|| {
+                format!(
+                    "{} (driver {}, matched by `{pattern}`)",
+                    i.name,
+                    if driver.is_empty() {
+                        "unknown"
+                    } else {
+                        &driver
+                    }
+                )
+            })
+        })
+        .collect()
+}
+
+/// `struct ifreq` with room for the union the two requests below use.
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IF_NAMESIZE],
+    data: [u8; 24],
+}
+
+fn ifreq(name: &str) -> Option<IfReq> {
+    let mut req = IfReq {
+        name: [0; libc::IF_NAMESIZE],
+        data: [0; 24],
+    };
+    if name.len() >= libc::IF_NAMESIZE {
+        return None;
+    }
+    for (slot, byte) in req.name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    Some(req)
+}
+
+fn ioctl(request: libc::c_ulong, req: &mut IfReq) -> bool {
+    let Ok(sock) = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    // SAFETY: the request reads the name and writes within the ifreq it is given.
+    unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut IfReq) == 0 }
+}
+
+/// The device's ARPHRD type (SIOCGIFHWADDR: the hardware address's family).
+fn device_type(name: &str) -> Option<u16> {
+    let mut req = ifreq(name)?;
+    ioctl(libc::SIOCGIFHWADDR, &mut req).then(|| u16::from_ne_bytes([req.data[0], req.data[1]]))
+}
+
+/// The device's driver name (ethtool's GDRVINFO), when it has one.
+fn driver(name: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // struct ethtool_drvinfo: cmd, then driver[32], ... (196 bytes in all).
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    let mut req = ifreq(name)?;
+    req.data[..8].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    if !ioctl(libc::SIOCETHTOOL, &mut req) {
+        return None;
+    }
+    let driver = &info[4..36];
+    let end = driver.iter().position(|&b| b == 0).unwrap_or(driver.len());
+    Some(String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
 /// Name of `index` in the current namespace, if it exists.
 pub fn name_of(index: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];

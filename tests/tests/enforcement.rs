@@ -503,3 +503,28 @@ fn an_interface_of_another_namespace_with_the_tunnels_ifindex_is_not_the_tunnel(
         Probe::Tcp(TUNNEL_PEER_V4, OTHER_PORT)
     ));
 }
+
+/// `check` names every interface that `tunnels` matches but that is no VPN tunnel.
+#[test]
+fn check_warns_when_tunnels_matches_an_ordinary_interface() {
+    require_root!();
+    let netns = testbed::Netns::new("w");
+    for (dev, peer) in [("tun0", "tun0p"), ("eth7", "eth7p")] {
+        netns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+    }
+    netns.ip(&["tuntap", "add", "dev", "tap7", "mode", "tap"]);
+    let dir = testbed::private_dir("kswarn");
+    let config = dir.join("killswitch.toml");
+    testbed::write_config(&config, "tunnels = [\"tun0\", \"eth*\", \"tap*\"]\n");
+    let pins = PinRoot::new();
+    let out = killswitch(
+        &netns,
+        &pins,
+        &["--config", config.to_str().unwrap(), "check"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("WARNING")).collect();
+    assert_eq!(warnings.len(), 2, "{stdout}");
+    assert!(warnings.iter().all(|w| w.contains("eth7")), "{stdout}");
+}

@@ -19,6 +19,11 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
             .join(", ")
     };
     println!("tunnels  {}", join(&policy.tunnels));
+    if let Ok(all) = crate::interfaces::list() {
+        for odd in crate::interfaces::not_tunnel_like(&all, &policy.tunnels) {
+            println!("         WARNING: matches {odd}, which does not look like a VPN tunnel");
+        }
+    }
     match &policy.uplinks {
         Some(uplinks) if !uplinks.is_empty() => println!("uplinks  {}", join(uplinks)),
         Some(_) => println!("uplinks  none: nothing leaves outside the tunnel"),

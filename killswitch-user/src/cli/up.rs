@@ -28,6 +28,9 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
         Err(e) => return Err(ebpf::lock_down(&scope, e)),
     };
     let entries = MapEntries::new(&policy, &list, cookie, &servers);
+    for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
+        tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
+    }
     if entries.tunnels.is_empty() {
         let patterns: Vec<_> = policy.tunnels.iter().map(|p| p.as_str()).collect();
         tracing::warn!(
