@@ -453,6 +453,30 @@ fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     drop(daemon);
 }
 
+#[test]
+fn a_daemon_started_with_a_bad_config_holds_lockdown_until_a_valid_reload() {
+    require_root!();
+    let s = Setup::new("tunnels = [\"tun0\"]\nbogus = 1\n");
+    s.net.remove_tunnel();
+    let daemon = s.daemon();
+    let ntp = format!("{SERVER_V4}:123");
+    assert!(!s.reaches("udp", &ntp, "300"), "lockdown lets nothing out");
+    let status = |s: &Setup| -> serde_json::Value {
+        serde_json::from_slice(&s.killswitch(&["status", "--json"]).stdout).unwrap()
+    };
+    assert_eq!(status(&s)["scopes"][0]["mode"], "lockdown");
+    assert!(s.logged("waiting for SIGHUP") >= 1);
+
+    s.write_config(TUNNEL_CONFIG);
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || s.reaches("udp", &ntp, "200")),
+        "a valid reload starts the daemon with the real policy"
+    );
+    assert_eq!(status(&s)["scopes"][0]["mode"], "policy");
+    drop(daemon);
+}
+
 /// Enough reloads that a policy swap with a gap (clear, then fill) is caught every time.
 const RELOADS: usize = 100;
 

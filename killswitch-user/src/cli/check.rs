@@ -41,7 +41,15 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
         let shown: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
         match &rule.address {
             ServerAddress::Ip(_) => println!("{label:8} {}", shown.join(", ")),
-            ServerAddress::Host(host) => println!("{label:8} {host} -> {}", shown.join(", ")),
+            ServerAddress::Host(host) => {
+                println!("{label:8} {host} -> {}", shown.join(", "));
+                if rule.port.is_none() {
+                    println!(
+                        "         WARNING: {host} has no port: every port of every address it \
+                         resolves to is open outside the tunnel"
+                    );
+                }
+            }
         }
     }
     let list = |items: Vec<String>| {

@@ -28,6 +28,11 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
         Err(e) => return Err(ebpf::lock_down(&scope, e)),
     };
     let entries = MapEntries::new(&policy, &list, cookie, &servers);
+    for rule in &policy.servers {
+        if let (crate::policy::ServerAddress::Host(host), None) = (&rule.address, rule.port) {
+            tracing::warn!("server {host} has no port: every port of every address it resolves to is open outside the tunnel");
+        }
+    }
     for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
         tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
     }
