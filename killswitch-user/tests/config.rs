@@ -473,3 +473,130 @@ fn more_entries_than_the_kernel_maps_hold_are_refused_at_check() {
     assert_eq!(policy.servers.len(), 10_000);
     eprintln!("10,000 servers checked in {:?}", started.elapsed());
 }
+
+/// 100,000 mutations of a valid config (bytes flipped, inserted and deleted; lines dropped,
+/// doubled and swapped; values replaced by odd ones): none panics, and every rejection is one
+/// line naming the file, with the exit status of a configuration error.
+#[test]
+fn mutated_configs_never_panic_and_fail_in_one_line() {
+    const VALID: &str = r#"tunnels = ["tun0", "wg*"]
+uplinks = ["eth0"]
+[[server]]
+address = "198.51.100.1"
+port = 1194
+protocol = "udp"
+[[server]]
+address = "vpn.example.test"
+port = 443
+[lan]
+networks = ["192.168.77.0/24", "2001:db8:77::/64"]
+dns = false
+[dhcp]
+enabled = true
+[ntp]
+servers = ["203.0.113.123"]
+[dns]
+servers = ["203.0.113.53"]
+[ipv6]
+mode = "tunnel"
+[[inbound]]
+port = 22
+sources = ["203.0.113.7"]
+"#;
+    const ODD: &[&str] = &[
+        "",
+        "0",
+        "-1",
+        "65536",
+        "1e9",
+        "\"\"",
+        "[]",
+        "{}",
+        "true",
+        "\"::\"",
+        "\"0.0.0.0/0\"",
+        "\"::/64\"",
+        "\"a\\u0000b\"",
+        "\"\\uD800\"",
+        "[\"x\", 1]",
+        "\"\u{fffd}\"",
+        "inf",
+        "nan",
+        "\"255.255.255.255\"",
+        "\"ff02::1\"",
+        "\"fe80::1%eth0\"",
+        "\"1.2.3.4:5\"",
+        "'''",
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let (mut accepted, mut rejected) = (0, 0);
+    for i in 0..100_000 {
+        let mut text = VALID.as_bytes().to_vec();
+        for _ in 0..1 + next(4) {
+            match next(7) {
+                0 if !text.is_empty() => {
+                    let at = next(text.len());
+                    text[at] = next(256) as u8;
+                }
+                1 => {
+                    let at = next(text.len() + 1);
+                    text.insert(at, b"=[]\"'#\n.,{}0:/*"[next(15)]);
+                }
+                2 if !text.is_empty() => {
+                    let at = next(text.len());
+                    text.remove(at);
+                }
+                _ => {
+                    let mut lines: Vec<String> = String::from_utf8_lossy(&text)
+                        .lines()
+                        .map(str::to_owned)
+                        .collect();
+                    if lines.is_empty() {
+                        continue;
+                    }
+                    let at = next(lines.len());
+                    match next(4) {
+                        0 => {
+                            lines.remove(at);
+                        }
+                        1 => lines.insert(at, lines[at].clone()),
+                        2 => {
+                            let other = next(lines.len());
+                            lines.swap(at, other);
+                        }
+                        _ => {
+                            if let Some((key, _)) = lines[at].split_once(" = ") {
+                                lines[at] = format!("{key} = {}", ODD[next(ODD.len())]);
+                            }
+                        }
+                    }
+                    text = (lines.join("\n") + "\n").into_bytes();
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        match Policy::from_toml(&text, Path::new("/etc/killswitch/killswitch.toml")) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                rejected += 1;
+                let line = e.to_string();
+                assert!(
+                    !line.contains('\n') && line.starts_with("/etc/killswitch/killswitch.toml"),
+                    "input {i}: {line:?}\n{text}"
+                );
+                assert_eq!(killswitch::error::Error::from(e).exit_code(), 2);
+            }
+        }
+    }
+    eprintln!("100,000 mutated configs: {accepted} accepted, {rejected} rejected in one line");
+    assert!(
+        rejected > 50_000 && accepted > 1_000,
+        "{accepted} / {rejected}"
+    );
+}
