@@ -165,8 +165,11 @@ fn classify<N: NetnsSource>(
         return reason;
     }
     // An ICMP error about a packet we may send (path-MTU discovery towards a server).
+    // The quoted packet must be one egress lets out: a source-routed one never is.
     match packet.quoted(ctx) {
-        Some(quoted) if exception(&quoted, Direction::Egress, settings).allows() => {
+        Some(quoted)
+            if !quoted.source_route && exception(&quoted, Direction::Egress, settings).allows() =>
+        {
             Reason::IcmpError
         }
         _ => Reason::Default,

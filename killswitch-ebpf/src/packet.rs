@@ -20,12 +20,19 @@ const FRAGMENT: u8 = 44;
 const DESTINATION_OPTIONS: u8 = 60;
 
 /// Headers that carry (or hide) another protocol after them and are not walked: ESP, AH, and
-/// for IPv6 the other extension headers (Mobility, HIP, Shim6, the experimental 253/254). The
+/// for IPv6 the other extension headers (Mobility, HIP, Shim6, the experimental 253/254), and
+/// any extension header after a fragment header. The
 /// transport behind them cannot be read, so it counts as unknown: a rule that needs a port
 /// cannot allow it (UDP/53 behind AH is not "not DNS").
 #[inline(always)]
 fn hides_transport(protocol: u8, ipv6: bool) -> bool {
-    matches!(protocol, 50 | 51) || ipv6 && matches!(protocol, 135 | 139 | 140 | 253 | 254)
+    matches!(protocol, 50 | 51)
+        || ipv6
+            && matches!(
+                protocol,
+                // The walked ones too: after a fragment header they are not walked.
+                HOP_BY_HOP | ROUTING | FRAGMENT | DESTINATION_OPTIONS | 135 | 139 | 140 | 253 | 254
+            )
 }
 
 /// The protocol as the filter may trust it.

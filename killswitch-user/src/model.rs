@@ -79,7 +79,11 @@ impl Packet {
         let chain = self.extension_headers + u32::from(self.fragment);
         // ESP and AH, and IPv6's other extension headers, hide the transport behind them.
         let hidden = matches!(self.protocol, 50 | 51)
-            || ipv6 && matches!(self.protocol, 135 | 139 | 140 | 253 | 254);
+            || ipv6
+                && matches!(
+                    self.protocol,
+                    0 | 43 | 44 | 60 | 135 | 139 | 140 | 253 | 254
+                );
         if ipv6 && (chain > MAX_EXTENSION_HEADERS || self.source_route) || hidden {
             return Transport {
                 protocol: PROTOCOL_UNKNOWN,

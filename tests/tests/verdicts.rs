@@ -1040,6 +1040,18 @@ fn every_verdict_step_of_the_full_policy() {
                 Default,
             ),
             (
+                // Headers after a fragment header are not walked: the UDP/53 could be DNS.
+                "udp/53 to the LAN behind a fragment and destination options (v6)",
+                E,
+                Dev::Up,
+                {
+                    let mut payload = vec![60, 0, 0, 0, 0, 0, 0, 1, UDP, 0, 1, 4, 0, 0, 0, 0];
+                    payload.extend_from_slice(&transport(UDP, 40000, 53));
+                    v6(44, ME6, "2001:db8:77::5", &payload)
+                },
+                Default,
+            ),
+            (
                 "udp/53 to the LAN behind AH (v4)",
                 E,
                 Dev::Up,
@@ -1153,6 +1165,17 @@ fn icmp_errors_about_allowed_packets_pass_the_uplink() {
                 Dev::Up,
                 icmp_error(false, router, 11, &to_server),
                 IcmpError,
+            ),
+            (
+                "an error quoting a source-routed packet to the server",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &{
+                    let mut quoted = to_server.clone();
+                    with_loose_source_route(&mut quoted);
+                    quoted
+                }),
+                Default,
             ),
             (
                 "parameter problem is not an error we accept",
