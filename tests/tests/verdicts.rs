@@ -1367,36 +1367,33 @@ fn dhcp_disabled_and_lan_dns_allowed() {
     );
 }
 
-/// An update swaps policies that differ in settings while another thread keeps sending DNS to a
-/// LAN address: the old policy refuses it (`lan.dns = false`), the new one has no LAN at all, so
-/// no moment of the update may allow it.
-#[test]
-fn an_update_never_allows_what_neither_policy_allows() {
-    require_root!();
-    const LAN_WITHOUT_DNS: &str =
-        "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n";
-    const NO_LAN_DNS_ALLOWED: &str =
-        "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\ndns = true\n";
-    let mut k = Kernel::load(LAN_WITHOUT_DNS);
-    let policies = [LAN_WITHOUT_DNS, NO_LAN_DNS_ALLOWED]
-        .map(|text| Policy::from_toml(text, Path::new("test.toml")).unwrap());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// Updates swap two policies 200 times while another thread keeps running `frame` on the
+/// interface called `dev` through programs on the same pinned maps. Neither policy allows the
+/// frame, so no moment of any update may. Returns how many runs happened.
+fn no_update_allows(policies: [&str; 2], frame: Vec<u8>, dev: &str) -> u64 {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let mut k = Kernel::load(policies[0]);
+    let policies = policies.map(|text| Policy::from_toml(text, Path::new("test.toml")).unwrap());
+    let (stop, ready) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let hammer = std::thread::spawn({
-        let stop = stop.clone();
-        let ready = ready.clone();
+        let (stop, ready) = (stop.clone(), ready.clone());
         let pins = k._pins.path.clone();
         let netns = std::fs::File::open(k._netns.path()).unwrap();
-        let up0 = k.up0;
+        let ifindex = k._netns.ifindex(dev);
         move || {
             nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             // Its own programs over the same pinned maps.
             let programs = Programs::load(&pins).unwrap();
-            let frame = v4(UDP, ME4, "10.0.0.53", &transport(UDP, 40000, 53));
-            let ctx = skb_context(up0);
+            let ctx = skb_context(ifindex);
             let (mut runs, mut allowed) = (0u64, 0u64);
-            ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && runs < 50_000_000 {
+            ready.store(true, Ordering::Relaxed);
+            while !stop.load(Ordering::Relaxed) && runs < 50_000_000 {
                 let opts = TestRunOptions {
                     data_in: Some(&frame),
                     ctx_in: Some(&ctx),
@@ -1410,7 +1407,7 @@ fn an_update_never_allows_what_neither_policy_allows() {
         }
     });
     for _ in 0..1000 {
-        if ready.load(std::sync::atomic::Ordering::Relaxed) {
+        if ready.load(Ordering::Relaxed) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1418,14 +1415,44 @@ fn an_update_never_allows_what_neither_policy_allows() {
     for i in 0..200 {
         k.apply(&policies[(i + 1) % 2]);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let (runs, allowed) = hammer.join().unwrap();
-    eprintln!("{runs} DNS-to-LAN packets during 200 updates; {allowed} allowed");
+    eprintln!("{runs} packets during 200 updates; {allowed} allowed");
     assert!(
         runs > 1000,
         "the packets must run during the updates: {runs}"
     );
     assert_eq!(allowed, 0, "an update allowed what neither policy allows");
+    runs
+}
+
+/// `{lan = [10/8], dns = false}` refuses DNS to 10.0.0.53; `{lan = [], dns = true}` has no LAN.
+#[test]
+fn an_update_of_settings_never_allows_what_neither_policy_allows() {
+    require_root!();
+    no_update_allows(
+        [
+            "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n",
+            "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\ndns = true\n",
+        ],
+        v4(UDP, ME4, "10.0.0.53", &transport(UDP, 40000, 53)),
+        "up0",
+    );
+}
+
+/// `{uplinks = [up0], lan = [10/8]}` refuses anything on other0; `{uplinks = [other0]}` has no
+/// LAN: 10.0.0.80:80 through other0 is allowed by neither.
+#[test]
+fn an_update_of_uplinks_never_allows_what_neither_policy_allows() {
+    require_root!();
+    no_update_allows(
+        [
+            "tunnels = [\"tun0\"]\nuplinks = [\"up0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n",
+            "tunnels = [\"tun0\"]\nuplinks = [\"other0\"]\n[dhcp]\nenabled = false\n",
+        ],
+        v4(UDP, ME4, "10.0.0.80", &transport(UDP, 40000, 80)),
+        "other0",
+    );
 }
 
 mod property {

@@ -121,15 +121,15 @@ impl PinnedMaps {
         })
     }
 
-    /// Makes the maps hold exactly `entries`. Within each map additions land before removals;
-    /// the uplink list is in place before the setting that restricts to it.
+    /// Makes the maps hold exactly `entries` without a moment that allows what neither the old
+    /// nor the new policy allows: the stricter of both settings and only the uplinks both
+    /// have while the lists change (within each list additions land before removals), then
+    /// the new uplinks, then the new settings.
     pub fn write(&mut self, entries: &MapEntries) -> Result<()> {
-        // While the lists change, the stricter of the old and the new settings hold, so that no
-        // moment combines an entry of one policy with a setting only the other has; the new
-        // settings come last, once every list is in place.
         let old = self.settings()?;
         self.set_settings(&strictest(&old, &entries.settings))?;
-        sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
+        let uplinks: BTreeSet<InterfaceKey> = entries.uplinks.keys().copied().collect();
+        shrink(&mut self.uplinks, &uplinks, UPLINKS)?;
         sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
         sync(
@@ -144,6 +144,7 @@ impl PinnedMaps {
         )?;
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
         self.sync_lan(&entries.lan)?;
+        sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         self.set_settings(&entries.settings)
     }
 
@@ -285,6 +286,21 @@ fn keys<K: Pod + Ord>(map: &HashMap<MapData, K, u8>, name: &str) -> Result<Vec<K
         .map_err(|e| Error::kernel(format!("cannot read the {name} map"), e))?;
     keys.sort();
     Ok(keys)
+}
+
+/// Removes every key that is not in `keep` (adds nothing).
+fn shrink<K: Pod + Ord>(
+    map: &mut HashMap<MapData, K, u8>,
+    keep: &BTreeSet<K>,
+    name: &str,
+) -> Result<()> {
+    for key in keys(map, name)? {
+        if !keep.contains(&key) {
+            map.remove(&key)
+                .map_err(|e| Error::kernel(format!("cannot update the {name} map"), e))?;
+        }
+    }
+    Ok(())
 }
 
 fn sync<K: Pod + Ord>(
