@@ -89,6 +89,8 @@ impl Scope {
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
+            // Refused directories moved aside are no scope.
+            .filter(|name| !name.contains('='))
             .collect();
         names.sort();
         names.iter().map(|name| Scope::from_name(name)).collect()
@@ -227,24 +229,7 @@ pub fn ensure_bpffs() -> Result<()> {
 /// Refuses a pin directory or pinned object that someone else could have put there or can
 /// change: a symlink, not owned by root, or writable by group or others.
 pub fn check_pinned(path: &Path) -> Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("cannot inspect", path, e)),
-    };
-    let problem = if meta.file_type().is_symlink() {
-        Some("is a symlink".to_owned())
-    } else if meta.uid() != 0 {
-        Some(format!("is owned by uid {}, not root", meta.uid()))
-    } else if meta.mode() & 0o022 != 0 {
-        Some(format!(
-            "is writable by group or others (mode {:o})",
-            meta.mode() & 0o7777
-        ))
-    } else {
-        None
-    };
-    match problem {
+    match pinned_problem(path)? {
         None => Ok(()),
         Some(problem) => Err(Error::Runtime(format!(
             "refusing {}: it {problem}; someone else may have made it. Remove it (`rm -r {}`) \
@@ -255,17 +240,62 @@ pub fn check_pinned(path: &Path) -> Result<()> {
     }
 }
 
-/// Creates `dir` (and the pin root above it) as root-only directories, or checks them.
+fn pinned_problem(path: &Path) -> Result<Option<String>> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("cannot inspect", path, e)),
+    };
+    Ok(if meta.file_type().is_symlink() {
+        Some("is a symlink".to_owned())
+    } else if meta.uid() != 0 {
+        Some(format!("is owned by uid {}, not root", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    })
+}
+
+/// Creates `dir` (and the pin root above it) as root-only directories, or checks them. One
+/// that someone else could have made is moved aside (root may, even in a sticky directory) and
+/// made anew: refusing it would leave the scope unenforced, which is what such a plant is for.
 fn make_pin_dir(dir: &Path) -> Result<()> {
     for path in [pin_root(), dir.to_path_buf()] {
-        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("cannot create", &path, e)),
+        let mut attempts = 0;
+        loop {
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("cannot create", &path, e)),
+            }
+            let Some(problem) = pinned_problem(&path)? else {
+                break;
+            };
+            attempts += 1;
+            if attempts == 3 {
+                return check_pinned(&path);
+            }
+            let aside = aside_name(&path);
+            std::fs::rename(&path, &aside).map_err(|e| Error::io("cannot move aside", &path, e))?;
+            tracing::warn!(
+                "{} {problem}, so someone else may have made it: moved it to {} and made a new one",
+                path.display(),
+                aside.display()
+            );
         }
-        check_pinned(&path)?;
     }
     Ok(())
+}
+
+/// Where a refused pin directory goes: beside it, under a name no scope has (bpffs names have
+/// no dots; scope names have no `=`).
+fn aside_name(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{name}=refused={}", std::process::id()))
 }
 
 /// Holds a scope's lock (`flock` on its pin directory): one `up`, `down`, `servers` or daemon

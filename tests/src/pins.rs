@@ -42,7 +42,8 @@ impl Drop for PinRoot {
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.is_dir() {
+        // Never through a symlink: it may point anywhere.
+        if std::fs::symlink_metadata(&path)?.is_dir() {
             remove_tree(&path)?;
         } else {
             std::fs::remove_file(&path)?;

@@ -1,18 +1,13 @@
-//! bpffs: a pin directory or pinned object that someone else made or can change is refused,
-//! with the fix in the message, and a scope is never enforced through it.
+//! bpffs: a pin directory that someone else could have made or can change (a symlink, another
+//! owner, writable by others) is never used. At `up` it is moved aside and made anew, so such a
+//! plant cannot keep the scope from being enforced; pinned objects are checked the same way.
 
 use std::os::unix::fs::PermissionsExt;
 
 use testbed::{process::killswitch, require_root, Cgroup, Netns, PinRoot};
 
-fn config(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("killswitch.toml");
-    testbed::write_config(&path, "tunnels = [\"tun0\"]\n");
-    path
-}
-
 #[test]
-fn pin_directories_and_objects_others_could_have_made_are_refused() {
+fn planted_pin_directories_are_moved_aside_and_the_scope_is_enforced() {
     require_root!();
     let netns = Netns::new("p");
     netns.ip(&[
@@ -21,55 +16,56 @@ fn pin_directories_and_objects_others_could_have_made_are_refused() {
     let pins = PinRoot::new();
     let cgroup = Cgroup::new();
     let dir = testbed::private_dir("kspins");
-    let config = config(&dir);
-    let up = || {
-        killswitch(
-            &netns,
-            &pins,
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "up",
-                "--cgroup",
-                &cgroup.relative,
-            ],
-        )
+    let config = dir.join("killswitch.toml");
+    testbed::write_config(&config, "tunnels = [\"tun0\"]\n");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.extend(["--cgroup", &cgroup.relative]);
+        killswitch(&netns, &pins, &all)
     };
     let scope_dir = pins.path.join(cgroup.relative.replace('/', "-"));
-
-    // A scope directory writable by others.
-    std::fs::create_dir(&scope_dir).unwrap();
-    std::fs::set_permissions(&scope_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = up();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("writable by group or others") && stderr.contains("rm -r"),
-        "{stderr}"
-    );
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-
-    // Owned by another user.
-    std::fs::set_permissions(&scope_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::os::unix::fs::chown(&scope_dir, Some(65534), Some(65534)).unwrap();
-    let stderr = String::from_utf8_lossy(&up().stderr).into_owned();
-    assert!(stderr.contains("owned by uid 65534"), "{stderr}");
-
-    // A symlink in place of the directory.
-    std::fs::remove_dir(&scope_dir).unwrap();
-    std::os::unix::fs::symlink(&dir, &scope_dir).unwrap();
-    let stderr = String::from_utf8_lossy(&up().stderr).into_owned();
-    assert!(stderr.contains("is a symlink"), "{stderr}");
-    std::fs::remove_file(&scope_dir).unwrap();
-
-    // A clean directory works, and its pins are root's only.
-    let out = up();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mode = std::fs::metadata(&scope_dir).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o700);
+    let plants: [(&str, &dyn Fn()); 3] = [
+        ("writable by group or others", &|| {
+            std::fs::create_dir(&scope_dir).unwrap();
+            std::fs::set_permissions(&scope_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }),
+        ("owned by uid 65534", &|| {
+            std::fs::create_dir(&scope_dir).unwrap();
+            std::os::unix::fs::chown(&scope_dir, Some(65534), Some(65534)).unwrap();
+        }),
+        ("is a symlink", &|| {
+            std::os::unix::fs::symlink(&dir, &scope_dir).unwrap();
+        }),
+    ];
+    for (problem, plant) in plants {
+        plant();
+        let out = run(&["up"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{problem}: {stderr}");
+        assert!(
+            stderr.contains(problem) && stderr.contains("moved it to"),
+            "{stderr}"
+        );
+        let meta = std::fs::symlink_metadata(&scope_dir).unwrap();
+        assert!(meta.is_dir() && meta.permissions().mode() & 0o777 == 0o700);
+        assert!(run(&["status"]).status.success(), "{problem}: not enforced");
+        let status = run(&["status", "--json"]);
+        let scopes: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(scopes["scopes"].as_array().unwrap().len(), 1, "{scopes:#}");
+        assert!(run(&["down"]).status.success());
+    }
+    // What was moved aside stays for inspection (and goes with the pin root).
+    let aside = std::fs::read_dir(&pins.path)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("=refused=")
+        })
+        .count();
+    assert_eq!(aside, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
