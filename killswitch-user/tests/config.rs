@@ -375,6 +375,14 @@ fn bad_sections_have_their_messages() {
             format!("{f}:3: lan.networks: `8.0.0.0/7` is wider than a /8: that is the internet, not a LAN"),
         ),
         (
+            "tunnels = []\n[lan]\nnetworks = [\"8.0.0.0/8\"]\n",
+            format!("{f}:3: lan.networks: `8.0.0.0/8` is public and wider than a /16: that is part of the internet, not a LAN"),
+        ),
+        (
+            "tunnels = []\n[lan]\nnetworks = [\"2000::/7\"]\n",
+            format!("{f}:3: lan.networks: `2000::/7` is public and wider than a /32: that is part of the internet, not a LAN"),
+        ),
+        (
             "tunnels = []\n[lan]\nnetworks = [\"::/0\"]\n",
             format!("{f}:3: lan.networks: `::/0` is wider than a /7: that is the internet, not a LAN"),
         ),

@@ -1841,17 +1841,25 @@ sources = ["203.0.113.7"]
         }
     }
 
-    /// A prefix the config accepts (IPv4 /8-/32, IPv6 /7-/128 away from ::ffff:0:0/96).
+    /// A prefix the config accepts: IPv4 /8-/32 in 10/8, /16-/32 elsewhere; IPv6
+    /// /7-/128 in fc00::/7, /10-/128 in fe80::/10, /32-/128 elsewhere.
     fn random_prefix(rng: &mut Rng, ipv6: bool) -> String {
         let address = random_address(rng, ipv6);
         match address {
             IpAddr::V4(v4) => {
-                let len = 8 + rng.below(25) as u32;
+                // 10/8 may be a LAN whole; every other base range allows a /16 at most.
+                let shortest = if v4.octets()[0] == 10 { 8 } else { 16 };
+                let len = shortest + rng.below(33 - u64::from(shortest)) as u32;
                 let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
                 format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(v4) & mask))
             }
             IpAddr::V6(v6) => {
-                let len = 7 + rng.below(122) as u32;
+                let shortest = match v6.segments()[0] {
+                    0xfd00 => 7,
+                    0xfe80 => 10,
+                    _ => 32,
+                };
+                let len = shortest + rng.below(129 - u64::from(shortest)) as u32;
                 let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
                 format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(v6) & mask))
             }

@@ -431,15 +431,36 @@ fn plain_address(text: &str) -> Result<IpAddr, String> {
     Ok(ip)
 }
 
-/// A LAN prefix must stay a LAN: at most a /8 of IPv4 (10.0.0.0/8 is the widest private
-/// range), at most a /7 of IPv6 (fc00::/7; fe80::/10 fits too), and never over the IPv4-mapped
-/// range ::ffff:0:0/96, where the kernel keeps IPv4 entries (a v6 prefix covering it would
-/// match every IPv4 address).
+/// A LAN prefix must stay a LAN. Short prefixes only inside the private and link-local ranges
+/// (IPv4 /8 to /15 within 10/8, 100.64/10, 172.16/12, 192.168/16, 169.254/16; IPv6 /7 to /31
+/// within fc00::/7 or fe80::/10); anywhere else at least a /16 (IPv4) or a /32 (IPv6), the
+/// most a site holds. Never over the IPv4-mapped range ::ffff:0:0/96, where the kernel keeps
+/// IPv4 entries (a v6 prefix covering it would match every IPv4 address).
 fn lan_sized(prefix: &Prefix) -> Result<(), String> {
+    let within = |ranges: &[&str]| {
+        ranges.iter().any(|range| {
+            let range = self::prefix(range).expect("a valid range");
+            range.len <= prefix.len && range.contains(prefix.addr)
+        })
+    };
     match prefix.addr {
         IpAddr::V4(_) if prefix.len < 8 => Err(format!(
             "`{prefix}` is wider than a /8: that is the internet, not a LAN"
         )),
+        IpAddr::V4(_)
+            if prefix.len < 16
+                && !within(&[
+                    "10.0.0.0/8",
+                    "100.64.0.0/10",
+                    "172.16.0.0/12",
+                    "192.168.0.0/16",
+                    "169.254.0.0/16",
+                ]) =>
+        {
+            Err(format!(
+                "`{prefix}` is public and wider than a /16: that is part of the internet, not a LAN"
+            ))
+        }
         IpAddr::V6(_) if prefix.len < 7 => Err(format!(
             "`{prefix}` is wider than a /7: that is the internet, not a LAN"
         )),
@@ -453,6 +474,9 @@ fn lan_sized(prefix: &Prefix) -> Result<(), String> {
                  IPv4 address; list IPv4 LANs as IPv4 prefixes"
             ))
         }
+        IpAddr::V6(_) if prefix.len < 32 && !within(&["fc00::/7", "fe80::/10"]) => Err(format!(
+            "`{prefix}` is public and wider than a /32: that is part of the internet, not a LAN"
+        )),
         _ => Ok(()),
     }
 }
