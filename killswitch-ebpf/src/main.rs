@@ -87,8 +87,8 @@ pub fn ingress_locked(ctx: SkBuffContext) -> i32 {
     lockdown(&ctx, Direction::Ingress)
 }
 
-/// Lockdown's DHCP is narrower than the policy's: requests only to the broadcast address (v4)
-/// or ff02::1:2 (v6), so nothing bound to port 68 can talk to an internet host. A lease is then
+/// Lockdown's DHCP is narrower than the policy's: v4 requests only to the broadcast address
+/// (v6: ff02::1:2 or link-local), so nothing bound to port 68 can talk to an internet host. A lease is then
 /// renewed by rebinding (broadcast) instead of unicast renewal.
 #[inline(always)]
 fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {

@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
     os::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
+        unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -194,10 +194,13 @@ impl Resolver {
         if let Some(found) = self.cgroups.get(&id) {
             return found.clone();
         }
-        let found = cgroup_by_id(&self.cgroup_root, id).map(|path| {
-            let relative = path.strip_prefix(&self.cgroup_root).unwrap_or(&path);
-            format!("/{}", escaped(relative))
-        });
+        // The handle needs CAP_DAC_READ_SEARCH; without it, a bounded walk of the tree.
+        let found = cgroup_by_id(&self.cgroup_root, id)
+            .or_else(|| find_inode(&self.cgroup_root, id, 0))
+            .map(|path| {
+                let relative = path.strip_prefix(&self.cgroup_root).unwrap_or(&path);
+                format!("/{}", escaped(relative))
+            });
         // Bounded: a flood from many short-lived cgroups must not grow the daemon.
         if self.cgroups.len() >= MAX_CACHED_CGROUPS {
             self.cgroups.clear();
@@ -242,6 +245,21 @@ fn cgroup_by_id(root: &Path, id: u64) -> Option<PathBuf> {
     // SAFETY: the kernel returned a new descriptor that we now own.
     let dir = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()
+}
+
+/// Depth-first search for the directory with inode `ino`, bounded in depth.
+fn find_inode(dir: &Path, ino: u64, depth: u32) -> Option<PathBuf> {
+    if std::fs::symlink_metadata(dir).ok()?.ino() == ino {
+        return Some(dir.to_path_buf());
+    }
+    if depth >= 16 {
+        return None;
+    }
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_inode(&e.path(), ino, depth + 1))
 }
 
 /// A path for logs and terminals: printable ASCII as is, every other byte as `\xNN`.

@@ -53,7 +53,7 @@ pub fn not_tunnel_like(all: &[Interface], patterns: &[InterfacePattern]) -> Vec<
             let pattern = patterns.iter().find(|p| p.matches(&i.name))?;
             let ethernet = device_type(&i.name) == Some(libc::ARPHRD_ETHER);
             let driver = driver(&i.name).unwrap_or_default();
-            let exact_veth = driver == "veth" && pattern.as_str() == i.name;
+            let exact_veth = driver == "veth" && patterns.iter().any(|p| p.as_str() == i.name);
             let tunnel_like =
                 !ethernet || matches!(driver.as_str(), "tun" | "wireguard") || exact_veth;
             (!tunnel_like).then(|| {
@@ -118,7 +118,8 @@ fn driver(name: &str) -> Option<String> {
     let mut info = [0u8; 196];
     info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
     let mut req = ifreq(name)?;
-    req.data[..8].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    let pointer = (info.as_mut_ptr() as usize).to_ne_bytes();
+    req.data[..pointer.len()].copy_from_slice(&pointer);
     if !ioctl(libc::SIOCETHTOOL, &mut req) {
         return None;
     }
