@@ -15,8 +15,8 @@ fn planted_pin_directories_are_moved_aside_and_the_scope_is_enforced() {
     ]);
     let pins = PinRoot::new();
     let cgroup = Cgroup::new();
-    let dir = testbed::private_dir("kspins");
-    let config = dir.join("killswitch.toml");
+    let dir = Removed(testbed::private_dir("kspins"));
+    let config = dir.0.join("killswitch.toml");
     testbed::write_config(&config, "tunnels = [\"tun0\"]\n");
     let run = |args: &[&str]| {
         let mut all = vec!["--config", config.to_str().unwrap()];
@@ -35,7 +35,7 @@ fn planted_pin_directories_are_moved_aside_and_the_scope_is_enforced() {
             std::os::unix::fs::chown(&scope_dir, Some(65534), Some(65534)).unwrap();
         }),
         ("is a symlink", &|| {
-            std::os::unix::fs::symlink(&dir, &scope_dir).unwrap();
+            std::os::unix::fs::symlink(&dir.0, &scope_dir).unwrap();
         }),
     ];
     for (problem, plant) in plants {
@@ -67,5 +67,13 @@ fn planted_pin_directories_are_moved_aside_and_the_scope_is_enforced() {
         })
         .count();
     assert_eq!(aside, 3);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Removes the directory on drop, also when the test fails.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
