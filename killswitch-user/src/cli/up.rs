@@ -22,20 +22,25 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     super::require_privileges()?;
     let started = Instant::now();
     let (servers, unresolved) = resolve_servers(&policy.servers);
-    let listed = interfaces::list().and_then(|list| Ok((list, interfaces::netns_cookie()?)));
-    let (list, cookie) = match listed {
-        Ok(listed) => listed,
-        Err(e) => return Err(ebpf::lock_down(&scope, e)),
-    };
-    let entries = MapEntries::new(&policy, &list, cookie, &servers);
     for rule in &policy.servers {
         if let (crate::policy::ServerAddress::Host(host), None) = (&rule.address, rule.port) {
             tracing::warn!("server {host} has no port: every port of every address it resolves to is open outside the tunnel");
         }
     }
-    for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
-        tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
-    }
+    let updating = ebpf::is_pinned(&scope);
+    // The interfaces are listed under the scope's lock, so a racing daemon's newer list wins.
+    let entries = ebpf::apply(&scope, || {
+        let list = interfaces::list()?;
+        for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
+            tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
+        }
+        Ok(MapEntries::new(
+            &policy,
+            &list,
+            interfaces::netns_cookie()?,
+            &servers,
+        ))
+    })?;
     if entries.tunnels.is_empty() {
         let patterns: Vec<_> = policy.tunnels.iter().map(|p| p.as_str()).collect();
         tracing::warn!(
@@ -43,8 +48,6 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
              until it exists and `killswitch up` runs again"
         );
     }
-    let updating = ebpf::is_pinned(&scope);
-    ebpf::apply(&scope, &entries)?;
     let tunnels: Vec<String> = entries
         .tunnels
         .iter()

@@ -110,8 +110,7 @@ impl Daemon {
             links,
             maps: None,
         };
-        let entries = daemon.entries()?;
-        ebpf::apply(&daemon.scope, &entries)?;
+        let entries = ebpf::apply(&daemon.scope, || daemon.entries())?;
         daemon.maps = Some(PinnedMaps::open(&daemon.scope.pin_dir)?);
         daemon.log_tunnels(&entries);
         tracing::info!(
@@ -179,11 +178,13 @@ impl Daemon {
     fn interfaces_changed(&mut self, change: links::LinkChange) {
         let started = Instant::now();
         let also = self.links.skip_queued();
-        let result = self.entries().and_then(|entries| {
+        // Listed under the lock, so a racing `up` cannot write an older list after ours.
+        let result: Result<MapEntries> = (|| {
             let _lock = self.lock()?;
+            let entries = self.entries()?;
             self.maps()?.write_interfaces(&entries)?;
             Ok(entries)
-        });
+        })();
         match result {
             Ok(entries) => {
                 tracing::debug!(
@@ -246,11 +247,12 @@ impl Daemon {
         let servers = ResolvedServers::for_rules(&policy.servers, Some(&self.servers));
         let previous = std::mem::replace(&mut self.policy, policy);
         let previous_servers = std::mem::replace(&mut self.servers, servers);
-        let result = self.entries().and_then(|entries| {
+        let result: Result<MapEntries> = (|| {
             let _lock = self.lock()?;
+            let entries = self.entries()?;
             PinnedMaps::open(&self.scope.pin_dir)?.write(&entries)?;
             Ok(entries)
-        });
+        })();
         self.maps = None;
         match result {
             Ok(entries) => {

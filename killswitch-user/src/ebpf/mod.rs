@@ -240,20 +240,24 @@ pub fn is_pinned(scope: &Scope) -> bool {
         .any(|&d| link_pin(&scope.pin_dir, d).exists())
 }
 
-/// Applies `entries` to the scope: first time, load + fill + attach + pin; again, update the
-/// shared pinned maps in place and swap in freshly loaded programs without a gap. A first apply
-/// that fails leaves the scope in lockdown (`Error::Lockdown`), never open.
-pub fn apply(scope: &Scope, entries: &MapEntries) -> Result<()> {
+/// Applies the entries `build` makes to the scope: first time, load + fill + attach + pin;
+/// again, update the shared pinned maps in place and swap in freshly loaded programs without a
+/// gap. `build` runs under the scope's lock (it lists the interfaces: a daemon racing us must
+/// not be overwritten with an older list). A first apply that fails leaves the scope in
+/// lockdown (`Error::Lockdown`), never open. Returns what was written.
+pub fn apply(scope: &Scope, build: impl FnOnce() -> Result<MapEntries>) -> Result<MapEntries> {
     scope::ensure_bpffs()?;
     let cgroup = open_cgroup(scope)?;
     let _lock = scope::ScopeLock::acquire(scope)?;
     let fresh = !is_pinned(scope);
     let result = (|| {
+        let entries = build()?;
         // Verify both programs before changing anything a running scope depends on.
         let mut programs = Programs::load(&scope.pin_dir)?;
-        PinnedMaps::open(&scope.pin_dir)?.write(entries)?;
+        PinnedMaps::open(&scope.pin_dir)?.write(&entries)?;
         programs.attach_and_pin(&cgroup, &scope.pin_dir)?;
-        maps::set_lockdown_reason(&scope.pin_dir, "")
+        maps::set_lockdown_reason(&scope.pin_dir, "")?;
+        Ok(entries)
     })();
     match result {
         // Nothing enforced this scope before: never leave it open.
