@@ -88,8 +88,8 @@ pub fn ingress_locked(ctx: SkBuffContext) -> i32 {
 }
 
 /// Lockdown's DHCP is narrower than the policy's: v4 requests only to the broadcast address
-/// (v6: ff02::1:2 or link-local), so nothing bound to port 68 can talk to an internet host. A lease is then
-/// renewed by rebinding (broadcast) instead of unicast renewal.
+/// (v6: ff02::1:2 or link-local), so nothing bound to port 68 can talk to an internet host. A
+/// lease is then renewed by rebinding (broadcast) instead of unicast renewal.
 #[inline(always)]
 fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
     let reason = if ifindex(ctx) == LOOPBACK_IFINDEX {

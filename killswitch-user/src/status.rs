@@ -100,11 +100,9 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         })
         .collect();
     let enforced = links.len() == Direction::ALL.len() && links.iter().all(|l| l.attached);
-    let program = links
-        .first()
-        .and_then(|l| l.program.as_deref())
-        .unwrap_or("");
-    let mode = ebpf::mode(scope).unwrap_or("unknown");
+    let programs: Vec<&str> = links.iter().filter_map(|l| l.program.as_deref()).collect();
+    let program = programs.first().copied().unwrap_or("");
+    let mode = ebpf::mode_of(&programs).unwrap_or("unknown");
     let namespace_from = match program {
         "egress" | "ingress" => Some("bpf_get_netns_cookie"),
         "egress_sock" | "ingress_sock" => Some("socket"),

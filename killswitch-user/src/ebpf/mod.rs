@@ -323,15 +323,24 @@ fn open_cgroup(scope: &Scope) -> Result<File> {
 /// in the kernel (`None` when nothing of ours is attached).
 pub fn mode(scope: &Scope) -> Option<&'static str> {
     let names = program_names();
-    let modes: Vec<&'static str> = Direction::ALL
+    let attached: Vec<&str> = Direction::ALL
         .iter()
         .filter_map(|&d| {
             let link = sys::obj_get(&link_pin(&scope.pin_dir, d)).ok()?;
             let info = sys::cgroup_link_info(&link).ok()?;
-            Pair::of_program_name(names.get(&info.program_id)?)
+            names.get(&info.program_id).map(String::as_str)
         })
         .collect();
-    // Either direction in lockdown means the policy is not what is enforced.
+    mode_of(&attached)
+}
+
+/// "policy" or "lockdown" for the names of the attached programs; either direction in
+/// lockdown means the policy is not what is enforced.
+pub fn mode_of(programs: &[&str]) -> Option<&'static str> {
+    let modes: Vec<&'static str> = programs
+        .iter()
+        .filter_map(|name| Pair::of_program_name(name))
+        .collect();
     if modes.contains(&"lockdown") {
         Some("lockdown")
     } else {
