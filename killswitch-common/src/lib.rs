@@ -76,6 +76,18 @@ impl ServerKey {
     }
 }
 
+/// Which hostname put a server endpoint in `SERVERS` (`SERVER_NAMES`, never read by the
+/// programs): a name that fails to resolve later keeps the addresses it had, across `up` runs
+/// and daemon restarts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedServerKey {
+    /// A stable hash of the hostname (FNV-1a, 64 bits).
+    pub name: u64,
+    pub server: ServerKey,
+    pub _pad: u32,
+}
+
 /// Scope-wide switches, one entry in the `SETTINGS` array map. Each field is 0 or 1.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,6 +100,9 @@ pub struct Settings {
     pub lan_dns: u32,
     /// `[ipv6] mode = "block"`: every IPv6 packet except loopback is dropped.
     pub ipv6_block: u32,
+    /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
+    /// interfaces, never on a container's.
+    pub netns_cookie: u64,
     /// Drop events: at most one per this many nanoseconds per CPU on average...
     pub event_interval_ns: u64,
     /// ...with bursts of up to this many nanoseconds' worth of events (`burst × interval`).
@@ -312,6 +327,7 @@ mod pod {
     // SAFETY: plain #[repr(C)] data with explicit padding fields and no invalid bit patterns.
     unsafe impl aya::Pod for super::InterfaceKey {}
     unsafe impl aya::Pod for super::ServerKey {}
+    unsafe impl aya::Pod for super::NamedServerKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::InboundKey {}
     unsafe impl aya::Pod for super::EventLimit {}

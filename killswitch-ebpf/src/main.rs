@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use killswitch_common::{
-    ipv4_mapped, Direction, InboundKey, InterfaceKey, LanPrefix, Reason, ServerKey, Settings,
-    ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_mapped, Direction, InboundKey, InterfaceKey, LanPrefix, NamedServerKey, Reason, ServerKey,
+    Settings, ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     LOCKDOWN_REASON_BYTES, LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
     MAX_SERVERS,
 };
@@ -47,6 +47,10 @@ static INBOUND: HashMap<InboundKey, u8> = HashMap::pinned(MAX_ADDRESSES, 0);
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+/// Which hostname put which server entry there, for `up` and the daemon; the programs never
+/// read it.
+#[map]
+static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS, NO_PREALLOC);
 /// Why the scope is in lockdown, for `status`; the programs never read it.
 #[map]
 static LOCKDOWN: Array<[u8; LOCKDOWN_REASON_BYTES]> = Array::pinned(1, 0);
@@ -160,7 +164,9 @@ fn classify<N: NetnsSource>(
     if packet.source_route {
         return Reason::SourceRoute;
     }
-    let reason = exception(&packet, direction, settings);
+    // DHCP only on the scope's own namespace's interfaces, never on a container's.
+    let own_netns = interface.netns_cookie == settings.netns_cookie;
+    let reason = exception(&packet, direction, settings, own_netns);
     if reason != Reason::Default || direction == Direction::Egress {
         return reason;
     }
@@ -168,7 +174,8 @@ fn classify<N: NetnsSource>(
     // The quoted packet must be one egress lets out: a source-routed one never is.
     match packet.quoted(ctx) {
         Some(quoted)
-            if !quoted.source_route && exception(&quoted, Direction::Egress, settings).allows() =>
+            if !quoted.source_route
+                && exception(&quoted, Direction::Egress, settings, own_netns).allows() =>
         {
             Reason::IcmpError
         }
@@ -178,14 +185,19 @@ fn classify<N: NetnsSource>(
 
 /// Steps 4-9: the exceptions that let a packet use an uplink.
 #[inline(always)]
-fn exception(packet: &Packet, direction: Direction, settings: &Settings) -> Reason {
+fn exception(
+    packet: &Packet,
+    direction: Direction,
+    settings: &Settings,
+    own_netns: bool,
+) -> Reason {
     if packet.remote_is_v4_mapped() {
         return Reason::Default;
     }
     if is_server(packet) {
         return Reason::Server;
     }
-    if settings.dhcp != 0 && is_dhcp(packet, direction) {
+    if settings.dhcp != 0 && own_netns && is_dhcp(packet, direction) {
         return Reason::Dhcp;
     }
     if is_ntp(packet) {
@@ -356,6 +368,7 @@ fn settings() -> Settings {
         dhcp: 0,
         lan_dns: 0,
         ipv6_block: 1,
+        netns_cookie: 0,
         event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
         event_burst_ns: killswitch_common::EVENT_BURST_NS,
     })

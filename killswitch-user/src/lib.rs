@@ -12,6 +12,7 @@ pub mod interfaces;
 pub mod model;
 pub mod policy;
 pub mod scope;
+pub mod servers;
 pub mod status;
 
 pub use error::{Error, Result};

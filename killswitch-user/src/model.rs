@@ -23,6 +23,9 @@ pub enum Interface {
     Uplink,
     /// Neither a tunnel nor listed in `uplinks`.
     Other,
+    /// An interface of another network namespace (a container's): never a tunnel or a listed
+    /// uplink; when `uplinks` is absent it is an uplink without DHCP.
+    OtherNamespace,
 }
 
 /// A packet as it is on the wire, from the point of view of one program.
@@ -225,9 +228,9 @@ fn exception(policy: &Policy, p: &Packet) -> Reason {
         return Reason::Server;
     }
     // 5. DHCP: requests only to where a server can be (broadcast or LAN; ff02::1:2 or
-    // link-local), answers from anywhere
+    // link-local), answers from anywhere; only in the scope's own namespace
     let in_lan = policy.lan.networks.iter().any(|n| n.contains(remote));
-    if policy.dhcp {
+    if policy.dhcp && p.interface != Interface::OtherNamespace {
         if let Some((local, remote_port)) = p.udp_ports() {
             let (ports, reachable) = match remote {
                 IpAddr::V6(v6) => (

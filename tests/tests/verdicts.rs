@@ -87,12 +87,20 @@ impl Kernel {
 
     /// Writes another policy into the loaded programs' maps, as a reload does.
     fn apply(&mut self, policy: &Policy) {
+        self.apply_in(policy, false);
+    }
+
+    /// Like [`Kernel::apply`]; `elsewhere`: as if `up` ran in another network namespace, so
+    /// that every interface here is a container's (model: `Interface::OtherNamespace`).
+    fn apply_in(&mut self, policy: &Policy, elsewhere: bool) {
         let (servers, unresolved) = resolve_servers(&policy.servers);
         assert!(unresolved.is_empty(), "{unresolved:?}");
+        // Real cookies count up from 1: this one is no namespace's.
+        let other = if elsewhere { 0x5a5a_5a5a_5a5a_5a5a } else { 0 };
         let entries = MapEntries::new(
             policy,
             &interfaces::list().unwrap(),
-            interfaces::netns_cookie().unwrap(),
+            interfaces::netns_cookie().unwrap() ^ other,
             &servers,
         );
         self.maps.write(&entries).unwrap();
@@ -1331,6 +1339,54 @@ fn ipv6_block_mode_drops_all_ipv6_but_loopback() {
     );
 }
 
+/// A container's DHCP client (port 68 is free to bind there) must not talk to an internet host
+/// or to the host's LAN: DHCP is the scope's own namespace's, the rest of the policy applies.
+#[test]
+fn dhcp_only_in_the_scopes_own_namespace() {
+    require_root!();
+    let text = "tunnels = [\"tun0\"]\n[lan]\nnetworks = [\"192.168.77.0/24\"]\n";
+    let mut k = Kernel::load(text);
+    use Direction::{Egress as E, Ingress as I};
+    use Reason::*;
+    let rows = |elsewhere: bool| {
+        let dhcp = if elsewhere { Default } else { Dhcp };
+        vec![
+            (
+                "dhcpv4 discover",
+                E,
+                Dev::Up,
+                udp4("0.0.0.0", "255.255.255.255", 68, 67),
+                dhcp,
+            ),
+            (
+                "dhcpv4 offer",
+                I,
+                Dev::Up,
+                udp4("203.0.113.9", "192.168.77.2", 67, 68),
+                dhcp,
+            ),
+            (
+                "dhcpv6 solicit",
+                E,
+                Dev::Up,
+                udp6("fe80::2", "ff02::1:2", 546, 547),
+                dhcp,
+            ),
+            (
+                "lan",
+                E,
+                Dev::Up,
+                out4(TCP, "192.168.77.1", 80),
+                Lan,
+            ),
+        ]
+    };
+    check_table(&k, rows(false));
+    let policy = Policy::from_toml(text, Path::new("test.toml")).unwrap();
+    k.apply_in(&policy, true);
+    check_table(&k, rows(true));
+}
+
 #[test]
 fn dhcp_disabled_and_lan_dns_allowed() {
     require_root!();
@@ -1726,6 +1782,7 @@ sources = ["203.0.113.7"]
             Interface::Tunnel => k.tun0,
             Interface::Uplink => k.up0,
             Interface::Other => k.other0,
+            Interface::OtherNamespace => k.up0,
         };
         let (allowed, reason) = k.verdict(packet.direction, ifindex, &frame(packet));
         let (verdict, expected) = model::verdict(policy, packet);
@@ -1933,10 +1990,15 @@ sources = ["203.0.113.7"]
             let text = random_policy(&mut rng);
             let policy = Policy::from_toml(&text, Path::new("test.toml"))
                 .unwrap_or_else(|e| panic!("policy {n} refused: {e}\n{text}"));
-            k.apply(&policy);
+            // One policy in five as if applied from another namespace: a container's packets.
+            let elsewhere = n % 5 == 4;
+            k.apply_in(&policy, elsewhere);
             let (v4, v6) = aimed(&policy);
             for i in 0..100 {
-                let packet = random_packet(&mut rng, &v4, &v6);
+                let mut packet = random_packet(&mut rng, &v4, &v6);
+                if elsewhere && packet.interface != Interface::Loopback {
+                    packet.interface = Interface::OtherNamespace;
+                }
                 seen.insert(agree(&k, &policy, &packet, || {
                     format!("policy {n}, packet {i} (KILLSWITCH_SEED={seed})\n{text}")
                 }));

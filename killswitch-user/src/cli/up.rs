@@ -6,7 +6,8 @@ use crate::{
     ebpf::{self, MapEntries},
     error::Result,
     interfaces,
-    policy::{resolve_servers, Policy},
+    policy::Policy,
+    servers::ResolvedServers,
 };
 
 pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
@@ -21,7 +22,7 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     };
     super::require_privileges()?;
     let started = Instant::now();
-    let (servers, unresolved) = resolve_servers(&policy.servers);
+    let (mut servers, unresolved) = ResolvedServers::resolve_now(&policy.servers);
     for rule in &policy.servers {
         if let (crate::policy::ServerAddress::Host(host), None) = (&rule.address, rule.port) {
             tracing::warn!("server {host} has no port: every port of every address it resolves to is open outside the tunnel");
@@ -30,16 +31,20 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     let updating = ebpf::is_pinned(&scope);
     // The interfaces are listed under the scope's lock, so a racing daemon's newer list wins.
     let entries = ebpf::apply(&scope, || {
+        // A name that does not resolve now keeps the addresses the scope holds for it.
+        servers.keep_known_in(&scope.pin_dir);
         let list = interfaces::list()?;
         for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
             tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
         }
-        Ok(MapEntries::new(
+        let mut entries = MapEntries::new(
             &policy,
             &list,
             interfaces::netns_cookie()?,
-            &servers,
-        ))
+            &servers.endpoints(),
+        );
+        entries.server_names = servers.record_of_names();
+        Ok(entries)
     })?;
     if entries.tunnels.is_empty() {
         let patterns: Vec<_> = policy.tunnels.iter().map(|p| p.as_str()).collect();
@@ -79,7 +84,7 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     // server is missing.
     for e in &unresolved {
         tracing::error!(
-            "{e}; its server stays blocked until the name resolves (the daemon retries)"
+            "{e}; its server is reachable only at the addresses the scope already held for it, if any, until the name resolves (the daemon retries)"
         );
     }
     Ok(if unresolved.is_empty() {

@@ -3,13 +3,12 @@
 //! events logged. It never removes enforcement: stopping or killing it leaves the scope as it is.
 
 pub mod links;
-mod servers;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use killswitch_common::InterfaceKey;
@@ -19,7 +18,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use self::{links::LinkWatcher, servers::ResolvedServers};
+use self::links::LinkWatcher;
 use crate::{
     ebpf::{self, MapEntries, PinnedMaps},
     error::{Error, Result},
@@ -27,10 +26,8 @@ use crate::{
     interfaces,
     policy::{lookup, Lookup, Policy},
     scope::{Scope, ScopeLock},
+    servers::ResolvedServers,
 };
-
-/// Longest a hostname lookup may take before it counts as failed.
-const LOOKUP_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs until SIGTERM or SIGINT. Errors of the first apply are returned (a scope that was not
 /// enforced is then in lockdown); later ones are logged and the enforcement in place stays.
@@ -80,8 +77,6 @@ struct Daemon {
     /// Tunnels in the map, for the log lines.
     tunnels: BTreeMap<InterfaceKey, String>,
     links: LinkWatcher,
-    /// The scope's maps, opened once: a link change then costs one listing and a few writes.
-    maps: Option<PinnedMaps>,
 }
 
 impl Daemon {
@@ -90,16 +85,7 @@ impl Daemon {
         let links = LinkWatcher::subscribe()?;
         let mut servers = ResolvedServers::for_rules(&policy.servers, None);
         // Like `up`: resolve before the first apply (a name that fails is retried later).
-        let names = servers.take_due(Instant::now());
-        let answers = futures::future::join_all(
-            names
-                .into_iter()
-                .map(|name| async move { (bounded_lookup(&name).await, name) }),
-        )
-        .await;
-        for (answer, name) in answers {
-            servers.record(&name, answer);
-        }
+        servers.look_up_all().await;
         let mut daemon = Daemon {
             config,
             scope,
@@ -108,10 +94,12 @@ impl Daemon {
             netns_cookie: interfaces::netns_cookie()?,
             tunnels: BTreeMap::new(),
             links,
-            maps: None,
         };
-        let entries = ebpf::apply(&daemon.scope, || daemon.entries())?;
-        daemon.maps = Some(PinnedMaps::open(&daemon.scope.pin_dir)?);
+        let entries = ebpf::apply(&daemon.scope.clone(), || {
+            // A name that does not resolve now keeps the addresses the scope holds for it.
+            daemon.servers.keep_known_in(&daemon.scope.pin_dir);
+            daemon.entries()
+        })?;
         daemon.log_tunnels(&entries);
         tracing::info!(
             scope = %daemon.scope.name,
@@ -122,12 +110,14 @@ impl Daemon {
     }
 
     fn entries(&self) -> Result<MapEntries> {
-        Ok(MapEntries::new(
+        let mut entries = MapEntries::new(
             &self.policy,
             &interfaces::list()?,
             self.netns_cookie,
             &self.servers.endpoints(),
-        ))
+        );
+        entries.server_names = self.servers.record_of_names();
+        Ok(entries)
     }
 
     async fn serve(&mut self) -> Result<()> {
@@ -195,11 +185,7 @@ impl Daemon {
                 );
                 self.log_tunnels(&entries);
             }
-            Err(e) => {
-                tracing::error!("cannot follow {change:?}: {e}");
-                // Reopen next time, in case the scope was taken down and brought up again.
-                self.maps = None;
-            }
+            Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
         }
     }
 
@@ -210,12 +196,10 @@ impl Daemon {
         })
     }
 
-    /// The scope's maps, opened again after a failure (e.g. the scope was re-created).
-    fn maps(&mut self) -> Result<&mut PinnedMaps> {
-        if self.maps.is_none() {
-            self.maps = Some(PinnedMaps::open(&self.scope.pin_dir)?);
-        }
-        Ok(self.maps.as_mut().expect("just opened"))
+    /// The scope's maps as pinned now: opened for each change (a few syscalls), since `up` of
+    /// another version may have replaced a map, or the scope been taken down and up again.
+    fn maps(&self) -> Result<PinnedMaps> {
+        PinnedMaps::open(&self.scope.pin_dir)
     }
 
     /// One line per tunnel that came or went since the last call.
@@ -250,10 +234,9 @@ impl Daemon {
         let result: Result<MapEntries> = (|| {
             let _lock = self.lock()?;
             let entries = self.entries()?;
-            PinnedMaps::open(&self.scope.pin_dir)?.write(&entries)?;
+            self.maps()?.write(&entries)?;
             Ok(entries)
         })();
-        self.maps = None;
         match result {
             Ok(entries) => {
                 tracing::info!(
@@ -277,7 +260,7 @@ impl Daemon {
         for name in self.servers.take_due(Instant::now()) {
             let answers = answers.clone();
             tokio::spawn(async move {
-                let answer = bounded_lookup(&name).await;
+                let answer = lookup(&name).await;
                 let _ = answers.send((name, answer));
             });
         }
@@ -287,7 +270,7 @@ impl Daemon {
     /// keeps the last known addresses.
     fn name_answered(&mut self, name: &str, answer: Result<Lookup>) {
         let previous = self.servers.clone();
-        self.servers.record(name, answer);
+        self.servers.record(name, &answer);
         let before = previous.keys();
         let after = self.servers.keys();
         let added: BTreeSet<_> = after.difference(&before).copied().collect();
@@ -297,8 +280,9 @@ impl Daemon {
         }
         let result = (|| {
             let _lock = self.lock()?;
-            let maps = self.maps()?;
+            let mut maps = self.maps()?;
             maps.add_servers(&added)?;
+            maps.set_server_names(&self.servers.record_of_names())?;
             maps.remove_servers(&removed).map(|_| ())
         })();
         match result {
@@ -313,23 +297,10 @@ impl Daemon {
             Err(e) => {
                 // Keep what the maps hold; the name is asked again after the retry period.
                 self.servers = previous;
-                self.maps = None;
                 tracing::error!("cannot update the server addresses of {name}: {e}");
             }
         }
     }
-}
-
-/// A lookup that counts as failed after [`LOOKUP_LIMIT`].
-async fn bounded_lookup(name: &str) -> Result<Lookup> {
-    tokio::time::timeout(LOOKUP_LIMIT, lookup(name))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::Resolve {
-                host: name.to_owned(),
-                reason: format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
-            })
-        })
 }
 
 fn signal_error(e: std::io::Error) -> Error {

@@ -6,8 +6,8 @@ use std::{
 };
 
 use killswitch_common::{
-    ipv4_mapped, InboundKey, InterfaceKey, ServerKey, Settings, ANY_PORT, ANY_PROTOCOL,
-    EVENT_BURST_NS, EVENT_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_mapped, InboundKey, InterfaceKey, NamedServerKey, ServerKey, Settings, ANY_PORT,
+    ANY_PROTOCOL, EVENT_BURST_NS, EVENT_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -23,6 +23,8 @@ pub struct MapEntries {
     pub tunnels: BTreeMap<InterfaceKey, String>,
     pub uplinks: BTreeMap<InterfaceKey, String>,
     pub servers: BTreeSet<ServerKey>,
+    /// Which hostname gave which of `servers` (empty unless the caller records names).
+    pub server_names: BTreeSet<NamedServerKey>,
     pub ntp_servers: BTreeSet<[u8; 16]>,
     pub dns_servers: BTreeSet<[u8; 16]>,
     /// (prefix length in the 128-bit key space, key).
@@ -51,6 +53,7 @@ impl MapEntries {
                 dhcp: u32::from(policy.dhcp),
                 lan_dns: u32::from(policy.lan.dns),
                 ipv6_block: u32::from(policy.ipv6 == Ipv6Mode::Block),
+                netns_cookie,
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
             },
@@ -63,6 +66,7 @@ impl MapEntries {
                     .unwrap_or_default(),
             ),
             servers: servers.iter().map(server_key).collect(),
+            server_names: BTreeSet::new(),
             ntp_servers: policy
                 .ntp_servers
                 .iter()

@@ -11,8 +11,8 @@ use aya::{
     Pod,
 };
 use killswitch_common::{
-    Direction, EventLimit, InboundKey, InterfaceKey, Reason, ServerKey, Settings, COUNTER_ENTRIES,
-    LOCKDOWN_REASON_BYTES,
+    Direction, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey, Settings,
+    COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES,
 };
 
 use super::entries::MapEntries;
@@ -30,8 +30,10 @@ pub const INBOUND: &str = "INBOUND";
 pub const EVENTS: &str = "EVENTS";
 pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
 pub const LOCKDOWN: &str = "LOCKDOWN";
-pub const ALL: [&str; 12] = [
+pub const SERVER_NAMES: &str = "SERVER_NAMES";
+pub const ALL: [&str; 13] = [
     LOCKDOWN,
+    SERVER_NAMES,
     EVENTS,
     EVENT_LIMIT,
     TUNNELS,
@@ -49,6 +51,7 @@ pub struct PinnedMaps {
     tunnels: HashMap<MapData, InterfaceKey, u8>,
     uplinks: HashMap<MapData, InterfaceKey, u8>,
     servers: HashMap<MapData, ServerKey, u8>,
+    server_names: HashMap<MapData, NamedServerKey, u8>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     ntp_servers: HashMap<MapData, [u8; 16], u8>,
@@ -75,7 +78,13 @@ where
 fn strictest(a: &Settings, b: &Settings) -> Settings {
     Settings {
         uplinks_restricted: a.uplinks_restricted.max(b.uplinks_restricted),
-        dhcp: a.dhcp.min(b.dhcp),
+        // DHCP in a namespace that is the scope's in only one of the two is in neither.
+        dhcp: if a.netns_cookie == b.netns_cookie {
+            a.dhcp.min(b.dhcp)
+        } else {
+            0
+        },
+        netns_cookie: b.netns_cookie,
         lan_dns: a.lan_dns.min(b.lan_dns),
         ipv6_block: a.ipv6_block.max(b.ipv6_block),
         ..*b
@@ -111,6 +120,7 @@ impl PinnedMaps {
             tunnels: open(pin_dir, TUNNELS)?,
             uplinks: open(pin_dir, UPLINKS)?,
             servers: open(pin_dir, SERVERS)?,
+            server_names: open(pin_dir, SERVER_NAMES)?,
             settings: open(pin_dir, SETTINGS)?,
             counters: open(pin_dir, COUNTERS)?,
             ntp_servers: open(pin_dir, NTP_SERVERS)?,
@@ -132,6 +142,7 @@ impl PinnedMaps {
         shrink(&mut self.uplinks, &uplinks, UPLINKS)?;
         sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
+        self.set_server_names(&entries.server_names)?;
         sync(
             &mut self.ntp_servers,
             entries.ntp_servers.iter().copied(),
@@ -165,6 +176,16 @@ impl PinnedMaps {
     pub fn set_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<usize> {
         sync(&mut self.servers, servers.iter().copied(), SERVERS)?;
         Ok(servers.len())
+    }
+
+    /// Records which hostname put which server entry in place (read back by
+    /// [`PinnedMaps::server_names`] when a name later fails to resolve).
+    pub fn set_server_names(&mut self, names: &BTreeSet<NamedServerKey>) -> Result<()> {
+        sync(&mut self.server_names, names.iter().copied(), SERVER_NAMES)
+    }
+
+    pub fn server_names(&self) -> Result<Vec<NamedServerKey>> {
+        keys(&self.server_names, SERVER_NAMES)
     }
 
     /// Returns how many endpoints were given.

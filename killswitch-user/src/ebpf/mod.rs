@@ -4,6 +4,7 @@
 pub mod entries;
 pub mod kernel;
 pub mod maps;
+pub mod shapes;
 pub mod sys;
 
 use std::{
@@ -51,10 +52,14 @@ fn attach_type(direction: Direction) -> CgroupSkbAttachType {
     }
 }
 
-/// Both programs loaded and verified, their maps pinned in one directory (reused if present).
+/// Both programs loaded and verified, their maps pinned in one directory (reused if present
+/// and of the shape this build needs; see [`shapes`]).
 pub struct Programs {
     ebpf: Ebpf,
     pair: Pair,
+    /// Where the maps of these programs are pinned until they are attached: the scope's pin
+    /// directory, or its staging directory when a pinned map had another shape.
+    map_dir: PathBuf,
 }
 
 impl Programs {
@@ -79,8 +84,16 @@ impl Programs {
                 scope::check_pinned(&entry.path())?;
             }
         }
+        // A map of another shape (left by another version) is never reused: staged anew.
+        let stale = shapes::stale(pin_dir)?;
+        let map_dir = if stale.is_empty() {
+            shapes::remove_staging(pin_dir)?;
+            pin_dir.to_path_buf()
+        } else {
+            shapes::stage(pin_dir, &stale)?
+        };
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_dir);
+        loader.default_map_pin_directory(&map_dir);
         let offsets;
         if let Pair::Policy(NetnsSource::Socket {
             sock_net_offset,
@@ -99,11 +112,20 @@ impl Programs {
             let name = pair.program_name(direction);
             load_program(program_mut(&mut ebpf, name)?, direction)?;
         }
-        Ok(Programs { ebpf, pair })
+        Ok(Programs {
+            ebpf,
+            pair,
+            map_dir,
+        })
     }
 
     pub fn pair(&self) -> Pair {
         self.pair
+    }
+
+    /// Where to write these programs' maps before they are attached.
+    pub fn map_dir(&self) -> &Path {
+        &self.map_dir
     }
 
     /// How these programs learn a packet's network namespace (none in lockdown).
@@ -145,6 +167,11 @@ impl Programs {
                 .map_err(|e| Error::kernel("cannot pin the link", chain(&e)))?;
             std::fs::rename(&new_pin, &final_pin)
                 .map_err(|e| Error::io("cannot replace the pinned link", &final_pin, e))?;
+        }
+        // The old programs are gone: their maps may be replaced by the staged ones.
+        if self.map_dir != pin_dir {
+            shapes::promote(pin_dir)?;
+            self.map_dir = pin_dir.to_path_buf();
         }
         Ok(())
     }
@@ -254,7 +281,7 @@ pub fn apply(scope: &Scope, build: impl FnOnce() -> Result<MapEntries>) -> Resul
         let entries = build()?;
         // Verify both programs before changing anything a running scope depends on.
         let mut programs = Programs::load(&scope.pin_dir)?;
-        PinnedMaps::open(&scope.pin_dir)?.write(&entries)?;
+        PinnedMaps::open(programs.map_dir())?.write(&entries)?;
         programs.attach_and_pin(&cgroup, &scope.pin_dir)?;
         maps::set_lockdown_reason(&scope.pin_dir, "")?;
         Ok(entries)
@@ -290,7 +317,7 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
 fn held_in_lockdown(cgroup: &File, scope: &Scope, cause: Error) -> Error {
     let held = (|| {
         let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown)?;
-        maps::set_lockdown_reason(&scope.pin_dir, &cause.to_string())?;
+        maps::set_lockdown_reason(programs.map_dir(), &cause.to_string())?;
         programs.attach_and_pin(cgroup, &scope.pin_dir)
     })();
     match held {
@@ -378,6 +405,7 @@ fn remove_pins(pin_dir: &Path) -> Result<()> {
             remove_if_present(&pin)?;
         }
     }
+    shapes::remove_staging(pin_dir)?;
     for name in maps::ALL {
         remove_if_present(&pin_dir.join(name))?;
     }

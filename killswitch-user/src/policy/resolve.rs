@@ -10,7 +10,7 @@ use std::{
 
 use hickory_resolver::{config::LookupIpStrategy, TokioResolver};
 
-use super::{ServerAddress, ServerEndpoint, ServerRule};
+use super::{ServerEndpoint, ServerRule};
 use crate::error::{Error, Result};
 
 /// Answers are looked up again after their TTL, but never sooner than this (a TTL of 0 would
@@ -36,6 +36,20 @@ pub struct Lookup {
 /// Looks `host` up (A and AAAA) with the resolver configuration as it is now: a VPN client may
 /// have rewritten `/etc/resolv.conf` since the last time.
 pub async fn lookup(host: &str) -> Result<Lookup> {
+    tokio::time::timeout(LOOKUP_LIMIT, lookup_unbounded(host))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Resolve {
+                host: host.to_owned(),
+                reason: format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
+            })
+        })
+}
+
+/// Longest a hostname lookup may take before it counts as failed.
+pub const LOOKUP_LIMIT: Duration = Duration::from_secs(30);
+
+async fn lookup_unbounded(host: &str) -> Result<Lookup> {
     let failed = |reason: String| Error::Resolve {
         host: host.to_owned(),
         reason,
@@ -93,34 +107,8 @@ pub fn usable_answers(host: &str, answers: impl Iterator<Item = IpAddr>) -> BTre
 /// Every endpoint the rules name, and one error per hostname that did not resolve. A name that
 /// fails contributes no endpoint: its server stays blocked (fail closed) until it resolves.
 pub fn resolve_servers(rules: &[ServerRule]) -> (Vec<ServerEndpoint>, Vec<Error>) {
-    // The one-shot commands have no event loop of their own: one for all their lookups.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let lookup_blocking = |host| match &runtime {
-        Ok(runtime) => runtime.block_on(lookup(host)),
-        Err(e) => Err(Error::Runtime(format!("cannot start the resolver: {e}"))),
-    };
-    let mut endpoints = BTreeSet::new();
-    let mut failures = Vec::new();
-    for rule in rules {
-        let addresses = match &rule.address {
-            ServerAddress::Ip(ip) => BTreeSet::from([*ip]),
-            ServerAddress::Host(host) => match lookup_blocking(host) {
-                Ok(found) => found.addresses,
-                Err(e) => {
-                    failures.push(e);
-                    continue;
-                }
-            },
-        };
-        endpoints.extend(addresses.into_iter().map(|address| ServerEndpoint {
-            address,
-            port: rule.port,
-            protocol: rule.protocol,
-        }));
-    }
-    (endpoints.into_iter().collect(), failures)
+    let (servers, failures) = crate::servers::ResolvedServers::resolve_now(rules);
+    (servers.endpoints(), failures)
 }
 
 #[cfg(test)]

@@ -1,0 +1,160 @@
+//! A pinned map is reused only when it has the shape this build's programs were compiled for.
+//! An upgrade that changes a map (another value layout, a new size) gets a new map: the new
+//! programs are loaded against a staging directory that holds the maps still usable and new
+//! ones for the rest, filled, attached, and only then are the staged pins moved over the old
+//! ones. Writing into a map of another shape could let the programs read a policy that no one
+//! wrote.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use super::sys;
+use crate::error::{Error, Result};
+
+/// The staging directory inside a scope's pin directory (map names are upper case).
+pub const STAGING: &str = "upgrade";
+
+/// What the kernel reports of a map, and what the object file declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// The pinned maps of this build's object, by name.
+pub fn expected() -> &'static BTreeMap<String, Shape> {
+    static SHAPES: OnceLock<BTreeMap<String, Shape>> = OnceLock::new();
+    SHAPES.get_or_init(|| {
+        let object = aya_obj::Object::parse(super::OBJECT).expect("the built-in object parses");
+        object
+            .maps
+            .iter()
+            .filter(|(_, map)| map.pinning() == aya_obj::maps::PinningType::ByName)
+            .map(|(name, map)| {
+                let shape = Shape {
+                    map_type: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: map.max_entries(),
+                    flags: map.map_flags(),
+                };
+                (name.clone(), shape)
+            })
+            .collect()
+    })
+}
+
+/// The shape of the object pinned at `path`; `None` when it is not a map.
+pub fn pinned(path: &Path) -> Result<Option<Shape>> {
+    let fd = sys::obj_get(path).map_err(|e| Error::io("cannot open the pinned object", path, e))?;
+    let info = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = std::fs::read_to_string(&info).map_err(|e| Error::io("cannot read", &info, e))?;
+    let field = |key: &str| -> Option<u32> {
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))?
+            .trim();
+        match value.strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16).ok(),
+            None => value.parse().ok(),
+        }
+    };
+    Ok((|| {
+        Some(Shape {
+            map_type: field("map_type")?,
+            key_size: field("key_size")?,
+            value_size: field("value_size")?,
+            max_entries: field("max_entries")?,
+            flags: field("map_flags")?,
+        })
+    })())
+}
+
+/// The maps pinned in `pin_dir` that this build cannot reuse (absent ones are simply made).
+pub fn stale(pin_dir: &Path) -> Result<Vec<String>> {
+    let mut stale = Vec::new();
+    for (name, shape) in expected() {
+        let path = pin_dir.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        let found = pinned(&path)?;
+        if found != Some(*shape) {
+            tracing::info!(
+                "the pinned map {} is {found:?}, this build needs {shape:?}: it is replaced",
+                path.display()
+            );
+            stale.push(name.clone());
+        }
+    }
+    Ok(stale)
+}
+
+/// Makes `pin_dir/upgrade` hold the maps that are not `stale` (pinned again: the same maps);
+/// the loader then makes the stale ones there, new and empty.
+pub fn stage(pin_dir: &Path, stale: &[String]) -> Result<PathBuf> {
+    remove_staging(pin_dir)?;
+    let staging = pin_dir.join(STAGING);
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&staging)
+        .map_err(|e| Error::io("cannot create", &staging, e))?;
+    for name in expected().keys().filter(|name| !stale.contains(name)) {
+        let path = pin_dir.join(name);
+        let Ok(map) = sys::obj_get(&path) else {
+            continue;
+        };
+        sys::obj_pin(&map, &staging.join(name))
+            .map_err(|e| Error::io("cannot pin again", &path, e))?;
+    }
+    Ok(staging)
+}
+
+/// Moves every staged map over the pin of the same name (rename replaces atomically), once the
+/// programs that use them are attached.
+pub fn promote(pin_dir: &Path) -> Result<()> {
+    let staging = pin_dir.join(STAGING);
+    for name in expected().keys() {
+        let staged = staging.join(name);
+        if std::fs::symlink_metadata(&staged).is_ok() {
+            std::fs::rename(&staged, pin_dir.join(name))
+                .map_err(|e| Error::io("cannot move the new map into place", &staged, e))?;
+        }
+    }
+    remove_staging(pin_dir)
+}
+
+/// Removes a staging directory an interrupted upgrade left (its maps live on while programs
+/// use them).
+pub fn remove_staging(pin_dir: &Path) -> Result<()> {
+    let staging = pin_dir.join(STAGING);
+    let entries = match std::fs::read_dir(&staging) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("cannot read", &staging, e)),
+    };
+    for entry in entries.flatten() {
+        std::fs::remove_file(entry.path())
+            .map_err(|e| Error::io("cannot remove", entry.path(), e))?;
+    }
+    std::fs::remove_dir(&staging).map_err(|e| Error::io("cannot remove", &staging, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_declares_every_map_the_loader_writes() {
+        let names: Vec<&str> = expected().keys().map(String::as_str).collect();
+        for name in super::super::maps::ALL {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+    }
+}
