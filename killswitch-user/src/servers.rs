@@ -119,12 +119,14 @@ impl ResolvedServers {
                     );
                 }
                 Err(e) => {
-                    if !state.failing {
+                    if !state.failing && !state.addresses.is_empty() {
                         tracing::warn!(
                             "{e}; keeping its {} last known addresses and retrying every {} s",
                             state.addresses.len(),
                             policy::RETRY.as_secs()
                         );
+                    } else if !state.failing {
+                        tracing::warn!("{e}; retrying every {} s", policy::RETRY.as_secs());
                     }
                     state.due = now + policy::RETRY;
                     state.failing = true;

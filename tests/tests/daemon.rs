@@ -784,3 +784,49 @@ fn up_enforces_even_when_a_hostname_does_not_resolve() {
     s.net.remove_tunnel();
     assert!(!s.reaches("udp", &format!("{OTHER_V4}:8080"), "300"));
 }
+
+/// Issue 11 item 7: a VPN client that must reconnect while DNS is down still can. A name that
+/// fails at the next `up` or daemon start keeps the addresses the scope holds for it; a name
+/// taken out of the config does not.
+#[test]
+fn a_failing_name_keeps_the_scopes_addresses_across_up_and_daemon_restarts() {
+    require_root!();
+    let config = format!("{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n");
+    let s = Setup::new(&config);
+    s.net.remove_tunnel();
+    let zone = s.dir.join("zone");
+    std::fs::write(&zone, "vpn.example.test 300 198.51.100.1\n").unwrap();
+    let _dns = s.dns_server(&zone);
+    let resolv = s.resolv_conf();
+    let up = || {
+        killswitch_in_cgroup(&s.net.client, &s.pins, &s.cgroup, &resolv, &s.args(&["up"]))
+            .output()
+            .unwrap()
+    };
+    assert!(up().status.success());
+    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "resolved");
+
+    // The resolver breaks (SERVFAIL for every name).
+    std::fs::remove_file(&zone).unwrap();
+    let again = up();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("keeping the 1 addresses"), "{stderr}");
+    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "kept by `up`");
+    assert!(s.reaches("udp", &format!("{SERVER_V4}:124"), "1000"));
+
+    let daemon = s.daemon_in_scope(&resolv);
+    assert!(
+        wait_until(Duration::from_secs(20), || s.logged("daemon started") == 1),
+        "the daemon did not start"
+    );
+    assert_eq!(s.logged("keeping the 1 addresses"), 1);
+    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "kept by the daemon");
+    drop(daemon);
+
+    // Out of the config, the name's addresses go.
+    s.write_config("tunnels = [\"tun0\"]\n");
+    assert!(up().status.success());
+    assert_eq!(s.servers(), "");
+    assert!(!s.reaches("udp", &format!("{SERVER_V4}:124"), "300"));
+}

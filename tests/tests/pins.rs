@@ -77,3 +77,101 @@ impl Drop for Removed {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Issue 11 item 18: a pinned map of another shape (an older build's, or a plant) is never
+/// written into. `up` loads the programs against new maps in a staging directory, attaches
+/// them, and only then moves the new maps over the old pins: the programs in force use
+/// exactly the maps that are pinned, and the policy is whole.
+#[test]
+fn pinned_maps_of_another_shape_are_replaced_and_the_programs_use_the_new_ones() {
+    require_root!();
+    let netns = Netns::new("p");
+    netns.ip(&[
+        "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p",
+    ]);
+    let pins = PinRoot::new();
+    let cgroup = Cgroup::new();
+    let dir = Removed(testbed::private_dir("kspins"));
+    let config = dir.0.join("killswitch.toml");
+    testbed::write_config(
+        &config,
+        "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.3\"\nport = 51820\n",
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.extend(["--cgroup", &cgroup.relative]);
+        killswitch(&netns, &pins, &all)
+    };
+    let scope_dir = pins.path.join(cgroup.relative.replace('/', "-"));
+    assert!(run(&["up"]).status.success());
+
+    // An older layout of the settings and a smaller server map, pinned where ours were.
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&testbed::run("bpftool", &[&["-j"], args].concat())).unwrap()
+    };
+    let plant = |name: &str, spec: &[&str]| {
+        let path = scope_dir.join(name);
+        std::fs::remove_file(&path).unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        testbed::run(
+            "bpftool",
+            &[&["map", "create", &path], spec, &["name", name]].concat(),
+        );
+    };
+    plant(
+        "SETTINGS",
+        &["type", "array", "key", "4", "value", "32", "entries", "1"],
+    );
+    plant(
+        "SERVERS",
+        &[
+            "type", "hash", "key", "20", "value", "1", "entries", "16", "flags", "1",
+        ],
+    );
+
+    let out = run(&["up"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!scope_dir.join("upgrade").exists(), "staging left behind");
+    let pinned = |name: &str| {
+        json(&[
+            "map",
+            "show",
+            "pinned",
+            scope_dir.join(name).to_str().unwrap(),
+        ])
+    };
+    assert_eq!(pinned("SETTINGS")["bytes_value"], 40);
+    assert_eq!(pinned("SERVERS")["max_entries"], 262_144);
+    let link = json(&[
+        "link",
+        "show",
+        "pinned",
+        scope_dir.join("egress_link").to_str().unwrap(),
+    ]);
+    let program = json(&["prog", "show", "id", &link["prog_id"].to_string()]);
+    let used: Vec<u64> = program["map_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap())
+        .collect();
+    for name in ["SETTINGS", "SERVERS", "TUNNELS"] {
+        let id = pinned(name)["id"].as_u64().unwrap();
+        assert!(
+            used.contains(&id),
+            "{name} (id {id}) is not used by {used:?}"
+        );
+    }
+    let servers = run(&["servers", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&servers.stdout),
+        "198.51.100.3:51820\n"
+    );
+    assert!(run(&["status"]).status.success());
+    assert!(run(&["down"]).status.success());
+}

@@ -28,6 +28,16 @@ pub struct Shape {
     pub flags: u32,
 }
 
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
 /// The pinned maps of this build's object, by name.
 pub fn expected() -> &'static BTreeMap<String, Shape> {
     static SHAPES: OnceLock<BTreeMap<String, Shape>> = OnceLock::new();
@@ -87,8 +97,9 @@ pub fn stale(pin_dir: &Path) -> Result<Vec<String>> {
         }
         let found = pinned(&path)?;
         if found != Some(*shape) {
+            let found = found.map_or("not a map".to_owned(), |f| f.to_string());
             tracing::info!(
-                "the pinned map {} is {found:?}, this build needs {shape:?}: it is replaced",
+                "the pinned map {} ({found}) is not what this build needs ({shape}): replacing it",
                 path.display()
             );
             stale.push(name.clone());
