@@ -1372,13 +1372,7 @@ fn dhcp_only_in_the_scopes_own_namespace() {
                 udp6("fe80::2", "ff02::1:2", 546, 547),
                 dhcp,
             ),
-            (
-                "lan",
-                E,
-                Dev::Up,
-                out4(TCP, "192.168.77.1", 80),
-                Lan,
-            ),
+            ("lan", E, Dev::Up, out4(TCP, "192.168.77.1", 80), Lan),
         ]
     };
     check_table(&k, rows(false));
@@ -1420,6 +1414,63 @@ fn dhcp_disabled_and_lan_dns_allowed() {
                 Lan,
             ),
         ],
+    );
+}
+
+/// Issue 11 item 9: old and new lists that together overflow a map still apply (removals go
+/// first then, which only narrows), and an update the kernel refuses half-way leaves the maps
+/// exactly as they were, settings included: never a mix of old and new.
+#[test]
+fn an_update_that_overflows_applies_and_one_that_fails_leaves_the_old_policy() {
+    require_root!();
+    let lan = |second: u8| {
+        let networks: Vec<String> = (0..4000u32)
+            .map(|i| format!("\"10.{second}.{}.{}/32\"", i / 250, i % 250))
+            .collect();
+        format!(
+            "tunnels = [\"tun0\"]\n[lan]\nnetworks = [{}]\n",
+            networks.join(", ")
+        )
+    };
+    let mut k = Kernel::load(&lan(1));
+    let second = Policy::from_toml(&lan(2), Path::new("test.toml")).unwrap();
+    k.apply(&second);
+    let held = k.maps.lan().unwrap();
+    assert_eq!(held.len(), 4000);
+    assert!(
+        held.iter().all(|(_, key)| key[13] == 2),
+        "only the new prefixes"
+    );
+
+    // A policy the kernel cannot hold (more inbound entries than the map has room for: the
+    // config refuses this, so it is written straight into the maps) fails on its last list.
+    let before = k.maps.entries().unwrap();
+    let wider = Policy::from_toml(
+        "tunnels = [\"tun0\"]\n[lan]\nnetworks = [\"192.168.0.0/16\"]\ndns = true\n\
+         [ntp]\nservers = [\"198.51.100.123\"]\n",
+        Path::new("test.toml"),
+    )
+    .unwrap();
+    let mut entries = MapEntries::new(
+        &wider,
+        &interfaces::list().unwrap(),
+        interfaces::netns_cookie().unwrap(),
+        &[],
+    );
+    entries.inbound = (0..=killswitch_common::MAX_ADDRESSES)
+        .map(|i| killswitch_common::InboundKey::new([0; 16], i as u16 + 1))
+        .collect();
+    let error = k.maps.write(&entries).expect_err("more than the map holds");
+    assert!(
+        error
+            .to_string()
+            .contains("previous policy is back in force"),
+        "{error}"
+    );
+    assert_eq!(
+        k.maps.entries().unwrap(),
+        before,
+        "not exactly the old maps"
     );
 }
 

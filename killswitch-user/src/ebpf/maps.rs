@@ -133,9 +133,29 @@ impl PinnedMaps {
 
     /// Makes the maps hold exactly `entries` without a moment that allows what neither the old
     /// nor the new policy allows: the stricter of both settings and only the uplinks both
-    /// have while the lists change (within each list additions land before removals), then
-    /// the new uplinks, then the new settings.
+    /// have while the lists change (within each list additions land before removals, unless
+    /// old and new together overflow the map), then the new uplinks, then the new settings.
+    /// If the kernel refuses a change half-way, the maps go back to what they held (the same
+    /// steps, towards the old entries): a failed update leaves the old policy, never a mix.
     pub fn write(&mut self, entries: &MapEntries) -> Result<()> {
+        let before = self.entries()?;
+        let Err(e) = self.change_to(entries) else {
+            return Ok(());
+        };
+        match self.change_to(&before) {
+            Ok(()) => Err(Error::kernel(
+                "the update failed; the previous policy is back in force",
+                e,
+            )),
+            Err(also) => Err(Error::kernel(
+                format!("the update failed ({e}), and so did going back ({also})"),
+                "the scope holds at most the old and the new lists with the stricter settings of \
+                 both; run `killswitch up` again",
+            )),
+        }
+    }
+
+    fn change_to(&mut self, entries: &MapEntries) -> Result<()> {
         let old = self.settings()?;
         self.set_settings(&strictest(&old, &entries.settings))?;
         let uplinks: BTreeSet<InterfaceKey> = entries.uplinks.keys().copied().collect();
@@ -157,6 +177,23 @@ impl PinnedMaps {
         self.sync_lan(&entries.lan)?;
         sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         self.set_settings(&entries.settings)
+    }
+
+    /// What the maps hold now (interface names are not kept in the kernel: empty).
+    pub fn entries(&self) -> Result<MapEntries> {
+        let unnamed =
+            |keys: Vec<InterfaceKey>| keys.into_iter().map(|k| (k, String::new())).collect();
+        Ok(MapEntries {
+            settings: self.settings()?,
+            tunnels: unnamed(self.tunnels()?),
+            uplinks: unnamed(self.uplinks()?),
+            servers: self.servers()?.into_iter().collect(),
+            server_names: self.server_names()?.into_iter().collect(),
+            ntp_servers: self.ntp_servers()?.into_iter().collect(),
+            dns_servers: self.dns_servers()?.into_iter().collect(),
+            lan: self.lan()?.into_iter().collect(),
+            inbound: self.inbound()?.into_iter().collect(),
+        })
     }
 
     fn set_settings(&mut self, settings: &Settings) -> Result<()> {
@@ -214,21 +251,22 @@ impl PinnedMaps {
 
     fn sync_lan(&mut self, desired: &BTreeSet<(u32, [u8; 16])>) -> Result<()> {
         let failed = |e: aya::maps::MapError| Error::kernel("cannot update the LAN map", e);
-        let current: BTreeSet<(u32, [u8; 16])> = self
-            .lan
-            .keys()
-            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
-            .collect::<Result<_, _>>()
-            .map_err(failed)?;
-        for &(len, data) in desired.difference(&current) {
-            self.lan
-                .insert(&Key::new(len, data), 1, 0)
-                .map_err(failed)?;
-        }
-        for &(len, data) in current.difference(desired) {
-            self.lan.remove(&Key::new(len, data)).map_err(failed)?;
-        }
-        Ok(())
+        let current: BTreeSet<(u32, [u8; 16])> = self.lan()?.into_iter().collect();
+        let lan = std::cell::RefCell::new(&mut self.lan);
+        apply_difference(
+            &current,
+            desired,
+            LAN,
+            &mut |&(len, data)| {
+                let key = Key::new(len, data);
+                lan.borrow_mut().insert(&key, 1, 0).map_err(failed)
+            },
+            &mut |&(len, data)| {
+                lan.borrow_mut()
+                    .remove(&Key::new(len, data))
+                    .map_err(failed)
+            },
+        )
     }
 
     pub fn tunnels(&self) -> Result<Vec<InterfaceKey>> {
@@ -331,13 +369,39 @@ fn sync<K: Pod + Ord>(
 ) -> Result<()> {
     let desired: BTreeSet<K> = desired.collect();
     let current: BTreeSet<K> = keys(map, name)?.into_iter().collect();
-    for key in desired.difference(&current) {
-        map.insert(key, 1, 0)
-            .map_err(|e| Error::kernel(format!("cannot update the {name} map"), e))?;
+    let failed = |e| Error::kernel(format!("cannot update the {name} map"), e);
+    let map = std::cell::RefCell::new(map);
+    apply_difference(
+        &current,
+        &desired,
+        name,
+        &mut |key| map.borrow_mut().insert(key, 1, 0).map_err(failed),
+        &mut |key| map.borrow_mut().remove(key).map_err(failed),
+    )
+}
+
+/// Takes a map from `current` to `desired`: additions first, so nothing that stays in the
+/// policy is missing for a moment, unless both together would not fit in the map; then
+/// removals first, which only narrows.
+fn apply_difference<K: Ord>(
+    current: &BTreeSet<K>,
+    desired: &BTreeSet<K>,
+    name: &str,
+    insert: &mut dyn FnMut(&K) -> Result<()>,
+    remove: &mut dyn FnMut(&K) -> Result<()>,
+) -> Result<()> {
+    let adding: Vec<&K> = desired.difference(current).collect();
+    let removing: Vec<&K> = current.difference(desired).collect();
+    let capacity = super::shapes::expected()
+        .get(name)
+        .map_or(usize::MAX, |shape| shape.max_entries as usize);
+    let removals_first = current.len() + adding.len() > capacity;
+    if removals_first {
+        removing.iter().try_for_each(|key| remove(key))?;
     }
-    for key in current.difference(&desired) {
-        map.remove(key)
-            .map_err(|e| Error::kernel(format!("cannot update the {name} map"), e))?;
+    adding.iter().try_for_each(|key| insert(key))?;
+    if !removals_first {
+        removing.iter().try_for_each(|key| remove(key))?;
     }
     Ok(())
 }
