@@ -199,6 +199,11 @@ impl Lab {
         std::thread::sleep(Duration::from_millis(200));
         signal_group(&child, nix::sys::signal::Signal::SIGINT);
         let _ = child.wait();
+        self.captured(filter)
+    }
+
+    /// The packets of the last capture matching a tcpdump `filter`, one line each.
+    pub fn captured(&self, filter: &str) -> Vec<String> {
         let file = self.dir.join("uplink.pcap");
         let out = Command::new("tcpdump")
             .args(["-nn", "-r"])

@@ -47,12 +47,7 @@ impl Story {
     pub fn new() -> Story {
         let lab = Lab::new(&[APP_PORT, OUTSIDE_PORT]);
         let config = lab.dir().join("killswitch.toml");
-        crate::write_config(
-            &config,
-            &format!(
-                "tunnels = [\"tun0\"]\n\n[[server]]\naddress = \"{VPN_SERVER}\"\nport = {VPN_PORT}\nprotocol = \"udp\"\n"
-            ),
-        );
+        crate::write_config(&config, &Story::valid_config());
         Story {
             lab,
             cgroup: Cgroup::new(),
@@ -63,6 +58,18 @@ impl Story {
 
     pub fn killswitch(&self, args: &[&str]) -> Output {
         killswitch(&self.lab.client, &self.pins, &self.args(args))
+    }
+
+    /// Replaces the story's config (the OpenVPN server stays the one server).
+    pub fn write_config(&self, text: &str) {
+        crate::write_config(&self.config, text);
+    }
+
+    /// The story's valid config: the tunnel and the OpenVPN server.
+    pub fn valid_config() -> String {
+        format!(
+            "tunnels = [\"tun0\"]\n\n[[server]]\naddress = \"{VPN_SERVER}\"\nport = {VPN_PORT}\nprotocol = \"udp\"\n"
+        )
     }
 
     /// `--config C ARGS --cgroup G`.
@@ -223,7 +230,7 @@ fn ok(reached: bool) -> &'static str {
 }
 
 /// The probe binary next to the running executable (tests and xtask are built into one target).
-fn probe_bin() -> String {
+pub fn probe_bin() -> String {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
     for candidate in [dir.join("ks-probe"), dir.join("../ks-probe")] {

@@ -6,7 +6,7 @@ use testbed::{
     lab::WEB_HOST,
     process::{command_in, Background},
     require_root,
-    story::{Story, APP_PORT},
+    story::{Story, APP_PORT, OUTSIDE_PORT},
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_ks-probe");
@@ -109,4 +109,87 @@ fn the_daemon_follows_openvpn_reconnects_without_leaking() {
         "one line per tunnel: {log}"
     );
     drop(daemon);
+}
+
+/// Issue 11 items 1 and 3 with real packets: a config that cannot be used leaks nothing, neither
+/// at a first `up` (the scope is held in lockdown) nor over a policy in force (it stays). The
+/// bad config is the one that opened all IPv4 before: an IPv6 LAN prefix covering
+/// `::ffff:0:0/96`. The oracle is the capture on the router.
+#[test]
+fn a_config_that_cannot_be_used_leaks_nothing_at_first_up_or_over_a_policy_in_force() {
+    require_root!();
+    let mut story = Story::new();
+    let flood_to_web = |story: &Story| {
+        let flood = Background::start(command_in(
+            &story.lab.client,
+            Some(&story.cgroup),
+            PROBE,
+            &["flood", &format!("{WEB_HOST}:{APP_PORT}"), "1500"],
+        ));
+        let reached = story.request(Some(&story.cgroup), APP_PORT);
+        let outside = story.request(None, OUTSIDE_PORT);
+        assert!(
+            flood.line(Duration::from_secs(10)).is_some(),
+            "the flood ended"
+        );
+        (reached, outside)
+    };
+    let bad = |prefix: &str| {
+        format!(
+            "{}[lan]\nnetworks = [\"{prefix}\"]\n",
+            Story::valid_config()
+        )
+    };
+
+    // First `up` of the machine with the bad config: exit 2, lockdown, nothing leaves.
+    story.write_config(&bad("::/64"));
+    let out = story.killswitch(&["up"]);
+    story.lab.start_capture();
+    let (reached, outside) = flood_to_web(&story);
+    let leaked = story
+        .lab
+        .stop_capture(&format!("dst host {WEB_HOST} and dst port {APP_PORT}"));
+    let clear = story
+        .lab
+        .captured(&format!("dst host {WEB_HOST} and dst port {OUTSIDE_PORT}"));
+    assert!(
+        leaked.is_empty(),
+        "leaked after a refused first up: {leaked:#?}"
+    );
+    assert!(!reached, "the scope reached the web host in lockdown");
+    assert!(
+        outside && !clear.is_empty(),
+        "the oracle saw nothing from outside the scope"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lockdown"), "{stderr}");
+    let status = String::from_utf8_lossy(&story.killswitch(&["status"]).stdout).into_owned();
+    assert!(status.contains("LOCKDOWN"), "{status}");
+
+    // The fixed config takes over; then the bad one is refused over the policy in force.
+    story.write_config(&Story::valid_config());
+    story.lab.connect();
+    assert!(story.killswitch(&["up"]).status.success());
+    assert!(
+        story.request(Some(&story.cgroup), APP_PORT),
+        "through the tunnel"
+    );
+    story.write_config(&bad("::/80"));
+    let out = story.killswitch(&["up"]);
+    assert_eq!(out.status.code(), Some(2));
+    story.lab.kill_vpn_client();
+    story.lab.start_capture();
+    let (reached, _) = flood_to_web(&story);
+    let leaked = story
+        .lab
+        .stop_capture(&format!("dst host {WEB_HOST} and dst port {APP_PORT}"));
+    assert!(
+        !reached,
+        "the scope reached the web host without the tunnel"
+    );
+    assert!(
+        leaked.is_empty(),
+        "leaked over the policy in force: {leaked:#?}"
+    );
 }
