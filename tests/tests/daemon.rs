@@ -830,3 +830,47 @@ fn a_failing_name_keeps_the_scopes_addresses_across_up_and_daemon_restarts() {
     assert_eq!(s.servers(), "");
     assert!(!s.reaches("udp", &format!("{SERVER_V4}:124"), "300"));
 }
+
+/// Issue 11 item 18: `up` and the daemon list the interfaces under the scope's lock, so neither
+/// can write a tunnel list older than the other's. In each of 40 rounds tun0 goes away at a
+/// different moment of a running `up`; the scope must end trusting no tunnel, and the new tun0
+/// once it is back: never the ifindex of a tunnel that is gone.
+#[test]
+fn racing_ups_and_tunnel_churn_end_with_only_the_tunnel_that_exists() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    let daemon = s.daemon();
+    let tunnels = || -> Vec<u64> {
+        let out = s.killswitch(&["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["scopes"][0]["tunnels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["ifindex"].as_u64().unwrap())
+            .collect()
+    };
+    for round in 0..40u64 {
+        let mut up = killswitch_command(&s.net.client, &s.pins, &s.args(&["up"]))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(round % 20 * 3));
+        s.net.remove_tunnel();
+        up.wait().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(3), || tunnels().is_empty()),
+            "round {round}: a tunnel that is gone is still trusted: {:?}",
+            tunnels()
+        );
+        s.net.add_tunnel();
+        let now: u64 = tunnel_ifindex(&s).parse().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(3), || tunnels() == [now]),
+            "round {round}: the tunnel that exists is not the one trusted: {:?} (tun0 is {now})",
+            tunnels()
+        );
+    }
+    drop(daemon);
+}
