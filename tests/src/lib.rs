@@ -1,10 +1,12 @@
 //! The test bed: network namespaces, child cgroups and bpffs pin directories owned by Drop
 //! guards, processes started inside a cgroup + namespace, echo servers, and the OpenVPN lab used
-//! by the end-to-end tests and by `cargo xtask demo`, and other kernels booted in qemu.
+//! by the end-to-end tests and by `cargo xtask demo`, other kernels booted in qemu, and a Debian
+//! root booted with systemd-nspawn.
 //!
 //! Safety rules (shared/TESTBED.md): nothing here touches the root network namespace, the host's
 //! cgroup2 root or its firewall; every wait is bounded; only our own processes are killed.
 
+pub mod boot;
 pub mod cgroup;
 pub mod dns;
 pub mod echo;

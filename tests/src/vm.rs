@@ -121,6 +121,36 @@ fn version_key(name: &str) -> Vec<u64> {
 /// A one-line sources list for `suite` from the mirrors this machine's apt uses (deb822
 /// `.sources` files or `sources.list`), its own release name replaced by `suite`.
 fn sources_for(suite: &str) -> Result<String, String> {
+    let (own, entries) = apt_entries()?;
+    let lines: Vec<String> = entries
+        .iter()
+        .filter(|(_, s)| s == &own || s == &format!("{own}-security"))
+        .map(|(uri, s)| {
+            format!(
+                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {uri} {} main",
+                s.replacen(&own, suite, 1)
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        return Err("this machine's apt sources name no Debian mirror".into());
+    }
+    Ok(lines.join("\n") + "\n")
+}
+
+/// The mirror this machine's apt uses for its own release (not its security archive), for
+/// `debootstrap SUITE ROOT MIRROR`: the same archive serves every suite.
+pub fn mirror() -> Result<String, String> {
+    let (own, entries) = apt_entries()?;
+    entries
+        .into_iter()
+        .find(|(_, s)| s == &own)
+        .map(|(uri, _)| uri)
+        .ok_or_else(|| format!("this machine's apt sources name no mirror for {own}"))
+}
+
+/// This machine's release name and its apt entries as (URI, suite).
+fn apt_entries() -> Result<(String, Vec<(String, String)>), String> {
     let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
     let own = os
         .lines()
@@ -169,20 +199,7 @@ fn sources_for(suite: &str) -> Result<String, String> {
             }
         }
     }
-    let lines: Vec<String> = entries
-        .iter()
-        .filter(|(_, s)| s == &own || s == &format!("{own}-security"))
-        .map(|(uri, s)| {
-            format!(
-                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {uri} {} main",
-                s.replacen(&own, suite, 1)
-            )
-        })
-        .collect();
-    if lines.is_empty() {
-        return Err("this machine's apt sources name no Debian mirror".into());
-    }
-    Ok(lines.join("\n") + "\n")
+    Ok((own, entries))
 }
 
 /// A root file system for the guest, packed as a newc cpio archive; both are removed on drop.

@@ -34,6 +34,10 @@ const PACKAGES: &[&str] = &[
     "cpio",
     "xz-utils",
     "binutils",
+    // A real systemd boot: a Debian root made with debootstrap, booted with systemd-nspawn
+    // (tests/tests/boot.rs)
+    "debootstrap",
+    "systemd-container",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
