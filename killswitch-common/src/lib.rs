@@ -88,7 +88,7 @@ pub struct NamedServerKey {
     pub _pad: u32,
 }
 
-/// Scope-wide switches, one entry in the `SETTINGS` array map. Each field is 0 or 1.
+/// Scope-wide switches, one entry in the `SETTINGS` array map. The switches are 0 or 1.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {

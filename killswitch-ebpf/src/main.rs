@@ -26,7 +26,7 @@ use packet::{Packet, Ports, ETH_P_IPV6};
 
 const ALLOW: i32 = 1;
 const DROP: i32 = 0;
-/// `BPF_F_NO_PREALLOC`: the server map is large and usually almost empty.
+/// `BPF_F_NO_PREALLOC`: the server maps are large and usually almost empty.
 const NO_PREALLOC: u32 = 1;
 
 #[map]

@@ -205,8 +205,10 @@ impl ResolvedServers {
             let held: BTreeSet<ServerKey> = maps.servers()?.into_iter().collect();
             Ok((maps.server_names()?, held))
         });
-        if let Ok((record, held)) = pinned {
-            self.keep_known(&record, &held);
+        match pinned {
+            Ok((record, held)) => self.keep_known(&record, &held),
+            // A new scope, or one an older version made: nothing known to keep.
+            Err(e) => tracing::debug!("no record of server names to keep: {e}"),
         }
     }
 

@@ -116,6 +116,7 @@ pub fn lockdown_reason(pin_dir: &Path) -> Option<String> {
 
 impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> Result<PinnedMaps> {
+        super::shapes::check_not_staging(pin_dir)?;
         Ok(PinnedMaps {
             tunnels: open(pin_dir, TUNNELS)?,
             uplinks: open(pin_dir, UPLINKS)?,

@@ -84,13 +84,17 @@ impl Programs {
                 scope::check_pinned(&entry.path())?;
             }
         }
-        // A map of another shape (left by another version) is never reused: staged anew.
-        let stale = shapes::stale(pin_dir)?;
-        let map_dir = if stale.is_empty() {
+        // A map of another shape (left by another version) is never reused: all are staged anew.
+        let map_dir = if shapes::stale(pin_dir)?.is_empty() {
             shapes::remove_staging(pin_dir)?;
             pin_dir.to_path_buf()
         } else {
-            shapes::stage(pin_dir, &stale)?
+            tracing::warn!(
+                "the maps of {} are replaced (another version made them); counters start again \
+                 and a daemon started before this must be restarted",
+                pin_dir.display()
+            );
+            shapes::stage(pin_dir)?
         };
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&map_dir);
@@ -268,8 +272,8 @@ pub fn is_pinned(scope: &Scope) -> bool {
 }
 
 /// Applies the entries `build` makes to the scope: first time, load + fill + attach + pin;
-/// again, update the shared pinned maps in place and swap in freshly loaded programs without a
-/// gap. `build` runs under the scope's lock (it lists the interfaces: a daemon racing us must
+/// again, update the pinned maps in place (or fill a new set when their shape changed, see
+/// [`shapes`]) and swap in freshly loaded programs without a gap. `build` runs under the scope's lock (it lists the interfaces: a daemon racing us must
 /// not be overwritten with an older list). A first apply that fails leaves the scope in
 /// lockdown (`Error::Lockdown`), never open. Returns what was written.
 pub fn apply(scope: &Scope, build: impl FnOnce() -> Result<MapEntries>) -> Result<MapEntries> {

@@ -1,5 +1,5 @@
-//! The few bpf(2) commands aya 0.14 does not expose: force-detaching a pinned link, reading a
-//! cgroup link's target and pinning an object again under a second path.
+//! The few bpf(2) commands aya 0.14 does not expose: force-detaching a pinned link and reading a
+//! cgroup link's target.
 
 use std::{
     ffi::CString,
@@ -67,16 +67,4 @@ pub fn cgroup_link_info(link: &OwnedFd) -> std::io::Result<CgroupLinkInfo> {
         program_id: info[1] as u32,
         cgroup_id: info[2],
     })
-}
-
-const BPF_OBJ_PIN: libc::c_long = 6;
-
-/// Pins an object (map, program, link) at `path` (BPF_OBJ_PIN).
-pub fn obj_pin(object: &OwnedFd, path: &Path) -> std::io::Result<()> {
-    let path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let mut attr = [0u64; 8];
-    attr[0] = path.as_ptr() as u64;
-    attr[1] = object.as_raw_fd() as u64;
-    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }

@@ -2,6 +2,7 @@
 //! each verdict path as the lists grow, then the daemon's and live server changes' timings with
 //! the release binary. Writes `target/bench/` under the current directory.
 
+mod control;
 mod daemon;
 mod per_packet;
 

@@ -259,6 +259,26 @@ pub fn run(release_bin: &std::path::Path) -> Result<()> {
     )?;
     println!("\nwritten: target/bench/per_packet.json");
 
+    let control = crate::control::run(release_bin)?;
+    let ms = |key: &str| control[key].as_f64().unwrap_or(f64::NAN);
+    println!("\ncontrol plane, 10,000 servers + 4,000 LAN prefixes (release build, median of 5)");
+    println!(
+        "check: {:.1} ms; nft -c -f of the same sets: {:.1} ms; ratio {:.2} (target <= 1.00)",
+        ms("check_ms"),
+        ms("nft_check_ms"),
+        ms("check_vs_nft_check")
+    );
+    println!(
+        "cold up (load, verify, fill, attach): {:.1} ms; nft -f of the same ruleset: {:.1} ms; ratio {:.2}",
+        ms("cold_up_ms"),
+        ms("nft_load_ms"),
+        ms("cold_up_vs_nft_load")
+    );
+    std::fs::write(
+        out.join("control.json"),
+        serde_json::to_string_pretty(&control)?,
+    )?;
+
     let daemon = crate::daemon::run(release_bin)?;
     let field = |path: &[&str]| {
         path.iter()
