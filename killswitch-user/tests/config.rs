@@ -108,7 +108,7 @@ fn each_kind_of_bad_input_has_its_message() {
             format!("{f}:3: unknown field `vpn_client`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`"),
         ),
         ("tunnels = \"tun0\"\n", format!("{f}:1: invalid type: string \"tun0\", expected a sequence")),
-        ("tunnels = [\"tun0\"\n", format!("{f}:2: invalid array; expected `]`")),
+        ("tunnels = [\"tun0\"\n", format!("{f}:1: unclosed array, expected `]`")),
         ("tunnels = [\"*\"]\n", format!("{f}:1: tunnels: `*` alone matches every interface; name the interfaces")),
         ("tunnels = [\"t*n\"]\n", format!("{f}:1: tunnels: `t*n` is not an interface name (a trailing `*` is the only wildcard)")),
         ("tunnels = [\"a/b\"]\n", format!("{f}:1: tunnels: `a/b` is not an interface name (a trailing `*` is the only wildcard)")),

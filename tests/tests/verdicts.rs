@@ -68,7 +68,7 @@ impl Kernel {
         eprintln!("namespace source: {:?}", programs.netns());
         let socket_pair = (programs.netns() == Some(NetnsSource::Helper)).then(|| {
             let offsets = socket_offsets(Path::new("/sys/kernel/btf/vmlinux")).expect("BTF");
-            Programs::load_pair(&pins.path, Pair::Policy(offsets))
+            Programs::load_pair(&pins.path, Pair::Policy(offsets), None)
                 .expect("the socket pair loads and verifies")
         });
         let mut maps = PinnedMaps::open(&pins.path).unwrap();

@@ -34,14 +34,21 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
     }
     for (i, rule) in policy.servers.iter().enumerate() {
         let label = if i == 0 { "servers" } else { "" };
-        let (endpoints, mut unresolved) = resolve_servers(std::slice::from_ref(rule));
-        if let Some(e) = unresolved.pop() {
-            return Err(e);
-        }
-        let shown: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
         match &rule.address {
-            ServerAddress::Ip(_) => println!("{label:8} {}", shown.join(", ")),
+            ServerAddress::Ip(address) => {
+                let endpoint = crate::policy::ServerEndpoint {
+                    address: *address,
+                    port: rule.port,
+                    protocol: rule.protocol,
+                };
+                println!("{label:8} {endpoint}");
+            }
             ServerAddress::Host(host) => {
+                let (endpoints, mut unresolved) = resolve_servers(std::slice::from_ref(rule));
+                if let Some(e) = unresolved.pop() {
+                    return Err(e);
+                }
+                let shown: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
                 println!("{label:8} {host} -> {}", shown.join(", "));
                 if rule.port.is_none() {
                     println!(

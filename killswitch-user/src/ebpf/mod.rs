@@ -69,11 +69,24 @@ impl Programs {
         let netns = kernel::netns_source().map_err(|reason| {
             Error::kernel("this kernel cannot run the killswitch programs", reason)
         })?;
-        Programs::load_pair(pin_dir, Pair::Policy(netns))
+        Programs::load_pair(pin_dir, Pair::Policy(netns), None)
     }
 
-    /// Loads one pair of the object (the tests load both policy pairs where the kernel can).
-    pub fn load_pair(pin_dir: &Path, pair: Pair) -> Result<Programs> {
+    /// Loads the policy pair and writes `entries` into its maps. Maps that no program in force
+    /// uses yet (a new scope, or a new set for an upgrade) are filled while the verifier works;
+    /// maps in use are written only once both programs passed it, so that a refusal changes
+    /// nothing.
+    pub fn load_filled(pin_dir: &Path, entries: &MapEntries) -> Result<Programs> {
+        let _signals = SignalsHeld::new();
+        let netns = kernel::netns_source().map_err(|reason| {
+            Error::kernel("this kernel cannot run the killswitch programs", reason)
+        })?;
+        Programs::load_pair(pin_dir, Pair::Policy(netns), Some(entries))
+    }
+
+    /// Loads one pair of the object and, with `fill`, writes it into the maps (the tests load
+    /// both policy pairs where the kernel can).
+    pub fn load_pair(pin_dir: &Path, pair: Pair, fill: Option<&MapEntries>) -> Result<Programs> {
         // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
         // signals for after the load (they are delivered when the mask is restored).
         let _signals = SignalsHeld::new();
@@ -84,6 +97,7 @@ impl Programs {
                 scope::check_pinned(&entry.path())?;
             }
         }
+        let in_use = pin_dir.join(maps::SETTINGS).exists();
         // A map of another shape (left by another version) is never reused: all are staged anew.
         let map_dir = if shapes::stale(pin_dir)?.is_empty() {
             shapes::remove_staging(pin_dir)?;
@@ -112,9 +126,40 @@ impl Programs {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
-        for direction in Direction::ALL {
-            let name = pair.program_name(direction);
-            load_program(program_mut(&mut ebpf, name)?, direction)?;
+        let fill_now = fill.filter(|_| !in_use || map_dir != pin_dir);
+        // The verifier's work is most of a load: both directions at once, one thread each
+        // (a new thread inherits the blocked signals), and new maps filled meanwhile.
+        let mut wanted: Vec<(Direction, &mut CgroupSkb)> = ebpf
+            .programs_mut()
+            .filter_map(|(name, program)| {
+                let direction = Direction::ALL
+                    .into_iter()
+                    .find(|&d| pair.program_name(d) == name)?;
+                Some((direction, <&mut CgroupSkb>::try_from(program).ok()?))
+            })
+            .collect();
+        if wanted.len() != Direction::ALL.len() {
+            return Err(Error::kernel(
+                "broken eBPF object",
+                "a cgroup_skb program is missing",
+            ));
+        }
+        let map_dir_ref = &map_dir;
+        std::thread::scope(|threads| {
+            let mut work: Vec<_> = wanted
+                .iter_mut()
+                .map(|(direction, program)| {
+                    threads.spawn(move || load_program(program, *direction))
+                })
+                .collect();
+            if let Some(entries) = fill_now {
+                work.push(threads.spawn(move || PinnedMaps::open(map_dir_ref)?.write(entries)));
+            }
+            work.into_iter()
+                .try_for_each(|job| job.join().expect("a loading thread panicked"))
+        })?;
+        if let (Some(entries), None) = (fill, fill_now) {
+            PinnedMaps::open(&map_dir)?.write(entries)?;
         }
         Ok(Programs {
             ebpf,
@@ -283,9 +328,8 @@ pub fn apply(scope: &Scope, build: impl FnOnce() -> Result<MapEntries>) -> Resul
     let fresh = !is_pinned(scope);
     let result = (|| {
         let entries = build()?;
-        // Verify both programs before changing anything a running scope depends on.
-        let mut programs = Programs::load(&scope.pin_dir)?;
-        PinnedMaps::open(programs.map_dir())?.write(&entries)?;
+        // Both programs verified before anything a running scope depends on changes.
+        let mut programs = Programs::load_filled(&scope.pin_dir, &entries)?;
         programs.attach_and_pin(&cgroup, &scope.pin_dir)?;
         maps::set_lockdown_reason(&scope.pin_dir, "")?;
         Ok(entries)
@@ -320,7 +364,7 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
 
 fn held_in_lockdown(cgroup: &File, scope: &Scope, cause: Error) -> Error {
     let held = (|| {
-        let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown)?;
+        let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown, None)?;
         maps::set_lockdown_reason(programs.map_dir(), &cause.to_string())?;
         programs.attach_and_pin(cgroup, &scope.pin_dir)
     })();
