@@ -12,7 +12,8 @@ use aya::{
 };
 use killswitch_common::{
     Direction, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey, Settings,
-    COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES,
+    COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
+    MAX_SERVERS,
 };
 
 use super::entries::MapEntries;
@@ -381,6 +382,17 @@ fn sync<K: Pod + Ord>(
     )
 }
 
+/// How many entries the map called `name` holds (the object declares the same; a test checks).
+pub fn capacity(name: &str) -> u32 {
+    match name {
+        TUNNELS | UPLINKS => MAX_INTERFACES,
+        SERVERS | SERVER_NAMES => MAX_SERVERS,
+        NTP_SERVERS | DNS_SERVERS | INBOUND => MAX_ADDRESSES,
+        LAN => MAX_PREFIXES,
+        _ => u32::MAX,
+    }
+}
+
 /// Takes a map from `current` to `desired`: additions first, so nothing that stays in the
 /// policy is missing for a moment, unless both together would not fit in the map; then
 /// removals first, which only narrows.
@@ -393,9 +405,7 @@ fn apply_difference<K: Ord>(
 ) -> Result<()> {
     let adding: Vec<&K> = desired.difference(current).collect();
     let removing: Vec<&K> = current.difference(desired).collect();
-    let capacity = super::shapes::expected()
-        .get(name)
-        .map_or(usize::MAX, |shape| shape.max_entries as usize);
+    let capacity = capacity(name) as usize;
     let removals_first = current.len() + adding.len() > capacity;
     if removals_first {
         removing.iter().try_for_each(|key| remove(key))?;

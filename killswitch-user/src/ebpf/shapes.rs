@@ -177,5 +177,11 @@ mod tests {
         known.sort();
         // `down` removes the maps it knows: one it did not would keep the directory.
         assert_eq!(declared, known);
+        for (name, shape) in expected() {
+            let capacity = super::super::maps::capacity(name);
+            if capacity != u32::MAX {
+                assert_eq!(capacity, shape.max_entries, "{name}");
+            }
+        }
     }
 }
