@@ -12,7 +12,7 @@ mod packet;
 
 use aya_ebpf::{
     macros::{cgroup_skb, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
     programs::SkBuffContext,
 };
 use killswitch_common::{
@@ -51,6 +51,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 /// read it.
 #[map]
 static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS, NO_PREALLOC);
+/// The ICMP-error programs by [`NetnsSource::ICMP_ERROR_SLOT`], reached by tail call (see
+/// [`judge_icmp_error`]).
+#[map]
+static ICMP_ERRORS: ProgramArray = ProgramArray::pinned(2, 0);
 /// Why the scope is in lockdown, for `status`; the programs never read it.
 #[map]
 static LOCKDOWN: Array<[u8; LOCKDOWN_REASON_BYTES]> = Array::pinned(1, 0);
@@ -76,6 +80,41 @@ pub fn egress_sock(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb]
 pub fn ingress_sock(ctx: SkBuffContext) -> i32 {
     filter::<Socket>(&ctx, Direction::Ingress)
+}
+
+// An ICMP error on an uplink that no exception allows is judged by the packet it quotes. That
+// second parse, inlined in `ingress`, made the verifier's work four times larger (it walks it
+// for every way the first one can end); in a program of its own, reached by tail call, it is
+// verified once, and beside the others. An empty slot makes the tail call fall through: drop.
+
+#[cgroup_skb]
+pub fn icmp_error(ctx: SkBuffContext) -> i32 {
+    judge_icmp_error::<Helper>(&ctx)
+}
+
+#[cgroup_skb]
+pub fn icmp_error_sock(ctx: SkBuffContext) -> i32 {
+    judge_icmp_error::<Socket>(&ctx)
+}
+
+/// Reached only from `ingress` for an ICMP error on an uplink that no exception allowed: it
+/// passes when the packet it quotes is one egress lets out (path-MTU discovery towards a
+/// server); a source-routed one never is.
+#[inline(always)]
+fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
+    let settings = settings();
+    let own_netns = N::cookie(ctx) == settings.netns_cookie;
+    let quoted = Packet::parse(ctx, Direction::Ingress).and_then(|packet| packet.quoted(ctx));
+    let reason = match quoted {
+        Some(quoted)
+            if !quoted.source_route
+                && exception(&quoted, Direction::Egress, &settings, own_netns).allows() =>
+        {
+            Reason::IcmpError
+        }
+        _ => Reason::Default,
+    };
+    verdict::<N>(ctx, Direction::Ingress, reason, &settings)
 }
 
 // Lockdown: what a scope gets when its policy cannot be enforced (the kernel refused the
@@ -123,64 +162,73 @@ fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
 #[inline(always)]
 fn filter<N: NetnsSource>(ctx: &SkBuffContext, direction: Direction) -> i32 {
     let settings = settings();
-    let reason = classify::<N>(ctx, direction, &settings);
+    let reason = match classify::<N>(ctx, direction, &settings) {
+        Some(reason) => reason,
+        None => {
+            // SAFETY: the context is this program's; on success the call does not return.
+            unsafe { ICMP_ERRORS.tail_call(ctx, N::ICMP_ERROR_SLOT) };
+            Reason::Default
+        }
+    };
+    verdict::<N>(ctx, direction, reason, &settings)
+}
+
+/// Counts the packet under its reason and reports a drop.
+#[inline(always)]
+fn verdict<N: NetnsSource>(
+    ctx: &SkBuffContext,
+    direction: Direction,
+    reason: Reason,
+    settings: &Settings,
+) -> i32 {
     count(direction, reason);
     if reason.allows() {
         ALLOW
     } else {
-        events::report(ctx, N::cookie(ctx), direction, reason, &settings);
+        events::report(ctx, N::cookie(ctx), direction, reason, settings);
         DROP
     }
 }
 
-/// The verdict order of the SPEC; the first matching step wins.
+/// The verdict order of the SPEC; the first matching step wins. `None`: an ICMP error on an
+/// uplink that only the packet it quotes can allow (judged by `judge_icmp_error`).
 #[inline(always)]
 fn classify<N: NetnsSource>(
     ctx: &SkBuffContext,
     direction: Direction,
     settings: &Settings,
-) -> Reason {
+) -> Option<Reason> {
     let ifindex = ifindex(ctx);
     if ifindex == LOOPBACK_IFINDEX {
-        return Reason::Loopback;
+        return Some(Reason::Loopback);
     }
     if settings.ipv6_block != 0 && ctx.skb.protocol() == ETH_P_IPV6 {
-        return Reason::Ipv6Blocked;
+        return Some(Reason::Ipv6Blocked);
     }
     // Only packets that are not on loopback pay for learning the namespace.
     let interface = InterfaceKey::new(N::cookie(ctx), ifindex);
     if TUNNELS.get_ptr(&interface).is_some() {
-        return match direction {
+        return Some(match direction {
             Direction::Egress => Reason::Tunnel,
             Direction::Ingress => tunnel_ingress(ctx),
-        };
+        });
     }
     if settings.uplinks_restricted != 0 && UPLINKS.get_ptr(&interface).is_none() {
-        return Reason::NotUplink;
+        return Some(Reason::NotUplink);
     }
     let Some(packet) = Packet::parse(ctx, direction) else {
-        return Reason::Malformed;
+        return Some(Reason::Malformed);
     };
     if packet.source_route {
-        return Reason::SourceRoute;
+        return Some(Reason::SourceRoute);
     }
     // DHCP only on the scope's own namespace's interfaces, never on a container's.
     let own_netns = interface.netns_cookie == settings.netns_cookie;
     let reason = exception(&packet, direction, settings, own_netns);
-    if reason != Reason::Default || direction == Direction::Egress {
-        return reason;
+    if reason != Reason::Default || direction == Direction::Egress || !packet.is_icmp_error() {
+        return Some(reason);
     }
-    // An ICMP error about a packet we may send (path-MTU discovery towards a server).
-    // The quoted packet must be one egress lets out: a source-routed one never is.
-    match packet.quoted(ctx) {
-        Some(quoted)
-            if !quoted.source_route
-                && exception(&quoted, Direction::Egress, settings, own_netns).allows() =>
-        {
-            Reason::IcmpError
-        }
-        _ => Reason::Default,
-    }
+    None
 }
 
 /// Steps 4-9: the exceptions that let a packet use an uplink.

@@ -17,12 +17,15 @@ use aya_ebpf::{
 };
 
 pub trait NetnsSource {
+    /// This source's ICMP-error program in `ICMP_ERRORS` (the loader puts it there).
+    const ICMP_ERROR_SLOT: u32;
     fn cookie(ctx: &SkBuffContext) -> u64;
 }
 
 pub struct Helper;
 
 impl NetnsSource for Helper {
+    const ICMP_ERROR_SLOT: u32 = 0;
     #[inline(always)]
     fn cookie(ctx: &SkBuffContext) -> u64 {
         // SAFETY: the helper only reads the context it is given.
@@ -40,6 +43,7 @@ static SOCK_NET_OFFSET: u32 = 0;
 static NET_COOKIE_OFFSET: u32 = 0;
 
 impl NetnsSource for Socket {
+    const ICMP_ERROR_SLOT: u32 = 1;
     #[inline(always)]
     fn cookie(ctx: &SkBuffContext) -> u64 {
         // SAFETY: reading a field of the context.

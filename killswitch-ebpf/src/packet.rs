@@ -125,26 +125,34 @@ impl Packet {
         }
     }
 
-    /// The packet an ICMP/ICMPv6 error (destination unreachable, packet too big, time exceeded)
-    /// quotes, as this host sent it; `None` for anything else.
+    /// An ICMP/ICMPv6 error (destination unreachable, packet too big, time exceeded) of the
+    /// packet's own family: its verdict depends on the packet it quotes.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        let Some(icmp_type) = self.icmp_type() else {
+            return false;
+        };
+        if self.ipv6 {
+            self.protocol == IPPROTO_ICMPV6
+                && matches!(icmp_type, ICMPV6_UNREACHABLE | ICMPV6_TOO_BIG | ICMPV6_TIME)
+        } else {
+            self.protocol == IPPROTO_ICMP && matches!(icmp_type, ICMP_UNREACHABLE | ICMP_TIME)
+        }
+    }
+
+    /// The packet an ICMP error quotes, as this host sent it; `None` for anything else.
     #[inline(always)]
     pub fn quoted(&self, ctx: &SkBuffContext) -> Option<Packet> {
-        let icmp_type = self.icmp_type()?;
+        if !self.is_icmp_error() {
+            return None;
+        }
         // The quoted packet follows the 8-byte ICMP header and has the outer packet's family.
         let offset = self.transport_offset + 8;
-        let v6_error = self.ipv6
-            && self.protocol == IPPROTO_ICMPV6
-            && matches!(icmp_type, ICMPV6_UNREACHABLE | ICMPV6_TOO_BIG | ICMPV6_TIME);
-        let v4_error = !self.ipv6
-            && self.protocol == IPPROTO_ICMP
-            && matches!(icmp_type, ICMP_UNREACHABLE | ICMP_TIME);
-        if v6_error {
-            return Self::parse_v6(ctx, offset, Direction::Egress);
+        if self.ipv6 {
+            Self::parse_v6(ctx, offset, Direction::Egress)
+        } else {
+            Self::parse_v4(ctx, offset, Direction::Egress)
         }
-        if v4_error {
-            return Self::parse_v4(ctx, offset, Direction::Egress);
-        }
-        None
     }
 
     /// What the IP header says; the transport is filled in by `read_transport`.

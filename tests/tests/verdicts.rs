@@ -638,13 +638,16 @@ fn programs_stay_small_for_the_verifier() {
     // Loading already ran the verifier; this records its work per program for the notes.
     let k = Kernel::load(POLICY);
     for programs in std::iter::once(&k.programs).chain(&k.socket_pair) {
-        for direction in Direction::ALL {
-            let info = programs.program(direction).info().unwrap();
+        let loaded = Direction::ALL
+            .iter()
+            .map(|&d| (d.name(), programs.program(d)))
+            .chain(programs.icmp_error_program().map(|p| ("icmp-error", p)));
+        for (name, program) in loaded {
+            let info = program.info().unwrap();
             let processed = info.verified_instruction_count().unwrap_or(0);
             let translated = info.size_translated().unwrap_or(0) / 8;
             eprintln!(
-                "{} ({:?}): verifier processed {processed} insns; {translated} instructions after translation",
-                direction.name(),
+                "{name} ({:?}): verifier processed {processed} insns; {translated} instructions after translation",
                 programs.netns(),
             );
             // The verifier's budget is 1,000,000; staying far below keeps new steps cheap to add.

@@ -12,6 +12,9 @@ use crate::{
 
 pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     let scope = crate::scope::Scope::from_arg(cgroup)?;
+    if super::require_privileges().is_ok() {
+        ebpf::warm_up();
+    }
     let policy = match Policy::load(config) {
         Ok(policy) => policy,
         // At boot a typo must not leave the machine open: lockdown, unless already enforced.

@@ -36,6 +36,7 @@ pub fn run(config: &Path, scope: Scope) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::kernel("cannot start the event loop", e))?;
+    ebpf::warm_up();
     runtime.block_on(async move {
         let Some(policy) = first_valid_policy(config, &scope).await? else {
             return Ok(());

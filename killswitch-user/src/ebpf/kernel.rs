@@ -64,6 +64,16 @@ impl Pair {
         }
     }
 
+    /// The pair's ICMP-error program and its slot in `ICMP_ERRORS` (the kernel side's
+    /// `NetnsSource::ICMP_ERROR_SLOT`); lockdown has none.
+    pub fn icmp_error_program(self) -> Option<(&'static str, u32)> {
+        match self {
+            Pair::Policy(NetnsSource::Helper) => Some(("icmp_error", 0)),
+            Pair::Policy(NetnsSource::Socket { .. }) => Some(("icmp_error_sock", 1)),
+            Pair::Lockdown => None,
+        }
+    }
+
     /// What a program of that name enforces, for `status` (kernels keep the name).
     pub fn of_program_name(name: &str) -> Option<&'static str> {
         match name {

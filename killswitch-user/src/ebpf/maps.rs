@@ -32,7 +32,9 @@ pub const EVENTS: &str = "EVENTS";
 pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
 pub const LOCKDOWN: &str = "LOCKDOWN";
 pub const SERVER_NAMES: &str = "SERVER_NAMES";
-pub const ALL: [&str; 13] = [
+pub const ICMP_ERRORS: &str = "ICMP_ERRORS";
+pub const ALL: [&str; 14] = [
+    ICMP_ERRORS,
     LOCKDOWN,
     SERVER_NAMES,
     EVENTS,

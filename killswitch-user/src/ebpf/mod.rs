@@ -14,6 +14,7 @@ use std::{
 };
 
 use aya::{
+    maps::ProgramArray,
     programs::{
         cgroup_skb::CgroupSkbAttachType, links::FdLink, CgroupAttachMode, CgroupSkb, ProgramError,
     },
@@ -65,28 +66,41 @@ pub struct Programs {
 impl Programs {
     /// Loads the policy pair that suits the running kernel.
     pub fn load(pin_dir: &Path) -> Result<Programs> {
-        let _signals = SignalsHeld::new();
-        let netns = kernel::netns_source().map_err(|reason| {
-            Error::kernel("this kernel cannot run the killswitch programs", reason)
-        })?;
-        Programs::load_pair(pin_dir, Pair::Policy(netns), None)
+        Programs::load_policy(pin_dir, None)
     }
 
     /// Loads the policy pair and writes `entries` into its maps. Maps that no program in force
     /// uses yet (a new scope, or a new set for an upgrade) are filled while the verifier works;
-    /// maps in use are written only once both programs passed it, so that a refusal changes
+    /// maps in use are written only once every program passed it, so that a refusal changes
     /// nothing.
     pub fn load_filled(pin_dir: &Path, entries: &MapEntries) -> Result<Programs> {
+        Programs::load_policy(pin_dir, Some(entries))
+    }
+
+    fn load_policy(pin_dir: &Path, fill: Option<&MapEntries>) -> Result<Programs> {
         let _signals = SignalsHeld::new();
-        let netns = kernel::netns_source().map_err(|reason| {
+        let (loader, netns) = match warmed() {
+            Some(Warm { loader, netns }) => (loader, netns),
+            None => (EbpfLoader::new(), kernel::netns_source()),
+        };
+        let netns = netns.map_err(|reason| {
             Error::kernel("this kernel cannot run the killswitch programs", reason)
         })?;
-        Programs::load_pair(pin_dir, Pair::Policy(netns), Some(entries))
+        Programs::load_with(loader, pin_dir, Pair::Policy(netns), fill)
     }
 
     /// Loads one pair of the object and, with `fill`, writes it into the maps (the tests load
     /// both policy pairs where the kernel can).
     pub fn load_pair(pin_dir: &Path, pair: Pair, fill: Option<&MapEntries>) -> Result<Programs> {
+        Programs::load_with(EbpfLoader::new(), pin_dir, pair, fill)
+    }
+
+    fn load_with(
+        loader: EbpfLoader<'static>,
+        pin_dir: &Path,
+        pair: Pair,
+        fill: Option<&MapEntries>,
+    ) -> Result<Programs> {
         // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
         // signals for after the load (they are delivered when the mask is restored).
         let _signals = SignalsHeld::new();
@@ -110,9 +124,10 @@ impl Programs {
             );
             shapes::stage(pin_dir)?
         };
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(&map_dir);
         let offsets;
+        // Borrows below live only as long as this load.
+        let mut loader: EbpfLoader<'_> = loader;
+        loader.default_map_pin_directory(&map_dir);
         if let Pair::Policy(NetnsSource::Socket {
             sock_net_offset,
             net_cookie_offset,
@@ -127,18 +142,20 @@ impl Programs {
             .load(OBJECT)
             .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
         let fill_now = fill.filter(|_| !in_use || map_dir != pin_dir);
-        // The verifier's work is most of a load: both directions at once, one thread each
-        // (a new thread inherits the blocked signals), and new maps filled meanwhile.
-        let mut wanted: Vec<(Direction, &mut CgroupSkb)> = ebpf
+        // The verifier's work is most of a load: every program at once, one thread each (a new
+        // thread inherits the blocked signals), and new maps filled meanwhile.
+        let icmp_error = pair.icmp_error_program();
+        let mut wanted: Vec<(&str, &mut CgroupSkb)> = ebpf
             .programs_mut()
-            .filter_map(|(name, program)| {
-                let direction = Direction::ALL
-                    .into_iter()
-                    .find(|&d| pair.program_name(d) == name)?;
-                Some((direction, <&mut CgroupSkb>::try_from(program).ok()?))
+            .filter(|(name, _)| {
+                Direction::ALL
+                    .iter()
+                    .any(|&d| pair.program_name(d) == *name)
+                    || icmp_error.is_some_and(|(icmp, _)| icmp == *name)
             })
+            .filter_map(|(name, program)| Some((name, <&mut CgroupSkb>::try_from(program).ok()?)))
             .collect();
-        if wanted.len() != Direction::ALL.len() {
+        if wanted.len() != Direction::ALL.len() + usize::from(icmp_error.is_some()) {
             return Err(Error::kernel(
                 "broken eBPF object",
                 "a cgroup_skb program is missing",
@@ -148,9 +165,7 @@ impl Programs {
         std::thread::scope(|threads| {
             let mut work: Vec<_> = wanted
                 .iter_mut()
-                .map(|(direction, program)| {
-                    threads.spawn(move || load_program(program, *direction))
-                })
+                .map(|(name, program)| threads.spawn(move || load_program(program, name)))
                 .collect();
             if let Some(entries) = fill_now {
                 work.push(threads.spawn(move || PinnedMaps::open(map_dir_ref)?.write(entries)));
@@ -158,6 +173,19 @@ impl Programs {
             work.into_iter()
                 .try_for_each(|job| job.join().expect("a loading thread panicked"))
         })?;
+        if let Some((name, slot)) = icmp_error {
+            let program = program_mut(&mut ebpf, name)?
+                .fd()
+                .map_err(|e| Error::kernel("the ICMP-error program has no fd", chain(&e)))?
+                .try_clone()
+                .map_err(|e| Error::kernel("cannot duplicate a program fd", e))?;
+            let map = ebpf.map_mut(maps::ICMP_ERRORS).ok_or_else(|| {
+                Error::kernel("broken eBPF object", "the ICMP_ERRORS map is missing")
+            })?;
+            ProgramArray::try_from(map)
+                .and_then(|mut slots| slots.set(slot, &program, 0))
+                .map_err(|e| Error::kernel("cannot set the ICMP-error program", chain(&e)))?;
+        }
         if let (Some(entries), None) = (fill, fill_now) {
             PinnedMaps::open(&map_dir)?.write(entries)?;
         }
@@ -193,6 +221,14 @@ impl Programs {
             .expect("the object defines every cgroup_skb program")
     }
 
+    /// The loaded ICMP-error program the ingress program tail-calls (none in lockdown).
+    pub fn icmp_error_program(&self) -> Option<&CgroupSkb> {
+        let (name, _) = self.pair.icmp_error_program()?;
+        self.ebpf
+            .program(name)
+            .and_then(|p| <&CgroupSkb>::try_from(p).ok())
+    }
+
     /// Attaches both programs next to whatever is attached (multi-attach: any drop wins), then
     /// moves each new link's pin over the old one, which detaches the old link. At every moment
     /// at least one complete program per direction is attached.
@@ -226,11 +262,36 @@ impl Programs {
     }
 }
 
+/// What a load needs that takes a while and no lock: the kernel's BTF (aya parses it in
+/// `EbpfLoader::new`) and the probe for the namespace source.
+struct Warm {
+    loader: EbpfLoader<'static>,
+    netns: std::result::Result<NetnsSource, String>,
+}
+
+static WARMING: std::sync::Mutex<Option<std::thread::JoinHandle<Warm>>> =
+    std::sync::Mutex::new(None);
+
+/// Starts the slow, lock-free part of the next policy load on a thread, so that it runs while
+/// the caller reads its config (about 15 ms of a cold `up`).
+pub fn warm_up() {
+    let handle = std::thread::spawn(|| Warm {
+        loader: EbpfLoader::new(),
+        netns: kernel::netns_source(),
+    });
+    *WARMING.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+}
+
+fn warmed() -> Option<Warm> {
+    let handle = WARMING.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    handle.join().ok()
+}
+
 /// How often a load interrupted by a signal (EAGAIN) is tried again, as libbpf does.
 const LOAD_ATTEMPTS: u32 = 5;
 
 /// Loads one program, trying again a bounded number of times when the verifier was interrupted.
-fn load_program(program: &mut CgroupSkb, direction: Direction) -> Result<()> {
+fn load_program(program: &mut CgroupSkb, name: &str) -> Result<()> {
     let mut attempt = 1;
     loop {
         match program.load() {
@@ -240,8 +301,7 @@ fn load_program(program: &mut CgroupSkb, direction: Direction) -> Result<()> {
             {
                 LOAD_RETRIES.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
-                    "loading the {} program was interrupted (EAGAIN); attempt {} of {LOAD_ATTEMPTS}",
-                    direction.name(),
+                    "loading the {name} program was interrupted (EAGAIN); attempt {} of {LOAD_ATTEMPTS}",
                     attempt + 1
                 );
                 attempt += 1;
@@ -251,15 +311,15 @@ fn load_program(program: &mut CgroupSkb, direction: Direction) -> Result<()> {
                 verifier_log,
             }) => {
                 let log = verifier_log.to_string();
-                tracing::debug!("the verifier on the {} program:\n{log}", direction.name());
+                tracing::debug!("the verifier on the {name} program:\n{log}");
                 return Err(Error::kernel(
-                    format!("the kernel refused the {} program", direction.name()),
+                    format!("the kernel refused the {name} program"),
                     format!("{io_error}; the verifier said: {}", verifier_verdict(&log)),
                 ));
             }
             Err(e) => {
                 return Err(Error::kernel(
-                    format!("the kernel refused the {} program", direction.name()),
+                    format!("the kernel refused the {name} program"),
                     chain(&e),
                 ))
             }
