@@ -1,12 +1,12 @@
 //! The pinned maps of one scope: writing the desired entries (add before remove, so nothing that
 //! stays in the policy is ever missing) and reading them back.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, os::fd::AsFd, path::Path};
 
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, PerCpuArray,
+        Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
     },
     Pod,
 };
@@ -16,7 +16,7 @@ use killswitch_common::{
     MAX_SERVERS,
 };
 
-use super::entries::MapEntries;
+use super::{entries::MapEntries, sys};
 use crate::error::{Error, Result};
 
 pub const TUNNELS: &str = "TUNNELS";
@@ -256,19 +256,25 @@ impl PinnedMaps {
     fn sync_lan(&mut self, desired: &BTreeSet<(u32, [u8; 16])>) -> Result<()> {
         let failed = |e: aya::maps::MapError| Error::kernel("cannot update the LAN map", e);
         let current: BTreeSet<(u32, [u8; 16])> = self.lan()?.into_iter().collect();
+        // The LPM trie has no batch operations: one key at a time.
         let lan = std::cell::RefCell::new(&mut self.lan);
         apply_difference(
             &current,
             desired,
             LAN,
-            &mut |&(len, data)| {
-                let key = Key::new(len, data);
-                lan.borrow_mut().insert(&key, 1, 0).map_err(failed)
+            &mut |keys| {
+                keys.iter().try_for_each(|&(len, data)| {
+                    lan.borrow_mut()
+                        .insert(&Key::new(len, data), 1, 0)
+                        .map_err(failed)
+                })
             },
-            &mut |&(len, data)| {
-                lan.borrow_mut()
-                    .remove(&Key::new(len, data))
-                    .map_err(failed)
+            &mut |keys| {
+                keys.iter().try_for_each(|&(len, data)| {
+                    lan.borrow_mut()
+                        .remove(&Key::new(len, data))
+                        .map_err(failed)
+                })
             },
         )
     }
@@ -374,13 +380,13 @@ fn sync<K: Pod + Ord>(
     let desired: BTreeSet<K> = desired.collect();
     let current: BTreeSet<K> = keys(map, name)?.into_iter().collect();
     let failed = |e| Error::kernel(format!("cannot update the {name} map"), e);
-    let map = std::cell::RefCell::new(map);
+    let fd = map.map().fd().as_fd();
     apply_difference(
         &current,
         &desired,
         name,
-        &mut |key| map.borrow_mut().insert(key, 1, 0).map_err(failed),
-        &mut |key| map.borrow_mut().remove(key).map_err(failed),
+        &mut |keys| sys::map_update_batch(fd, keys, &vec![1u8; keys.len()]).map_err(failed),
+        &mut |keys| sys::map_delete_batch(fd, keys).map_err(failed),
     )
 }
 
@@ -397,24 +403,21 @@ pub fn capacity(name: &str) -> u32 {
 
 /// Takes a map from `current` to `desired`: additions first, so nothing that stays in the
 /// policy is missing for a moment, unless both together would not fit in the map; then
-/// removals first, which only narrows.
-fn apply_difference<K: Ord>(
+/// removals first, which only narrows. Each step is one batch.
+fn apply_difference<K: Ord + Copy>(
     current: &BTreeSet<K>,
     desired: &BTreeSet<K>,
     name: &str,
-    insert: &mut dyn FnMut(&K) -> Result<()>,
-    remove: &mut dyn FnMut(&K) -> Result<()>,
+    insert: &mut dyn FnMut(&[K]) -> Result<()>,
+    remove: &mut dyn FnMut(&[K]) -> Result<()>,
 ) -> Result<()> {
-    let adding: Vec<&K> = desired.difference(current).collect();
-    let removing: Vec<&K> = current.difference(desired).collect();
-    let capacity = capacity(name) as usize;
-    let removals_first = current.len() + adding.len() > capacity;
-    if removals_first {
-        removing.iter().try_for_each(|key| remove(key))?;
+    let adding: Vec<K> = desired.difference(current).copied().collect();
+    let removing: Vec<K> = current.difference(desired).copied().collect();
+    if current.len() + adding.len() > capacity(name) as usize {
+        remove(&removing)?;
+        insert(&adding)
+    } else {
+        insert(&adding)?;
+        remove(&removing)
     }
-    adding.iter().try_for_each(|key| insert(key))?;
-    if !removals_first {
-        removing.iter().try_for_each(|key| remove(key))?;
-    }
-    Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::{
     ffi::CString,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
@@ -67,4 +67,52 @@ pub fn cgroup_link_info(link: &OwnedFd) -> std::io::Result<CgroupLinkInfo> {
         program_id: info[1] as u32,
         cgroup_id: info[2],
     })
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Writes `keys[i]` → `values[i]` in one call (BPF_MAP_UPDATE_BATCH, hash maps, Linux 5.6):
+/// 10,000 server entries cost one syscall instead of 10,000. `values` holds one value per key,
+/// each `value_size` bytes.
+pub fn map_update_batch<K: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[u8],
+) -> std::io::Result<()> {
+    batch(BPF_MAP_UPDATE_BATCH, map, keys, values.as_ptr() as u64)
+}
+
+/// Deletes `keys` in one call (BPF_MAP_DELETE_BATCH); every key must be present.
+pub fn map_delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> std::io::Result<()> {
+    batch(BPF_MAP_DELETE_BATCH, map, keys, 0)
+}
+
+fn batch<K: Copy>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: u64,
+) -> std::io::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count = u32::try_from(keys.len())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // union bpf_attr's `batch`: in_batch, out_batch, keys, values, count | map_fd << 32,
+    // elem_flags, flags.
+    let mut attr = [0u64; 8];
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values;
+    attr[4] = u64::from(count) | (map.as_raw_fd() as u64) << 32;
+    let done = bpf(cmd, &mut attr);
+    // The kernel writes back how many it processed; anything short is a failure.
+    let processed = attr[4] as u32;
+    match done {
+        Ok(_) if processed == count => Ok(()),
+        Ok(_) => Err(std::io::Error::other(format!(
+            "{processed} of {count} entries processed"
+        ))),
+        Err(e) => Err(e),
+    }
 }
