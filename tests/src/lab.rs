@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{echo::EchoServer, run, Netns};
+use crate::{capture::Capture, echo::EchoServer, run, Netns};
 
 pub const VPN_SERVER: &str = "198.51.100.1";
 pub const VPN_PORT: u16 = 1194;
@@ -32,7 +32,7 @@ pub struct Lab {
     dir: PathBuf,
     vpn_server: Option<Child>,
     vpn_client: Option<Child>,
-    capture: Option<Child>,
+    capture: Option<Capture>,
     _web_server: EchoServer,
 }
 
@@ -157,65 +157,26 @@ impl Lab {
 
     /// Starts capturing everything the client sends into the router (the leak oracle).
     pub fn start_capture(&mut self) {
-        assert!(self.capture.is_none());
-        let file = self.dir.join("uplink.pcap");
-        let _ = std::fs::remove_file(&file);
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.router.path().display()))
-            .args([
-                "--",
-                "timeout",
-                HELPER_LIFETIME_SECS,
-                "tcpdump",
-                "-i",
-                "rc",
-                "-Q",
-                "in",
-            ])
-            .args(["-nn", "-U", "--immediate-mode", "-Z", "root", "-w"])
-            .arg(&file)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start tcpdump");
-        self.capture = Some(child);
-        // tcpdump announces "listening on" once the capture is open.
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(5) {
-            if file.exists() {
-                std::thread::sleep(Duration::from_millis(200));
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("tcpdump did not start");
+        self.capture = Some(Capture::start(
+            &self.router,
+            "rc",
+            self.dir.join("uplink.pcap"),
+        ));
     }
 
     /// Stops the capture and returns the packets matching a tcpdump `filter`, one line each.
     pub fn stop_capture(&mut self, filter: &str) -> Vec<String> {
-        let mut child = self.capture.take().expect("capture running");
-        std::thread::sleep(Duration::from_millis(200));
-        signal_group(&child, nix::sys::signal::Signal::SIGINT);
-        let _ = child.wait();
-        self.captured(filter)
+        let capture = self.capture.as_mut().expect("capture started");
+        capture.stop();
+        capture.packets(filter)
     }
 
     /// The packets of the last capture matching a tcpdump `filter`, one line each.
     pub fn captured(&self, filter: &str) -> Vec<String> {
-        let file = self.dir.join("uplink.pcap");
-        let out = Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&file)
-            .arg(filter)
-            .stderr(Stdio::null())
-            .output()
-            .expect("tcpdump -r");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        self.capture
+            .as_ref()
+            .expect("capture started")
+            .packets(filter)
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -240,13 +201,10 @@ fn kill(child: &mut Child) {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for mut child in [
-            self.capture.take(),
-            self.vpn_client.take(),
-            self.vpn_server.take(),
-        ]
-        .into_iter()
-        .flatten()
+        self.capture = None;
+        for mut child in [self.vpn_client.take(), self.vpn_server.take()]
+            .into_iter()
+            .flatten()
         {
             kill(&mut child);
         }

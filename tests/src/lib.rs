@@ -7,6 +7,7 @@
 //! cgroup2 root or its firewall; every wait is bounded; only our own processes are killed.
 
 pub mod boot;
+pub mod capture;
 pub mod cgroup;
 pub mod dns;
 pub mod echo;

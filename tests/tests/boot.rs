@@ -11,7 +11,8 @@
 use std::{collections::HashMap, os::unix::fs::MetadataExt, path::Path, time::Duration};
 
 use testbed::{
-    boot::{self, Capture, Container},
+    boot::{self, Container},
+    capture::Capture,
     process::{killswitch_bin, output_in},
     require_root, Netns,
 };
