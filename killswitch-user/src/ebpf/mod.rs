@@ -141,7 +141,8 @@ impl Programs {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
-        let fill_now = fill.filter(|_| !in_use || map_dir != pin_dir);
+        // Maps no attached program reads may be written before the verifier has said yes.
+        let fill_while_verifying = fill.filter(|_| !in_use || map_dir != pin_dir);
         // The verifier's work is most of a load: every program at once, one thread each (a new
         // thread inherits the blocked signals), and new maps filled meanwhile.
         let icmp_error = pair.icmp_error_program();
@@ -162,17 +163,19 @@ impl Programs {
             ));
         }
         let map_dir_ref = &map_dir;
-        std::thread::scope(|threads| {
-            let mut work: Vec<_> = wanted
-                .iter_mut()
-                .map(|(name, program)| threads.spawn(move || load_program(program, name)))
-                .collect();
-            if let Some(entries) = fill_now {
-                work.push(threads.spawn(move || PinnedMaps::open(map_dir_ref)?.write(entries)));
-            }
-            work.into_iter()
-                .try_for_each(|job| job.join().expect("a loading thread panicked"))
-        })?;
+        let mut jobs: Vec<Box<dyn FnOnce() -> Result<()> + Send + '_>> = wanted
+            .iter_mut()
+            .map(|(name, program)| {
+                Box::new(move || load_program(program, name))
+                    as Box<dyn FnOnce() -> Result<()> + Send>
+            })
+            .collect();
+        if let Some(entries) = fill_while_verifying {
+            jobs.push(Box::new(move || {
+                PinnedMaps::open(map_dir_ref)?.write(entries)
+            }));
+        }
+        all_at_once(jobs)?;
         if let Some((name, slot)) = icmp_error {
             let program = program_mut(&mut ebpf, name)?
                 .fd()
@@ -186,7 +189,7 @@ impl Programs {
                 .and_then(|mut slots| slots.set(slot, &program, 0))
                 .map_err(|e| Error::kernel("cannot set the ICMP-error program", chain(&e)))?;
         }
-        if let (Some(entries), None) = (fill, fill_now) {
+        if let (Some(entries), None) = (fill, fill_while_verifying) {
             PinnedMaps::open(&map_dir)?.write(entries)?;
         }
         Ok(Programs {
@@ -275,16 +278,58 @@ static WARMING: std::sync::Mutex<Option<std::thread::JoinHandle<Warm>>> =
 /// Starts the slow, lock-free part of the next policy load on a thread, so that it runs while
 /// the caller reads its config (about 15 ms of a cold `up`).
 pub fn warm_up() {
-    let handle = std::thread::spawn(|| Warm {
+    // Without a thread the load simply does this itself.
+    let started = std::thread::Builder::new().spawn(|| Warm {
         loader: EbpfLoader::new(),
         netns: kernel::netns_source(),
     });
-    *WARMING.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    *WARMING.lock().unwrap_or_else(|e| e.into_inner()) = started.ok();
 }
 
+/// What [`warm_up`] prepared; a failed probe is not kept (it may have been transient, and a
+/// daemon may load long after it started).
 fn warmed() -> Option<Warm> {
     let handle = WARMING.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-    handle.join().ok()
+    handle.join().ok().filter(|warm| warm.netns.is_ok())
+}
+
+/// Work of one program load that can run beside the rest.
+type Job<'a> = Box<dyn FnOnce() -> Result<()> + Send + 'a>;
+
+/// Runs `jobs` on threads of their own, each inline instead when no thread can be had (a
+/// boot with its task limit reached must still end enforced or in lockdown, never crash).
+/// Every job runs; the first error wins; a job that panicked is an error too.
+fn all_at_once(jobs: Vec<Job<'_>>) -> Result<()> {
+    let slots: Vec<std::sync::Mutex<Option<Job<'_>>>> = jobs
+        .into_iter()
+        .map(|job| std::sync::Mutex::new(Some(job)))
+        .collect();
+    let run = |slot: &std::sync::Mutex<Option<Job<'_>>>| {
+        let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        job.map_or(Ok(()), |job| job())
+    };
+    std::thread::scope(|threads| {
+        let results: Vec<Result<()>> = slots
+            .iter()
+            .map(|slot| {
+                std::thread::Builder::new()
+                    .spawn_scoped(threads, || run(slot))
+                    // No thread: the job is still in its slot.
+                    .map_err(|_| run(slot))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|started| match started {
+                Ok(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(Error::Runtime(
+                        "a thread loading the programs panicked".into(),
+                    ))
+                }),
+                Err(inline) => inline,
+            })
+            .collect();
+        results.into_iter().collect()
+    })
 }
 
 /// How often a load interrupted by a signal (EAGAIN) is tried again, as libbpf does.

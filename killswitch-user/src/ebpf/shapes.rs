@@ -147,8 +147,9 @@ pub fn promote(pin_dir: &Path) -> Result<()> {
     remove_staging(pin_dir)
 }
 
-/// Removes a staging directory an interrupted upgrade left (its maps live on while programs
-/// use them).
+/// Removes a staging directory an interrupted upgrade left. Its maps live on while programs use
+/// them, except the ICMP-error program array, which the kernel empties with its last pin: until
+/// the next `up` attaches anew, ICMP errors on the uplink are dropped (fails closed).
 pub fn remove_staging(pin_dir: &Path) -> Result<()> {
     let staging = pin_dir.join(STAGING);
     let entries = match std::fs::read_dir(&staging) {

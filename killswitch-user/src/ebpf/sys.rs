@@ -7,6 +7,10 @@ use std::{
     path::Path,
 };
 
+// The attribute words below pack two 32-bit fields into one u64 as a little-endian machine does.
+#[cfg(not(target_endian = "little"))]
+compile_error!("bpf attribute packing here assumes a little-endian machine");
+
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
