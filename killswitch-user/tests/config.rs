@@ -608,3 +608,52 @@ sources = ["203.0.113.7"]
         "{accepted} / {rejected}"
     );
 }
+
+/// The commented configs in `examples/` a user starts from are valid and mean what their
+/// comments say.
+#[test]
+fn every_example_config_is_valid_and_says_what_its_comment_says() {
+    use killswitch::policy::Ipv6Mode;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let load = |name: &str| {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        Policy::from_toml(&text, &path).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "inbound-port.toml",
+            "ipv6-block.toml",
+            "lan-and-ntp.toml",
+            "lan-with-dns.toml",
+            "openvpn-one-server.toml",
+            "per-app-scope.toml",
+            "servers-by-hostname.toml",
+        ]
+    );
+    let one = load("openvpn-one-server.toml");
+    assert_eq!(
+        (one.servers.len(), one.dhcp, one.lan.networks.len()),
+        (1, true, 0)
+    );
+    let named = load("servers-by-hostname.toml");
+    assert!(named
+        .servers
+        .iter()
+        .all(|s| matches!(s.address, ServerAddress::Host(_))));
+    assert_eq!(named.dns_servers.len(), 1);
+    let lan = load("lan-and-ntp.toml");
+    assert!(!lan.lan.dns && lan.lan.networks.len() == 2 && lan.ntp_servers.len() == 1);
+    assert_eq!(lan.uplinks.as_ref().map(Vec::len), Some(2));
+    assert!(load("lan-with-dns.toml").lan.dns);
+    assert_eq!(load("ipv6-block.toml").ipv6, Ipv6Mode::Block);
+    let inbound = load("inbound-port.toml");
+    assert_eq!(inbound.inbound.len(), 1);
+    assert!(!load("per-app-scope.toml").dhcp);
+}
