@@ -190,16 +190,7 @@ impl Container {
     pub fn add_binary(&self, source: &Path, at: &str) {
         let target = self.upper(at);
         self.make_parents(at);
-        let stripped = Command::new("strip")
-            .args(["--strip-debug", "-o"])
-            .arg(&target)
-            .arg(source)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !stripped {
-            std::fs::copy(source, &target)
-                .unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
-        }
+        crate::vm::copy_stripped(source, &target);
         std::fs::set_permissions(&target, PermissionsExt::from_mode(0o755)).unwrap();
     }
 

@@ -228,16 +228,7 @@ impl Initramfs {
     pub fn add_binary(&mut self, source: &Path, at: &str) {
         let target = self.path(at);
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        let stripped = Command::new("strip")
-            .args(["--strip-debug", "-o"])
-            .arg(&target)
-            .arg(source)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !stripped {
-            std::fs::copy(source, &target)
-                .unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
-        }
+        copy_stripped(source, &target);
         let libraries = Command::new("ldd").arg(source).output().unwrap();
         for library in String::from_utf8_lossy(&libraries.stdout)
             .split_whitespace()
@@ -357,5 +348,18 @@ pub fn boot(kernel: &DebianKernel, initramfs: &Path, append: &str, limit: Durati
     Boot {
         console: String::from_utf8_lossy(&out.stdout).into_owned(),
         took: started.elapsed(),
+    }
+}
+
+/// Copies a program to `target` without its debug info when `strip` can do that.
+pub fn copy_stripped(source: &Path, target: &Path) {
+    let stripped = Command::new("strip")
+        .args(["--strip-debug", "-o"])
+        .arg(target)
+        .arg(source)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(source, target).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
     }
 }

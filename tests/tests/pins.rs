@@ -9,22 +9,9 @@ use testbed::{process::killswitch, require_root, Cgroup, Netns, PinRoot};
 #[test]
 fn planted_pin_directories_are_moved_aside_and_the_scope_is_enforced() {
     require_root!();
-    let netns = Netns::new("p");
-    netns.ip(&[
-        "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p",
-    ]);
-    let pins = PinRoot::new();
-    let cgroup = Cgroup::new();
-    let dir = Removed(testbed::private_dir("kspins"));
-    let config = dir.0.join("killswitch.toml");
-    testbed::write_config(&config, "tunnels = [\"tun0\"]\n");
-    let run = |args: &[&str]| {
-        let mut all = vec!["--config", config.to_str().unwrap()];
-        all.extend_from_slice(args);
-        all.extend(["--cgroup", &cgroup.relative]);
-        killswitch(&netns, &pins, &all)
-    };
-    let scope_dir = pins.path.join(cgroup.relative.replace('/', "-"));
+    let bed = Bed::new("tunnels = [\"tun0\"]\n");
+    let (pins, dir, run) = (&bed.pins, &bed.dir, |args: &[&str]| bed.run(args));
+    let scope_dir = bed.scope_dir();
     let plants: [(&str, &dyn Fn()); 3] = [
         ("writable by group or others", &|| {
             std::fs::create_dir(&scope_dir).unwrap();
@@ -69,6 +56,46 @@ fn planted_pin_directories_are_moved_aside_and_the_scope_is_enforced() {
     assert_eq!(aside, 3);
 }
 
+/// A namespace with a tunnel, a scope, a pin root and a private config directory.
+struct Bed {
+    netns: Netns,
+    pins: PinRoot,
+    cgroup: Cgroup,
+    dir: Removed,
+    config: std::path::PathBuf,
+}
+
+impl Bed {
+    fn new(config_text: &str) -> Bed {
+        let netns = Netns::new("p");
+        netns.ip(&[
+            "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p",
+        ]);
+        let dir = Removed(testbed::private_dir("kspins"));
+        let config = dir.0.join("killswitch.toml");
+        testbed::write_config(&config, config_text);
+        Bed {
+            netns,
+            pins: PinRoot::new(),
+            cgroup: Cgroup::new(),
+            dir,
+            config,
+        }
+    }
+
+    /// `killswitch --config C ARGS --cgroup G` in the namespace.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["--config", self.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.extend(["--cgroup", &self.cgroup.relative]);
+        killswitch(&self.netns, &self.pins, &all)
+    }
+
+    fn scope_dir(&self) -> std::path::PathBuf {
+        self.pins.path.join(self.cgroup.relative.replace('/', "-"))
+    }
+}
+
 /// Removes the directory on drop, also when the test fails.
 struct Removed(std::path::PathBuf);
 
@@ -85,25 +112,10 @@ impl Drop for Removed {
 #[test]
 fn pinned_maps_of_another_shape_are_replaced_and_the_programs_use_the_new_ones() {
     require_root!();
-    let netns = Netns::new("p");
-    netns.ip(&[
-        "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p",
-    ]);
-    let pins = PinRoot::new();
-    let cgroup = Cgroup::new();
-    let dir = Removed(testbed::private_dir("kspins"));
-    let config = dir.0.join("killswitch.toml");
-    testbed::write_config(
-        &config,
-        "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.3\"\nport = 51820\n",
-    );
-    let run = |args: &[&str]| {
-        let mut all = vec!["--config", config.to_str().unwrap()];
-        all.extend_from_slice(args);
-        all.extend(["--cgroup", &cgroup.relative]);
-        killswitch(&netns, &pins, &all)
-    };
-    let scope_dir = pins.path.join(cgroup.relative.replace('/', "-"));
+    let bed =
+        Bed::new("tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.3\"\nport = 51820\n");
+    let run = |args: &[&str]| bed.run(args);
+    let scope_dir = bed.scope_dir();
     assert!(run(&["up"]).status.success());
 
     // An older layout of the settings and a smaller server map, pinned where ours were.
