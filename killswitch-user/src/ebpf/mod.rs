@@ -112,18 +112,7 @@ impl Programs {
             }
         }
         let in_use = pin_dir.join(maps::SETTINGS).exists();
-        // A map of another shape (left by another version) is never reused: all are staged anew.
-        let map_dir = if shapes::stale(pin_dir)?.is_empty() {
-            shapes::remove_staging(pin_dir)?;
-            pin_dir.to_path_buf()
-        } else {
-            tracing::warn!(
-                "the maps of {} are replaced (another version made them); counters start again \
-                 and a daemon started before this must be restarted",
-                pin_dir.display()
-            );
-            shapes::stage(pin_dir)?
-        };
+        let map_dir = map_dir(pin_dir)?;
         let offsets;
         // Borrows below live only as long as this load.
         let mut loader: EbpfLoader<'_> = loader;
@@ -163,12 +152,9 @@ impl Programs {
             ));
         }
         let map_dir_ref = &map_dir;
-        let mut jobs: Vec<Box<dyn FnOnce() -> Result<()> + Send + '_>> = wanted
+        let mut jobs: Vec<Job<'_>> = wanted
             .iter_mut()
-            .map(|(name, program)| {
-                Box::new(move || load_program(program, name))
-                    as Box<dyn FnOnce() -> Result<()> + Send>
-            })
+            .map(|(name, program)| Box::new(move || load_program(program, name)) as Job<'_>)
             .collect();
         if let Some(entries) = fill_while_verifying {
             jobs.push(Box::new(move || {
@@ -177,17 +163,7 @@ impl Programs {
         }
         all_at_once(jobs)?;
         if let Some((name, slot)) = icmp_error {
-            let program = program_mut(&mut ebpf, name)?
-                .fd()
-                .map_err(|e| Error::kernel("the ICMP-error program has no fd", chain(&e)))?
-                .try_clone()
-                .map_err(|e| Error::kernel("cannot duplicate a program fd", e))?;
-            let map = ebpf.map_mut(maps::ICMP_ERRORS).ok_or_else(|| {
-                Error::kernel("broken eBPF object", "the ICMP_ERRORS map is missing")
-            })?;
-            ProgramArray::try_from(map)
-                .and_then(|mut slots| slots.set(slot, &program, 0))
-                .map_err(|e| Error::kernel("cannot set the ICMP-error program", chain(&e)))?;
+            set_icmp_error_program(&mut ebpf, name, slot)?;
         }
         if let (Some(entries), None) = (fill, fill_while_verifying) {
             PinnedMaps::open(&map_dir)?.write(entries)?;
@@ -291,6 +267,37 @@ pub fn warm_up() {
 fn warmed() -> Option<Warm> {
     let handle = WARMING.lock().unwrap_or_else(|e| e.into_inner()).take()?;
     handle.join().ok().filter(|warm| warm.netns.is_ok())
+}
+
+/// Where a load pins its maps: the scope's directory, or a fresh staging directory when a map
+/// pinned there has another shape (left by another version; never reused, see [`shapes`]).
+fn map_dir(pin_dir: &Path) -> Result<PathBuf> {
+    if shapes::stale(pin_dir)?.is_empty() {
+        shapes::remove_staging(pin_dir)?;
+        return Ok(pin_dir.to_path_buf());
+    }
+    tracing::warn!(
+        "the maps of {} are replaced (another version made them); counters start again and a \
+         daemon started before this must be restarted",
+        pin_dir.display()
+    );
+    shapes::stage(pin_dir)
+}
+
+/// Puts the loaded ICMP-error program `name` in its `ICMP_ERRORS` slot, where the pair's
+/// ingress program tail-calls it.
+fn set_icmp_error_program(ebpf: &mut Ebpf, name: &str, slot: u32) -> Result<()> {
+    let program = program_mut(ebpf, name)?
+        .fd()
+        .map_err(|e| Error::kernel("the ICMP-error program has no fd", chain(&e)))?
+        .try_clone()
+        .map_err(|e| Error::kernel("cannot duplicate a program fd", e))?;
+    let map = ebpf
+        .map_mut(maps::ICMP_ERRORS)
+        .ok_or_else(|| Error::kernel("broken eBPF object", "the ICMP_ERRORS map is missing"))?;
+    ProgramArray::try_from(map)
+        .and_then(|mut slots| slots.set(slot, &program, 0))
+        .map_err(|e| Error::kernel("cannot set the ICMP-error program", chain(&e)))
 }
 
 /// Work of one program load that can run beside the rest.
