@@ -265,10 +265,39 @@ impl ResolvedServers {
 }
 
 /// A stable 64-bit tag of a hostname (FNV-1a), the `name` of its [`NamedServerKey`]s.
-pub fn name_tag(host: &str) -> u64 {
-    host.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+pub const fn name_tag(host: &str) -> u64 {
+    let bytes = host.as_bytes();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// The `SERVER_NAMES` entry that says the `servers` command set the list in force. The list has
+/// one owner at a time: `up` and a reload install the config's (and remove this entry); `servers
+/// set|add|remove` take it over until then, and meanwhile the daemon's lookups change nothing.
+/// (A NUL cannot be in a hostname, so no name has this tag.)
+pub const COMMAND_OWNS_THE_LIST: NamedServerKey = NamedServerKey {
+    name: name_tag("\0the servers command"),
+    server: ServerKey::new([0; 16], 0, 0),
+    _pad: 0,
+};
+
+/// Says so when `up` or a reload is about to replace a list the `servers` command set (call it
+/// under the scope's lock, before the write).
+pub fn note_replaced_command_list(pin_dir: &std::path::Path) {
+    let owned = crate::ebpf::PinnedMaps::open(pin_dir)
+        .and_then(|maps| maps.has_server_name(&COMMAND_OWNS_THE_LIST))
+        .unwrap_or(false);
+    if owned {
+        tracing::warn!(
+            "the config's servers replace the list set with `killswitch servers` (the config \
+             owns the list again)"
+        );
+    }
 }
 
 #[cfg(test)]

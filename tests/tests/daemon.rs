@@ -874,3 +874,45 @@ fn racing_ups_and_tunnel_churn_end_with_only_the_tunnel_that_exists() {
     }
     drop(daemon);
 }
+
+/// The server list in force has one owner at a time: `servers set` takes it over, and then the
+/// daemon's lookups change nothing; a reload gives it back to the config and says so.
+#[test]
+fn a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload() {
+    require_root!();
+    let s = Setup::new(&format!(
+        "{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n"
+    ));
+    s.net.remove_tunnel();
+    let (zone, dns, daemon) = s.dns_and_daemon();
+    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "resolved at start");
+    assert!(s
+        .killswitch(&["servers", "set", "198.18.7.7:1194/udp"])
+        .status
+        .success());
+
+    // The record changes: the daemon learns it, and leaves the command's list alone.
+    std::fs::write(&zone, "vpn.example.test 1 198.18.5.5\n").unwrap();
+    assert!(next_query(&dns, Duration::from_secs(25)), "no lookup");
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .logged("it stays until a reload")
+            == 1),
+        "the daemon did not say it left the list alone"
+    );
+    assert_eq!(s.servers(), "198.18.7.7:1194/udp\n", "the command's list");
+
+    // A reload installs the config's list, with the name's new address, and says so.
+    signal(&daemon, nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || s.servers()
+            == "198.18.5.5:124/udp\n"),
+        "the reload did not install the config's list: {}",
+        s.servers()
+    );
+    assert_eq!(
+        s.logged("the config's servers replace the list set with"),
+        1
+    );
+    drop(daemon);
+}

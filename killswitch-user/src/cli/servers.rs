@@ -82,6 +82,8 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
         Action::Add { endpoints } => ("added", maps.add_servers(&keys(endpoints))?),
         Action::Remove { endpoints } => ("removed", maps.remove_servers(&keys(endpoints))?),
     };
+    // The list is the command's now, until `up` or a reload installs the config's again.
+    maps.mark_server_names(crate::servers::COMMAND_OWNS_THE_LIST)?;
     tracing::info!(scope = %scope.name, endpoints = changed, "servers {verb}");
     println!(
         "killswitch: {verb} {changed} server endpoint{} of {}",

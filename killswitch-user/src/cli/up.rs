@@ -36,6 +36,7 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>) -> Result<ExitCode> {
     let entries = ebpf::apply(&scope, || {
         // A name that does not resolve now keeps the addresses the scope holds for it.
         servers.keep_known_in(&scope.pin_dir);
+        crate::servers::note_replaced_command_list(&scope.pin_dir);
         let list = interfaces::list()?;
         for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
             tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");

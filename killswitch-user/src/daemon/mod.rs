@@ -26,7 +26,7 @@ use crate::{
     interfaces,
     policy::{lookup, Lookup, Policy},
     scope::{Scope, ScopeLock},
-    servers::ResolvedServers,
+    servers::{ResolvedServers, COMMAND_OWNS_THE_LIST},
 };
 
 /// Runs until SIGTERM or SIGINT. Errors of the first apply are returned (a scope that was not
@@ -234,6 +234,7 @@ impl Daemon {
         let previous_servers = std::mem::replace(&mut self.servers, servers);
         let result: Result<MapEntries> = (|| {
             let _lock = self.lock()?;
+            crate::servers::note_replaced_command_list(&self.scope.pin_dir);
             let entries = self.entries()?;
             self.maps()?.write(&entries)?;
             Ok(entries)
@@ -282,12 +283,21 @@ impl Daemon {
         let result = (|| {
             let _lock = self.lock()?;
             let mut maps = self.maps()?;
+            if maps.has_server_name(&COMMAND_OWNS_THE_LIST)? {
+                // The list is the command's until a reload; the answer waits for that.
+                return Ok(false);
+            }
             maps.add_servers(&added)?;
             maps.set_server_names(&self.servers.record_of_names())?;
-            maps.remove_servers(&removed).map(|_| ())
+            maps.remove_servers(&removed).map(|_| true)
         })();
         match result {
-            Ok(()) => tracing::info!(
+            Ok(false) => tracing::info!(
+                host = name,
+                "{name} changed, but the server list in force was set with `killswitch \
+                 servers`: it stays until a reload"
+            ),
+            Ok(true) => tracing::info!(
                 host = name,
                 added = added.len(),
                 removed = removed.len(),

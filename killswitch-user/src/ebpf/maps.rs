@@ -225,6 +225,21 @@ impl PinnedMaps {
         sync(&mut self.server_names, names.iter().copied(), SERVER_NAMES)
     }
 
+    /// Adds one record to `SERVER_NAMES` (see `servers::COMMAND_OWNS_THE_LIST`).
+    pub fn mark_server_names(&mut self, key: NamedServerKey) -> Result<()> {
+        self.server_names
+            .insert(key, 1, 0)
+            .map_err(|e| Error::kernel("cannot update the SERVER_NAMES map", e))
+    }
+
+    pub fn has_server_name(&self, key: &NamedServerKey) -> Result<bool> {
+        match self.server_names.get(key, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(Error::kernel("cannot read the SERVER_NAMES map", e)),
+        }
+    }
+
     pub fn server_names(&self) -> Result<Vec<NamedServerKey>> {
         keys(&self.server_names, SERVER_NAMES)
     }
