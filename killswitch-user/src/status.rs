@@ -36,6 +36,9 @@ pub struct ScopeStatus {
     /// `None` when exceptions may leave through any non-tunnel interface.
     pub uplinks: Option<Vec<InterfaceStatus>>,
     pub servers: Vec<String>,
+    /// The list in force was set with `killswitch servers` (the config's returns at the next
+    /// `up` or reload).
+    pub servers_set_by_command: bool,
     pub exceptions: Exceptions,
     pub counters: Vec<CounterStatus>,
     /// Drop events held back by the in-kernel rate limit or a full ring buffer.
@@ -148,6 +151,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
             .iter()
             .map(|k| server_endpoint(k).to_string())
             .collect(),
+        servers_set_by_command: maps.has_server_name(&crate::servers::COMMAND_OWNS_THE_LIST)?,
         exceptions: exceptions(&maps, &settings)?,
         events_suppressed: maps.suppressed_events()?,
         counters: maps

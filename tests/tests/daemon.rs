@@ -901,6 +901,12 @@ fn a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload() {
         "the daemon did not say it left the list alone"
     );
     assert_eq!(s.servers(), "198.18.7.7:1194/udp\n", "the command's list");
+    let set_by_command = || {
+        let out = s.killswitch(&["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["scopes"][0]["servers_set_by_command"].as_bool()
+    };
+    assert_eq!(set_by_command(), Some(true));
 
     // A reload installs the config's list, with the name's new address, and says so.
     signal(&daemon, nix::sys::signal::Signal::SIGHUP);

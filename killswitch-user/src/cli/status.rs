@@ -137,6 +137,10 @@ fn print_table(s: &ScopeStatus) {
     for (i, server) in s.servers.iter().enumerate() {
         println!("{:8} {server}", if i == 0 { "servers" } else { "" });
     }
+    if s.servers_set_by_command {
+        println!("         (set with `killswitch servers`; the config's list returns at the next up or reload)");
+    }
+
     let list = |items: &[String]| {
         if items.is_empty() {
             "none".to_string()
