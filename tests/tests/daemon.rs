@@ -140,6 +140,19 @@ impl Setup {
         (zone, dns, daemon)
     }
 
+    /// [`Setup::dns_and_daemon`] with the tunnel gone: the daemon reaches the resolver only
+    /// through the `dns.servers` exception. The name has resolved when this returns.
+    fn resolving_without_tunnel(&self) -> (PathBuf, Background, Background) {
+        self.net.remove_tunnel();
+        let running = self.dns_and_daemon();
+        assert_eq!(
+            self.servers(),
+            "198.51.100.1:124/udp\n",
+            "resolved at start"
+        );
+        running
+    }
+
     fn servers(&self) -> String {
         String::from_utf8(self.killswitch(&["servers", "list"]).stdout).unwrap()
     }
@@ -672,6 +685,11 @@ fn one_scope_held_locked_does_not_hold_up_another() {
 const NAMED_SERVER: &str = "tunnels = [\"tun0\"]\n[[server]]\naddress = \"vpn.example.test\"\nport = 124\nprotocol = \"udp\"\n";
 const RESOLV_CONF: &str = "nameserver 203.0.113.9\noptions timeout:1 attempts:1\n";
 
+/// [`NAMED_SERVER`] with the test DNS server reachable outside the tunnel.
+fn named_server_behind_dns_exception() -> String {
+    format!("{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n")
+}
+
 /// Skips what the DNS server printed so far; then waits (bounded) for its next query.
 fn next_query(dns: &Background, limit: Duration) -> bool {
     while dns.line(Duration::ZERO).is_some() {}
@@ -689,13 +707,8 @@ fn next_query(dns: &Background, limit: Duration) -> bool {
 #[test]
 fn a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver() {
     require_root!();
-    let s = Setup::new(&format!(
-        "{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n"
-    ));
-    // No tunnel: the daemon reaches the resolver only through the `dns.servers` exception.
-    s.net.remove_tunnel();
-    let (zone, dns, daemon) = s.dns_and_daemon();
-    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "resolved at start");
+    let s = Setup::new(&named_server_behind_dns_exception());
+    let (zone, dns, daemon) = s.resolving_without_tunnel();
     assert!(s.reaches("udp", &format!("{SERVER_V4}:124"), "1000"));
 
     // The record changes. Its TTL (1 s, held to the 10 s minimum) brings the new address long
@@ -791,8 +804,7 @@ fn up_enforces_even_when_a_hostname_does_not_resolve() {
 #[test]
 fn a_failing_name_keeps_the_scopes_addresses_across_up_and_daemon_restarts() {
     require_root!();
-    let config = format!("{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n");
-    let s = Setup::new(&config);
+    let s = Setup::new(&named_server_behind_dns_exception());
     s.net.remove_tunnel();
     let zone = s.dir.join("zone");
     std::fs::write(&zone, "vpn.example.test 300 198.51.100.1\n").unwrap();
@@ -880,12 +892,8 @@ fn racing_ups_and_tunnel_churn_end_with_only_the_tunnel_that_exists() {
 #[test]
 fn a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload() {
     require_root!();
-    let s = Setup::new(&format!(
-        "{NAMED_SERVER}[dns]\nservers = [\"{OTHER_V4}\"]\n"
-    ));
-    s.net.remove_tunnel();
-    let (zone, dns, daemon) = s.dns_and_daemon();
-    assert_eq!(s.servers(), "198.51.100.1:124/udp\n", "resolved at start");
+    let s = Setup::new(&named_server_behind_dns_exception());
+    let (zone, dns, daemon) = s.resolving_without_tunnel();
     assert!(s
         .killswitch(&["servers", "set", "198.18.7.7:1194/udp"])
         .status
