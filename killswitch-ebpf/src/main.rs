@@ -48,9 +48,9 @@ static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 /// Which hostname put which server entry there, for `up` and the daemon; the programs never
-/// read it.
+/// read it. One entry more than `SERVERS`: the `servers` command's mark always fits.
 #[map]
-static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS, NO_PREALLOC);
+static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS + 1, NO_PREALLOC);
 /// The ICMP-error programs by [`NetnsSource::ICMP_ERROR_SLOT`], reached by tail call (see
 /// [`judge_icmp_error`]).
 #[map]

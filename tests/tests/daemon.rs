@@ -930,3 +930,39 @@ fn a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload() {
     );
     drop(daemon);
 }
+
+/// `up` with an edited config while the daemon runs: the daemon must not put back, at its next
+/// link event, a tunnel only the older config trusted. It sees the file changed and reads it
+/// again before it writes anything.
+#[test]
+fn the_daemon_follows_a_config_that_up_applied_instead_of_writing_its_older_one() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    let daemon = s.daemon();
+    let tunnels = || -> usize {
+        let out = s.killswitch(&["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["scopes"][0]["tunnels"].as_array().unwrap().len()
+    };
+    assert_eq!(tunnels(), 1, "tun0 trusted at start");
+    s.write_config(&TUNNEL_CONFIG.replace("\"tun0\"", "\"tun9\""));
+    assert!(s.killswitch(&["up"]).status.success());
+    assert_eq!(tunnels(), 0, "up applied the new config");
+
+    // A link event: tun0 comes back with a new ifindex.
+    s.net.remove_tunnel();
+    s.net.add_tunnel();
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .logged("changed since it was read")
+            == 1),
+        "the daemon did not notice the config changed"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tunnels(),
+        0,
+        "the daemon put back a tunnel only the old config trusted"
+    );
+    drop(daemon);
+}

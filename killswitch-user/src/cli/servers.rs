@@ -71,19 +71,21 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
     let keys = |endpoints: &[ServerEndpoint]| -> BTreeSet<_> {
         endpoints.iter().map(server_key).collect()
     };
-    let (verb, changed) = match &args.action {
-        Action::List => {
-            for key in maps.servers()? {
-                println!("{}", server_endpoint(&key));
-            }
-            return Ok(ExitCode::SUCCESS);
+    if let Action::List = &args.action {
+        for key in maps.servers()? {
+            println!("{}", server_endpoint(&key));
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The list is the command's from now until `up` or a reload installs the config's again.
+    // Marked first: a change without the mark could be undone by the daemon's next lookup.
+    maps.mark_server_names(crate::servers::COMMAND_OWNS_THE_LIST)?;
+    let (verb, changed) = match &args.action {
+        Action::List => unreachable!("listed above"),
         Action::Set { endpoints, .. } => ("set", maps.set_servers(&keys(endpoints))?),
         Action::Add { endpoints } => ("added", maps.add_servers(&keys(endpoints))?),
         Action::Remove { endpoints } => ("removed", maps.remove_servers(&keys(endpoints))?),
     };
-    // The list is the command's now, until `up` or a reload installs the config's again.
-    maps.mark_server_names(crate::servers::COMMAND_OWNS_THE_LIST)?;
     tracing::info!(scope = %scope.name, endpoints = changed, "servers {verb}");
     println!(
         "killswitch: {verb} {changed} server endpoint{} of {}",

@@ -38,10 +38,10 @@ pub fn run(config: &Path, scope: Scope) -> Result<()> {
         .map_err(|e| Error::kernel("cannot start the event loop", e))?;
     ebpf::warm_up();
     runtime.block_on(async move {
-        let Some(policy) = first_valid_policy(config, &scope).await? else {
+        let Some((policy, stamp)) = first_valid_policy(config, &scope).await? else {
             return Ok(());
         };
-        let mut daemon = Daemon::start(config.to_path_buf(), scope, policy).await?;
+        let mut daemon = Daemon::start(config.to_path_buf(), stamp, scope, policy).await?;
         daemon.serve().await
     })
 }
@@ -49,13 +49,14 @@ pub fn run(config: &Path, scope: Scope) -> Result<()> {
 /// The config to start with. While it cannot be used, the scope is held in lockdown (if nothing
 /// enforced it yet; otherwise what is in force stays) and the daemon waits for SIGHUP. `None`:
 /// told to stop while waiting.
-async fn first_valid_policy(config: &Path, scope: &Scope) -> Result<Option<Policy>> {
+async fn first_valid_policy(config: &Path, scope: &Scope) -> Result<Option<(Policy, Stamp)>> {
     let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
     loop {
+        let stamp = Stamp::of(config);
         match Policy::load(config) {
-            Ok(policy) => return Ok(Some(policy)),
+            Ok(policy) => return Ok(Some((policy, stamp))),
             Err(e) => {
                 let e = ebpf::lock_down(scope, e.into());
                 tracing::error!("{e}; waiting for SIGHUP to read the config again");
@@ -69,8 +70,34 @@ async fn first_valid_policy(config: &Path, scope: &Scope) -> Result<Option<Polic
     }
 }
 
+/// What the config file looked like when it was read (a cheap `stat`): when it changes, `up`
+/// may have applied the new one, so the daemon reads it again before it writes anything, rather
+/// than put back what an older config allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp(Option<(u64, u64, u64, i64, i64, i64, i64)>);
+
+impl Stamp {
+    fn of(config: &Path) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp(std::fs::metadata(config).ok().map(|m| {
+            let (device, inode, size) = (m.dev(), m.ino(), m.size());
+            (
+                device,
+                inode,
+                size,
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            )
+        }))
+    }
+}
+
 struct Daemon {
     config: PathBuf,
+    /// The config file as it was when the policy in force was read from it.
+    stamp: Stamp,
     scope: Scope,
     policy: Policy,
     servers: ResolvedServers,
@@ -81,7 +108,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(config: PathBuf, scope: Scope, policy: Policy) -> Result<Daemon> {
+    async fn start(config: PathBuf, stamp: Stamp, scope: Scope, policy: Policy) -> Result<Daemon> {
         // Subscribe first: a tunnel that appears while we apply is still seen.
         let links = LinkWatcher::subscribe()?;
         let mut servers = ResolvedServers::for_rules(&policy.servers, None);
@@ -89,6 +116,7 @@ impl Daemon {
         servers.look_up_all().await;
         let mut daemon = Daemon {
             config,
+            stamp,
             scope,
             policy,
             servers,
@@ -99,6 +127,7 @@ impl Daemon {
         let entries = ebpf::apply(&daemon.scope.clone(), || {
             // A name that does not resolve now keeps the addresses the scope holds for it.
             daemon.servers.keep_known_in(&daemon.scope.pin_dir);
+            crate::servers::note_replaced_command_list(&daemon.scope.pin_dir);
             daemon.entries()
         })?;
         daemon.log_tunnels(&entries);
@@ -170,14 +199,19 @@ impl Daemon {
         let started = Instant::now();
         let also = self.links.skip_queued();
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
-        let result: Result<MapEntries> = (|| {
+        let result: Result<Option<MapEntries>> = (|| {
             let _lock = self.lock()?;
+            if self.config_changed() {
+                return Ok(None);
+            }
             let entries = self.entries()?;
             self.maps()?.write_interfaces(&entries)?;
-            Ok(entries)
+            Ok(Some(entries))
         })();
         match result {
-            Ok(entries) => {
+            // The reload writes the interfaces too.
+            Ok(None) => self.reload_changed_config(),
+            Ok(Some(entries)) => {
                 tracing::debug!(
                     ?change,
                     also,
@@ -188,6 +222,20 @@ impl Daemon {
             }
             Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
         }
+    }
+
+    /// The config file is not the one the policy in force came from (call under the lock: then
+    /// nothing writes an older policy over what `up` just applied from the new file).
+    fn config_changed(&self) -> bool {
+        Stamp::of(&self.config) != self.stamp
+    }
+
+    fn reload_changed_config(&mut self) {
+        tracing::info!(
+            "{} changed since it was read (`up` may have applied it): reading it again",
+            self.config.display()
+        );
+        self.reload();
     }
 
     /// The scope's lock; an error once the scope was taken down.
@@ -221,6 +269,8 @@ impl Daemon {
     /// SIGHUP: a valid config replaces the policy (maps updated, additions first); an invalid
     /// one is logged and the policy in force stays.
     fn reload(&mut self) {
+        // Seen, valid or not: an invalid file left what is in force untouched, `up` included.
+        self.stamp = Stamp::of(&self.config);
         let policy = match Policy::load(&self.config) {
             Ok(policy) => policy,
             Err(e) => {
@@ -282,22 +332,27 @@ impl Daemon {
         }
         let result = (|| {
             let _lock = self.lock()?;
+            if self.config_changed() {
+                return Ok(Written::ConfigChanged);
+            }
             let mut maps = self.maps()?;
             if maps.has_server_name(&COMMAND_OWNS_THE_LIST)? {
                 // The list is the command's until a reload; the answer waits for that.
-                return Ok(false);
+                return Ok(Written::Nothing);
             }
             maps.add_servers(&added)?;
             maps.set_server_names(&self.servers.record_of_names())?;
-            maps.remove_servers(&removed).map(|_| true)
+            maps.remove_servers(&removed).map(|_| Written::Changes)
         })();
         match result {
-            Ok(false) => tracing::info!(
+            // The reload writes the list with this answer in it.
+            Ok(Written::ConfigChanged) => self.reload_changed_config(),
+            Ok(Written::Nothing) => tracing::info!(
                 host = name,
                 "{name} changed, but the server list in force was set with `killswitch \
                  servers`: it stays until a reload"
             ),
-            Ok(true) => tracing::info!(
+            Ok(Written::Changes) => tracing::info!(
                 host = name,
                 added = added.len(),
                 removed = removed.len(),
@@ -312,6 +367,15 @@ impl Daemon {
             }
         }
     }
+}
+
+/// What a name's answer did to the maps.
+enum Written {
+    Changes,
+    /// The `servers` command owns the list.
+    Nothing,
+    /// The config changed: a reload writes everything instead.
+    ConfigChanged,
 }
 
 fn signal_error(e: std::io::Error) -> Error {

@@ -409,7 +409,9 @@ fn sync<K: Pod + Ord>(
 pub fn capacity(name: &str) -> u32 {
     match name {
         TUNNELS | UPLINKS => MAX_INTERFACES,
-        SERVERS | SERVER_NAMES => MAX_SERVERS,
+        SERVERS => MAX_SERVERS,
+        // One more: the `servers` command's mark always fits.
+        SERVER_NAMES => MAX_SERVERS + 1,
         NTP_SERVERS | DNS_SERVERS | INBOUND => MAX_ADDRESSES,
         LAN => MAX_PREFIXES,
         _ => u32::MAX,
