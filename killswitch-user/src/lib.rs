@@ -11,6 +11,7 @@ pub mod events;
 pub mod interfaces;
 pub mod model;
 pub mod policy;
+pub mod render;
 pub mod scope;
 pub mod servers;
 pub mod status;

@@ -305,3 +305,30 @@ fn tunnel_ingress(policy: &Policy, p: &Packet) -> Reason {
         Reason::InboundRefused
     }
 }
+
+/// Whose reading of a packet: the eBPF programs', or netfilter's, which is stricter where it
+/// cannot state a step the way the programs do (docs/backends.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Programs,
+    /// The nft and iptables rulesets: an IPv6 packet with any extension header (a fragment
+    /// header included) has a transport that is not read, and an ICMP error is never judged
+    /// by the packet it quotes.
+    Netfilter,
+}
+
+/// [`verdict`] as `filter` gives it.
+pub fn verdict_of(filter: Filter, policy: &Policy, packet: &Packet) -> (Verdict, Reason) {
+    match filter {
+        Filter::Programs => verdict(policy, packet),
+        Filter::Netfilter => {
+            let mut p = *packet;
+            if p.remote.is_ipv6() && (p.extension_headers > 0 || p.fragment) {
+                // Destination options: a header that hides the transport behind it.
+                p.protocol = 60;
+            }
+            p.quoted = None;
+            verdict(policy, &p)
+        }
+    }
+}

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod packets;
 pub mod pins;
 pub mod process;
+pub mod random;
 pub mod story;
 pub mod vm;
 

@@ -3,6 +3,7 @@
 mod check;
 mod daemon;
 mod down;
+mod render;
 mod servers;
 mod status;
 mod up;
@@ -37,6 +38,7 @@ Examples:
   killswitch status --follow             every dropped packet as it happens
   killswitch daemon                      enforce and keep up with tunnels, names, reloads
   killswitch servers set 198.51.100.7:1194/udp   replace the server list live
+  killswitch render nft > killswitch.nft  the same policy as an nftables ruleset
   killswitch down                        remove the system-wide enforcement
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.";
@@ -77,6 +79,12 @@ enum Command {
     Daemon(ScopeArgs),
     /// Change the server list of an enforced scope while it runs (list, set, add, remove)
     Servers(servers::ServersArgs),
+    /// Print the policy as an nftables script or iptables-restore files, for machines
+    /// without eBPF: `killswitch render nft | nft -f -`
+    ///
+    /// The ruleset follows the same verdict order with no connection tracking; where netfilter
+    /// cannot read a packet the way the eBPF programs do, it is stricter (docs/backends.md)
+    Render(render::RenderArgs),
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +122,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Check => check::run(&cli.config),
         Command::Daemon(args) => daemon::run(&cli.config, args.cgroup.as_deref()),
         Command::Servers(args) => servers::run(args),
+        Command::Render(args) => render::run(&cli.config, args),
     }
 }
 
