@@ -20,6 +20,7 @@ pub mod process;
 pub mod random;
 pub mod story;
 pub mod vm;
+pub mod wire;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -362,9 +362,9 @@ pub fn aimed(policy: &Policy) -> (Vec<IpAddr>, Vec<IpAddr>) {
     };
     let around = |ip: IpAddr, delta: i128| -> IpAddr {
         match ip {
-            IpAddr::V4(a) => IpAddr::V4(
-                ((i128::from(u32::from(a)) + delta).rem_euclid(1 << 32) as u32).into(),
-            ),
+            IpAddr::V4(a) => {
+                IpAddr::V4(((i128::from(u32::from(a)) + delta).rem_euclid(1 << 32) as u32).into())
+            }
             IpAddr::V6(a) => IpAddr::V6((u128::from(a).wrapping_add(delta as u128)).into()),
         }
     };

@@ -169,7 +169,6 @@ fn v6(protocol: u8, src: &str, dst: &str, l4: &[u8]) -> Vec<u8> {
     )
 }
 
-
 fn out4(protocol: u8, dst: &str, port: u16) -> Vec<u8> {
     let l4 = if protocol == ICMP {
         echo_request()
@@ -1564,7 +1563,6 @@ mod property {
     //! Thousands of random packets over the space the policy cares about: the kernel's verdict
     //! and reason must equal the reference model's for every one.
 
-
     use killswitch::model::{self, Interface};
     use testbed::random::*;
 
@@ -1613,7 +1611,6 @@ port = 22
 sources = ["203.0.113.7"]
 "#;
 
-
     fn compare(policy_text: &str, packets: usize) {
         let k = Kernel::load(policy_text);
         let policy = Policy::from_toml(policy_text, Path::new("test.toml")).unwrap();
@@ -1654,7 +1651,6 @@ sources = ["203.0.113.7"]
         );
         expected
     }
-
 
     /// At least 300 random policies (`KILLSWITCH_POLICIES` changes it), written one after the
     /// other into the maps of the same loaded programs as a reload would, each with 100 packets

@@ -14,8 +14,9 @@ use crate::{
 
 /// `u32` test true for an IPv4 header of 20 bytes: no options.
 const NO_IPV4_OPTIONS: &str = "0>>24&0xF=5";
-/// `ipv6header` list that is any extension header, ESP or AH before the transport.
-const EXTENSION_HEADERS: &str = "hop,dst,route,frag,auth,esp";
+/// `ipv6header` names of the extension headers, ESP and AH: one rule each, since `--soft`
+/// matches a packet that has all the listed ones.
+const EXTENSION_HEADERS: [&str; 6] = ["hop", "dst", "route", "frag", "auth", "esp"];
 /// Next headers the programs do not walk; `-p` takes them as the transport, so name them.
 const OPAQUE_NEXT_HEADERS: [u8; 5] = [135, 139, 140, 253, 254];
 
@@ -43,8 +44,16 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         }
     )
     .unwrap();
-    writeln!(f.head, "# Load with `{tool} FILE`; the other family's file is for `{other}`.").unwrap();
-    writeln!(f.head, "# It replaces the whole filter table of this family. No connection tracking.").unwrap();
+    writeln!(
+        f.head,
+        "# Load with `{tool} FILE`; the other family's file is for `{other}`."
+    )
+    .unwrap();
+    writeln!(
+        f.head,
+        "# It replaces the whole filter table of this family. No connection tracking."
+    )
+    .unwrap();
     writeln!(f.head, "*filter").unwrap();
     let (base_policy, select) = match &ruleset.cgroup {
         None => ("DROP", String::new()),
@@ -60,8 +69,16 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         let d = short(direction);
         let chain = format!("ks-{d}");
         f.chain(&chain);
-        let iface = if direction == Direction::Egress { "-o" } else { "-i" };
-        f.rule(&chain, &format!("{iface} lo"), Allow(direction, Reason::Loopback));
+        let iface = if direction == Direction::Egress {
+            "-o"
+        } else {
+            "-i"
+        };
+        f.rule(
+            &chain,
+            &format!("{iface} lo"),
+            Allow(direction, Reason::Loopback),
+        );
         if ipv6 && policy.ipv6 == Ipv6Mode::Block {
             f.rule(&chain, "", Drop(direction, Reason::Ipv6Blocked));
         }
@@ -81,7 +98,11 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
                 }
                 f.rule(&chain, "", Drop(direction, Reason::NotUplink));
             }
-            None => f.rule(&chain, "", Jump(&uplink, "3 every other interface is an uplink")),
+            None => f.rule(
+                &chain,
+                "",
+                Jump(&uplink, "3 every other interface is an uplink"),
+            ),
         }
         uplink_rules(&mut f, direction, policy, &lists, ipv6, &family);
     }
@@ -149,7 +170,11 @@ impl File {
                 counter_name(d, r),
                 step(r)
             ),
-            Drop(d, r) => format!("-m comment --comment \"{}\" -j {}", step(r), drop_chain(d, r)),
+            Drop(d, r) => format!(
+                "-m comment --comment \"{}\" -j {}",
+                step(r),
+                drop_chain(d, r)
+            ),
             Jump(to, why) => format!("-m comment --comment \"{why}\" -j {to}"),
             Return(why) => format!("-m comment --comment \"{why}\" -j RETURN"),
         };
@@ -180,26 +205,58 @@ fn uplink_rules(
     let host = |ip: &IpAddr| format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 });
     if ipv6 {
         f.chain(&unknown_chain);
-        f.rule(&chain, "-m rt --rt-segsleft 1:255", Drop(d, Reason::SourceRoute));
-        f.rule(&chain, &format!("{addr} ::ffff:0.0.0.0/96"), Drop(d, Reason::Default));
-        // Past an extension header the ports are not read: only a rule without ports may allow.
         f.rule(
             &chain,
-            &format!("-m ipv6header --soft --header {EXTENSION_HEADERS}"),
-            Jump(&unknown_chain, "transport behind extension headers"),
+            "-m rt --rt-segsleft 1:255",
+            Drop(d, Reason::SourceRoute),
         );
+        f.rule(
+            &chain,
+            &format!("{addr} ::ffff:0.0.0.0/96"),
+            Drop(d, Reason::Default),
+        );
+        // Past an extension header the ports are not read: only a rule without ports may allow.
+        for header in EXTENSION_HEADERS {
+            f.rule(
+                &chain,
+                &format!("-m ipv6header --soft --header {header}"),
+                Jump(&unknown_chain, "transport behind extension headers"),
+            );
+        }
         for n in OPAQUE_NEXT_HEADERS {
-            f.rule(&chain, &format!("-p {n}"), Jump(&unknown_chain, "transport not read"));
+            f.rule(
+                &chain,
+                &format!("-p {n}"),
+                Jump(&unknown_chain, "transport not read"),
+            );
         }
     } else {
-        f.rule(&chain, &format!("-m u32 ! --u32 \"{NO_IPV4_OPTIONS}\""), Drop(d, Reason::SourceRoute));
+        f.rule(
+            &chain,
+            &format!("-m u32 ! --u32 \"{NO_IPV4_OPTIONS}\""),
+            Drop(d, Reason::SourceRoute),
+        );
     }
+    // A later IPv4 fragment has no ports to read (iptables-nft would read its payload as ports).
+    let whole = if ipv6 { "" } else { "! -f " };
     // 4. servers
     for (ip, protocol, p) in lists.servers_port.iter().filter(|s| family(&s.0)) {
-        f.rule(&chain, &format!("{addr} {} -p {} {port} {p}", host(ip), protocol.name()), Allow(d, Reason::Server));
+        f.rule(
+            &chain,
+            &format!(
+                "{whole}{addr} {} -p {} {port} {p}",
+                host(ip),
+                protocol.name()
+            ),
+            Allow(d, Reason::Server),
+        );
     }
     for (ip, protocol) in lists.servers_any.iter().filter(|s| family(&s.0)) {
-        f.rule(&chain, &format!("{addr} {} -p {}", host(ip), protocol.name()), Allow(d, Reason::Server));
+        f.rule(
+            &chain,
+            &format!("{addr} {} -p {}", host(ip), protocol.name()),
+            Allow(d, Reason::Server),
+        );
     }
     // 5. DHCP
     if policy.dhcp {
@@ -207,32 +264,66 @@ fn uplink_rules(
             (546, 547, vec!["ff02::1:2/128".into(), "fe80::/10".into()])
         } else {
             let mut t = vec!["255.255.255.255/32".to_owned()];
-            t.extend(lists.lan.iter().filter(|p| p.addr.is_ipv4()).map(|p| p.to_string()));
+            t.extend(
+                lists
+                    .lan
+                    .iter()
+                    .filter(|p| p.addr.is_ipv4())
+                    .map(|p| p.to_string()),
+            );
             (68, 67, t)
         };
         match direction {
             Direction::Egress => {
                 for target in targets {
-                    f.rule(&chain, &format!("-d {target} -p udp --sport {client} --dport {server}"), Allow(d, Reason::Dhcp));
+                    f.rule(
+                        &chain,
+                        &format!("{whole}-d {target} -p udp --sport {client} --dport {server}"),
+                        Allow(d, Reason::Dhcp),
+                    );
                 }
             }
-            Direction::Ingress => f.rule(&chain, &format!("-p udp --sport {server} --dport {client}"), Allow(d, Reason::Dhcp)),
+            Direction::Ingress => f.rule(
+                &chain,
+                &format!("{whole}-p udp --sport {server} --dport {client}"),
+                Allow(d, Reason::Dhcp),
+            ),
         }
     }
     // 6. NTP
     for ip in lists.ntp.iter().filter(|a| family(a)) {
-        f.rule(&chain, &format!("{addr} {} -p udp {port} 123", host(ip)), Allow(d, Reason::Ntp));
+        f.rule(
+            &chain,
+            &format!("{whole}{addr} {} -p udp {port} 123", host(ip)),
+            Allow(d, Reason::Ntp),
+        );
     }
     // 7. DNS
     for ip in lists.dns.iter().filter(|a| family(a)) {
         for protocol in ["tcp", "udp"] {
-            f.rule(&chain, &format!("{addr} {} -p {protocol} -m multiport {ports} 53,853", host(ip)), Allow(d, Reason::Dns));
+            f.rule(
+                &chain,
+                &format!(
+                    "{whole}{addr} {} -p {protocol} -m multiport {ports} 53,853",
+                    host(ip)
+                ),
+                Allow(d, Reason::Dns),
+            );
         }
     }
     // 8. LAN, through one chain that knows about DNS
-    let lan: Vec<String> = lists.lan.iter().filter(|p| family(&p.addr)).map(|p| p.to_string()).collect();
+    let lan: Vec<String> = lists
+        .lan
+        .iter()
+        .filter(|p| family(&p.addr))
+        .map(|p| p.to_string())
+        .collect();
     for prefix in &lan {
-        f.rule(&chain, &format!("{addr} {prefix}"), Jump(&lan_chain, "8 LAN"));
+        f.rule(
+            &chain,
+            &format!("{addr} {prefix}"),
+            Jump(&lan_chain, "8 LAN"),
+        );
     }
     if policy.lan.dns {
         f.rule(&lan_chain, "", Allow(d, Reason::Lan));
@@ -240,13 +331,25 @@ fn uplink_rules(
         for protocol in ["tcp", "udp"] {
             if !ipv6 {
                 // A fragment's port is not read: it goes on to the default drop.
-                f.rule(&lan_chain, &format!("-p {protocol} -f"), Return("port not read"));
+                f.rule(
+                    &lan_chain,
+                    &format!("-p {protocol} -f"),
+                    Return("port not read"),
+                );
             }
-            f.rule(&lan_chain, &format!("-p {protocol} -m multiport {ports} 53,853"), Drop(d, Reason::LanDns));
+            f.rule(
+                &lan_chain,
+                &format!("-p {protocol} -m multiport {ports} 53,853"),
+                Drop(d, Reason::LanDns),
+            );
         }
         if !ipv6 {
             for protocol in ["esp", "ah"] {
-                f.rule(&lan_chain, &format!("-p {protocol}"), Return("transport not read"));
+                f.rule(
+                    &lan_chain,
+                    &format!("-p {protocol}"),
+                    Return("transport not read"),
+                );
             }
         }
         f.rule(&lan_chain, "", Allow(d, Reason::Lan));
@@ -255,13 +358,21 @@ fn uplink_rules(
     if ipv6 {
         for icmp_type in 133..=137 {
             for scope in ["fe80::/10", "ff02::/16"] {
-                f.rule(&chain, &format!("{addr} {scope} -p ipv6-icmp --icmpv6-type {icmp_type}"), Allow(d, Reason::NeighbourDiscovery));
+                f.rule(
+                    &chain,
+                    &format!("{addr} {scope} -p ipv6-icmp --icmpv6-type {icmp_type}"),
+                    Allow(d, Reason::NeighbourDiscovery),
+                );
             }
         }
         // A transport that is not read: the LAN allows it only when DNS to the LAN is allowed.
         if policy.lan.dns {
             for prefix in &lan {
-                f.rule(&unknown_chain, &format!("{addr} {prefix}"), Allow(d, Reason::Lan));
+                f.rule(
+                    &unknown_chain,
+                    &format!("{addr} {prefix}"),
+                    Allow(d, Reason::Lan),
+                );
             }
         }
         f.rule(&unknown_chain, "", Drop(d, Reason::Default));
@@ -275,21 +386,39 @@ fn tunnel_ingress(f: &mut File, policy: &Policy, ipv6: bool) {
     let chain = "ks-in-tunnel";
     f.chain(chain);
     if ipv6 {
-        f.rule(chain, &format!("-m ipv6header --soft --header {EXTENSION_HEADERS}"), Drop(d, Reason::InboundRefused));
+        for header in EXTENSION_HEADERS {
+            f.rule(
+                chain,
+                &format!("-m ipv6header --soft --header {header}"),
+                Drop(d, Reason::InboundRefused),
+            );
+        }
         for n in OPAQUE_NEXT_HEADERS {
             f.rule(chain, &format!("-p {n}"), Drop(d, Reason::InboundRefused));
         }
     } else {
         for protocol in ["esp", "ah"] {
-            f.rule(chain, &format!("-p {protocol}"), Drop(d, Reason::InboundRefused));
+            f.rule(
+                chain,
+                &format!("-p {protocol}"),
+                Drop(d, Reason::InboundRefused),
+            );
         }
     }
     f.rule(chain, "! -p tcp", Allow(d, Reason::Tunnel));
     if !ipv6 {
         f.rule(chain, "-f", Drop(d, Reason::InboundRefused));
-        f.rule(chain, &format!("-m u32 ! --u32 \"{NO_IPV4_OPTIONS}\""), Drop(d, Reason::InboundRefused));
+        f.rule(
+            chain,
+            &format!("-m u32 ! --u32 \"{NO_IPV4_OPTIONS}\""),
+            Drop(d, Reason::InboundRefused),
+        );
     }
-    f.rule(chain, "-p tcp ! --tcp-flags SYN,ACK SYN", Allow(d, Reason::Tunnel));
+    f.rule(
+        chain,
+        "-p tcp ! --tcp-flags SYN,ACK SYN",
+        Allow(d, Reason::Tunnel),
+    );
     for rule in &policy.inbound {
         let sources: Vec<&IpAddr> = rule
             .sources
@@ -298,10 +427,18 @@ fn tunnel_ingress(f: &mut File, policy: &Policy, ipv6: bool) {
             .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()))
             .collect();
         if rule.sources.is_empty() {
-            f.rule(chain, &format!("-p tcp --dport {}", rule.port), Allow(d, Reason::Tunnel));
+            f.rule(
+                chain,
+                &format!("-p tcp --dport {}", rule.port),
+                Allow(d, Reason::Tunnel),
+            );
         }
         for source in sources {
-            f.rule(chain, &format!("-s {source} -p tcp --dport {}", rule.port), Allow(d, Reason::Tunnel));
+            f.rule(
+                chain,
+                &format!("-s {source} -p tcp --dport {}", rule.port),
+                Allow(d, Reason::Tunnel),
+            );
         }
     }
     f.rule(chain, "", Drop(d, Reason::InboundRefused));

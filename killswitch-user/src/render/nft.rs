@@ -2,12 +2,19 @@
 
 use std::{fmt::Write, net::IpAddr};
 
-use super::{counter_name, interface_names, step, v4, CgroupMatch, Lists, Ruleset, DROPS, HIDDEN_NEXT_HEADERS};
+use super::{
+    counter_name, interface_names, step, v4, CgroupMatch, Lists, Ruleset, DROPS,
+    HIDDEN_NEXT_HEADERS,
+};
 use crate::{
     error::Result,
     model::{Direction, Reason},
     policy::{Ipv6Mode, Prefix},
 };
+
+/// An IPv4 packet whose ports can be read: not a later fragment (nft's `th` would read the
+/// fragment's payload as ports).
+const WHOLE: &str = "ip frag-off & 0x1fff == 0";
 
 /// The table a scope's ruleset lives in: `killswitch` system-wide, one per cgroup otherwise.
 pub fn table_name(cgroup: Option<&CgroupMatch>) -> String {
@@ -20,7 +27,10 @@ pub fn table_name(cgroup: Option<&CgroupMatch>) -> String {
                 .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
                 .collect();
             // The hash keeps `a/b` and `a_b` apart.
-            format!("killswitch_{plain}_{:08x}", crate::servers::name_tag(&c.path) as u32)
+            format!(
+                "killswitch_{plain}_{:08x}",
+                crate::servers::name_tag(&c.path) as u32
+            )
         }
     }
 }
@@ -45,7 +55,11 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
         }
     )
     .unwrap();
-    writeln!(w, "# it replaces table inet {table} in one transaction. No connection tracking: each verdict").unwrap();
+    writeln!(
+        w,
+        "# it replaces table inet {table} in one transaction. No connection tracking: each verdict"
+    )
+    .unwrap();
     writeln!(w, "# depends on the packet alone.").unwrap();
     writeln!(w, "table inet {table}").unwrap();
     writeln!(w, "delete table inet {table}").unwrap();
@@ -59,25 +73,116 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
         }
     }
 
-    set(w, "servers4_port", "ipv4_addr . inet_proto . inet_service", false, lists.servers_port.iter().filter(|s| v4(&s.0)).map(|(a, p, port)| format!("{a} . {} . {port}", p.name())));
-    set(w, "servers4_any", "ipv4_addr . inet_proto", false, lists.servers_any.iter().filter(|s| v4(&s.0)).map(|(a, p)| format!("{a} . {}", p.name())));
-    set(w, "servers6_port", "ipv6_addr . inet_proto . inet_service", false, lists.servers_port.iter().filter(|s| !v4(&s.0)).map(|(a, p, port)| format!("{a} . {} . {port}", p.name())));
-    set(w, "servers6_any", "ipv6_addr . inet_proto", false, lists.servers_any.iter().filter(|s| !v4(&s.0)).map(|(a, p)| format!("{a} . {}", p.name())));
-    set(w, "lan4", "ipv4_addr", true, lists.lan.iter().filter(|p| p.addr.is_ipv4()).map(Prefix::to_string));
-    set(w, "lan6", "ipv6_addr", true, lists.lan.iter().filter(|p| p.addr.is_ipv6()).map(Prefix::to_string));
-    set(w, "ntp4", "ipv4_addr", false, lists.ntp.iter().filter(|a| v4(a)).map(IpAddr::to_string));
-    set(w, "ntp6", "ipv6_addr", false, lists.ntp.iter().filter(|a| !v4(a)).map(IpAddr::to_string));
-    set(w, "dns4", "ipv4_addr", false, lists.dns.iter().filter(|a| v4(a)).map(IpAddr::to_string));
-    set(w, "dns6", "ipv6_addr", false, lists.dns.iter().filter(|a| !v4(a)).map(IpAddr::to_string));
+    set(
+        w,
+        "servers4_port",
+        "ipv4_addr . inet_proto . inet_service",
+        false,
+        lists
+            .servers_port
+            .iter()
+            .filter(|s| v4(&s.0))
+            .map(|(a, p, port)| format!("{a} . {} . {port}", p.name())),
+    );
+    set(
+        w,
+        "servers4_any",
+        "ipv4_addr . inet_proto",
+        false,
+        lists
+            .servers_any
+            .iter()
+            .filter(|s| v4(&s.0))
+            .map(|(a, p)| format!("{a} . {}", p.name())),
+    );
+    set(
+        w,
+        "servers6_port",
+        "ipv6_addr . inet_proto . inet_service",
+        false,
+        lists
+            .servers_port
+            .iter()
+            .filter(|s| !v4(&s.0))
+            .map(|(a, p, port)| format!("{a} . {} . {port}", p.name())),
+    );
+    set(
+        w,
+        "servers6_any",
+        "ipv6_addr . inet_proto",
+        false,
+        lists
+            .servers_any
+            .iter()
+            .filter(|s| !v4(&s.0))
+            .map(|(a, p)| format!("{a} . {}", p.name())),
+    );
+    set(
+        w,
+        "lan4",
+        "ipv4_addr",
+        true,
+        lists
+            .lan
+            .iter()
+            .filter(|p| p.addr.is_ipv4())
+            .map(Prefix::to_string),
+    );
+    set(
+        w,
+        "lan6",
+        "ipv6_addr",
+        true,
+        lists
+            .lan
+            .iter()
+            .filter(|p| p.addr.is_ipv6())
+            .map(Prefix::to_string),
+    );
+    set(
+        w,
+        "ntp4",
+        "ipv4_addr",
+        false,
+        lists.ntp.iter().filter(|a| v4(a)).map(IpAddr::to_string),
+    );
+    set(
+        w,
+        "ntp6",
+        "ipv6_addr",
+        false,
+        lists.ntp.iter().filter(|a| !v4(a)).map(IpAddr::to_string),
+    );
+    set(
+        w,
+        "dns4",
+        "ipv4_addr",
+        false,
+        lists.dns.iter().filter(|a| v4(a)).map(IpAddr::to_string),
+    );
+    set(
+        w,
+        "dns6",
+        "ipv6_addr",
+        false,
+        lists.dns.iter().filter(|a| !v4(a)).map(IpAddr::to_string),
+    );
 
     // The hooks: everything (system-wide), or the scope's sockets only.
     for (hook, direction) in [("output", Direction::Egress), ("input", Direction::Ingress)] {
         let (policy_verdict, select) = match &ruleset.cgroup {
             None => ("drop", String::new()),
-            Some(c) => ("accept", format!("socket cgroupv2 level {} \"{}\" ", c.level, c.path)),
+            Some(c) => (
+                "accept",
+                format!("socket cgroupv2 level {} \"{}\" ", c.level, c.path),
+            ),
         };
         writeln!(w, "\tchain {hook} {{").unwrap();
-        writeln!(w, "\t\ttype filter hook {hook} priority filter; policy {policy_verdict};").unwrap();
+        writeln!(
+            w,
+            "\t\ttype filter hook {hook} priority filter; policy {policy_verdict};"
+        )
+        .unwrap();
         writeln!(w, "\t\t{select}goto {}", direction.name()).unwrap();
         writeln!(w, "\t}}").unwrap();
     }
@@ -90,15 +195,24 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
             Direction::Ingress => "iifname",
         };
         let mut c = Chain::new(w, d);
-        c.rule(&format!("{ifname} \"lo\""), Allow(direction, Reason::Loopback));
+        c.rule(
+            &format!("{ifname} \"lo\""),
+            Allow(direction, Reason::Loopback),
+        );
         if policy.ipv6 == Ipv6Mode::Block {
             c.rule("meta nfproto ipv6", Drop(direction, Reason::Ipv6Blocked));
         }
         for (name, wildcard) in &tunnels {
             let name = format!("\"{name}{}\"", if *wildcard { "*" } else { "" });
             match direction {
-                Direction::Egress => c.rule(&format!("{ifname} {name}"), Allow(direction, Reason::Tunnel)),
-                Direction::Ingress => c.rule(&format!("{ifname} {name}"), Goto("tunnel_ingress", "2 tunnel")),
+                Direction::Egress => c.rule(
+                    &format!("{ifname} {name}"),
+                    Allow(direction, Reason::Tunnel),
+                ),
+                Direction::Ingress => c.rule(
+                    &format!("{ifname} {name}"),
+                    Goto("tunnel_ingress", "2 tunnel"),
+                ),
             }
         }
         let uplink_chain = format!("{d}_uplink");
@@ -106,11 +220,17 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
             Some(uplinks) => {
                 for (name, wildcard) in uplinks {
                     let name = format!("\"{name}{}\"", if *wildcard { "*" } else { "" });
-                    c.rule(&format!("{ifname} {name}"), Goto(&uplink_chain, "3 an uplink"));
+                    c.rule(
+                        &format!("{ifname} {name}"),
+                        Goto(&uplink_chain, "3 an uplink"),
+                    );
                 }
                 c.rule("", Drop(direction, Reason::NotUplink));
             }
-            None => c.rule("", Goto(&uplink_chain, "3 every other interface is an uplink")),
+            None => c.rule(
+                "",
+                Goto(&uplink_chain, "3 every other interface is an uplink"),
+            ),
         }
         c.end();
         uplink(w, direction, policy);
@@ -142,7 +262,13 @@ fn reachable(reason: Reason) -> bool {
     !matches!(reason, Reason::IcmpError | Reason::Malformed)
 }
 
-fn set(w: &mut String, name: &str, key: &str, interval: bool, elements: impl Iterator<Item = String>) {
+fn set(
+    w: &mut String,
+    name: &str,
+    key: &str,
+    interval: bool,
+    elements: impl Iterator<Item = String>,
+) {
     let elements: Vec<String> = elements.collect();
     write!(w, "\tset {name} {{ type {key};").unwrap();
     if interval {
@@ -183,7 +309,12 @@ impl<'w> Chain<'w> {
                 return;
             }
         };
-        writeln!(self.w, "\t\t{matches}{space}{verdict} comment \"{}\"", step(reason)).unwrap();
+        writeln!(
+            self.w,
+            "\t\t{matches}{space}{verdict} comment \"{}\"",
+            step(reason)
+        )
+        .unwrap();
     }
 
     fn end(self) {
@@ -195,51 +326,128 @@ impl<'w> Chain<'w> {
 fn uplink(w: &mut String, direction: Direction, policy: &crate::policy::Policy) {
     let d = direction;
     let (addr, port, dhcp_ports_v4, dhcp_ports_v6) = match direction {
-        Direction::Egress => ("daddr", "dport", "udp sport 68 udp dport 67", "udp sport 546 udp dport 547"),
-        Direction::Ingress => ("saddr", "sport", "udp sport 67 udp dport 68", "udp sport 547 udp dport 546"),
+        Direction::Egress => (
+            "daddr",
+            "dport",
+            "udp sport 68 udp dport 67",
+            "udp sport 546 udp dport 547",
+        ),
+        Direction::Ingress => (
+            "saddr",
+            "sport",
+            "udp sport 67 udp dport 68",
+            "udp sport 547 udp dport 546",
+        ),
     };
     let hidden = HIDDEN_NEXT_HEADERS.map(|n| n.to_string()).join(", ");
     let mut c = Chain::new(w, &format!("{}_uplink", d.name()));
     // Transports the programs cannot read on an uplink: IPv4 options, a pending source route.
     c.rule("ip hdrlength != 5", Drop(d, Reason::SourceRoute));
-    c.rule("meta nfproto ipv6 rt seg-left != 0", Drop(d, Reason::SourceRoute));
-    c.rule(&format!("ip6 {addr} ::ffff:0.0.0.0/96"), Drop(d, Reason::Default));
+    c.rule(
+        "meta nfproto ipv6 rt seg-left != 0",
+        Drop(d, Reason::SourceRoute),
+    );
+    c.rule(
+        &format!("ip6 {addr} ::ffff:0.0.0.0/96"),
+        Drop(d, Reason::Default),
+    );
     // 4. servers: ports only where the transport header is the first one (ip6 nexthdr).
-    c.rule(&format!("ip {addr} . ip protocol . th {port} @servers4_port"), Allow(d, Reason::Server));
-    c.rule(&format!("ip {addr} . ip protocol @servers4_any"), Allow(d, Reason::Server));
-    c.rule(&format!("ip6 {addr} . ip6 nexthdr . th {port} @servers6_port"), Allow(d, Reason::Server));
-    c.rule(&format!("ip6 {addr} . ip6 nexthdr @servers6_any"), Allow(d, Reason::Server));
+    c.rule(
+        &format!("{WHOLE} ip {addr} . ip protocol . th {port} @servers4_port"),
+        Allow(d, Reason::Server),
+    );
+    c.rule(
+        &format!("ip {addr} . ip protocol @servers4_any"),
+        Allow(d, Reason::Server),
+    );
+    c.rule(
+        &format!("ip6 {addr} . ip6 nexthdr . th {port} @servers6_port"),
+        Allow(d, Reason::Server),
+    );
+    c.rule(
+        &format!("ip6 {addr} . ip6 nexthdr @servers6_any"),
+        Allow(d, Reason::Server),
+    );
     // 5. DHCP: requests to the broadcast address or the LAN (v4), ff02::1:2 or link-local (v6).
     if policy.dhcp {
         match direction {
             Direction::Egress => {
-                c.rule(&format!("ip protocol udp {dhcp_ports_v4} ip daddr 255.255.255.255"), Allow(d, Reason::Dhcp));
-                c.rule(&format!("ip protocol udp {dhcp_ports_v4} ip daddr @lan4"), Allow(d, Reason::Dhcp));
-                c.rule(&format!("ip6 nexthdr udp {dhcp_ports_v6} ip6 daddr {{ ff02::1:2, fe80::/10 }}"), Allow(d, Reason::Dhcp));
+                c.rule(
+                    &format!("{WHOLE} ip protocol udp {dhcp_ports_v4} ip daddr 255.255.255.255"),
+                    Allow(d, Reason::Dhcp),
+                );
+                c.rule(
+                    &format!("{WHOLE} ip protocol udp {dhcp_ports_v4} ip daddr @lan4"),
+                    Allow(d, Reason::Dhcp),
+                );
+                c.rule(
+                    &format!(
+                        "ip6 nexthdr udp {dhcp_ports_v6} ip6 daddr {{ ff02::1:2, fe80::/10 }}"
+                    ),
+                    Allow(d, Reason::Dhcp),
+                );
             }
             Direction::Ingress => {
-                c.rule(&format!("ip protocol udp {dhcp_ports_v4}"), Allow(d, Reason::Dhcp));
-                c.rule(&format!("ip6 nexthdr udp {dhcp_ports_v6}"), Allow(d, Reason::Dhcp));
+                c.rule(
+                    &format!("{WHOLE} ip protocol udp {dhcp_ports_v4}"),
+                    Allow(d, Reason::Dhcp),
+                );
+                c.rule(
+                    &format!("ip6 nexthdr udp {dhcp_ports_v6}"),
+                    Allow(d, Reason::Dhcp),
+                );
             }
         }
     }
     // 6. NTP
-    c.rule(&format!("ip {addr} @ntp4 ip protocol udp udp {port} 123"), Allow(d, Reason::Ntp));
-    c.rule(&format!("ip6 {addr} @ntp6 ip6 nexthdr udp udp {port} 123"), Allow(d, Reason::Ntp));
+    c.rule(
+        &format!("{WHOLE} ip {addr} @ntp4 ip protocol udp udp {port} 123"),
+        Allow(d, Reason::Ntp),
+    );
+    c.rule(
+        &format!("ip6 {addr} @ntp6 ip6 nexthdr udp udp {port} 123"),
+        Allow(d, Reason::Ntp),
+    );
     // 7. DNS
-    c.rule(&format!("ip {addr} @dns4 ip protocol {{ tcp, udp }} th {port} {{ 53, 853 }}"), Allow(d, Reason::Dns));
-    c.rule(&format!("ip6 {addr} @dns6 ip6 nexthdr {{ tcp, udp }} th {port} {{ 53, 853 }}"), Allow(d, Reason::Dns));
+    c.rule(
+        &format!("{WHOLE} ip {addr} @dns4 ip protocol {{ tcp, udp }} th {port} {{ 53, 853 }}"),
+        Allow(d, Reason::Dns),
+    );
+    c.rule(
+        &format!("ip6 {addr} @dns6 ip6 nexthdr {{ tcp, udp }} th {port} {{ 53, 853 }}"),
+        Allow(d, Reason::Dns),
+    );
     // 8. LAN; DNS to it only with lan.dns. A port that cannot be read falls through to a drop.
     if policy.lan.dns {
         c.rule(&format!("ip {addr} @lan4"), Allow(d, Reason::Lan));
         c.rule(&format!("ip6 {addr} @lan6"), Allow(d, Reason::Lan));
     } else {
-        c.rule(&format!("ip {addr} @lan4 ip protocol != {{ tcp, udp, esp, ah }}"), Allow(d, Reason::Lan));
-        c.rule(&format!("ip {addr} @lan4 ip protocol {{ tcp, udp }} th {port} {{ 53, 853 }}"), Drop(d, Reason::LanDns));
-        c.rule(&format!("ip {addr} @lan4 ip protocol {{ tcp, udp }} th {port} != {{ 53, 853 }}"), Allow(d, Reason::Lan));
-        c.rule(&format!("ip6 {addr} @lan6 ip6 nexthdr != {{ tcp, udp, {hidden} }}"), Allow(d, Reason::Lan));
-        c.rule(&format!("ip6 {addr} @lan6 ip6 nexthdr {{ tcp, udp }} th {port} {{ 53, 853 }}"), Drop(d, Reason::LanDns));
-        c.rule(&format!("ip6 {addr} @lan6 ip6 nexthdr {{ tcp, udp }} th {port} != {{ 53, 853 }}"), Allow(d, Reason::Lan));
+        c.rule(
+            &format!("ip {addr} @lan4 ip protocol != {{ tcp, udp, esp, ah }}"),
+            Allow(d, Reason::Lan),
+        );
+        c.rule(
+            &format!("{WHOLE} ip {addr} @lan4 ip protocol {{ tcp, udp }} th {port} {{ 53, 853 }}"),
+            Drop(d, Reason::LanDns),
+        );
+        c.rule(
+            &format!(
+                "{WHOLE} ip {addr} @lan4 ip protocol {{ tcp, udp }} th {port} != {{ 53, 853 }}"
+            ),
+            Allow(d, Reason::Lan),
+        );
+        c.rule(
+            &format!("ip6 {addr} @lan6 ip6 nexthdr != {{ tcp, udp, {hidden} }}"),
+            Allow(d, Reason::Lan),
+        );
+        c.rule(
+            &format!("ip6 {addr} @lan6 ip6 nexthdr {{ tcp, udp }} th {port} {{ 53, 853 }}"),
+            Drop(d, Reason::LanDns),
+        );
+        c.rule(
+            &format!("ip6 {addr} @lan6 ip6 nexthdr {{ tcp, udp }} th {port} != {{ 53, 853 }}"),
+            Allow(d, Reason::Lan),
+        );
     }
     // 9. neighbour discovery, link-local or link-scope multicast only
     c.rule(
@@ -258,7 +466,10 @@ fn tunnel_ingress(w: &mut String, policy: &crate::policy::Policy) {
     let mut c = Chain::new(w, "tunnel_ingress");
     // A transport that cannot be read could be a SYN.
     c.rule("ip protocol { esp, ah }", Drop(d, Reason::InboundRefused));
-    c.rule(&format!("ip6 nexthdr {{ {hidden} }}"), Drop(d, Reason::InboundRefused));
+    c.rule(
+        &format!("ip6 nexthdr {{ {hidden} }}"),
+        Drop(d, Reason::InboundRefused),
+    );
     c.rule("ip protocol != tcp", Allow(d, Reason::Tunnel));
     c.rule("ip6 nexthdr != tcp", Allow(d, Reason::Tunnel));
     c.rule("ip frag-off & 0x1fff != 0", Drop(d, Reason::InboundRefused));
@@ -266,18 +477,33 @@ fn tunnel_ingress(w: &mut String, policy: &crate::policy::Policy) {
     c.rule("tcp flags & (syn | ack) != syn", Allow(d, Reason::Tunnel));
     for rule in &policy.inbound {
         if rule.sources.is_empty() {
-            c.rule(&format!("tcp dport {}", rule.port), Allow(d, Reason::Tunnel));
+            c.rule(
+                &format!("tcp dport {}", rule.port),
+                Allow(d, Reason::Tunnel),
+            );
             continue;
         }
         let real = |ip: &&IpAddr| !matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
         for (family, is_v4) in [("ip", true), ("ip6", false)] {
-            let sources: Vec<String> = rule.sources.iter().filter(real).filter(|a| a.is_ipv4() == is_v4).map(IpAddr::to_string).collect();
+            let sources: Vec<String> = rule
+                .sources
+                .iter()
+                .filter(real)
+                .filter(|a| a.is_ipv4() == is_v4)
+                .map(IpAddr::to_string)
+                .collect();
             if !sources.is_empty() {
-                c.rule(&format!("tcp dport {} {family} saddr {{ {} }}", rule.port, sources.join(", ")), Allow(d, Reason::Tunnel));
+                c.rule(
+                    &format!(
+                        "tcp dport {} {family} saddr {{ {} }}",
+                        rule.port,
+                        sources.join(", ")
+                    ),
+                    Allow(d, Reason::Tunnel),
+                );
             }
         }
     }
     c.rule("", Drop(d, Reason::InboundRefused));
     c.end();
 }
-

@@ -1,0 +1,507 @@
+//! Real packets through a filter, for the differential tests.
+//!
+//! A client namespace has `tun0`, `up0` and `other0`: veths with ARP off, each wired to a peer
+//! (`tun0p`, ...) in a far namespace. Egress: a raw socket in the client sends the IP packet out
+//! of the chosen interface, and a packet socket on the peer sees whether it arrived. Ingress: a
+//! packet socket on the peer sends the frame in, and raw sockets in the client (one per
+//! protocol) see whether it reached a socket. Every packet carries a tag after its transport
+//! header, so a batch is sent at once and sorted out afterwards.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    net::IpAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use killswitch::model::{Direction, Interface, Packet};
+
+use crate::{
+    random::{frame_with, ME4, ME6},
+    Cgroup, Netns,
+};
+
+/// The interfaces a packet can use, as the policy names them.
+pub const LINKS: [&str; 3] = ["tun0", "up0", "other0"];
+/// Protocols a raw socket listens for, per family.
+const PROTOCOLS: [i32; 7] = [1, 6, 17, 47, 50, 51, 135];
+const PROTOCOLS6: [i32; 7] = [58, 6, 17, 47, 50, 51, 135];
+const MAGIC: [u8; 2] = [0x6b, 0x73];
+
+struct Link {
+    client_ifindex: u32,
+    client_mac: [u8; 6],
+    peer_ifindex: i32,
+    /// On the peer: sees what left the client, sends what enters it.
+    peer_socket: OwnedFd,
+    send4: OwnedFd,
+    send6: OwnedFd,
+}
+
+/// A client namespace, its far side, and the sockets on both.
+pub struct World {
+    links: Vec<Link>,
+    receivers: Vec<OwnedFd>,
+    pub client: Netns,
+    pub far: Netns,
+}
+
+impl World {
+    /// A new pair of namespaces; the client's sockets are created inside `cgroup` when given
+    /// (a cgroup program judges a socket by the cgroup it was created in).
+    pub fn new(cgroup: Option<&Cgroup>) -> World {
+        let client = Netns::new("wc");
+        let far = Netns::new("wf");
+        for link in LINKS {
+            let peer = format!("{link}p");
+            client.veth(link, &far, &peer);
+            client.ip(&["link", "set", link, "arp", "off"]);
+        }
+        client.addr("up0", &format!("{ME4}/32"));
+        client.addr("up0", &format!("{ME6}/128"));
+        for (metric, link) in LINKS.iter().enumerate() {
+            let metric = (metric + 1).to_string();
+            client.ip(&["route", "add", "default", "dev", link, "metric", &metric]);
+            client.ip(&[
+                "-6", "route", "add", "default", "dev", link, "metric", &metric,
+            ]);
+        }
+        // No router solicitations or MLD reports of our own in the captures.
+        for key in [
+            "net.ipv6.conf.all.router_solicitations",
+            "net.ipv6.conf.default.router_solicitations",
+        ] {
+            client.sysctl(key, "0");
+        }
+        let sockets = || {
+            let mut receivers = Vec::new();
+            for p in PROTOCOLS {
+                receivers.push(socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                    p,
+                ));
+            }
+            for p in PROTOCOLS6 {
+                receivers.push(socket(
+                    libc::AF_INET6,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                    p,
+                ));
+            }
+            let senders: Vec<(OwnedFd, OwnedFd)> = LINKS
+                .iter()
+                .map(|link| {
+                    let send4 = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+                    let send6 = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW);
+                    for fd in [&send4, &send6] {
+                        set_option(fd, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, link.as_bytes());
+                        set_option(
+                            fd,
+                            libc::SOL_SOCKET,
+                            libc::SO_BROADCAST,
+                            &1i32.to_ne_bytes(),
+                        );
+                    }
+                    (send4, send6)
+                })
+                .collect();
+            (receivers, senders)
+        };
+        let (receivers, senders) = in_netns(&client, || match cgroup {
+            Some(cgroup) => in_cgroup(cgroup, sockets),
+            None => sockets(),
+        });
+        let links = LINKS
+            .iter()
+            .zip(senders)
+            .map(|(link, (send4, send6))| {
+                let peer = format!("{link}p");
+                let peer_ifindex = far.ifindex(&peer) as i32;
+                let peer_socket = in_netns(&far, || {
+                    let fd = socket(
+                        libc::AF_PACKET,
+                        libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+                        i32::from((libc::ETH_P_ALL as u16).to_be()),
+                    );
+                    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    addr.sll_family = libc::AF_PACKET as u16;
+                    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                    addr.sll_ifindex = peer_ifindex;
+                    // SAFETY: a valid sockaddr_ll of the size given.
+                    let rc = unsafe {
+                        libc::bind(
+                            fd.as_raw_fd(),
+                            &addr as *const _ as *const libc::sockaddr,
+                            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                        )
+                    };
+                    assert_eq!(
+                        rc,
+                        0,
+                        "bind packet socket: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    set_option(
+                        &fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUF,
+                        &(8i32 << 20).to_ne_bytes(),
+                    );
+                    fd
+                });
+                Link {
+                    client_ifindex: client.ifindex(link),
+                    client_mac: mac(&client, link),
+                    peer_ifindex,
+                    peer_socket,
+                    send4,
+                    send6,
+                }
+            })
+            .collect();
+        for fd in &receivers {
+            set_option(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &(8i32 << 20).to_ne_bytes(),
+            );
+        }
+        World {
+            links,
+            receivers,
+            client,
+            far,
+        }
+    }
+
+    /// Sends every packet (loopback ones excluded: they never leave) and returns, per packet,
+    /// whether it arrived: on the far side (egress) or at a client socket (ingress). `nonce`
+    /// keeps batches apart.
+    pub fn deliver(&self, packets: &[Packet], nonce: u16) -> Vec<bool> {
+        self.drain();
+        for (i, p) in packets.iter().enumerate() {
+            let link = match p.interface {
+                Interface::Tunnel => &self.links[0],
+                Interface::Uplink | Interface::OtherNamespace => &self.links[1],
+                Interface::Other => &self.links[2],
+                Interface::Loopback => continue,
+            };
+            let tag = tag(nonce, i as u32);
+            let frame = frame_with(p, &tag);
+            let mut ip = frame[14..].to_vec();
+            match p.direction {
+                Direction::Egress => send_ip(link, &ip, p.remote),
+                Direction::Ingress => {
+                    fix_checksums(&mut ip);
+                    send_frame(link, &ip, frame[12..14].try_into().unwrap());
+                }
+            }
+        }
+        let mut arrived = BTreeSet::new();
+        // Until nothing more comes for 40 ms, at most 2 s. An egress packet counts when the far
+        // side got it, an ingress packet when a client socket did (an ICMP error the client
+        // sends back quotes the tag too).
+        let started = Instant::now();
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(40)
+            && started.elapsed() < Duration::from_secs(2)
+        {
+            let mut got = false;
+            for (fd, direction) in self.sources() {
+                while let Some(data) = receive(fd) {
+                    let i = tagged(&data, nonce).map(|i| i as usize);
+                    if let Some(i) =
+                        i.filter(|i| packets.get(*i).is_some_and(|p| p.direction == direction))
+                    {
+                        arrived.insert(i);
+                    }
+                    got = true;
+                }
+            }
+            if got {
+                quiet_since = Instant::now();
+            } else {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        (0..packets.len()).map(|i| arrived.contains(&i)).collect()
+    }
+
+    /// Every socket that sees packets, with the direction of the packets it sees.
+    fn sources(&self) -> impl Iterator<Item = (&OwnedFd, Direction)> {
+        let client = self.receivers.iter().map(|fd| (fd, Direction::Ingress));
+        client.chain(
+            self.links
+                .iter()
+                .map(|l| (&l.peer_socket, Direction::Egress)),
+        )
+    }
+
+    fn drain(&self) {
+        for (fd, _) in self.sources() {
+            while receive(fd).is_some() {}
+        }
+    }
+}
+
+fn tag(nonce: u16, i: u32) -> [u8; 8] {
+    let mut t = [0u8; 8];
+    t[..2].copy_from_slice(&MAGIC);
+    t[2..4].copy_from_slice(&nonce.to_be_bytes());
+    t[4..].copy_from_slice(&i.to_be_bytes());
+    t
+}
+
+/// The packet index of a received packet that ends in a tag of this batch.
+fn tagged(data: &[u8], nonce: u16) -> Option<u32> {
+    let end = ip_end(data);
+    let t = data.get(end.checked_sub(8)?..end)?;
+    (t[..2] == MAGIC && t[2..4] == nonce.to_be_bytes())
+        .then(|| u32::from_be_bytes(t[4..].try_into().unwrap()))
+}
+
+/// Where the IP packet in `data` ends (a raw IPv6 socket gives the payload only: its end).
+fn ip_end(data: &[u8]) -> usize {
+    match data.first().map(|b| b >> 4) {
+        Some(4) if data.len() >= 20 => {
+            usize::from(u16::from_be_bytes([data[2], data[3]])).min(data.len())
+        }
+        Some(6) if data.len() >= 40 => {
+            (40 + usize::from(u16::from_be_bytes([data[4], data[5]]))).min(data.len())
+        }
+        _ => data.len(),
+    }
+}
+
+fn socket(domain: i32, kind: i32, protocol: i32) -> OwnedFd {
+    // SAFETY: plain socket(2); the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+    assert!(
+        fd >= 0,
+        "socket({domain}, {kind}, {protocol}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor nobody else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn set_option(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) {
+    // SAFETY: value points to value.len() readable bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The next packet a socket has; on a packet socket, what it saw leave is skipped.
+fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
+    loop {
+        let mut buf = vec![0u8; 4096];
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: buf has buf.len() writable bytes, from has len.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                &mut from as *mut _ as *mut libc::sockaddr,
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return None;
+        }
+        if i32::from(from.sll_family) == libc::AF_PACKET
+            && from.sll_pkttype == libc::PACKET_OUTGOING
+        {
+            continue;
+        }
+        buf.truncate(n as usize);
+        return Some(buf);
+    }
+}
+
+/// Sends an IP packet out of the link's client side; a refusal by the filter is expected.
+fn send_ip(link: &Link, ip: &[u8], remote: IpAddr) {
+    let (fd, addr, len) = match remote {
+        IpAddr::V4(v4) => {
+            let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            a.sin_family = libc::AF_INET as u16;
+            a.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
+            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, a) };
+            (
+                &link.send4,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>(),
+            )
+        }
+        IpAddr::V6(v6) => {
+            let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            a.sin6_family = libc::AF_INET6 as u16;
+            a.sin6_addr.s6_addr = v6.octets();
+            if v6.segments()[0] & 0xffc0 == 0xfe80 || v6.segments()[0] == 0xff02 {
+                a.sin6_scope_id = link.client_ifindex;
+            }
+            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, a) };
+            (
+                &link.send6,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>(),
+            )
+        }
+    };
+    // SAFETY: addr is initialised for len bytes, ip is readable.
+    unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            ip.as_ptr().cast(),
+            ip.len(),
+            0,
+            &addr as *const _ as *const libc::sockaddr,
+            len as u32,
+        );
+    }
+}
+
+/// Sends an IP packet into the client from the link's far side.
+fn send_frame(link: &Link, ip: &[u8], ethertype: [u8; 2]) {
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = link.peer_ifindex;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&link.client_mac);
+    // The DGRAM socket adds the link header itself: give it the IP packet only.
+    addr.sll_protocol = u16::from_be_bytes(ethertype).to_be();
+    // SAFETY: addr is a valid sockaddr_ll, ip is readable.
+    let rc = unsafe {
+        libc::sendto(
+            link.peer_socket.as_raw_fd(),
+            ip.as_ptr().cast(),
+            ip.len(),
+            0,
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert!(
+        rc >= 0,
+        "inject {} bytes: {}",
+        ip.len(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The IPv4 header checksum, and the ICMPv6 checksum (a raw ICMPv6 socket checks it); the
+/// others are not read before a raw socket gets the packet.
+fn fix_checksums(ip: &mut [u8]) {
+    match ip[0] >> 4 {
+        4 => {
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let sum = checksum(&ip[..ihl], 0);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        6 => {
+            let mut next = ip[6];
+            let mut at = 40;
+            while matches!(next, 0 | 43 | 44 | 60) && at + 8 <= ip.len() {
+                let len = if next == 44 {
+                    8
+                } else {
+                    (usize::from(ip[at + 1]) + 1) * 8
+                };
+                next = ip[at];
+                at += len;
+            }
+            if next == 58 && at + 4 <= ip.len() {
+                ip[at + 2..at + 4].copy_from_slice(&[0, 0]);
+                let mut pseudo: Vec<u8> = ip[8..40].to_vec();
+                pseudo.extend_from_slice(&((ip.len() - at) as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 58]);
+                let partial = sum_words(&pseudo, 0);
+                let sum = checksum(&ip[at..], partial);
+                ip[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+        _ => {}
+    }
+}
+
+fn sum_words(data: &[u8], mut sum: u32) -> u32 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn checksum(data: &[u8], start: u32) -> u16 {
+    let mut sum = sum_words(data, start);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn mac(netns: &Netns, dev: &str) -> [u8; 6] {
+    let out = netns.ip(&["-o", "link", "show", "dev", dev]);
+    let text = out
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a MAC address");
+    let mut mac = [0u8; 6];
+    for (byte, hex) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(hex, 16).expect("hex");
+    }
+    mac
+}
+
+/// Runs `f` on this thread inside `netns`, then returns to the thread's own namespace.
+pub fn in_netns<T>(netns: &Netns, f: impl FnOnce() -> T) -> T {
+    let home = File::open("/proc/thread-self/ns/net").expect("own netns");
+    let there = File::open(netns.path()).expect("open netns");
+    nix::sched::setns(there, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns back");
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Runs `f` with this whole process inside `cgroup`, then moves it back where it was.
+fn in_cgroup<T>(cgroup: &Cgroup, f: impl FnOnce() -> T) -> T {
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let home = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .trim_start_matches('/')
+        .to_owned();
+    let home = crate::cgroup::killswitch_cgroup2_mount()
+        .join(home)
+        .join("cgroup.procs");
+    let pid = std::process::id().to_string();
+    std::fs::write(cgroup.procs(), &pid).expect("join the test cgroup");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::fs::write(&home, &pid).expect("back to the original cgroup");
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
