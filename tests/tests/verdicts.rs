@@ -701,8 +701,6 @@ fn icmp6(src: &str, dst: &str, icmp_type: u8) -> Vec<u8> {
     v6(ICMPV6, src, dst, &[icmp_type, 0, 0, 0, 0, 0, 0, 0])
 }
 
-/// IPv6 with `count` destination-options headers (8 bytes each) before a UDP header.
-
 /// UDP to `dst`:`dport` behind an authentication header (12 bytes: next header UDP).
 fn behind_ah(ipv6: bool, dst: &str, dport: u16) -> Vec<u8> {
     let mut payload = vec![UDP, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
@@ -714,6 +712,7 @@ fn behind_ah(ipv6: bool, dst: &str, dport: u16) -> Vec<u8> {
     }
 }
 
+/// IPv6 with `count` destination-options headers (8 bytes each) before a UDP header.
 fn v6_with_extensions(count: usize, dst: &str, dport: u16) -> Vec<u8> {
     let mut payload = Vec::new();
     for i in 0..count {
