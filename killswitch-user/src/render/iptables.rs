@@ -62,8 +62,8 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
     writeln!(f.head, ":INPUT {base_policy} [0:0]").unwrap();
     writeln!(f.head, ":FORWARD ACCEPT [0:0]").unwrap();
     writeln!(f.head, ":OUTPUT {base_policy} [0:0]").unwrap();
-    f.line(&format!("-A OUTPUT {select}-j ks-out"));
-    f.line(&format!("-A INPUT {select}-j ks-in"));
+    f.line("OUTPUT", &format!("{select}-j ks-out"));
+    f.line("INPUT", &format!("{select}-j ks-in"));
 
     for direction in Direction::ALL {
         let d = short(direction);
@@ -111,18 +111,20 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         for reason in DROPS {
             let chain = drop_chain(direction, reason);
             f.chain(&chain);
-            f.line(&format!(
-                "-A {chain} -m limit --limit 10/sec --limit-burst 20 -j LOG --log-prefix \"ks {} {}: \" --log-level 6",
+            let limited_log = format!(
+                "-m limit --limit 10/sec --limit-burst 20 -j LOG --log-prefix \"ks {} {}: \" --log-level 6",
                 short(direction),
                 reason.name()
-            ));
-            f.line(&format!(
-                "-A {chain} -m comment --comment \"{}\" -j DROP",
+            );
+            f.line(&chain, &limited_log);
+            let count = format!(
+                "-m comment --comment \"{}\" -j DROP",
                 counter_name(direction, reason)
-            ));
+            );
+            f.line(&chain, &count);
         }
     }
-    Ok(format!("{}{}COMMIT\n", f.head, f.rules))
+    Ok(f.text())
 }
 
 fn short(direction: Direction) -> &'static str {
@@ -146,20 +148,32 @@ enum Action<'a> {
 }
 use Action::{Allow, Drop, Jump, Return};
 
-/// Chain declarations first, then the rules, as iptables-restore wants them.
+/// Chain declarations first, then the rules, as iptables-restore wants them; the rules of
+/// one chain together, in the order the chains were declared.
 #[derive(Default)]
 struct File {
     head: String,
-    rules: String,
+    chains: Vec<(String, String)>,
 }
 
 impl File {
     fn chain(&mut self, name: &str) {
         writeln!(self.head, ":{name} - [0:0]").unwrap();
+        self.chains.push((name.to_owned(), String::new()));
     }
 
-    fn line(&mut self, line: &str) {
-        writeln!(self.rules, "{line}").unwrap();
+    fn rules_of(&mut self, chain: &str) -> &mut String {
+        match self.chains.iter().position(|(name, _)| name == chain) {
+            Some(i) => &mut self.chains[i].1,
+            None => {
+                self.chains.push((chain.to_owned(), String::new()));
+                &mut self.chains.last_mut().unwrap().1
+            }
+        }
+    }
+
+    fn line(&mut self, chain: &str, line: &str) {
+        writeln!(self.rules_of(chain), "-A {chain} {line}").unwrap();
     }
 
     fn rule(&mut self, chain: &str, matches: &str, action: Action) {
@@ -178,7 +192,12 @@ impl File {
             Jump(to, why) => format!("-m comment --comment \"{why}\" -j {to}"),
             Return(why) => format!("-m comment --comment \"{why}\" -j RETURN"),
         };
-        writeln!(self.rules, "-A {chain} {matches}{space}{target}").unwrap();
+        self.line(chain, &format!("{matches}{space}{target}"));
+    }
+
+    fn text(self) -> String {
+        let rules: String = self.chains.into_iter().map(|(_, rules)| rules).collect();
+        format!("{}{rules}COMMIT\n", self.head)
     }
 }
 

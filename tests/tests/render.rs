@@ -1,0 +1,186 @@
+//! `killswitch render`: every example config renders to the checked-in texts in tests/golden/
+//! (`KILLSWITCH_BLESS=1` writes them anew), and nft and iptables-restore accept every one.
+
+use std::path::{Path, PathBuf};
+
+use killswitch::{
+    policy::{Policy, ServerAddress, ServerEndpoint},
+    render::{self, CgroupMatch, Ruleset},
+};
+use testbed::{process::output_in, require_root, Cgroup, Netns};
+
+/// The per-app example is rendered for this cgroup, as its comment shows.
+const PER_APP_CGROUP: &str = "torrent";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn examples() -> Vec<(String, Policy)> {
+    let mut all: Vec<_> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    all.sort();
+    all.into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let policy = Policy::from_toml(&text, &path).unwrap();
+            (
+                path.file_stem().unwrap().to_str().unwrap().to_owned(),
+                policy,
+            )
+        })
+        .collect()
+}
+
+/// The servers with addresses; a hostname stands for two documentation addresses (one per
+/// family), so the golden texts do not depend on DNS.
+fn servers(policy: &Policy) -> Vec<ServerEndpoint> {
+    let mut out = Vec::new();
+    for (i, rule) in policy.servers.iter().enumerate() {
+        let addresses = match &rule.address {
+            ServerAddress::Ip(ip) => vec![*ip],
+            ServerAddress::Host(_) => vec![
+                format!("198.51.100.{}", 100 + i).parse().unwrap(),
+                format!("2001:db8:100::{}", 100 + i).parse().unwrap(),
+            ],
+        };
+        out.extend(addresses.into_iter().map(|address| ServerEndpoint {
+            address,
+            port: rule.port,
+            protocol: rule.protocol,
+        }));
+    }
+    out
+}
+
+/// (file name, text) of every rendering of an example.
+fn renderings(name: &str, policy: &Policy, cgroup: Option<&str>) -> Vec<(String, String)> {
+    let servers = servers(policy);
+    let ruleset = Ruleset {
+        policy,
+        servers: &servers,
+        cgroup: cgroup.map(|c| CgroupMatch::new(Path::new(c)).unwrap().unwrap()),
+    };
+    vec![
+        (format!("{name}.nft"), render::nft(&ruleset).unwrap()),
+        (
+            format!("{name}.iptables"),
+            render::iptables(&ruleset, false).unwrap(),
+        ),
+        (
+            format!("{name}.ip6tables"),
+            render::iptables(&ruleset, true).unwrap(),
+        ),
+    ]
+}
+
+fn cgroup_of(name: &str) -> Option<&'static str> {
+    (name == "per-app-scope").then_some(PER_APP_CGROUP)
+}
+
+#[test]
+fn every_example_renders_to_its_golden_texts() {
+    let golden = root().join("tests/golden");
+    let bless = std::env::var_os("KILLSWITCH_BLESS").is_some();
+    let mut stale = Vec::new();
+    for (name, policy) in examples() {
+        for (file, text) in renderings(&name, &policy, cgroup_of(&name)) {
+            let path = golden.join(&file);
+            if bless {
+                std::fs::create_dir_all(&golden).unwrap();
+                std::fs::write(&path, &text).unwrap();
+            } else if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                stale.push(file);
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "rendered text differs from tests/golden/ for {stale:?}; if the change is meant, run \
+         KILLSWITCH_BLESS=1 cargo test --test render and review the diff"
+    );
+}
+
+/// nft 1.0.6 looks a `socket cgroupv2` path up under /sys/fs/cgroup: in a mount namespace of
+/// its own, the cgroup2 mount is put there first.
+fn nft_check(netns: &Netns, file: &Path) -> std::process::Output {
+    let mount = testbed::cgroup::killswitch_cgroup2_mount();
+    std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /sys/fs/cgroup && exec nsenter --net="$2" nft -c -f "$3""#)
+        .arg("sh")
+        .arg(mount)
+        .arg(netns.path())
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn nft_and_iptables_restore_accept_every_example() {
+    require_root!();
+    let netns = Netns::new("render");
+    let cgroup = Cgroup::new();
+    let dir = testbed::private_dir("ksrender");
+    let mut checked = 0;
+    for (name, policy) in examples() {
+        // The per-app example for a cgroup that exists here.
+        let scope = cgroup_of(&name).map(|_| cgroup.relative.as_str());
+        for (file, text) in renderings(&name, &policy, scope) {
+            let path = dir.join(&file);
+            std::fs::write(&path, &text).unwrap();
+            let out = match file.rsplit_once('.').unwrap().1 {
+                "nft" => nft_check(&netns, &path),
+                "iptables" => output_in(
+                    &netns,
+                    None,
+                    "iptables-restore",
+                    &["--test", path.to_str().unwrap()],
+                ),
+                _ => output_in(
+                    &netns,
+                    None,
+                    "ip6tables-restore",
+                    &["--test", path.to_str().unwrap()],
+                ),
+            };
+            assert!(
+                out.status.success(),
+                "{file} refused: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    eprintln!("{checked} rulesets accepted");
+    assert_eq!(checked, 3 * examples().len());
+}
+
+/// The classic mistake: the IPv6 file given to iptables-restore (and the other way round) is
+/// refused, not half-loaded.
+#[test]
+fn each_family_file_is_refused_by_the_other_tool() {
+    require_root!();
+    let netns = Netns::new("render");
+    let dir = testbed::private_dir("ksrender");
+    let (name, policy) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "lan-and-ntp")
+        .unwrap();
+    let files = renderings(&name, &policy, None);
+    for (file, tool) in [
+        (&files[1], "ip6tables-restore"),
+        (&files[2], "iptables-restore"),
+    ] {
+        let path = dir.join(&file.0);
+        std::fs::write(&path, &file.1).unwrap();
+        let out = output_in(&netns, None, tool, &["--test", path.to_str().unwrap()]);
+        assert!(!out.status.success(), "{tool} accepted {}", file.0);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
