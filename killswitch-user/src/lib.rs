@@ -3,6 +3,7 @@
 //! Data flows one way: configuration file → [`policy::Policy`] → [`ebpf::MapEntries`] → kernel.
 //! The command line ([`cli`]) is a thin driver of this library.
 
+pub mod backend;
 pub mod cli;
 pub mod daemon;
 pub mod ebpf;

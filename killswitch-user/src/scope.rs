@@ -67,6 +67,16 @@ impl Scope {
         })
     }
 
+    /// The whole machine on a system with no cgroup2 mount: only nftables can hold it.
+    pub fn without_cgroup2() -> Scope {
+        Scope {
+            cgroup: PathBuf::from("/"),
+            relative: PathBuf::new(),
+            name: "-".into(),
+            pin_dir: pin_root().join("-"),
+        }
+    }
+
     /// The scope pinned under `name` in the pin root.
     pub fn from_name(name: &str) -> Result<Scope> {
         let relative = unescape_path(name);

@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use killswitch_common::{Direction, InboundKey, InterfaceKey, Settings};
+use killswitch_common::{Direction, InboundKey, InterfaceKey, Reason, Settings};
 use serde::Serialize;
 
 use crate::{
+    backend::nftables,
     ebpf::{
         self,
         entries::{key_address, lan_prefix, server_endpoint},
@@ -13,6 +14,8 @@ use crate::{
     },
     error::Result,
     interfaces,
+    policy::{Protocol, ServerEndpoint},
+    render,
     scope::Scope,
 };
 
@@ -20,7 +23,11 @@ use crate::{
 pub struct ScopeStatus {
     pub scope: String,
     pub cgroup: PathBuf,
-    pub pin_dir: PathBuf,
+    /// Where the eBPF backend pins the scope's programs and maps.
+    pub pin_dir: Option<PathBuf>,
+    /// The nftables backend's table (`inet` family) in this network namespace.
+    pub table: Option<String>,
+    /// "ebpf" or "nftables".
     pub backend: &'static str,
     /// Both programs attached to this scope's cgroup.
     pub enforced: bool,
@@ -33,6 +40,8 @@ pub struct ScopeStatus {
     pub namespace_from: Option<&'static str>,
     pub links: Vec<LinkStatus>,
     pub tunnels: Vec<InterfaceStatus>,
+    /// nftables: the names (`wg*` patterns) its rules match; `tunnels` are those present now.
+    pub tunnel_names: Option<Vec<String>>,
     /// `None` when exceptions may leave through any non-tunnel interface.
     pub uplinks: Option<Vec<InterfaceStatus>>,
     pub servers: Vec<String>,
@@ -135,7 +144,8 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
     Ok(ScopeStatus {
         scope: scope.name.clone(),
         cgroup: scope.cgroup.clone(),
-        pin_dir: scope.pin_dir.clone(),
+        pin_dir: Some(scope.pin_dir.clone()),
+        table: None,
         backend: "ebpf",
         enforced,
         mode,
@@ -145,6 +155,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         namespace_from,
         links,
         tunnels: describe(maps.tunnels()?),
+        tunnel_names: None,
         uplinks: uplinks.map(describe),
         servers: maps
             .servers()?
@@ -154,17 +165,150 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         servers_set_by_command: maps.has_server_name(&crate::servers::COMMAND_OWNS_THE_LIST)?,
         exceptions: exceptions(&maps, &settings)?,
         events_suppressed: maps.suppressed_events()?,
-        counters: maps
-            .counters()?
-            .into_iter()
-            .map(|(direction, reason, packets)| CounterStatus {
-                direction: direction.name(),
-                reason: reason.name(),
-                verdict: if reason.allows() { "allow" } else { "drop" },
-                packets,
-            })
-            .collect(),
+        counters: counters(maps.counters()?),
     })
+}
+
+/// What an nftables table enforces, read back from the kernel.
+pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
+    let table = nftables::read(scope)?;
+    let lockdown_reason = table
+        .comment
+        .strip_prefix(render::COMMENT_LOCKDOWN)
+        .map(|rest| {
+            rest.split_once(": ")
+                .map_or(rest, |(_, why)| why)
+                .to_owned()
+        });
+    let present = interfaces::list().unwrap_or_default();
+    let matching = |names: &[String]| -> Vec<InterfaceStatus> {
+        present
+            .iter()
+            .filter(|i| {
+                names.iter().any(|n| match n.strip_suffix('*') {
+                    Some(prefix) => i.name.starts_with(prefix),
+                    None => &i.name == n,
+                })
+            })
+            .map(|i| InterfaceStatus {
+                ifindex: i.index,
+                name: Some(i.name.clone()),
+                this_netns: true,
+            })
+            .collect()
+    };
+    let has = |reason: Reason| {
+        table
+            .rules
+            .iter()
+            .any(|r| r.comment == render::step(reason))
+    };
+    let tunnel_names = table.interfaces("egress", render::step(Reason::Tunnel));
+    let uplink_rules = table.rules.iter().any(|r| r.comment == UPLINK);
+    let uplinks = uplink_rules.then(|| matching(&table.interfaces("egress", UPLINK)));
+    let set = |names: &[&str]| -> Vec<String> {
+        names
+            .iter()
+            .flat_map(|n| table.sets.get(*n).cloned().unwrap_or_default())
+            .collect()
+    };
+    let servers = set(&[
+        "servers4_port",
+        "servers4_any",
+        "servers6_port",
+        "servers6_any",
+    ])
+    .iter()
+    .map(|element| server_of_element(element))
+    .collect();
+    let inbound = table
+        .rules
+        .iter()
+        .filter(|r| r.chain == "tunnel_ingress")
+        .filter_map(|r| {
+            let note = r.comment.strip_prefix(render::step(Reason::Tunnel))?;
+            note.strip_prefix(": ")?.strip_prefix(render::INBOUND)
+        })
+        .flat_map(|rest| match rest.split_once(" from ") {
+            Some((port, sources)) => sources
+                .split(", ")
+                .map(|source| format!("{port} from {source}"))
+                .collect::<Vec<_>>(),
+            None => vec![rest.to_owned()],
+        })
+        .collect();
+    let enforced = ["output", "input"]
+        .iter()
+        .all(|h| table.hooks.iter().any(|t| t == h));
+    Ok(ScopeStatus {
+        scope: scope.name.clone(),
+        cgroup: scope.cgroup.clone(),
+        pin_dir: None,
+        table: Some(nftables::table(scope)?),
+        backend: "nftables",
+        enforced,
+        mode: if lockdown_reason.is_some() {
+            "lockdown"
+        } else {
+            "policy"
+        },
+        lockdown_reason,
+        namespace_from: None,
+        links: Vec::new(),
+        tunnels: matching(&tunnel_names),
+        tunnel_names: Some(tunnel_names),
+        uplinks,
+        servers,
+        servers_set_by_command: false,
+        exceptions: Exceptions {
+            lan: set(&["lan4", "lan6"]),
+            lan_dns: !has(Reason::LanDns),
+            dhcp: has(Reason::Dhcp),
+            ipv6: if has(Reason::Ipv6Blocked) {
+                "block"
+            } else {
+                "tunnel"
+            },
+            ntp_servers: set(&["ntp4", "ntp6"]),
+            dns_servers: set(&["dns4", "dns6"]),
+            inbound,
+        },
+        counters: counters(table.counters()),
+        events_suppressed: 0,
+    })
+}
+
+/// The comment of the rules that send an uplink's packets on.
+const UPLINK: &str = "3 an uplink";
+
+/// `addr . proto . port` or `addr . proto` as the command line writes a server.
+fn server_of_element(element: &str) -> String {
+    let parts: Vec<&str> = element.split(" . ").collect();
+    let protocol = match parts.get(1) {
+        Some(&"udp") => Some(Protocol::Udp),
+        Some(&"tcp") => Some(Protocol::Tcp),
+        _ => None,
+    };
+    match parts[0].parse() {
+        Ok(address) => ServerEndpoint {
+            address,
+            port: parts.get(2).and_then(|p| p.parse().ok()),
+            protocol,
+        }
+        .to_string(),
+        Err(_) => element.to_owned(),
+    }
+}
+
+fn counters(list: Vec<(Direction, Reason, u64)>) -> Vec<CounterStatus> {
+    list.into_iter()
+        .map(|(direction, reason, packets)| CounterStatus {
+            direction: direction.name(),
+            reason: reason.name(),
+            verdict: if reason.allows() { "allow" } else { "drop" },
+            packets,
+        })
+        .collect()
 }
 
 fn exceptions(maps: &PinnedMaps, settings: &Settings) -> Result<Exceptions> {

@@ -41,6 +41,8 @@ pub struct Story {
     pub cgroup: Cgroup,
     pub pins: PinRoot,
     config: std::path::PathBuf,
+    /// `up --backend` when set (the default is `auto`).
+    backend: Option<&'static str>,
 }
 
 impl Story {
@@ -53,7 +55,15 @@ impl Story {
             cgroup: Cgroup::new(),
             pins: PinRoot::new(),
             config,
+            backend: None,
         }
+    }
+
+    /// The story with `up --backend BACKEND`.
+    pub fn with_backend(backend: &'static str) -> Story {
+        let mut story = Story::new();
+        story.backend = Some(backend);
+        story
     }
 
     pub fn killswitch(&self, args: &[&str]) -> Output {
@@ -99,9 +109,13 @@ impl Story {
         daemon
     }
 
-    fn up(&self) -> u128 {
+    /// `killswitch up` with the story's backend, asserted to succeed; its duration.
+    pub fn up(&self) -> u128 {
         let started = Instant::now();
-        let out = self.killswitch(&["up"]);
+        let out = match self.backend {
+            Some(backend) => self.killswitch(&["up", "--backend", backend]),
+            None => self.killswitch(&["up"]),
+        };
         assert!(
             out.status.success(),
             "up: {}",

@@ -193,3 +193,93 @@ fn a_config_that_cannot_be_used_leaks_nothing_at_first_up_or_over_a_policy_in_fo
         "leaked over the policy in force: {leaked:#?}"
     );
 }
+
+/// The same story with the nftables backend. Its rules match tunnels by name, so the tunnel
+/// OpenVPN brings back with a new ifindex carries traffic before anyone runs `up` again.
+#[test]
+fn with_nftables_a_killed_vpn_client_leaks_nothing_and_a_reconnect_needs_nobody() {
+    require_root!();
+    let mut story = Story::with_backend("nftables");
+    let seen = story.tell(&mut |line| eprintln!("story: {line}"));
+    assert!(seen.through_tunnel, "healthy tunnel: {seen:#?}");
+    assert!(
+        !seen.after_kill_reached,
+        "reached with the tunnel dead: {seen:#?}"
+    );
+    assert!(
+        seen.leaked.is_empty(),
+        "leaked in the clear: {:#?}",
+        seen.leaked
+    );
+    assert!(
+        seen.dropped_while_down > 0,
+        "the nft counters saw no drop: {seen:#?}"
+    );
+    assert!(
+        !seen.outside_clear.is_empty(),
+        "the leak oracle saw nothing from outside the scope"
+    );
+    assert_ne!(
+        seen.old_ifindex, seen.new_ifindex,
+        "OpenVPN reused the ifindex"
+    );
+    assert!(
+        seen.new_tunnel_before_up,
+        "the new tun0 was not trusted by name: {seen:#?}"
+    );
+    assert!(seen.new_tunnel_after_up, "{seen:#?}");
+    assert!(
+        seen.status_table.contains("nftables") && seen.status_table.contains("default-drop"),
+        "{}",
+        seen.status_table
+    );
+}
+
+/// An output `ct state established accept` leaks flows opened before the VPN (TESTBED.md). The
+/// rendered ruleset has no conntrack; here another table does (as Docker or ufw would), and a
+/// UDP flow answered before `up` keeps sending: nothing of it may reach the router.
+#[test]
+fn with_nftables_a_flow_opened_before_up_does_not_leak_while_conntrack_is_in_use() {
+    require_root!();
+    let mut story = Story::with_backend("nftables");
+    let conntrack = "table inet other_firewall {\n\
+        chain output { type filter hook output priority -10; policy accept; ct state established,related accept; }\n\
+        chain input { type filter hook input priority -10; policy accept; ct state established,related accept; }\n\
+    }\n";
+    let file = story.lab.dir().join("conntrack.nft");
+    std::fs::write(&file, conntrack).unwrap();
+    let out = testbed::process::output_in(
+        &story.lab.client,
+        None,
+        "nft",
+        &["-f", file.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stream = Background::start(command_in(
+        &story.lab.client,
+        Some(&story.cgroup),
+        PROBE,
+        &["stream", &format!("{WEB_HOST}:{APP_PORT}"), "4000"],
+    ));
+    assert_eq!(
+        stream.line(Duration::from_secs(5)).as_deref(),
+        Some("established"),
+        "the flow was not answered before up"
+    );
+    story.up();
+    story.lab.start_capture();
+    std::thread::sleep(Duration::from_secs(1));
+    let leaked = story
+        .lab
+        .stop_capture(&format!("dst host {WEB_HOST} and udp dst port {APP_PORT}"));
+    let sent = stream.line(Duration::from_secs(10));
+    eprintln!("the flow's datagrams (sent, refused): {sent:?}");
+    assert!(
+        leaked.is_empty(),
+        "the established flow leaked: {leaked:#?}"
+    );
+}

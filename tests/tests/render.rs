@@ -63,6 +63,7 @@ fn renderings(name: &str, policy: &Policy, cgroup: Option<&str>) -> Vec<(String,
         policy,
         servers: &servers,
         cgroup: cgroup.map(|c| CgroupMatch::new(Path::new(c)).unwrap().unwrap()),
+        lockdown: None,
     };
     vec![
         (format!("{name}.nft"), render::nft(&ruleset).unwrap()),

@@ -27,13 +27,16 @@ killswitch attaches eBPF programs to a cgroup v2 scope (the whole machine by def
 packets through only on loopback, on the VPN tunnel, and to the VPN servers listed in the \
 configuration. Everything else is dropped, in both directions, IPv4 and IPv6. The enforcement is \
 pinned in bpffs, so it stays in force when killswitch exits, crashes or is killed: only \
-`killswitch down` removes it.";
+`killswitch down` removes it. Where eBPF cannot run, the same policy is an nftables table \
+(`up --backend nftables`, chosen by itself with `auto`), or a ruleset to load yourself \
+(`killswitch render`).";
 
 const AFTER_HELP: &str = "\
 Examples:
   killswitch check                       validate the configuration and show the policy
   killswitch up                          enforce it system-wide
   killswitch up --cgroup work.slice      enforce it for one cgroup only
+  killswitch up --backend nftables       enforce it with an nftables table instead of eBPF
   killswitch status                      what is enforced, with packet counters
   killswitch status --follow             every dropped packet as it happens
   killswitch daemon                      enforce and keep up with tunnels, names, reloads
@@ -67,7 +70,7 @@ enum Command {
     /// Apply the policy to a scope and pin it; re-running updates it in place with no gap
     ///
     /// A server hostname that does not resolve stays blocked, and the exit status is 1
-    Up(ScopeArgs),
+    Up(UpArgs),
     /// Remove a scope's enforcement and pins
     Down(ScopeArgs),
     /// Show what is enforced: scopes, tunnels, servers and packet counters per reason
@@ -85,6 +88,17 @@ enum Command {
     /// The ruleset follows the same verdict order with no connection tracking; where netfilter
     /// cannot read a packet the way the eBPF programs do, it is stricter (docs/backends.md)
     Render(render::RenderArgs),
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    scope: ScopeArgs,
+
+    /// What enforces it: eBPF programs on the cgroup, or an nftables table. `auto` uses eBPF
+    /// and falls back to nftables, with a warning saying why, where eBPF cannot enforce
+    #[arg(long, value_enum, default_value_t = up::Choice::Auto)]
+    backend: up::Choice,
 }
 
 #[derive(Debug, Args)]
@@ -116,7 +130,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
-        Command::Up(args) => up::run(&cli.config, args.cgroup.as_deref()),
+        Command::Up(args) => up::run(&cli.config, args.scope.cgroup.as_deref(), args.backend),
         Command::Down(args) => down::run(args.cgroup.as_deref()),
         Command::Status(args) => status::run(args),
         Command::Check => check::run(&cli.config),

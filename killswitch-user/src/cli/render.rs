@@ -44,6 +44,7 @@ pub(super) fn run(config: &Path, args: &RenderArgs) -> Result<ExitCode> {
         policy: &policy,
         servers: &servers.endpoints(),
         cgroup,
+        lockdown: None,
     };
     let text = match args.format {
         Format::Nft => render::nft(&ruleset)?,

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::Args;
 
 use crate::{
+    backend::{nftables, Backend},
     error::{Error, Result},
     events::{EventReader, Resolver},
     scope::Scope,
@@ -34,14 +35,25 @@ pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
     }
     let scopes = match &args.cgroup {
         Some(path) => vec![Scope::from_arg(Some(path))?],
-        None => Scope::all_pinned()?,
+        None => {
+            let mut all = Scope::all_pinned()?;
+            all.extend(nftables::scopes());
+            all.sort_by(|a, b| a.relative.cmp(&b.relative));
+            all.dedup_by(|a, b| a.relative == b.relative);
+            all
+        }
     };
     let mut shown = Vec::new();
     let mut missing = Vec::new();
     for scope in scopes {
-        if crate::ebpf::is_pinned(&scope) {
-            shown.push(status::read(&scope)?);
-        } else {
+        let holding = Backend::holding(&scope);
+        for backend in &holding {
+            shown.push(match backend {
+                Backend::Ebpf => status::read(&scope)?,
+                Backend::Nftables => status::read_nft(&scope)?,
+            });
+        }
+        if holding.is_empty() {
             missing.push(scope.display_cgroup());
         }
     }
@@ -72,7 +84,12 @@ pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
 
 fn print_table(s: &ScopeStatus) {
     println!("scope    {}", s.cgroup.display());
-    println!("pinned   {}", s.pin_dir.display());
+    if let Some(pin_dir) = &s.pin_dir {
+        println!("pinned   {}", pin_dir.display());
+    }
+    if let Some(table) = &s.table {
+        println!("table    inet {table} (nftables)");
+    }
     let links: Vec<String> = s
         .links
         .iter()
@@ -113,6 +130,13 @@ fn print_table(s: &ScopeStatus) {
         print_counters(s);
         return;
     }
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
     let interfaces = |list: &[status::InterfaceStatus]| -> String {
         if list.is_empty() {
             return "none present".into();
@@ -126,7 +150,15 @@ fn print_table(s: &ScopeStatus) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("tunnels  {}", interfaces(&s.tunnels));
+    match &s.tunnel_names {
+        // nftables matches names: a tunnel that comes back with a new ifindex needs nobody.
+        Some(names) => println!(
+            "tunnels  {} by name; present now: {}",
+            list(names),
+            interfaces(&s.tunnels)
+        ),
+        None => println!("tunnels  {}", interfaces(&s.tunnels)),
+    }
     match &s.uplinks {
         Some(list) => println!("uplinks  {}", interfaces(list)),
         None => println!("uplinks  any non-tunnel interface"),
@@ -141,13 +173,6 @@ fn print_table(s: &ScopeStatus) {
         println!("         (set with `killswitch servers`; the config's list returns at the next up or reload)");
     }
 
-    let list = |items: &[String]| {
-        if items.is_empty() {
-            "none".to_string()
-        } else {
-            items.join(", ")
-        }
-    };
     let e = &s.exceptions;
     println!(
         "lan      {}{}",
@@ -185,10 +210,14 @@ fn print_counters(s: &ScopeStatus) {
             egress.verdict, egress.reason, egress.packets, ingress.packets
         );
     }
-    println!(
-        "events   {} drop events held back by the rate limit",
-        s.events_suppressed
-    );
+    if s.backend == "ebpf" {
+        println!(
+            "events   {} drop events held back by the rate limit",
+            s.events_suppressed
+        );
+    } else {
+        println!("events   dropped packets are logged by the kernel, prefix \"killswitch drop\"");
+    }
 }
 
 /// `status --follow`: drop events of one scope as they happen.

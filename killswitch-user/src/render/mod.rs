@@ -11,7 +11,7 @@ mod nft;
 use std::{collections::BTreeSet, net::IpAddr};
 
 pub use iptables::iptables;
-pub use nft::nft;
+pub use nft::{nft, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY, INBOUND};
 
 use crate::{
     error::{Error, Result},
@@ -30,6 +30,8 @@ pub struct Ruleset<'a> {
     pub servers: &'a [ServerEndpoint],
     /// `None`: everything in the network namespace (system-wide).
     pub cgroup: Option<CgroupMatch>,
+    /// Why the scope is held in lockdown instead of its policy (nft: in the table's comment).
+    pub lockdown: Option<String>,
 }
 
 /// A scope's cgroup as netfilter matches a socket's: its path below the cgroup2 root.
@@ -100,7 +102,7 @@ pub fn counter_name(direction: Direction, reason: Reason) -> String {
 }
 
 /// A text naming the SPEC step a rule implements, for rule comments.
-fn step(reason: Reason) -> &'static str {
+pub fn step(reason: Reason) -> &'static str {
     match reason {
         Reason::Loopback => "1 loopback",
         Reason::Tunnel => "2 tunnel",

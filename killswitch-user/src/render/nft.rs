@@ -64,6 +64,7 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
     writeln!(w, "table inet {table}").unwrap();
     writeln!(w, "delete table inet {table}").unwrap();
     writeln!(w, "table inet {table} {{").unwrap();
+    writeln!(w, "\tcomment \"{}\"", table_comment(ruleset)).unwrap();
 
     for direction in Direction::ALL {
         for reason in Reason::ALL {
@@ -183,7 +184,14 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
             "\t\ttype filter hook {hook} priority filter; policy {policy_verdict};"
         )
         .unwrap();
-        writeln!(w, "\t\t{select}goto {}", direction.name()).unwrap();
+        // The same comment as the table's: nft's JSON shows a rule's comment, not a table's.
+        writeln!(
+            w,
+            "\t\t{select}goto {} comment \"{}\"",
+            direction.name(),
+            table_comment(ruleset)
+        )
+        .unwrap();
         writeln!(w, "\t}}").unwrap();
     }
 
@@ -256,6 +264,36 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
     Ok(out)
 }
 
+/// `killswitch policy for PATH` or `killswitch lockdown for PATH: REASON` (PATH: the cgroup
+/// relative to the cgroup2 mount, `/` system-wide): what `status` reads back.
+fn table_comment(ruleset: &Ruleset) -> String {
+    let path = ruleset.cgroup.as_ref().map_or("/", |c| c.path.as_str());
+    match &ruleset.lockdown {
+        None => format!("{COMMENT_POLICY}{path}"),
+        Some(reason) => {
+            // nft keeps 256 bytes of comment and has no escape for a quote.
+            let reason: String = reason
+                .chars()
+                .map(|c| {
+                    if c == '"' || c == '\\' || c.is_control() {
+                        '\''
+                    } else {
+                        c
+                    }
+                })
+                .take(160)
+                .collect();
+            format!("{COMMENT_LOCKDOWN}{path}: {reason}")
+        }
+    }
+}
+
+/// How an `[[inbound]]` rule's comment goes on after its step: `inbound PORT[ from A, B]`.
+pub const INBOUND: &str = "inbound ";
+
+pub const COMMENT_POLICY: &str = "killswitch policy for ";
+pub const COMMENT_LOCKDOWN: &str = "killswitch lockdown for ";
+
 /// Whether a ruleset has a counter for the reason (netfilter never judges an ICMP error by
 /// what it quotes, and has no malformed header of its own).
 fn reachable(reason: Reason) -> bool {
@@ -284,10 +322,12 @@ fn set(
 enum Action<'a> {
     Allow(Direction, Reason),
     Drop(Direction, Reason),
+    /// Allow, with a note after the step in the comment (read back by `status`).
+    AllowNoted(Direction, Reason, String),
     /// Continue in another chain, with a comment saying why.
     Goto(&'a str, &'a str),
 }
-use Action::{Allow, Drop, Goto};
+use Action::{Allow, AllowNoted, Drop, Goto};
 
 struct Chain<'w> {
     w: &'w mut String,
@@ -304,6 +344,12 @@ impl<'w> Chain<'w> {
         let (verdict, reason) = match action {
             Allow(d, r) => (format!("counter name \"{}\" accept", counter_name(d, r)), r),
             Drop(d, r) => (format!("goto drop_{}", counter_name(d, r)), r),
+            AllowNoted(d, r, note) => {
+                let counter = counter_name(d, r);
+                let step = step(r);
+                writeln!(self.w, "\t\t{matches}{space}counter name \"{counter}\" accept comment \"{step}: {note}\"").unwrap();
+                return;
+            }
             Goto(chain, why) => {
                 writeln!(self.w, "\t\t{matches}{space}goto {chain} comment \"{why}\"").unwrap();
                 return;
@@ -476,11 +522,10 @@ fn tunnel_ingress(w: &mut String, policy: &crate::policy::Policy) {
     c.rule("ip hdrlength != 5", Drop(d, Reason::InboundRefused));
     c.rule("tcp flags & (syn | ack) != syn", Allow(d, Reason::Tunnel));
     for rule in &policy.inbound {
+        let inbound = format!("{INBOUND}{}", rule.port);
         if rule.sources.is_empty() {
-            c.rule(
-                &format!("tcp dport {}", rule.port),
-                Allow(d, Reason::Tunnel),
-            );
+            let matches = format!("tcp dport {}", rule.port);
+            c.rule(&matches, AllowNoted(d, Reason::Tunnel, inbound));
             continue;
         }
         let real = |ip: &&IpAddr| !matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
@@ -493,14 +538,10 @@ fn tunnel_ingress(w: &mut String, policy: &crate::policy::Policy) {
                 .map(IpAddr::to_string)
                 .collect();
             if !sources.is_empty() {
-                c.rule(
-                    &format!(
-                        "tcp dport {} {family} saddr {{ {} }}",
-                        rule.port,
-                        sources.join(", ")
-                    ),
-                    Allow(d, Reason::Tunnel),
-                );
+                let sources = sources.join(", ");
+                let matches = format!("tcp dport {} {family} saddr {{ {sources} }}", rule.port);
+                let note = format!("{inbound} from {sources}");
+                c.rule(&matches, AllowNoted(d, Reason::Tunnel, note));
             }
         }
     }

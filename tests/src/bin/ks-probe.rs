@@ -6,6 +6,8 @@
 //! `ks-probe flood ADDR:PORT MILLIS`: one UDP datagram per millisecond for MILLIS, errors ignored
 //! (a cgroup egress drop makes sendto fail with EPERM); prints how many were sent and how many of
 //! those the kernel refused.
+//! `ks-probe stream ADDR:PORT MILLIS`: like flood, on a flow answered once first (conntrack holds
+//! it as established); prints "established" when the answer came.
 
 use std::{
     io::{Read, Write},
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         "tcp" => tcp(addr, timeout),
         "udp" => udp(addr, timeout, local_port),
         "flood" => flood(addr, timeout),
+        "stream" => stream(addr, timeout),
         _ => Err("unknown probe kind".into()),
     };
     match result {
@@ -121,6 +124,43 @@ fn flood(addr: SocketAddr, duration: Duration) -> Result<(), String> {
             refused += 1;
         }
         attempts += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("{attempts} {refused}");
+    Ok(())
+}
+
+/// A UDP flow that is answered once (so conntrack holds it as established), then one datagram
+/// a millisecond on the same socket for `duration`, errors ignored; prints "established" after
+/// the answer, then how many were sent and how many the kernel refused.
+fn stream(addr: SocketAddr, duration: Duration) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
+    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    socket.connect(addr).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    socket.send(b"ping").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 16];
+    socket
+        .recv(&mut buf)
+        .map_err(|e| format!("no answer: {e}"))?;
+    println!("established");
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
+    let (mut attempts, mut refused) = (0u64, 0u64);
+    while start.elapsed() < duration {
+        if socket.send(b"more").is_err() {
+            refused += 1;
+        }
+        attempts += 1;
+        while socket.recv(&mut buf).is_ok() {}
         std::thread::sleep(Duration::from_millis(1));
     }
     println!("{attempts} {refused}");

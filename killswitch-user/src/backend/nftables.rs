@@ -1,0 +1,356 @@
+//! The nftables backend: the rendered script applied with `nft -f -` as one transaction, and
+//! read back from the kernel with `nft -j`. Its state is the table itself (one per scope, in the
+//! network namespace `nft` runs in); nothing is pinned.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use crate::{
+    error::{Error, Result},
+    model::{Direction, Reason},
+    policy::{Ipv6Mode, Lan, Policy, ServerEndpoint},
+    render::{self, CgroupMatch, Ruleset},
+    scope::Scope,
+};
+
+/// The table of the scope and the match that selects its sockets.
+fn table_of(scope: &Scope) -> Result<(String, Option<CgroupMatch>)> {
+    let cgroup = CgroupMatch::new(&scope.relative)?;
+    Ok((render::table_name(cgroup.as_ref()), cgroup))
+}
+
+/// The name of the scope's table (`inet` family).
+pub fn table(scope: &Scope) -> Result<String> {
+    Ok(table_of(scope)?.0)
+}
+
+/// Replaces the scope's table with the policy's in one transaction (no moment without it),
+/// then reads it back.
+pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
+    write(scope, policy, servers, None)
+}
+
+fn write(
+    scope: &Scope,
+    policy: &Policy,
+    servers: &[ServerEndpoint],
+    lockdown: Option<String>,
+) -> Result<()> {
+    let (table, cgroup) = table_of(scope)?;
+    let script = render::nft(&Ruleset {
+        policy,
+        servers,
+        cgroup: cgroup.clone(),
+        lockdown,
+    })?;
+    run_nft(&["-f", "-"], Some(&script), cgroup.is_some())
+        .map_err(|e| Error::kernel("nft refused the ruleset", e))?;
+    if !holds(scope) {
+        return Err(Error::kernel(
+            "nft reported success",
+            format!("but table inet {table} is not there"),
+        ));
+    }
+    Ok(())
+}
+
+/// What lockdown is in this backend: the policy with no tunnel, server, LAN or other
+/// exception, and DHCP (requests to the broadcast address only, as there is no LAN).
+pub fn lockdown_policy() -> Policy {
+    Policy {
+        tunnels: Vec::new(),
+        uplinks: None,
+        servers: Vec::new(),
+        lan: Lan::default(),
+        dhcp: true,
+        ntp_servers: Vec::new(),
+        dns_servers: Vec::new(),
+        ipv6: Ipv6Mode::Tunnel,
+        inbound: Vec::new(),
+    }
+}
+
+/// Holds a scope that has no table yet in lockdown; see [`crate::ebpf::lock_down`].
+pub fn lock_down(scope: &Scope, cause: Error) -> Error {
+    if holds(scope) {
+        return cause;
+    }
+    match write(scope, &lockdown_policy(), &[], Some(cause.to_string())) {
+        Ok(()) => Error::Lockdown(Box::new(cause)),
+        Err(also) => Error::kernel(
+            cause.to_string(),
+            format!(
+                "lockdown failed too ({also}); {} may be NOT ENFORCED",
+                scope.display_cgroup()
+            ),
+        ),
+    }
+}
+
+/// Whether the scope's table exists in this network namespace.
+pub fn holds(scope: &Scope) -> bool {
+    let Ok((table, _)) = table_of(scope) else {
+        return false;
+    };
+    run_nft(&["list", "table", "inet", &table], None, false).is_ok()
+}
+
+/// Removes the scope's table. Returns false when there was none.
+pub fn remove(scope: &Scope) -> Result<bool> {
+    if !holds(scope) {
+        return Ok(false);
+    }
+    let (table, _) = table_of(scope)?;
+    run_nft(&["delete", "table", "inet", &table], None, false)
+        .map_err(|e| Error::kernel("nft could not delete the table", e))?;
+    Ok(true)
+}
+
+/// A scope's table as the kernel holds it (`nft -j list table`).
+#[derive(Debug, Default)]
+pub struct Table {
+    /// The table's comment (on its output hook's rule): `killswitch policy for PATH` or
+    /// `killswitch lockdown for PATH: REASON`.
+    pub comment: String,
+    /// Hooks of its base chains ("output", "input").
+    pub hooks: Vec<String>,
+    /// Elements of each named set, as nft prints them (`a . udp . 1194` for concatenations).
+    pub sets: BTreeMap<String, Vec<String>>,
+    pub rules: Vec<Rule>,
+    /// Packets per named counter.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub chain: String,
+    pub comment: String,
+    /// Interface names (or `name*` patterns) the rule matches.
+    pub interfaces: Vec<String>,
+}
+
+impl Table {
+    /// Every counter per direction and reason, zero for the ones the table does not have.
+    pub fn counters(&self) -> Vec<(Direction, Reason, u64)> {
+        let mut out = Vec::new();
+        for direction in Direction::ALL {
+            for reason in Reason::ALL {
+                let name = render::counter_name(direction, reason);
+                out.push((
+                    direction,
+                    reason,
+                    self.counters.get(&name).copied().unwrap_or(0),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Interfaces matched by the rules of `chain` whose comment is `comment`.
+    pub fn interfaces(&self, chain: &str, comment: &str) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|r| r.chain == chain && r.comment == comment)
+            .flat_map(|r| r.interfaces.clone())
+            .collect()
+    }
+}
+
+/// Reads the scope's table back from the kernel.
+pub fn read(scope: &Scope) -> Result<Table> {
+    let (table, _) = table_of(scope)?;
+    read_table(&table)
+}
+
+fn read_table(table: &str) -> Result<Table> {
+    let json = run_nft(&["-j", "list", "table", "inet", table], None, false)
+        .map_err(|e| Error::kernel("nft could not list the table", e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))?;
+    let mut out = Table::default();
+    for item in value["nftables"].as_array().into_iter().flatten() {
+        if let Some(chain) = item.get("chain") {
+            if let Some(hook) = chain["hook"].as_str() {
+                out.hooks.push(hook.to_owned());
+            }
+        } else if let Some(set) = item.get("set") {
+            let name = set["name"].as_str().unwrap_or_default().to_owned();
+            let elements = set["elem"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(element)
+                .collect();
+            out.sets.insert(name, elements);
+        } else if let Some(counter) = item.get("counter") {
+            if let (Some(name), Some(packets)) =
+                (counter["name"].as_str(), counter["packets"].as_u64())
+            {
+                out.counters.insert(name.to_owned(), packets);
+            }
+        } else if let Some(rule) = item.get("rule") {
+            let interfaces = rule["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let m = e.get("match")?;
+                    let key = m["left"]["meta"]["key"].as_str()?;
+                    (matches!(key, "oifname" | "iifname") && m["op"] == "==")
+                        .then(|| m["right"].as_str().map(str::to_owned))?
+                })
+                .collect();
+            let comment = rule["comment"].as_str().unwrap_or_default();
+            if rule["chain"] == "output" && comment.starts_with("killswitch ") {
+                out.comment = comment.to_owned();
+            }
+            out.rules.push(Rule {
+                chain: rule["chain"].as_str().unwrap_or_default().to_owned(),
+                comment: rule["comment"].as_str().unwrap_or_default().to_owned(),
+                interfaces,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A set element as text: an address, `addr/len`, or `a . b . c`.
+fn element(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Object(o) => {
+            if let Some(prefix) = o.get("prefix") {
+                format!("{}/{}", element(&prefix["addr"]), prefix["len"])
+            } else if let Some(parts) = o.get("concat").and_then(|c| c.as_array()) {
+                parts.iter().map(element).collect::<Vec<_>>().join(" . ")
+            } else if let Some(inner) = o.get("elem") {
+                element(&inner["val"])
+            } else {
+                value.to_string()
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Every scope an nftables table of ours holds in this network namespace (none when nft is
+/// missing).
+pub fn scopes() -> Vec<Scope> {
+    let Ok(json) = run_nft(&["-j", "list", "tables", "inet"], None, false) else {
+        return Vec::new();
+    };
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    let mut out = Vec::new();
+    for item in value["nftables"].as_array().into_iter().flatten() {
+        let Some(name) = item["table"]["name"].as_str() else {
+            continue;
+        };
+        if !name.starts_with("killswitch") {
+            continue;
+        }
+        let Ok(table) = read_table(name) else {
+            continue;
+        };
+        let path = [render::COMMENT_POLICY, render::COMMENT_LOCKDOWN]
+            .iter()
+            .find_map(|prefix| table.comment.strip_prefix(prefix))
+            .map(|rest| rest.split(": ").next().unwrap_or(rest).to_owned());
+        let scope = match path.as_deref() {
+            Some("/") => Scope::from_arg(None).unwrap_or_else(|_| Scope::without_cgroup2()),
+            Some(path) => match Scope::from_arg(Some(std::path::Path::new(path))) {
+                Ok(scope) => scope,
+                Err(_) => continue,
+            },
+            None => continue,
+        };
+        // Only a table whose name is the one this scope would get.
+        if table_of(&scope).is_ok_and(|(expected, _)| expected == name) {
+            out.push(scope);
+        }
+    }
+    out
+}
+
+/// Whether this machine has a working `nft` (a missing binary is the usual reason not).
+pub fn available() -> Result<()> {
+    run_nft(&["--version"], None, false)
+        .map(|_| ())
+        .map_err(|e| Error::Runtime(format!("nftables is not usable: {e}")))
+}
+
+/// Runs `nft ARGS`, with `input` on its stdin; its stdout, or its error output as the error.
+/// `cgroup_paths`: the script names cgroups, which nft (1.0.6) looks up under /sys/fs/cgroup;
+/// where cgroup2 is mounted elsewhere, nft runs in a mount namespace of its own with the
+/// cgroup2 mount bound there.
+fn run_nft(args: &[&str], input: Option<&str>, cgroup_paths: bool) -> Result<String, String> {
+    let mut command = Command::new("nft");
+    command
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if cgroup_paths {
+        let cgroup2 = crate::scope::cgroup2_mount().map_err(|e| e.to_string())?;
+        if cgroup2 != std::path::Path::new("/sys/fs/cgroup") {
+            let source = std::ffi::CString::new(cgroup2.as_os_str().as_encoded_bytes())
+                .map_err(|e| e.to_string())?;
+            // SAFETY: between fork and exec only async-signal-safe calls (unshare, mount) on
+            // strings made before the fork.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    let failed = libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            c"none".as_ptr(),
+                            c"/".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                        || libc::mount(
+                            source.as_ptr(),
+                            c"/sys/fs/cgroup".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0;
+                    if failed {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if let Some(text) = input {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("cannot write to nft: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("nft did not finish: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // nft's first line says what is wrong; the rest repeats the script.
+        Err(stderr
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("nft failed")
+            .trim()
+            .to_owned())
+    }
+}
