@@ -203,3 +203,54 @@ impl Drop for Background {
         let _ = self.child.wait();
     }
 }
+
+/// Makes `command` (and everything it executes) get EPERM from the `bpf` system call: a kernel
+/// that refuses eBPF, for the fallback tests. A seccomp filter, inherited across exec.
+pub fn without_bpf(command: &mut Command) {
+    const LOAD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    const ERRNO_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32; // SECCOMP_RET_ERRNO
+    const ALLOW: u32 = 0x7fff_0000; // SECCOMP_RET_ALLOW
+    let filter = [
+        libc::sock_filter {
+            code: LOAD_NR,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: JUMP_IF_EQ,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_bpf as u32,
+        },
+        libc::sock_filter {
+            code: RETURN,
+            jt: 0,
+            jf: 0,
+            k: ERRNO_EPERM,
+        },
+        libc::sock_filter {
+            code: RETURN,
+            jt: 0,
+            jf: 0,
+            k: ALLOW,
+        },
+    ];
+    // SAFETY: only prctl between fork and exec; the filter outlives the calls (moved in).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

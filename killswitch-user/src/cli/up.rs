@@ -66,17 +66,18 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>, choice: Choice) -> Resul
     }
     let updating = !Backend::holding(&scope).is_empty();
     let enforced = match choice {
-        Choice::Ebpf => with_ebpf(&scope, &policy, servers),
+        Choice::Ebpf => with_ebpf(&scope, &policy, servers, true),
         Choice::Nftables => with_nftables(&scope, &policy, &servers),
-        Choice::Auto => match with_ebpf(&scope, &policy, servers.clone()) {
+        Choice::Auto => match with_ebpf(&scope, &policy, servers.clone(), false) {
             // The kernel (or the machine) refused eBPF; a bad config would fail the same anywhere.
             Err(refused) if refused.exit_code() == 1 => {
                 tracing::warn!("eBPF cannot enforce here ({refused}); using nftables instead");
                 with_nftables(&scope, &policy, &servers).map_err(|also| {
-                    Error::Runtime(format!(
+                    let both = Error::Runtime(format!(
                         "neither backend can enforce {}: eBPF: {refused}; nftables: {also}",
                         scope.display_cgroup()
-                    ))
+                    ));
+                    lock_down(Choice::Auto, &scope, both)
                 })
             }
             other => other,
@@ -134,9 +135,14 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>, choice: Choice) -> Resul
     })
 }
 
-fn with_ebpf(scope: &Scope, policy: &Policy, mut servers: ResolvedServers) -> Result<Enforced> {
+fn with_ebpf(
+    scope: &Scope,
+    policy: &Policy,
+    mut servers: ResolvedServers,
+    lockdown: bool,
+) -> Result<Enforced> {
     // The interfaces are listed under the scope's lock, so a racing daemon's newer list wins.
-    let entries = ebpf::apply(scope, || {
+    let build = || {
         // A name that does not resolve now keeps the addresses the scope holds for it.
         servers.keep_known_in(&scope.pin_dir);
         crate::servers::note_replaced_command_list(&scope.pin_dir);
@@ -152,7 +158,8 @@ fn with_ebpf(scope: &Scope, policy: &Policy, mut servers: ResolvedServers) -> Re
         );
         entries.server_names = servers.record_of_names();
         Ok(entries)
-    })?;
+    };
+    let entries = ebpf::apply_with(scope, build, lockdown)?;
     Ok(Enforced {
         backend: Backend::Ebpf,
         tunnels: entries

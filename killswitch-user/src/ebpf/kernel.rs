@@ -104,8 +104,10 @@ pub fn netns_source() -> Result<NetnsSource, String> {
 }
 
 fn helper_supported(helper: BpfHelper) -> Result<bool, String> {
-    is_helper_supported(ProgramType::CgroupSkb, helper)
-        .map_err(|e| format!("cannot probe the kernel for {helper:?}: {e}"))
+    is_helper_supported(ProgramType::CgroupSkb, helper).map_err(|e| {
+        let why = crate::error::chain(&e);
+        format!("cannot probe the kernel for {helper:?}: {why}")
+    })
 }
 
 /// `skc_net.net` in `struct sock` and `net_cookie` in `struct net`, from the kernel's BTF. Each

@@ -434,6 +434,16 @@ pub fn is_pinned(scope: &Scope) -> bool {
 /// not be overwritten with an older list). A first apply that fails leaves the scope in
 /// lockdown (`Error::Lockdown`), never open. Returns what was written.
 pub fn apply(scope: &Scope, build: impl FnOnce() -> Result<MapEntries>) -> Result<MapEntries> {
+    apply_with(scope, build, true)
+}
+
+/// [`apply`]; without `lockdown`, a scope nothing enforced yet is left as it was when the apply
+/// fails: for `--backend auto`, which tries nftables next (and locks down if that fails too).
+pub fn apply_with(
+    scope: &Scope,
+    build: impl FnOnce() -> Result<MapEntries>,
+    lockdown: bool,
+) -> Result<MapEntries> {
     scope::ensure_bpffs()?;
     let cgroup = open_cgroup(scope)?;
     let _lock = scope::ScopeLock::acquire(scope)?;
@@ -448,7 +458,12 @@ pub fn apply(scope: &Scope, build: impl FnOnce() -> Result<MapEntries>) -> Resul
     })();
     match result {
         // Nothing enforced this scope before: never leave it open.
-        Err(cause) if fresh => Err(held_in_lockdown(&cgroup, scope, cause)),
+        Err(cause) if fresh && lockdown => Err(held_in_lockdown(&cgroup, scope, cause)),
+        Err(cause) if fresh => {
+            // Nothing of ours is attached: the empty pin directory goes too.
+            let _ = remove_pins(&scope.pin_dir);
+            Err(cause)
+        }
         // Already enforced: what is in force stays untouched.
         other => other,
     }
