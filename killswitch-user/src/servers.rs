@@ -292,6 +292,17 @@ pub fn note_replaced_command_list(pin_dir: &std::path::Path) {
     let owned = crate::ebpf::PinnedMaps::open(pin_dir)
         .and_then(|maps| maps.has_server_name(&COMMAND_OWNS_THE_LIST))
         .unwrap_or(false);
+    say_replaced(owned);
+}
+
+/// [`note_replaced_command_list`] for the nftables backend's table.
+pub fn note_replaced_command_list_in_table(scope: &crate::scope::Scope) {
+    let owned = crate::backend::nftables::holds(scope)
+        && crate::backend::nftables::read(scope).is_ok_and(|t| t.servers_set_by_command());
+    say_replaced(owned);
+}
+
+fn say_replaced(owned: bool) {
     if owned {
         tracing::warn!(
             "the config's servers replace the list set with `killswitch servers` (the config \

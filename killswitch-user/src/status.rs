@@ -13,9 +13,7 @@ use crate::{
         sys, PinnedMaps,
     },
     error::Result,
-    interfaces,
-    policy::{Protocol, ServerEndpoint},
-    render,
+    interfaces, render,
     scope::Scope,
 };
 
@@ -212,15 +210,7 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
             .flat_map(|n| table.sets.get(*n).cloned().unwrap_or_default())
             .collect()
     };
-    let servers = set(&[
-        "servers4_port",
-        "servers4_any",
-        "servers6_port",
-        "servers6_any",
-    ])
-    .iter()
-    .map(|element| server_of_element(element))
-    .collect();
+    let servers = table.servers().iter().map(ToString::to_string).collect();
     let inbound = table
         .rules
         .iter()
@@ -259,7 +249,7 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
         tunnel_names: Some(tunnel_names),
         uplinks,
         servers,
-        servers_set_by_command: false,
+        servers_set_by_command: table.servers_set_by_command(),
         exceptions: Exceptions {
             lan: set(&["lan4", "lan6"]),
             lan_dns: !has(Reason::LanDns),
@@ -280,25 +270,6 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
 
 /// The comment of the rules that send an uplink's packets on.
 const UPLINK: &str = "3 an uplink";
-
-/// `addr . proto . port` or `addr . proto` as the command line writes a server.
-fn server_of_element(element: &str) -> String {
-    let parts: Vec<&str> = element.split(" . ").collect();
-    let protocol = match parts.get(1) {
-        Some(&"udp") => Some(Protocol::Udp),
-        Some(&"tcp") => Some(Protocol::Tcp),
-        _ => None,
-    };
-    match parts[0].parse() {
-        Ok(address) => ServerEndpoint {
-            address,
-            port: parts.get(2).and_then(|p| p.parse().ok()),
-            protocol,
-        }
-        .to_string(),
-        Err(_) => element.to_owned(),
-    }
-}
 
 fn counters(list: Vec<(Direction, Reason, u64)>) -> Vec<CounterStatus> {
     list.into_iter()

@@ -24,6 +24,8 @@ struct Setup {
     dir: PathBuf,
     config: PathBuf,
     echo: EchoServer,
+    /// The daemon's `--backend`, when the test names one.
+    backend: Option<&'static str>,
 }
 
 impl Setup {
@@ -45,9 +47,25 @@ impl Setup {
             config: dir.join("killswitch.toml"),
             dir,
             echo,
+            backend: None,
         };
         s.write_config(config);
         s
+    }
+
+    /// [`Setup::new`] with the daemon started with `--backend BACKEND`.
+    fn with_backend(config: &str, backend: Option<&'static str>) -> Setup {
+        let mut s = Setup::new(config);
+        s.backend = backend;
+        s
+    }
+
+    /// `daemon`, with the test's backend.
+    fn daemon_command(&self) -> Vec<&str> {
+        match self.backend {
+            Some(backend) => vec!["daemon", "--backend", backend],
+            None => vec!["daemon"],
+        }
     }
 
     fn write_config(&self, text: &str) {
@@ -71,7 +89,7 @@ impl Setup {
         self.start_daemon(killswitch_command(
             &self.net.client,
             &self.pins,
-            &self.args(&["daemon"]),
+            &self.args(&self.daemon_command()),
         ))
     }
 
@@ -82,7 +100,7 @@ impl Setup {
             &self.pins,
             &self.cgroup,
             resolv_conf,
-            &self.args(&["daemon"]),
+            &self.args(&self.daemon_command()),
         ))
     }
 
@@ -432,7 +450,20 @@ fn sigterm_and_sigkill_leave_the_scope_enforced() {
 #[test]
 fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     require_root!();
-    let s = Setup::new(TUNNEL_CONFIG);
+    sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid_with(None);
+}
+
+/// [`sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid`] with the nftables backend.
+#[test]
+fn with_nftables_sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
+    require_root!();
+    sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid_with(Some("nftables"));
+}
+
+fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid_with(
+    backend: Option<&'static str>,
+) {
+    let s = Setup::with_backend(TUNNEL_CONFIG, backend);
     s.net.remove_tunnel();
     let daemon = s.daemon();
     let ntp = format!("{SERVER_V4}:123");
@@ -707,7 +738,22 @@ fn next_query(dns: &Background, limit: Duration) -> bool {
 #[test]
 fn a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver() {
     require_root!();
-    let s = Setup::new(&named_server_behind_dns_exception());
+    a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver_with(None);
+}
+
+/// [`a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver`] with the nftables backend.
+#[test]
+fn with_nftables_a_hostname_follows_its_ttl_and_survives_a_failing_resolver() {
+    require_root!();
+    a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver_with(Some(
+        "nftables",
+    ));
+}
+
+fn a_hostname_follows_its_ttl_through_a_dns_exception_and_survives_a_failing_resolver_with(
+    backend: Option<&'static str>,
+) {
+    let s = Setup::with_backend(&named_server_behind_dns_exception(), backend);
     let (zone, dns, daemon) = s.resolving_without_tunnel();
     assert!(s.reaches("udp", &format!("{SERVER_V4}:124"), "1000"));
 
@@ -892,7 +938,20 @@ fn racing_ups_and_tunnel_churn_end_with_only_the_tunnel_that_exists() {
 #[test]
 fn a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload() {
     require_root!();
-    let s = Setup::new(&named_server_behind_dns_exception());
+    a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload_with(None);
+}
+
+/// [`a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload`] with the nftables backend.
+#[test]
+fn with_nftables_a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload() {
+    require_root!();
+    a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload_with(Some("nftables"));
+}
+
+fn a_list_set_with_servers_is_kept_from_the_resolver_until_a_reload_with(
+    backend: Option<&'static str>,
+) {
+    let s = Setup::with_backend(&named_server_behind_dns_exception(), backend);
     let (zone, dns, daemon) = s.resolving_without_tunnel();
     assert!(s
         .killswitch(&["servers", "set", "198.18.7.7:1194/udp"])

@@ -6,7 +6,164 @@ pub mod nftables;
 
 use serde::Serialize;
 
-use crate::{error::Result, scope::Scope};
+use crate::{
+    ebpf::{self, MapEntries},
+    error::{Error, Result},
+    interfaces,
+    policy::Policy,
+    scope::Scope,
+    servers::ResolvedServers,
+};
+
+/// `--backend`: which one enforces the scope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Choice {
+    /// eBPF, or nftables (with one warning line saying why) where eBPF cannot enforce it
+    #[default]
+    Auto,
+    /// eBPF programs on the scope's cgroup (pinned in bpffs)
+    Ebpf,
+    /// An nftables table in this network namespace
+    Nftables,
+}
+
+/// What an apply put in force.
+pub struct Applied {
+    pub backend: Backend,
+    /// eBPF: the tunnels in its map (with ifindex); nftables: the interfaces its names match now.
+    pub tunnels: Vec<String>,
+    /// eBPF: the map's tunnel entries, for the daemon's log lines.
+    pub entries: Option<MapEntries>,
+    pub servers: usize,
+    /// Where the state lives: the pin directory, or the nft table.
+    pub held_in: String,
+}
+
+/// Puts `policy` with `servers` in force on the scope with the backend `choice` names (`auto`:
+/// eBPF, else nftables with one warning line), then lets the other backend go if it held the
+/// scope (no moment without either). A scope nothing held is left in lockdown if this fails.
+/// For eBPF, `servers` keeps the addresses the scope holds for names that do not resolve now.
+pub fn apply(
+    choice: Choice,
+    scope: &Scope,
+    policy: &Policy,
+    servers: &mut ResolvedServers,
+) -> Result<Applied> {
+    let applied = match choice {
+        Choice::Ebpf => with_ebpf(scope, policy, servers, true),
+        Choice::Nftables => with_nftables(scope, policy, servers),
+        Choice::Auto => {
+            let before = servers.clone();
+            match with_ebpf(scope, policy, servers, false) {
+                // The kernel (or the machine) refused eBPF; a bad config fails the same anywhere.
+                Err(refused) if refused.exit_code() == 1 => {
+                    tracing::warn!("eBPF cannot enforce here ({refused}); using nftables instead");
+                    *servers = before;
+                    with_nftables(scope, policy, servers).map_err(|also| {
+                        let both = Error::Runtime(format!(
+                            "neither backend can enforce {}: eBPF: {refused}; nftables: {also}",
+                            scope.display_cgroup()
+                        ));
+                        lock_down(Choice::Auto, scope, both)
+                    })
+                }
+                other => other,
+            }
+        }
+    }?;
+    for other in Backend::ALL.into_iter().filter(|b| *b != applied.backend) {
+        if other.holds(scope) && other.remove(scope)? {
+            tracing::info!(
+                "{} moved from {} to {}",
+                scope.display_cgroup(),
+                other.name(),
+                applied.backend.name()
+            );
+        }
+    }
+    Ok(applied)
+}
+
+fn with_ebpf(
+    scope: &Scope,
+    policy: &Policy,
+    servers: &mut ResolvedServers,
+    lockdown: bool,
+) -> Result<Applied> {
+    // The interfaces are listed under the scope's lock, so a racing daemon's newer list wins.
+    let build = || {
+        // A name that does not resolve now keeps the addresses the scope holds for it.
+        servers.keep_known_in(&scope.pin_dir);
+        crate::servers::note_replaced_command_list(&scope.pin_dir);
+        let list = interfaces::list()?;
+        for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
+            tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
+        }
+        let mut entries = MapEntries::new(
+            policy,
+            &list,
+            interfaces::netns_cookie()?,
+            &servers.endpoints(),
+        );
+        entries.server_names = servers.record_of_names();
+        Ok(entries)
+    };
+    let entries = ebpf::apply_with(scope, build, lockdown)?;
+    Ok(Applied {
+        backend: Backend::Ebpf,
+        tunnels: entries
+            .tunnels
+            .iter()
+            .map(|(k, name)| format!("{name} (ifindex {})", k.ifindex))
+            .collect(),
+        servers: entries.servers.len(),
+        entries: Some(entries),
+        held_in: format!("pinned in {}", scope.pin_dir.display()),
+    })
+}
+
+fn with_nftables(scope: &Scope, policy: &Policy, servers: &ResolvedServers) -> Result<Applied> {
+    nftables::available()?;
+    let endpoints = servers.endpoints();
+    let fresh = !nftables::holds(scope);
+    crate::servers::note_replaced_command_list_in_table(scope);
+    if let Err(e) = nftables::apply(scope, policy, &endpoints) {
+        // Nothing enforced this scope before: never leave it open.
+        return Err(if fresh && Backend::holding(scope).is_empty() {
+            nftables::lock_down(scope, e)
+        } else {
+            e
+        });
+    }
+    let list = interfaces::list().unwrap_or_default();
+    Ok(Applied {
+        backend: Backend::Nftables,
+        tunnels: interfaces::matching(&list, &policy.tunnels)
+            .into_iter()
+            .map(|i| i.name)
+            .collect(),
+        entries: None,
+        servers: endpoints.len(),
+        held_in: format!("table inet {}", nftables::table(scope)?),
+    })
+}
+
+/// Holds the scope in lockdown because the policy cannot be put in force (`cause`), unless some
+/// backend already enforces it (then what is in force stays untouched). Returns the error to
+/// report.
+pub fn lock_down(choice: Choice, scope: &Scope, cause: Error) -> Error {
+    if !Backend::holding(scope).is_empty() {
+        return cause;
+    }
+    match choice {
+        Choice::Ebpf => ebpf::lock_down(scope, cause),
+        Choice::Nftables => nftables::lock_down(scope, cause),
+        Choice::Auto => match ebpf::lock_down(scope, cause) {
+            held @ Error::Lockdown(_) => held,
+            refused => nftables::lock_down(scope, refused),
+        },
+    }
+}
 
 /// A backend that holds scopes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

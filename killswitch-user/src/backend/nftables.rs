@@ -11,7 +11,7 @@ use std::{
 use crate::{
     error::{Error, Result},
     model::{Direction, Reason},
-    policy::{Ipv6Mode, Lan, Policy, ServerEndpoint},
+    policy::{Ipv6Mode, Lan, Policy, Protocol, ServerEndpoint},
     render::{self, CgroupMatch, Ruleset},
     scope::Scope,
 };
@@ -273,6 +273,50 @@ pub fn scopes() -> Vec<Scope> {
         }
     }
     out
+}
+
+impl Table {
+    /// The server endpoints the table's sets hold (a server for TCP and UDP is two entries).
+    pub fn servers(&self) -> Vec<ServerEndpoint> {
+        render::SERVER_SETS
+            .iter()
+            .flat_map(|name| self.sets.get(*name).cloned().unwrap_or_default())
+            .filter_map(|element| parse_server(&element))
+            .collect()
+    }
+
+    /// Whether the server list in force was set with `killswitch servers`.
+    pub fn servers_set_by_command(&self) -> bool {
+        self.counters.contains_key(render::SET_BY_COMMAND)
+    }
+}
+
+/// `addr . proto . port` or `addr . proto`, as a server set holds it.
+fn parse_server(element: &str) -> Option<ServerEndpoint> {
+    let parts: Vec<&str> = element.split(" . ").collect();
+    let protocol = match parts.get(1) {
+        Some(&"udp") => Some(Protocol::Udp),
+        Some(&"tcp") => Some(Protocol::Tcp),
+        _ => None,
+    };
+    Some(ServerEndpoint {
+        address: parts.first()?.parse().ok()?,
+        port: parts.get(2).and_then(|p| p.parse().ok()),
+        protocol,
+    })
+}
+
+/// Replaces the server list of the scope's table in one transaction (a server in both the old
+/// and the new list never misses a packet) and marks it as the command's.
+pub fn set_servers(scope: &Scope, servers: &[ServerEndpoint]) -> Result<()> {
+    let (table, _) = table_of(scope)?;
+    run_nft(
+        &["-f", "-"],
+        Some(&render::servers_script(&table, servers)),
+        false,
+    )
+    .map_err(|e| Error::kernel("nft refused the server list", e))?;
+    Ok(())
 }
 
 /// Whether this machine has a working `nft` (a missing binary is the usual reason not).

@@ -79,7 +79,7 @@ enum Command {
     Check,
     /// Apply the policy like `up`, then keep it current: tunnels that come and go, hostnames,
     /// config reload on SIGHUP, drop events in the log. Stopping it leaves the scope enforced
-    Daemon(ScopeArgs),
+    Daemon(UpArgs),
     /// Change the server list of an enforced scope while it runs (list, set, add, remove)
     Servers(servers::ServersArgs),
     /// Print the policy as an nftables script or iptables-restore files, for machines
@@ -97,8 +97,8 @@ struct UpArgs {
 
     /// What enforces it: eBPF programs on the cgroup, or an nftables table. `auto` uses eBPF
     /// and falls back to nftables, with a warning saying why, where eBPF cannot enforce
-    #[arg(long, value_enum, default_value_t = up::Choice::Auto)]
-    backend: up::Choice,
+    #[arg(long, value_enum, default_value_t = crate::backend::Choice::Auto)]
+    backend: crate::backend::Choice,
 }
 
 #[derive(Debug, Args)]
@@ -134,7 +134,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Down(args) => down::run(args.cgroup.as_deref()),
         Command::Status(args) => status::run(args),
         Command::Check => check::run(&cli.config),
-        Command::Daemon(args) => daemon::run(&cli.config, args.cgroup.as_deref()),
+        Command::Daemon(args) => {
+            daemon::run(&cli.config, args.scope.cgroup.as_deref(), args.backend)
+        }
         Command::Servers(args) => servers::run(args),
         Command::Render(args) => render::run(&cli.config, args),
     }

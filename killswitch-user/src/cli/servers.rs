@@ -5,12 +5,14 @@ use std::{collections::BTreeSet, path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand};
 
 use crate::{
+    backend::nftables,
     ebpf::{
         self,
         entries::{server_endpoint, server_key},
         PinnedMaps,
     },
     error::{Error, Result},
+    policy::Protocol,
     policy::ServerEndpoint,
     scope::{Scope, ScopeLock},
 };
@@ -53,6 +55,9 @@ enum Action {
 pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
     super::require_privileges()?;
     let scope = Scope::from_arg(args.cgroup.as_deref())?;
+    if nftables::holds(&scope) && !ebpf::is_pinned(&scope) {
+        return with_nftables(&scope, &args.action);
+    }
     let lock = ScopeLock::existing(&scope)?;
     if lock.is_none() || !ebpf::is_pinned(&scope) {
         return Err(Error::Runtime(format!(
@@ -89,6 +94,61 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
     tracing::info!(scope = %scope.name, endpoints = changed, "servers {verb}");
     println!(
         "killswitch: {verb} {changed} server endpoint{} of {}",
+        if changed == 1 { "" } else { "s" },
+        scope.display_cgroup(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The same verbs on an nftables table: the list read back, changed, and written in one
+/// transaction.
+fn with_nftables(scope: &Scope, action: &Action) -> Result<ExitCode> {
+    let table = nftables::read(scope)?;
+    if table.comment.starts_with(crate::render::COMMENT_LOCKDOWN) {
+        return Err(Error::Runtime(format!(
+            "{} is in lockdown, not enforcing a policy; fix what `killswitch status` shows and \
+             run `killswitch up`",
+            scope.display_cgroup()
+        )));
+    }
+    let before: BTreeSet<ServerEndpoint> = table.servers().into_iter().collect();
+    // A server for TCP and UDP is held as one entry per protocol.
+    let split = |endpoints: &[ServerEndpoint]| -> BTreeSet<ServerEndpoint> {
+        endpoints
+            .iter()
+            .flat_map(|e| match e.protocol {
+                Some(_) => vec![*e],
+                None => [Protocol::Tcp, Protocol::Udp]
+                    .map(|p| ServerEndpoint {
+                        protocol: Some(p),
+                        ..*e
+                    })
+                    .to_vec(),
+            })
+            .collect()
+    };
+    let (verb, after): (&str, BTreeSet<ServerEndpoint>) = match action {
+        Action::List => {
+            for endpoint in &before {
+                println!("{endpoint}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Action::Set { endpoints, .. } => ("set", split(endpoints)),
+        Action::Add { endpoints } => ("added", before.union(&split(endpoints)).copied().collect()),
+        Action::Remove { endpoints } => (
+            "removed",
+            before.difference(&split(endpoints)).copied().collect(),
+        ),
+    };
+    let changed = match action {
+        Action::Set { .. } => after.len(),
+        _ => before.symmetric_difference(&after).count(),
+    };
+    nftables::set_servers(scope, &after.into_iter().collect::<Vec<_>>())?;
+    tracing::info!(scope = %scope.name, endpoints = changed, "servers {verb}");
+    println!(
+        "killswitch: {verb} {changed} server endpoint{} of {} (nftables)",
         if changed == 1 { "" } else { "s" },
         scope.display_cgroup(),
     );

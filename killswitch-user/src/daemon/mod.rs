@@ -20,6 +20,7 @@ use tokio::{
 
 use self::links::LinkWatcher;
 use crate::{
+    backend::{self, nftables, Backend, Choice},
     ebpf::{self, MapEntries, PinnedMaps},
     error::{Error, Result},
     events::{EventReader, Resolver},
@@ -31,17 +32,19 @@ use crate::{
 
 /// Runs until SIGTERM or SIGINT. Errors of the first apply are returned (a scope that was not
 /// enforced is then in lockdown); later ones are logged and the enforcement in place stays.
-pub fn run(config: &Path, scope: Scope) -> Result<()> {
+pub fn run(config: &Path, scope: Scope, choice: Choice) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::kernel("cannot start the event loop", e))?;
-    ebpf::warm_up();
+    if choice != Choice::Nftables {
+        ebpf::warm_up();
+    }
     runtime.block_on(async move {
-        let Some((policy, stamp)) = first_valid_policy(config, &scope).await? else {
+        let Some((policy, stamp)) = first_valid_policy(config, &scope, choice).await? else {
             return Ok(());
         };
-        let mut daemon = Daemon::start(config.to_path_buf(), stamp, scope, policy).await?;
+        let mut daemon = Daemon::start(config.to_path_buf(), stamp, scope, policy, choice).await?;
         daemon.serve().await
     })
 }
@@ -49,7 +52,11 @@ pub fn run(config: &Path, scope: Scope) -> Result<()> {
 /// The config to start with. While it cannot be used, the scope is held in lockdown (if nothing
 /// enforced it yet; otherwise what is in force stays) and the daemon waits for SIGHUP. `None`:
 /// told to stop while waiting.
-async fn first_valid_policy(config: &Path, scope: &Scope) -> Result<Option<(Policy, Stamp)>> {
+async fn first_valid_policy(
+    config: &Path,
+    scope: &Scope,
+    choice: Choice,
+) -> Result<Option<(Policy, Stamp)>> {
     let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
@@ -58,7 +65,7 @@ async fn first_valid_policy(config: &Path, scope: &Scope) -> Result<Option<(Poli
         match Policy::load(config) {
             Ok(policy) => return Ok(Some((policy, stamp))),
             Err(e) => {
-                let e = ebpf::lock_down(scope, e.into());
+                let e = backend::lock_down(choice, scope, e.into());
                 tracing::error!("{e}; waiting for SIGHUP to read the config again");
             }
         }
@@ -99,6 +106,8 @@ struct Daemon {
     /// The config file as it was when the policy in force was read from it.
     stamp: Stamp,
     scope: Scope,
+    /// Which backend holds the scope (chosen at start like `up` chooses).
+    backend: Backend,
     policy: Policy,
     servers: ResolvedServers,
     netns_cookie: u64,
@@ -108,7 +117,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(config: PathBuf, stamp: Stamp, scope: Scope, policy: Policy) -> Result<Daemon> {
+    async fn start(
+        config: PathBuf,
+        stamp: Stamp,
+        scope: Scope,
+        policy: Policy,
+        choice: Choice,
+    ) -> Result<Daemon> {
         // Subscribe first: a tunnel that appears while we apply is still seen.
         let links = LinkWatcher::subscribe()?;
         let mut servers = ResolvedServers::for_rules(&policy.servers, None);
@@ -118,23 +133,23 @@ impl Daemon {
             config,
             stamp,
             scope,
+            backend: Backend::Ebpf,
             policy,
             servers,
             netns_cookie: interfaces::netns_cookie()?,
             tunnels: BTreeMap::new(),
             links,
         };
-        let entries = ebpf::apply(&daemon.scope.clone(), || {
-            // A name that does not resolve now keeps the addresses the scope holds for it.
-            daemon.servers.keep_known_in(&daemon.scope.pin_dir);
-            crate::servers::note_replaced_command_list(&daemon.scope.pin_dir);
-            daemon.entries()
-        })?;
-        daemon.log_tunnels(&entries);
+        let applied = backend::apply(choice, &daemon.scope, &daemon.policy, &mut daemon.servers)?;
+        daemon.backend = applied.backend;
+        if let Some(entries) = &applied.entries {
+            daemon.log_tunnels(entries);
+        }
         tracing::info!(
             scope = %daemon.scope.name,
-            servers = entries.servers.len(),
-            "daemon started; enforcing {}", daemon.scope.display_cgroup()
+            backend = applied.backend.name(),
+            servers = applied.servers,
+            "daemon started; enforcing {} with {}", daemon.scope.display_cgroup(), applied.backend.name()
         );
         Ok(daemon)
     }
@@ -154,10 +169,18 @@ impl Daemon {
         let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
         let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
-        let ring = Ring(EventReader::open(&self.scope.pin_dir)?);
-        // SAFETY: the ring buffer's fd is owned by `ring` and stays open until it is dropped.
-        let mut events = unsafe { AsyncFd::register(ring) }
-            .map_err(|e| Error::kernel("cannot watch the drop events", e))?;
+        // Drop events come from the eBPF programs' ring buffer (nftables logs to the kernel log).
+        let mut events = match self.backend {
+            Backend::Ebpf => {
+                let ring = Ring(EventReader::open(&self.scope.pin_dir)?);
+                // SAFETY: the ring buffer's fd is owned by `ring` and stays open until dropped.
+                Some(
+                    unsafe { AsyncFd::register(ring) }
+                        .map_err(|e| Error::kernel("cannot watch the drop events", e))?,
+                )
+            }
+            Backend::Nftables => None,
+        };
         let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
         let (answers, mut answered) = mpsc::unbounded_channel();
         loop {
@@ -172,7 +195,7 @@ impl Daemon {
                 _ = hangup.recv() => self.reload(),
                 _ = lookup_due, if next_lookup.is_some() => self.look_up_due_names(&answers),
                 Some((name, answer)) = answered.recv() => self.name_answered(&name, answer),
-                ready = events.readable_mut() => {
+                ready = readable(&mut events) => {
                     let Ok(mut guard) = ready else { continue };
                     for event in guard.get_inner_mut().0.drain() {
                         tracing::warn!("{}", resolver.record(&event));
@@ -182,7 +205,7 @@ impl Daemon {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
-            if !ebpf::is_pinned(&self.scope) {
+            if !self.backend.holds(&self.scope) {
                 tracing::info!("{} was taken down; stopping", self.scope.display_cgroup());
                 return Ok(());
             }
@@ -194,10 +217,19 @@ impl Daemon {
         Ok(())
     }
 
-    /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date.
+    /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date
+    /// (nftables matches names: nothing to write).
     fn interfaces_changed(&mut self, change: links::LinkChange) {
         let started = Instant::now();
         let also = self.links.skip_queued();
+        if self.backend == Backend::Nftables {
+            tracing::debug!(
+                ?change,
+                also,
+                "interfaces changed; the nft rules match names"
+            );
+            return;
+        }
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
         let result: Result<Option<MapEntries>> = (|| {
             let _lock = self.lock()?;
@@ -282,21 +314,29 @@ impl Daemon {
         let servers = ResolvedServers::for_rules(&policy.servers, Some(&self.servers));
         let previous = std::mem::replace(&mut self.policy, policy);
         let previous_servers = std::mem::replace(&mut self.servers, servers);
-        let result: Result<MapEntries> = (|| {
+        let result: Result<Option<MapEntries>> = (|| {
+            if self.backend == Backend::Nftables {
+                // One transaction replaces the table.
+                crate::servers::note_replaced_command_list_in_table(&self.scope);
+                nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())?;
+                return Ok(None);
+            }
             let _lock = self.lock()?;
             crate::servers::note_replaced_command_list(&self.scope.pin_dir);
             let entries = self.entries()?;
             self.maps()?.write(&entries)?;
-            Ok(entries)
+            Ok(Some(entries))
         })();
         match result {
             Ok(entries) => {
                 tracing::info!(
-                    servers = entries.servers.len(),
+                    servers = self.servers.endpoints().len(),
                     "reload applied from {}",
                     self.config.display()
                 );
-                self.log_tunnels(&entries);
+                if let Some(entries) = entries {
+                    self.log_tunnels(&entries);
+                }
             }
             Err(e) => {
                 self.policy = previous;
@@ -331,6 +371,17 @@ impl Daemon {
             return;
         }
         let result = (|| {
+            if self.backend == Backend::Nftables {
+                if self.config_changed() {
+                    return Ok(Written::ConfigChanged);
+                }
+                if nftables::read(&self.scope)?.servers_set_by_command() {
+                    return Ok(Written::Nothing);
+                }
+                // One transaction: the old and the new addresses are never both missing.
+                nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())?;
+                return Ok(Written::Changes);
+            }
             let _lock = self.lock()?;
             if self.config_changed() {
                 return Ok(Written::ConfigChanged);
@@ -376,6 +427,16 @@ enum Written {
     Nothing,
     /// The config changed: a reload writes everything instead.
     ConfigChanged,
+}
+
+/// The drop events' readiness; never, without a ring buffer.
+async fn readable(
+    events: &mut Option<AsyncFd<Ring>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, Ring>> {
+    match events {
+        Some(events) => events.readable_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn signal_error(e: std::io::Error) -> Error {

@@ -11,7 +11,10 @@ mod nft;
 use std::{collections::BTreeSet, net::IpAddr};
 
 pub use iptables::iptables;
-pub use nft::{nft, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY, INBOUND};
+pub use nft::{
+    nft, servers_script, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY, INBOUND, SERVER_SETS,
+    SET_BY_COMMAND,
+};
 
 use crate::{
     error::{Error, Result},
@@ -142,14 +145,53 @@ struct Lists {
     dns: Vec<IpAddr>,
 }
 
+/// The programs never match an IPv4-mapped IPv6 address: such entries are left out.
+fn real(ip: &IpAddr) -> bool {
+    !matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
+}
+
 impl Lists {
+    /// Only the servers (the other lists empty).
+    fn of_servers(servers: &[ServerEndpoint]) -> Lists {
+        let (servers_port, servers_any) = split_servers(servers);
+        Lists {
+            servers_port,
+            servers_any,
+            lan: Vec::new(),
+            ntp: Vec::new(),
+            dns: Vec::new(),
+        }
+    }
+
     fn new(ruleset: &Ruleset) -> Lists {
         let policy = ruleset.policy;
-        // The programs never match an IPv4-mapped IPv6 address: such entries are left out.
-        let real = |ip: &IpAddr| !matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+        let (servers_port, servers_any) = split_servers(ruleset.servers);
+        let unique = |list: &[IpAddr]| -> Vec<IpAddr> {
+            list.iter()
+                .filter(|ip| real(ip))
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        Lists {
+            servers_port,
+            servers_any,
+            lan: outermost(&policy.lan.networks),
+            ntp: unique(&policy.ntp_servers),
+            dns: unique(&policy.dns_servers),
+        }
+    }
+}
+
+/// Servers with a port, one entry per protocol; and servers without one.
+type ServerLists = (Vec<(IpAddr, Protocol, u16)>, Vec<(IpAddr, Protocol)>);
+
+fn split_servers(servers: &[ServerEndpoint]) -> ServerLists {
+    {
         let mut servers_port = BTreeSet::new();
         let mut servers_any = BTreeSet::new();
-        for s in ruleset.servers.iter().filter(|s| real(&s.address)) {
+        for s in servers.iter().filter(|s| real(&s.address)) {
             let protocols = match s.protocol {
                 Some(p) => vec![p],
                 None => vec![Protocol::Tcp, Protocol::Udp],
@@ -161,21 +203,10 @@ impl Lists {
                 };
             }
         }
-        let unique = |list: &[IpAddr]| -> Vec<IpAddr> {
-            list.iter()
-                .filter(|ip| real(ip))
-                .copied()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect()
-        };
-        Lists {
-            servers_port: servers_port.into_iter().collect(),
-            servers_any: servers_any.into_iter().collect(),
-            lan: outermost(&policy.lan.networks),
-            ntp: unique(&policy.ntp_servers),
-            dns: unique(&policy.dns_servers),
-        }
+        (
+            servers_port.into_iter().collect(),
+            servers_any.into_iter().collect(),
+        )
     }
 }
 

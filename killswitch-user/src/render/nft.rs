@@ -9,7 +9,7 @@ use super::{
 use crate::{
     error::Result,
     model::{Direction, Reason},
-    policy::{Ipv6Mode, Prefix},
+    policy::{Ipv6Mode, Prefix, ServerEndpoint},
 };
 
 /// An IPv4 packet whose ports can be read: not a later fragment (nft's `th` would read the
@@ -74,50 +74,9 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
         }
     }
 
-    set(
-        w,
-        "servers4_port",
-        "ipv4_addr . inet_proto . inet_service",
-        false,
-        lists
-            .servers_port
-            .iter()
-            .filter(|s| v4(&s.0))
-            .map(|(a, p, port)| format!("{a} . {} . {port}", p.name())),
-    );
-    set(
-        w,
-        "servers4_any",
-        "ipv4_addr . inet_proto",
-        false,
-        lists
-            .servers_any
-            .iter()
-            .filter(|s| v4(&s.0))
-            .map(|(a, p)| format!("{a} . {}", p.name())),
-    );
-    set(
-        w,
-        "servers6_port",
-        "ipv6_addr . inet_proto . inet_service",
-        false,
-        lists
-            .servers_port
-            .iter()
-            .filter(|s| !v4(&s.0))
-            .map(|(a, p, port)| format!("{a} . {} . {port}", p.name())),
-    );
-    set(
-        w,
-        "servers6_any",
-        "ipv6_addr . inet_proto",
-        false,
-        lists
-            .servers_any
-            .iter()
-            .filter(|s| !v4(&s.0))
-            .map(|(a, p)| format!("{a} . {}", p.name())),
-    );
+    for (name, key, elements) in server_sets(&lists) {
+        set(w, name, key, false, elements.into_iter());
+    }
     set(
         w,
         "lan4",
@@ -293,6 +252,72 @@ pub const INBOUND: &str = "inbound ";
 
 pub const COMMENT_POLICY: &str = "killswitch policy for ";
 pub const COMMENT_LOCKDOWN: &str = "killswitch lockdown for ";
+
+/// The four server sets: (name, key type, elements).
+fn server_sets(lists: &Lists) -> [(&'static str, &'static str, Vec<String>); 4] {
+    let port = |family_v4: bool| -> Vec<String> {
+        lists
+            .servers_port
+            .iter()
+            .filter(|s| v4(&s.0) == family_v4)
+            .map(|(a, p, port)| format!("{a} . {} . {port}", p.name()))
+            .collect()
+    };
+    let any = |family_v4: bool| -> Vec<String> {
+        lists
+            .servers_any
+            .iter()
+            .filter(|s| v4(&s.0) == family_v4)
+            .map(|(a, p)| format!("{a} . {}", p.name()))
+            .collect()
+    };
+    [
+        (
+            "servers4_port",
+            "ipv4_addr . inet_proto . inet_service",
+            port(true),
+        ),
+        ("servers4_any", "ipv4_addr . inet_proto", any(true)),
+        (
+            "servers6_port",
+            "ipv6_addr . inet_proto . inet_service",
+            port(false),
+        ),
+        ("servers6_any", "ipv6_addr . inet_proto", any(false)),
+    ]
+}
+
+/// Names of the server sets, for reading them back.
+pub const SERVER_SETS: [&str; 4] = [
+    "servers4_port",
+    "servers4_any",
+    "servers6_port",
+    "servers6_any",
+];
+
+/// A counter whose presence says the server list in force was set with `killswitch servers`:
+/// the daemon's lookups then leave it alone until `up` or a reload renders the table anew.
+pub const SET_BY_COMMAND: &str = "servers_set_by_command";
+
+/// One transaction that replaces the server sets of `table` with `servers` and marks the list
+/// as the command's.
+pub fn servers_script(table: &str, servers: &[ServerEndpoint]) -> String {
+    let lists = Lists::of_servers(servers);
+    let mut out = String::new();
+    writeln!(out, "add counter inet {table} {SET_BY_COMMAND}").unwrap();
+    for (name, _, elements) in server_sets(&lists) {
+        writeln!(out, "flush set inet {table} {name}").unwrap();
+        if !elements.is_empty() {
+            writeln!(
+                out,
+                "add element inet {table} {name} {{ {} }}",
+                elements.join(", ")
+            )
+            .unwrap();
+        }
+    }
+    out
+}
 
 /// Whether a ruleset has a counter for the reason (netfilter never judges an ICMP error by
 /// what it quotes, and has no malformed header of its own).
