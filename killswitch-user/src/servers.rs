@@ -297,8 +297,7 @@ pub fn note_replaced_command_list(pin_dir: &std::path::Path) {
 
 /// [`note_replaced_command_list`] for the nftables backend's table.
 pub fn note_replaced_command_list_in_table(scope: &crate::scope::Scope) {
-    let owned = crate::backend::nftables::holds(scope)
-        && crate::backend::nftables::read(scope).is_ok_and(|t| t.servers_set_by_command());
+    let owned = crate::backend::nftables::servers_set_by_command(scope);
     say_replaced(owned);
 }
 

@@ -170,14 +170,14 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
 /// What an nftables table enforces, read back from the kernel.
 pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
     let table = nftables::read(scope)?;
-    let lockdown_reason = table
-        .comment
-        .strip_prefix(render::COMMENT_LOCKDOWN)
-        .map(|rest| {
-            rest.split_once(": ")
-                .map_or(rest, |(_, why)| why)
-                .to_owned()
-        });
+    let comment = nftables::Comment::parse(&table.comment);
+    let lockdown_reason = comment.as_ref().and_then(|c| c.lockdown.clone());
+    // A rule matches the cgroup id it was made with: a cgroup removed and made again (a
+    // service restarted) is a new one the table does not hold.
+    let same_cgroup = match comment.as_ref().and_then(|c| c.id) {
+        Some(id) => scope.cgroup_id().is_ok_and(|now| now == id),
+        None => true,
+    };
     let present = interfaces::list().unwrap_or_default();
     let matching = |names: &[String]| -> Vec<InterfaceStatus> {
         present
@@ -227,9 +227,10 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
             None => vec![rest.to_owned()],
         })
         .collect();
-    let enforced = ["output", "input"]
-        .iter()
-        .all(|h| table.hooks.iter().any(|t| t == h));
+    let enforced = same_cgroup
+        && ["output", "input"]
+            .iter()
+            .all(|h| table.hooks.iter().any(|t| t == h));
     Ok(ScopeStatus {
         scope: scope.name.clone(),
         cgroup: scope.cgroup.clone(),

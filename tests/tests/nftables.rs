@@ -204,3 +204,76 @@ fn a_bad_config_at_the_first_nftables_up_holds_the_scope_in_lockdown() {
     let wrong = s.enforces_the_policy();
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// On a machine whose kernel refuses eBPF, a bad config at boot still holds the scope closed:
+/// `auto` locks it down with nftables.
+#[test]
+fn with_ebpf_refused_a_bad_config_at_the_first_up_is_held_in_lockdown_by_nftables() {
+    require_root!();
+    let s = Setup::new("tunnels = [\"tun0\"\n");
+    let out = s.killswitch(&["up"], true);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("lockdown"), "{}", text(&out));
+    let json = s.status_json();
+    assert_eq!(json["scopes"][0]["backend"], "nftables", "{json:#}");
+    assert_eq!(json["scopes"][0]["mode"], "lockdown", "{json:#}");
+    for (kind, addr, port) in [
+        ("tcp", TUNNEL_PEER_V4, 8080),
+        ("udp", SERVER_V4, 1194),
+        ("tcp", OTHER_V4, 8080),
+    ] {
+        assert!(
+            !s.reaches(kind, addr, port),
+            "{kind} {addr}:{port} passed the lockdown"
+        );
+    }
+}
+
+/// `nft flush ruleset` (a firewall service starting or reloading) removes the table; the
+/// daemon puts it back within about a second, and a `down` is not undone.
+#[test]
+fn the_daemon_puts_back_a_table_flushed_behind_its_back_but_not_one_taken_down() {
+    require_root!();
+    let s = Setup::new(CONFIG);
+    let config = s.config();
+    let mut command = killswitch_command(
+        &s.net.client,
+        &s.pins,
+        &[
+            "--config",
+            &config,
+            "daemon",
+            "--backend",
+            "nftables",
+            "--cgroup",
+            &s.cgroup.relative,
+        ],
+    );
+    command.stderr(std::process::Stdio::piped());
+    let daemon = testbed::process::Background::start(command);
+    let enforced = || s.killswitch(&["status"], false).status.success();
+    let wait = |want: bool| {
+        let started = std::time::Instant::now();
+        while enforced() != want {
+            if started.elapsed() > std::time::Duration::from_secs(5) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        true
+    };
+    assert!(wait(true), "the daemon did not enforce the scope");
+    let flushed = output_in(&s.net.client, None, "nft", &["flush", "ruleset"]);
+    assert!(flushed.status.success());
+    let started = std::time::Instant::now();
+    assert!(wait(true), "the table did not come back");
+    eprintln!("the table was back after {:?}", started.elapsed());
+    let wrong = s.enforces_the_policy();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+
+    let out = s.killswitch(&["down"], false);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(!enforced(), "the daemon undid `down`");
+    drop(daemon);
+}

@@ -185,3 +185,51 @@ fn each_family_file_is_refused_by_the_other_tool() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// nft refuses a comment over 128 bytes, and with it the whole script: every comment of every
+/// rendering fits, a long lockdown reason is cut, a cgroup path too long for one is refused.
+#[test]
+fn every_comment_fits_what_nft_keeps() {
+    let comments = |text: &str| -> Vec<String> {
+        text.split("comment \"")
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap().to_owned())
+            .collect()
+    };
+    let long = "x".repeat(500);
+    for (name, policy) in examples() {
+        let servers = servers(&policy);
+        for lockdown in [None, Some(long.clone())] {
+            let ruleset = Ruleset {
+                policy: &policy,
+                servers: &servers,
+                cgroup: Some(CgroupMatch {
+                    path: "a/b".into(),
+                    level: 2,
+                    id: Some(u64::MAX),
+                }),
+                lockdown,
+            };
+            for comment in comments(&render::nft(&ruleset).unwrap()) {
+                assert!(
+                    comment.len() <= 128,
+                    "{name}: {} bytes: {comment}",
+                    comment.len()
+                );
+            }
+        }
+    }
+    let (_, policy) = examples().remove(0);
+    let ruleset = Ruleset {
+        policy: &policy,
+        servers: &[],
+        cgroup: Some(CgroupMatch {
+            path: "a/".repeat(60) + "b",
+            level: 61,
+            id: None,
+        }),
+        lockdown: None,
+    };
+    let refused = render::nft(&ruleset).unwrap_err().to_string();
+    assert!(refused.contains("too long"), "{refused}");
+}

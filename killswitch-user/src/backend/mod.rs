@@ -52,6 +52,8 @@ pub fn apply(
     let applied = match choice {
         Choice::Ebpf => with_ebpf(scope, policy, servers, true),
         Choice::Nftables => with_nftables(scope, policy, servers),
+        // Already held by eBPF: an error now is not the kernel refusing eBPF; it stays.
+        Choice::Auto if ebpf::is_pinned(scope) => with_ebpf(scope, policy, servers, true),
         Choice::Auto => {
             let before = servers.clone();
             match with_ebpf(scope, policy, servers, false) {
@@ -124,6 +126,7 @@ fn with_ebpf(
 
 fn with_nftables(scope: &Scope, policy: &Policy, servers: &ResolvedServers) -> Result<Applied> {
     nftables::available()?;
+    let _lock = nftables::lock(scope)?;
     let endpoints = servers.endpoints();
     let fresh = !nftables::holds(scope);
     crate::servers::note_replaced_command_list_in_table(scope);
@@ -155,12 +158,20 @@ pub fn lock_down(choice: Choice, scope: &Scope, cause: Error) -> Error {
     if !Backend::holding(scope).is_empty() {
         return cause;
     }
+    let nftables_lock_down = |cause: Error| match nftables::lock(scope) {
+        Ok(_lock) => nftables::lock_down(scope, cause),
+        Err(also) => Error::Runtime(format!("{cause}; lockdown failed too ({also})")),
+    };
     match choice {
         Choice::Ebpf => ebpf::lock_down(scope, cause),
-        Choice::Nftables => nftables::lock_down(scope, cause),
-        Choice::Auto => match ebpf::lock_down(scope, cause) {
-            held @ Error::Lockdown(_) => held,
-            refused => nftables::lock_down(scope, refused),
+        Choice::Nftables => nftables_lock_down(cause),
+        Choice::Auto => match ebpf::try_lock_down(scope, cause) {
+            Ok(report) => report,
+            Err(failed) => {
+                let (cause, refused) = *failed;
+                tracing::debug!("eBPF cannot hold the lockdown ({refused}); nftables will");
+                nftables_lock_down(cause)
+            }
         },
     }
 }

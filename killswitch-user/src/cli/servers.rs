@@ -54,7 +54,11 @@ enum Action {
 
 pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
     super::require_privileges()?;
-    let scope = Scope::from_arg(args.cgroup.as_deref())?;
+    let scope = match Scope::from_arg(args.cgroup.as_deref()) {
+        Ok(scope) => scope,
+        Err(_) if args.cgroup.is_none() => Scope::without_cgroup2(),
+        Err(e) => return Err(e),
+    };
     if nftables::holds(&scope) && !ebpf::is_pinned(&scope) {
         return with_nftables(&scope, &args.action);
     }
@@ -103,6 +107,7 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
 /// The same verbs on an nftables table: the list read back, changed, and written in one
 /// transaction.
 fn with_nftables(scope: &Scope, action: &Action) -> Result<ExitCode> {
+    let _lock = nftables::lock(scope)?;
     let table = nftables::read(scope)?;
     if table.comment.starts_with(crate::render::COMMENT_LOCKDOWN) {
         return Err(Error::Runtime(format!(

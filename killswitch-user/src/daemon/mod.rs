@@ -183,6 +183,9 @@ impl Daemon {
         };
         let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
         let (answers, mut answered) = mpsc::unbounded_channel();
+        // An nftables table can be removed behind our back (`flush ruleset`): looked at each
+        // second, and put back (see `table_vanished`).
+        let mut look_at_table = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             let next_lookup = self.servers.next_due();
             let lookup_due =
@@ -202,8 +205,15 @@ impl Daemon {
                     }
                     guard.clear_ready();
                 }
+                _ = look_at_table.tick(), if self.backend == Backend::Nftables => {}
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
+            }
+            if self.backend == Backend::Nftables
+                && !nftables::holds(&self.scope)
+                && !nftables::taken_down(&self.scope)
+            {
+                self.table_vanished();
             }
             if !self.backend.holds(&self.scope) {
                 tracing::info!("{} was taken down; stopping", self.scope.display_cgroup());
@@ -277,6 +287,38 @@ impl Daemon {
         })
     }
 
+    /// The nftables scope's lock; an error once the table was taken down.
+    fn nftables_lock(&self) -> Result<nftables::Lock> {
+        let lock = nftables::lock(&self.scope)?;
+        if nftables::holds(&self.scope) {
+            Ok(lock)
+        } else {
+            Err(Error::Runtime(format!(
+                "{} was taken down",
+                self.scope.display_cgroup()
+            )))
+        }
+    }
+
+    /// The nftables table is gone without a `down` (a `flush ruleset`, a firewall reloading):
+    /// put it back at once.
+    fn table_vanished(&mut self) {
+        tracing::warn!(
+            "the nftables table of {} was removed by something other than `killswitch down` (a \
+             `flush ruleset`?); applying it again",
+            self.scope.display_cgroup()
+        );
+        let result = nftables::lock(&self.scope).and_then(|_lock| {
+            if nftables::taken_down(&self.scope) {
+                return Ok(());
+            }
+            nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())
+        });
+        if let Err(e) = result {
+            tracing::error!("cannot apply the table again: {e}");
+        }
+    }
+
     /// The scope's maps as pinned now: opened for each change (a few syscalls), since `up` of
     /// another version may have replaced a map, or the scope been taken down and up again.
     fn maps(&self) -> Result<PinnedMaps> {
@@ -316,6 +358,7 @@ impl Daemon {
         let previous_servers = std::mem::replace(&mut self.servers, servers);
         let result: Result<Option<MapEntries>> = (|| {
             if self.backend == Backend::Nftables {
+                let _lock = self.nftables_lock()?;
                 // One transaction replaces the table.
                 crate::servers::note_replaced_command_list_in_table(&self.scope);
                 nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())?;
@@ -372,10 +415,11 @@ impl Daemon {
         }
         let result = (|| {
             if self.backend == Backend::Nftables {
+                let _lock = self.nftables_lock()?;
                 if self.config_changed() {
                     return Ok(Written::ConfigChanged);
                 }
-                if nftables::read(&self.scope)?.servers_set_by_command() {
+                if nftables::servers_set_by_command(&self.scope) {
                     return Ok(Written::Nothing);
                 }
                 // One transaction: the old and the new addresses are never both missing.

@@ -474,19 +474,45 @@ pub fn apply_with(
 /// Returns the error to report: `Error::Lockdown(cause)`, or `cause` itself when the scope is
 /// already enforced (then nothing is touched).
 pub fn lock_down(scope: &Scope, cause: Error) -> Error {
+    match try_lock_down(scope, cause) {
+        Ok(report) => report,
+        Err(failed) => {
+            let (cause, also) = *failed;
+            not_enforced(scope, cause, also)
+        }
+    }
+}
+
+/// [`lock_down`] that hands `cause` back with the reason when the kernel refuses the lockdown
+/// programs too, so that another backend can try.
+pub fn try_lock_down(scope: &Scope, cause: Error) -> Result<Error, Box<(Error, Error)>> {
     let prepared = scope::ensure_bpffs().and_then(|()| open_cgroup(scope));
     let cgroup = match prepared {
         Ok(cgroup) => cgroup,
-        Err(also) => return not_enforced(scope, cause, also),
+        Err(also) => return Err(Box::new((cause, also))),
     };
     let _lock = match scope::ScopeLock::acquire(scope) {
         Ok(lock) => lock,
-        Err(also) => return not_enforced(scope, cause, also),
+        Err(also) => return Err(Box::new((cause, also))),
     };
     if is_pinned(scope) {
-        return cause;
+        return Ok(cause);
     }
-    held_in_lockdown(&cgroup, scope, cause)
+    let held = (|| {
+        let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown, None)?;
+        maps::set_lockdown_reason(programs.map_dir(), &cause.to_string())?;
+        programs.attach_and_pin(&cgroup, &scope.pin_dir)
+    })();
+    match held {
+        Ok(()) => Ok(Error::Lockdown(Box::new(cause))),
+        Err(also) => {
+            // Whatever did get attached stays (stricter than nothing); nothing did: no pins.
+            if !is_pinned(scope) {
+                let _ = remove_pins(&scope.pin_dir);
+            }
+            Err(Box::new((cause, also)))
+        }
+    }
 }
 
 fn held_in_lockdown(cgroup: &File, scope: &Scope, cause: Error) -> Error {

@@ -51,7 +51,8 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
     .unwrap();
     writeln!(
         f.head,
-        "# It replaces the whole filter table of this family. No connection tracking."
+        "# It replaces the whole filter table of this family (FORWARD: only through the \
+         tunnels). No connection tracking."
     )
     .unwrap();
     writeln!(f.head, "*filter").unwrap();
@@ -60,8 +61,21 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         Some(CgroupMatch { path, .. }) => ("ACCEPT", format!("-m cgroup --path \"{path}\" ")),
     };
     writeln!(f.head, ":INPUT {base_policy} [0:0]").unwrap();
-    writeln!(f.head, ":FORWARD ACCEPT [0:0]").unwrap();
+    // The file replaces the table, FORWARD included: what the machine forwards (containers, VMs)
+    // goes only through the tunnels, rather than whatever FORWARD allowed before.
+    writeln!(f.head, ":FORWARD DROP [0:0]").unwrap();
     writeln!(f.head, ":OUTPUT {base_policy} [0:0]").unwrap();
+    for (name, wildcard) in &tunnels {
+        let name = format!("{name}{}", if *wildcard { "+" } else { "" });
+        for side in ["-i", "-o"] {
+            f.line(
+                "FORWARD",
+                &format!(
+                    "{side} {name} -m comment --comment \"forwarded through the tunnel\" -j ACCEPT"
+                ),
+            );
+        }
+    }
     f.line("OUTPUT", &format!("{select}-j ks-out"));
     f.line("INPUT", &format!("{select}-j ks-in"));
 

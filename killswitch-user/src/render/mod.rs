@@ -44,6 +44,9 @@ pub struct CgroupMatch {
     pub path: String,
     /// Its depth: `a/b` is level 2.
     pub level: usize,
+    /// The cgroup's id (its directory's inode) when it exists: a rule matches that id, so a
+    /// cgroup removed and made again is not the one the table holds.
+    pub id: Option<u64>,
 }
 
 impl CgroupMatch {
@@ -67,13 +70,14 @@ impl CgroupMatch {
         Ok(Some(CgroupMatch {
             path: path.to_owned(),
             level: path.split('/').filter(|c| !c.is_empty()).count(),
+            id: None,
         }))
     }
 }
 
 /// Characters that are the same inside nft's and iptables' double quotes.
 fn quotable(c: char) -> bool {
-    c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '\'' | '`' | '$' | '#' | ';')
+    c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '\'' | '`' | '$' | '#' | ';' | '!')
 }
 
 /// The configured interface names, refused when netfilter would read one differently
@@ -87,7 +91,8 @@ fn interface_names(patterns: &[InterfacePattern]) -> Result<Vec<(String, bool)>>
                 Some(prefix) => (prefix, true),
                 None => (text, false),
             };
-            if literal.chars().all(|c| quotable(c) && c != '+') {
+            // iptables reads `+` as its wildcard and a leading `-` as an option.
+            if literal.chars().all(|c| quotable(c) && c != '+') && !literal.starts_with('-') {
                 Ok((literal.to_owned(), wildcard))
             } else {
                 Err(Error::Usage(format!(
@@ -274,7 +279,7 @@ mod tests {
             interface_names(&pattern("wg*")).unwrap(),
             vec![("wg".to_owned(), true)]
         );
-        for bad in ["a+", "a\"b", "a\\b", "é0"] {
+        for bad in ["a+", "a\"b", "a\\b", "é0", "!", "-x"] {
             assert!(interface_names(&pattern(bad)).is_err(), "{bad}");
         }
     }

@@ -7,7 +7,7 @@ use super::{
     HIDDEN_NEXT_HEADERS,
 };
 use crate::{
-    error::Result,
+    error::{Error, Result},
     model::{Direction, Reason},
     policy::{Ipv6Mode, Prefix, ServerEndpoint},
 };
@@ -28,8 +28,8 @@ pub fn table_name(cgroup: Option<&CgroupMatch>) -> String {
                 .collect();
             // The hash keeps `a/b` and `a_b` apart.
             format!(
-                "killswitch_{plain}_{:08x}",
-                crate::servers::name_tag(&c.path) as u32
+                "killswitch_{plain}_{:016x}",
+                crate::servers::name_tag(&c.path)
             )
         }
     }
@@ -64,7 +64,8 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
     writeln!(w, "table inet {table}").unwrap();
     writeln!(w, "delete table inet {table}").unwrap();
     writeln!(w, "table inet {table} {{").unwrap();
-    writeln!(w, "\tcomment \"{}\"", table_comment(ruleset)).unwrap();
+    let comment = table_comment(ruleset)?;
+    writeln!(w, "\tcomment \"{comment}\"").unwrap();
 
     for direction in Direction::ALL {
         for reason in Reason::ALL {
@@ -146,9 +147,8 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
         // The same comment as the table's: nft's JSON shows a rule's comment, not a table's.
         writeln!(
             w,
-            "\t\t{select}goto {} comment \"{}\"",
+            "\t\t{select}goto {} comment \"{comment}\"",
             direction.name(),
-            table_comment(ruleset)
         )
         .unwrap();
         writeln!(w, "\t}}").unwrap();
@@ -200,7 +200,7 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
             ),
         }
         c.end();
-        uplink(w, direction, policy);
+        uplink(w, direction, policy, ruleset.lockdown.is_none());
     }
     tunnel_ingress(w, policy);
 
@@ -223,28 +223,48 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
     Ok(out)
 }
 
-/// `killswitch policy for PATH` or `killswitch lockdown for PATH: REASON` (PATH: the cgroup
-/// relative to the cgroup2 mount, `/` system-wide): what `status` reads back.
-fn table_comment(ruleset: &Ruleset) -> String {
+/// nft keeps at most 128 bytes of a comment (a longer one fails the whole script).
+pub const COMMENT_BYTES: usize = 128;
+
+/// `killswitch policy for PATH[ #ID]` or `killswitch lockdown for PATH[ #ID]: REASON` (PATH: the
+/// cgroup relative to the cgroup2 mount, `/` system-wide; ID: the cgroup's id when rendered):
+/// what `status` reads back. A lockdown reason is cut to fit; a path that does not fit is an
+/// error.
+fn table_comment(ruleset: &Ruleset) -> Result<String> {
     let path = ruleset.cgroup.as_ref().map_or("/", |c| c.path.as_str());
-    match &ruleset.lockdown {
-        None => format!("{COMMENT_POLICY}{path}"),
-        Some(reason) => {
-            // nft keeps 256 bytes of comment and has no escape for a quote.
-            let reason: String = reason
-                .chars()
-                .map(|c| {
-                    if c == '"' || c == '\\' || c.is_control() {
-                        '\''
-                    } else {
-                        c
-                    }
-                })
-                .take(160)
-                .collect();
-            format!("{COMMENT_LOCKDOWN}{path}: {reason}")
-        }
+    let id = match ruleset.cgroup.as_ref().and_then(|c| c.id) {
+        Some(id) => format!(" #{id}"),
+        None => String::new(),
+    };
+    let head = match &ruleset.lockdown {
+        None => format!("{COMMENT_POLICY}{path}{id}"),
+        Some(_) => format!("{COMMENT_LOCKDOWN}{path}{id}"),
+    };
+    if head.len() > COMMENT_BYTES {
+        return Err(Error::Usage(format!(
+            "the cgroup path {path} is too long for an nftables scope ({} bytes; at most {}); \
+             use a shorter path or the eBPF backend",
+            path.len(),
+            path.len() + COMMENT_BYTES - head.len()
+        )));
     }
+    let Some(reason) = &ruleset.lockdown else {
+        return Ok(head);
+    };
+    // No escape for a quote in nft; the reason is for a person, so it is cut to fit.
+    let mut comment = format!("{head}: ");
+    for c in reason.chars() {
+        let c = if c == '"' || c == '\\' || c.is_control() {
+            '\''
+        } else {
+            c
+        };
+        if comment.len() + c.len_utf8() > COMMENT_BYTES {
+            break;
+        }
+        comment.push(c);
+    }
+    Ok(comment)
 }
 
 /// How an `[[inbound]]` rule's comment goes on after its step: `inbound PORT[ from A, B]`.
@@ -394,7 +414,13 @@ impl<'w> Chain<'w> {
 }
 
 /// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels).
-fn uplink(w: &mut String, direction: Direction, policy: &crate::policy::Policy) {
+/// `neighbour_discovery`: step 9 (lockdown has only loopback and DHCP).
+fn uplink(
+    w: &mut String,
+    direction: Direction,
+    policy: &crate::policy::Policy,
+    neighbour_discovery: bool,
+) {
     let d = direction;
     let (addr, port, dhcp_ports_v4, dhcp_ports_v6) = match direction {
         Direction::Egress => (
@@ -521,10 +547,12 @@ fn uplink(w: &mut String, direction: Direction, policy: &crate::policy::Policy) 
         );
     }
     // 9. neighbour discovery, link-local or link-scope multicast only
-    c.rule(
-        &format!("ip6 nexthdr icmpv6 icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }} ip6 {addr} {{ fe80::/10, ff02::/16 }}"),
-        Allow(d, Reason::NeighbourDiscovery),
-    );
+    if neighbour_discovery {
+        c.rule(
+            &format!("ip6 nexthdr icmpv6 icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }} ip6 {addr} {{ fe80::/10, ff02::/16 }}"),
+            Allow(d, Reason::NeighbourDiscovery),
+        );
+    }
     // 10. (ICMP errors are not judged by what they quote: netfilter cannot read it.)
     c.rule("", Drop(d, Reason::Default));
     c.end();
@@ -553,21 +581,15 @@ fn tunnel_ingress(w: &mut String, policy: &crate::policy::Policy) {
             c.rule(&matches, AllowNoted(d, Reason::Tunnel, inbound));
             continue;
         }
-        let real = |ip: &&IpAddr| !matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
-        for (family, is_v4) in [("ip", true), ("ip6", false)] {
-            let sources: Vec<String> = rule
-                .sources
-                .iter()
-                .filter(real)
-                .filter(|a| a.is_ipv4() == is_v4)
-                .map(IpAddr::to_string)
-                .collect();
-            if !sources.is_empty() {
-                let sources = sources.join(", ");
-                let matches = format!("tcp dport {} {family} saddr {{ {sources} }}", rule.port);
-                let note = format!("{inbound} from {sources}");
-                c.rule(&matches, AllowNoted(d, Reason::Tunnel, note));
+        // One rule per source: each comment names it and stays short.
+        for source in &rule.sources {
+            if matches!(source, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+                continue;
             }
+            let family = if source.is_ipv4() { "ip" } else { "ip6" };
+            let matches = format!("tcp dport {} {family} saddr {source}", rule.port);
+            let note = format!("{inbound} from {source}");
+            c.rule(&matches, AllowNoted(d, Reason::Tunnel, note));
         }
     }
     c.rule("", Drop(d, Reason::InboundRefused));

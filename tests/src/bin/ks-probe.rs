@@ -6,6 +6,8 @@
 //! `ks-probe flood ADDR:PORT MILLIS`: one UDP datagram per millisecond for MILLIS, errors ignored
 //! (a cgroup egress drop makes sendto fail with EPERM); prints how many were sent and how many of
 //! those the kernel refused.
+//! `ks-probe blast ADDR:PORT COUNT`: COUNT UDP datagrams back to back; prints ns per send and
+//! how many were refused.
 //! `ks-probe stream ADDR:PORT MILLIS`: like flood, on a flow answered once first (conntrack holds
 //! it as established); prints "established" when the answer came.
 
@@ -49,6 +51,10 @@ fn main() -> ExitCode {
         "udp" => udp(addr, timeout, local_port),
         "flood" => flood(addr, timeout),
         "stream" => stream(addr, timeout),
+        "blast" => blast(
+            addr,
+            args.get(3).and_then(|c| c.parse().ok()).unwrap_or(100_000),
+        ),
         _ => Err("unknown probe kind".into()),
     };
     match result {
@@ -164,6 +170,29 @@ fn stream(addr: SocketAddr, duration: Duration) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(1));
     }
     println!("{attempts} {refused}");
+    Ok(())
+}
+
+/// `count` UDP datagrams as fast as one socket sends them; prints the nanoseconds per send
+/// (the output hooks' cost is part of it) and how many the kernel refused.
+fn blast(addr: SocketAddr, count: u64) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
+    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
+    let mut refused = 0u64;
+    for _ in 0..count {
+        if socket.send_to(b"blast", addr).is_err() {
+            refused += 1;
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / count as f64;
+    println!("{ns:.0} {refused}");
     Ok(())
 }
 

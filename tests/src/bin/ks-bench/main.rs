@@ -2,6 +2,7 @@
 //! each verdict path as the lists grow, then the daemon's and live server changes' timings with
 //! the release binary. Writes `target/bench/` under the current directory.
 
+mod backends;
 mod control;
 mod daemon;
 mod per_packet;
@@ -16,6 +17,19 @@ fn main() -> ExitCode {
     if !testbed::privileged() {
         eprintln!("ks-bench: run as root: the benchmark loads BPF programs in a namespace");
         return ExitCode::from(2);
+    }
+    // `ks-bench BIN backends`: only the backends side by side (the whole run takes minutes).
+    if std::env::args().nth(2).as_deref() == Some("backends") {
+        return match backends::run(&release_bin).and_then(|report| {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ks-bench: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match per_packet::run(&release_bin) {
         Ok(()) => ExitCode::SUCCESS,

@@ -310,5 +310,36 @@ pub fn run(release_bin: &std::path::Path) -> Result<()> {
         serde_json::to_string_pretty(&daemon)?,
     )?;
     println!("written: target/bench/daemon.json");
+
+    let backends = crate::backends::run(release_bin)?;
+    println!(
+        "\nbackends side by side (release build, a cgroup scope, median of {} runs)",
+        backends["runs"]
+    );
+    println!(
+        "{:<10} {:>8} {:>10} {:>12} {:>10} {:>12}",
+        "backend", "servers", "apply ms", "re-apply ms", "send ns", "vs no filter"
+    );
+    for row in backends["rows"].as_array().into_iter().flatten() {
+        if let Some(sizes) = row.get("rendered_bytes") {
+            println!("{:<10} {:>8} rendered bytes: {sizes}", "", row["servers"]);
+            continue;
+        }
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<10} {:>8} {:>10.1} {:>12.1} {:>10.0} {:>12.2}",
+            row["backend"].as_str().unwrap_or(""),
+            row["servers"],
+            f("apply_ms"),
+            f("reapply_ms"),
+            f("send_ns"),
+            f("send_ns") / f("send_unfiltered_ns")
+        );
+    }
+    std::fs::write(
+        out.join("backends.json"),
+        serde_json::to_string_pretty(&backends)?,
+    )?;
+    println!("written: target/bench/backends.json");
     Ok(())
 }
