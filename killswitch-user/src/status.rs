@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::{
     backend::nftables,
+    ebpf::pins,
     ebpf::{
         self,
         entries::{key_address, lan_prefix, server_endpoint},
@@ -98,7 +99,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
     let links: Vec<LinkStatus> = Direction::ALL
         .iter()
         .filter_map(|&direction| {
-            let fd = sys::obj_get(&ebpf::link_pin(&scope.pin_dir, direction)).ok()?;
+            let fd = sys::obj_get(&ebpf::link_pin(&pins::pin_dir(scope), direction)).ok()?;
             let info = sys::cgroup_link_info(&fd).ok()?;
             Some(LinkStatus {
                 direction: direction.name(),
@@ -119,7 +120,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         _ => None,
     };
 
-    let maps = PinnedMaps::open(&scope.pin_dir)?;
+    let maps = PinnedMaps::open(&pins::pin_dir(scope))?;
     let own_cookie = interfaces::netns_cookie()?;
     let describe = |keys: Vec<InterfaceKey>| -> Vec<InterfaceStatus> {
         keys.into_iter()
@@ -142,13 +143,13 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
     Ok(ScopeStatus {
         scope: scope.name.clone(),
         cgroup: scope.cgroup.clone(),
-        pin_dir: Some(scope.pin_dir.clone()),
+        pin_dir: Some(pins::pin_dir(scope)),
         table: None,
         backend: "ebpf",
         enforced,
         mode,
         lockdown_reason: (mode == "lockdown")
-            .then(|| ebpf::maps::lockdown_reason(&scope.pin_dir))
+            .then(|| ebpf::maps::lockdown_reason(&pins::pin_dir(scope)))
             .flatten(),
         namespace_from,
         links,

@@ -7,6 +7,7 @@ pub mod nftables;
 use serde::Serialize;
 
 use crate::{
+    ebpf::pins,
     ebpf::{self, MapEntries},
     error::{Error, Result},
     interfaces,
@@ -95,8 +96,8 @@ fn with_ebpf(
     // The interfaces are listed under the scope's lock, so a racing daemon's newer list wins.
     let build = || {
         // A name that does not resolve now keeps the addresses the scope holds for it.
-        servers.keep_known_in(&scope.pin_dir);
-        crate::servers::note_replaced_command_list(&scope.pin_dir);
+        servers.keep_known_in(&pins::pin_dir(scope));
+        crate::servers::note_replaced_command_list(&pins::pin_dir(scope));
         let list = interfaces::list()?;
         for odd in interfaces::not_tunnel_like(&list, &policy.tunnels) {
             tracing::warn!("`tunnels` matches {odd}, which does not look like a VPN tunnel: everything may leave through it in the clear");
@@ -120,7 +121,7 @@ fn with_ebpf(
             .collect(),
         servers: entries.servers.len(),
         entries: Some(entries),
-        held_in: format!("pinned in {}", scope.pin_dir.display()),
+        held_in: format!("pinned in {}", pins::pin_dir(scope).display()),
     })
 }
 

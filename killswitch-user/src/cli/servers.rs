@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 
 use crate::{
     backend::nftables,
+    ebpf::pins::ScopeLock,
     ebpf::{
         self,
         entries::{server_endpoint, server_key},
@@ -14,7 +15,7 @@ use crate::{
     error::{Error, Result},
     policy::Protocol,
     policy::ServerEndpoint,
-    scope::{Scope, ScopeLock},
+    scope::Scope,
 };
 
 #[derive(Debug, Args)]
@@ -76,7 +77,7 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
             scope.display_cgroup()
         )));
     }
-    let mut maps = PinnedMaps::open(&scope.pin_dir)?;
+    let mut maps = PinnedMaps::open(&crate::ebpf::pins::pin_dir(&scope))?;
     let keys = |endpoints: &[ServerEndpoint]| -> BTreeSet<_> {
         endpoints.iter().map(server_key).collect()
     };

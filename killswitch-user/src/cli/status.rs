@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::{
     backend::{nftables, Backend},
+    ebpf::pins,
     error::{Error, Result},
     events::{EventReader, Resolver},
     scope::Scope,
@@ -36,7 +37,7 @@ pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
     let scopes = match &args.cgroup {
         Some(path) => vec![Scope::from_arg(Some(path))?],
         None => {
-            let mut all = Scope::all_pinned()?;
+            let mut all = pins::scopes()?;
             all.extend(nftables::scopes());
             all.sort_by(|a, b| a.relative.cmp(&b.relative));
             all.dedup_by(|a, b| a.relative == b.relative);
@@ -225,7 +226,7 @@ fn follow(args: &StatusArgs) -> Result<ExitCode> {
     let scope = match &args.cgroup {
         Some(path) => Scope::from_arg(Some(path))?,
         None => {
-            let mut scopes = Scope::all_pinned()?;
+            let mut scopes = pins::scopes()?;
             match scopes.len() {
                 0 => {
                     return Err(Error::Runtime(
@@ -247,7 +248,7 @@ fn follow(args: &StatusArgs) -> Result<ExitCode> {
             scope.display_cgroup()
         )));
     }
-    let mut reader = EventReader::open(&scope.pin_dir)?;
+    let mut reader = EventReader::open(&pins::pin_dir(&scope))?;
     let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
     eprintln!(
         "following dropped packets of {} (Ctrl-C to stop)",

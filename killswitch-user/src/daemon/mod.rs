@@ -21,12 +21,14 @@ use tokio::{
 use self::links::LinkWatcher;
 use crate::{
     backend::{self, nftables, Backend, Choice},
+    ebpf::pins,
+    ebpf::pins::ScopeLock,
     ebpf::{self, MapEntries, PinnedMaps},
     error::{Error, Result},
     events::{EventReader, Resolver},
     interfaces,
     policy::{lookup, Lookup, Policy},
-    scope::{Scope, ScopeLock},
+    scope::Scope,
     servers::{ResolvedServers, COMMAND_OWNS_THE_LIST},
 };
 
@@ -172,7 +174,7 @@ impl Daemon {
         // Drop events come from the eBPF programs' ring buffer (nftables logs to the kernel log).
         let mut events = match self.backend {
             Backend::Ebpf => {
-                let ring = Ring(EventReader::open(&self.scope.pin_dir)?);
+                let ring = Ring(EventReader::open(&pins::pin_dir(&self.scope))?);
                 // SAFETY: the ring buffer's fd is owned by `ring` and stays open until dropped.
                 Some(
                     unsafe { AsyncFd::register(ring) }
@@ -322,7 +324,7 @@ impl Daemon {
     /// The scope's maps as pinned now: opened for each change (a few syscalls), since `up` of
     /// another version may have replaced a map, or the scope been taken down and up again.
     fn maps(&self) -> Result<PinnedMaps> {
-        PinnedMaps::open(&self.scope.pin_dir)
+        PinnedMaps::open(&pins::pin_dir(&self.scope))
     }
 
     /// One line per tunnel that came or went since the last call.
@@ -365,7 +367,7 @@ impl Daemon {
                 return Ok(None);
             }
             let _lock = self.lock()?;
-            crate::servers::note_replaced_command_list(&self.scope.pin_dir);
+            crate::servers::note_replaced_command_list(&pins::pin_dir(&self.scope));
             let entries = self.entries()?;
             self.maps()?.write(&entries)?;
             Ok(Some(entries))

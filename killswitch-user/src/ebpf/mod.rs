@@ -4,6 +4,7 @@
 pub mod entries;
 pub mod kernel;
 pub mod maps;
+pub mod pins;
 pub mod shapes;
 pub mod sys;
 
@@ -29,7 +30,7 @@ pub use maps::PinnedMaps;
 
 use crate::{
     error::{chain, Error, Result},
-    scope::{self, Scope},
+    scope::Scope,
 };
 
 /// The kernel programs, built by build.rs from `killswitch-ebpf`.
@@ -105,10 +106,10 @@ impl Programs {
         // signals for after the load (they are delivered when the mask is restored).
         let _signals = SignalsHeld::new();
         // Pinned maps are reused by name: only ones that root made and only root can change.
-        scope::check_pinned(pin_dir)?;
+        pins::check_pinned(pin_dir)?;
         if let Ok(entries) = std::fs::read_dir(pin_dir) {
             for entry in entries.flatten() {
-                scope::check_pinned(&entry.path())?;
+                pins::check_pinned(&entry.path())?;
             }
         }
         let in_use = pin_dir.join(maps::SETTINGS).exists();
@@ -425,7 +426,7 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSkb> 
 pub fn is_pinned(scope: &Scope) -> bool {
     Direction::ALL
         .iter()
-        .any(|&d| link_pin(&scope.pin_dir, d).exists())
+        .any(|&d| link_pin(&pins::pin_dir(scope), d).exists())
 }
 
 /// Applies the entries `build` makes to the scope: first time, load + fill + attach + pin;
@@ -444,16 +445,16 @@ pub fn apply_with(
     build: impl FnOnce() -> Result<MapEntries>,
     lockdown: bool,
 ) -> Result<MapEntries> {
-    scope::ensure_bpffs()?;
+    pins::ensure_bpffs()?;
     let cgroup = open_cgroup(scope)?;
-    let _lock = scope::ScopeLock::acquire(scope)?;
+    let _lock = pins::ScopeLock::acquire(scope)?;
     let fresh = !is_pinned(scope);
     let result = (|| {
         let entries = build()?;
         // Both programs verified before anything a running scope depends on changes.
-        let mut programs = Programs::load_filled(&scope.pin_dir, &entries)?;
-        programs.attach_and_pin(&cgroup, &scope.pin_dir)?;
-        maps::set_lockdown_reason(&scope.pin_dir, "")?;
+        let mut programs = Programs::load_filled(&pins::pin_dir(scope), &entries)?;
+        programs.attach_and_pin(&cgroup, &pins::pin_dir(scope))?;
+        maps::set_lockdown_reason(&pins::pin_dir(scope), "")?;
         Ok(entries)
     })();
     match result {
@@ -461,7 +462,7 @@ pub fn apply_with(
         Err(cause) if fresh && lockdown => Err(held_in_lockdown(&cgroup, scope, cause)),
         Err(cause) if fresh => {
             // Nothing of ours is attached: the empty pin directory goes too.
-            let _ = remove_pins(&scope.pin_dir);
+            let _ = remove_pins(&pins::pin_dir(scope));
             Err(cause)
         }
         // Already enforced: what is in force stays untouched.
@@ -486,12 +487,12 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
 /// [`lock_down`] that hands `cause` back with the reason when the kernel refuses the lockdown
 /// programs too, so that another backend can try.
 pub fn try_lock_down(scope: &Scope, cause: Error) -> Result<Error, Box<(Error, Error)>> {
-    let prepared = scope::ensure_bpffs().and_then(|()| open_cgroup(scope));
+    let prepared = pins::ensure_bpffs().and_then(|()| open_cgroup(scope));
     let cgroup = match prepared {
         Ok(cgroup) => cgroup,
         Err(also) => return Err(Box::new((cause, also))),
     };
-    let _lock = match scope::ScopeLock::acquire(scope) {
+    let _lock = match pins::ScopeLock::acquire(scope) {
         Ok(lock) => lock,
         Err(also) => return Err(Box::new((cause, also))),
     };
@@ -499,16 +500,16 @@ pub fn try_lock_down(scope: &Scope, cause: Error) -> Result<Error, Box<(Error, E
         return Ok(cause);
     }
     let held = (|| {
-        let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown, None)?;
+        let mut programs = Programs::load_pair(&pins::pin_dir(scope), Pair::Lockdown, None)?;
         maps::set_lockdown_reason(programs.map_dir(), &cause.to_string())?;
-        programs.attach_and_pin(&cgroup, &scope.pin_dir)
+        programs.attach_and_pin(&cgroup, &pins::pin_dir(scope))
     })();
     match held {
         Ok(()) => Ok(Error::Lockdown(Box::new(cause))),
         Err(also) => {
             // Whatever did get attached stays (stricter than nothing); nothing did: no pins.
             if !is_pinned(scope) {
-                let _ = remove_pins(&scope.pin_dir);
+                let _ = remove_pins(&pins::pin_dir(scope));
             }
             Err(Box::new((cause, also)))
         }
@@ -517,9 +518,9 @@ pub fn try_lock_down(scope: &Scope, cause: Error) -> Result<Error, Box<(Error, E
 
 fn held_in_lockdown(cgroup: &File, scope: &Scope, cause: Error) -> Error {
     let held = (|| {
-        let mut programs = Programs::load_pair(&scope.pin_dir, Pair::Lockdown, None)?;
+        let mut programs = Programs::load_pair(&pins::pin_dir(scope), Pair::Lockdown, None)?;
         maps::set_lockdown_reason(programs.map_dir(), &cause.to_string())?;
-        programs.attach_and_pin(cgroup, &scope.pin_dir)
+        programs.attach_and_pin(cgroup, &pins::pin_dir(scope))
     })();
     match held {
         Ok(()) => Error::Lockdown(Box::new(cause)),
@@ -554,7 +555,7 @@ pub fn mode(scope: &Scope) -> Option<&'static str> {
     let attached: Vec<&str> = Direction::ALL
         .iter()
         .filter_map(|&d| {
-            let link = sys::obj_get(&link_pin(&scope.pin_dir, d)).ok()?;
+            let link = sys::obj_get(&link_pin(&pins::pin_dir(scope), d)).ok()?;
             let info = sys::cgroup_link_info(&link).ok()?;
             names.get(&info.program_id).map(String::as_str)
         })
@@ -586,10 +587,10 @@ pub fn program_names() -> std::collections::HashMap<u32, String> {
 
 /// Removes the scope's enforcement. Returns false when there was nothing to remove.
 pub fn remove(scope: &Scope) -> Result<bool> {
-    let Some(_lock) = scope::ScopeLock::existing(scope)? else {
+    let Some(_lock) = pins::ScopeLock::existing(scope)? else {
         return Ok(false);
     };
-    remove_pins(&scope.pin_dir)?;
+    remove_pins(&pins::pin_dir(scope))?;
     Ok(true)
 }
 
