@@ -96,6 +96,28 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// `out` (of a first `up`) exited 2 saying lockdown, `status` says nftables holds it in
+    /// lockdown, and nothing but loopback gets through.
+    fn held_in_lockdown_by_nftables(&self, out: &Output) {
+        assert_eq!(out.status.code(), Some(2), "{}", text(out));
+        assert!(text(out).contains("lockdown"), "{}", text(out));
+        let json = self.status_json();
+        assert_eq!(json["scopes"][0]["backend"], "nftables", "{json:#}");
+        assert_eq!(json["scopes"][0]["mode"], "lockdown", "{json:#}");
+        for (kind, addr, port) in [
+            ("tcp", TUNNEL_PEER_V4, 8080),
+            ("udp", SERVER_V4, 1194),
+            ("tcp", OTHER_V4, 8080),
+        ] {
+            assert!(
+                !self.reaches(kind, addr, port),
+                "{kind} {addr}:{port} passed the lockdown"
+            );
+        }
+    }
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         let _ = self.killswitch(&["down"], false);
@@ -178,21 +200,7 @@ fn a_bad_config_at_the_first_nftables_up_holds_the_scope_in_lockdown() {
     require_root!();
     let s = Setup::new("tunnels = [\"tun0\"\n");
     let out = s.killswitch(&["up", "--backend", "nftables"], false);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("lockdown"), "{}", text(&out));
-    let json = s.status_json();
-    assert_eq!(json["scopes"][0]["backend"], "nftables", "{json:#}");
-    assert_eq!(json["scopes"][0]["mode"], "lockdown", "{json:#}");
-    for (kind, addr, port) in [
-        ("tcp", TUNNEL_PEER_V4, 8080),
-        ("udp", SERVER_V4, 1194),
-        ("tcp", OTHER_V4, 8080),
-    ] {
-        assert!(
-            !s.reaches(kind, addr, port),
-            "{kind} {addr}:{port} passed the lockdown"
-        );
-    }
+    s.held_in_lockdown_by_nftables(&out);
     // A good config takes over; a bad one later leaves it in force.
     testbed::write_config(&s.dir.join("killswitch.toml"), CONFIG);
     let out = s.killswitch(&["up", "--backend", "nftables"], false);
@@ -212,21 +220,7 @@ fn with_ebpf_refused_a_bad_config_at_the_first_up_is_held_in_lockdown_by_nftable
     require_root!();
     let s = Setup::new("tunnels = [\"tun0\"\n");
     let out = s.killswitch(&["up"], true);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("lockdown"), "{}", text(&out));
-    let json = s.status_json();
-    assert_eq!(json["scopes"][0]["backend"], "nftables", "{json:#}");
-    assert_eq!(json["scopes"][0]["mode"], "lockdown", "{json:#}");
-    for (kind, addr, port) in [
-        ("tcp", TUNNEL_PEER_V4, 8080),
-        ("udp", SERVER_V4, 1194),
-        ("tcp", OTHER_V4, 8080),
-    ] {
-        assert!(
-            !s.reaches(kind, addr, port),
-            "{kind} {addr}:{port} passed the lockdown"
-        );
-    }
+    s.held_in_lockdown_by_nftables(&out);
 }
 
 /// `nft flush ruleset` (a firewall service starting or reloading) removes the table; the

@@ -115,14 +115,7 @@ fn udp(addr: SocketAddr, timeout: Duration, local_port: u16) -> Result<(), Strin
 }
 
 fn flood(addr: SocketAddr, duration: Duration) -> Result<(), String> {
-    let local: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .unwrap();
-    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    let socket = unbound_udp(addr)?;
     let start = std::time::Instant::now();
     let (mut attempts, mut refused) = (0u64, 0u64);
     while start.elapsed() < duration {
@@ -140,14 +133,7 @@ fn flood(addr: SocketAddr, duration: Duration) -> Result<(), String> {
 /// a millisecond on the same socket for `duration`, errors ignored; prints "established" after
 /// the answer, then how many were sent and how many the kernel refused.
 fn stream(addr: SocketAddr, duration: Duration) -> Result<(), String> {
-    let local: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .unwrap();
-    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    let socket = unbound_udp(addr)?;
     socket.connect(addr).map_err(|e| e.to_string())?;
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -176,14 +162,7 @@ fn stream(addr: SocketAddr, duration: Duration) -> Result<(), String> {
 /// `count` UDP datagrams as fast as one socket sends them; prints the nanoseconds per send
 /// (the output hooks' cost is part of it) and how many the kernel refused.
 fn blast(addr: SocketAddr, count: u64) -> Result<(), String> {
-    let local: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .unwrap();
-    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    let socket = unbound_udp(addr)?;
     let start = std::time::Instant::now();
     let mut refused = 0u64;
     for _ in 0..count {
@@ -194,6 +173,18 @@ fn blast(addr: SocketAddr, count: u64) -> Result<(), String> {
     let ns = start.elapsed().as_nanos() as f64 / count as f64;
     println!("{ns:.0} {refused}");
     Ok(())
+}
+
+/// A UDP socket on any address and port of `addr`'s family.
+fn unbound_udp(addr: SocketAddr) -> Result<UdpSocket, String> {
+    let any: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
+    UdpSocket::bind(any).map_err(|e| e.to_string())
 }
 
 /// Accepts TCP connections on `[::]:port` (both families) and echoes one read on each.

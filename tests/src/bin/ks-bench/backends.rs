@@ -3,16 +3,13 @@
 //! iptables files; the rendered sizes; and what one UDP send to the last server costs with each
 //! (the output hooks run in the sender's system call), against no filter.
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{fmt::Write as _, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use testbed::{process::command_in, Cgroup, Netns, PinRoot};
+
+use crate::{control::server, timed};
 
 const COUNTS: [u32; 2] = [1, 10_000];
 const RUNS: usize = 5;
@@ -20,15 +17,7 @@ const RUNS: usize = 5;
 const SENDS: &str = "20000";
 
 pub fn run(bin: &Path) -> Result<Value> {
-    let dir = testbed::private_dir("ksbenchbk");
-    let result = measure(bin, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-/// Server `i`: 198.18.0.0/15 (benchmark range), UDP 1194.
-fn server(i: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(0xc612_0000u32 + i)
+    crate::in_private_dir("ksbenchbk", |dir| measure(bin, dir))
 }
 
 fn measure(bin: &Path, dir: &Path) -> Result<Value> {
@@ -167,21 +156,4 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Runs a command to completion; its wall time in ms. Fails when it fails.
-fn timed(command: &mut Command) -> Result<f64> {
-    let started = Instant::now();
-    let out = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(ms)
 }

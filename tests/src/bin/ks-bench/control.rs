@@ -2,30 +2,24 @@
 //! fill, attach, then `down`) of a config with 10,000 servers and 4,000 LAN prefixes, next to
 //! `nft -c -f` and `nft -f` of the same lists as nftables sets, in the same run and namespace.
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{fmt::Write as _, path::Path, process::Command};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 use testbed::{Cgroup, PinRoot};
+
+use crate::timed;
 
 const SERVERS: u32 = 10_000;
 const LAN: u32 = 4_000;
 const RUNS: usize = 5;
 
 pub fn run(bin: &Path) -> Result<Value> {
-    let dir = testbed::private_dir("ksbenchcp");
-    let result = measure(bin, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    crate::in_private_dir("ksbenchcp", |dir| measure(bin, dir))
 }
 
 /// Server `i`: 198.18.0.0/15 (benchmark range); LAN `i`: a /24 under 10.0.0.0/8.
-fn server(i: u32) -> std::net::Ipv4Addr {
+pub fn server(i: u32) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(0xc612_0000u32 + i)
 }
 
@@ -121,18 +115,4 @@ fn nft_ruleset() -> String {
         servers.join(", "),
         lans.join(", ")
     )
-}
-
-/// Runs a command to completion; its wall time in ms. Fails when it fails.
-fn timed(command: &mut Command) -> Result<f64> {
-    let started = Instant::now();
-    let status = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if !status.success() {
-        bail!("{command:?} failed");
-    }
-    Ok(ms)
 }

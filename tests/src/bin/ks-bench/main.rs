@@ -39,3 +39,32 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Runs a command to completion; its wall time in ms. Fails (with its error output) when it
+/// fails.
+fn timed(command: &mut std::process::Command) -> anyhow::Result<f64> {
+    let started = std::time::Instant::now();
+    let out = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(ms)
+}
+
+/// Runs `f` with a private directory for configs (`testbed::private_dir`), removed afterwards.
+fn in_private_dir<T>(
+    prefix: &str,
+    f: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let dir = testbed::private_dir(prefix);
+    let result = f(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
