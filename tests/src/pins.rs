@@ -1,9 +1,12 @@
-//! A private bpffs pin root (`KILLSWITCH_PIN_ROOT`), removed with everything in it on drop.
+//! A private bpffs pin root (`KILLSWITCH_PIN_ROOT`) and a private state directory for the
+//! nftables backend (`KILLSWITCH_STATE_DIR`), removed with everything in them on drop.
 
 use std::path::{Path, PathBuf};
 
 pub struct PinRoot {
     pub path: PathBuf,
+    /// For the nftables backend's locks and marks; killswitch creates it when it needs it.
+    pub state: PathBuf,
 }
 
 impl PinRoot {
@@ -11,7 +14,8 @@ impl PinRoot {
         ensure_bpffs();
         let path = Path::new("/sys/fs/bpf").join(crate::unique_name("kstest"));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        PinRoot { path }
+        let state = Path::new("/run").join(crate::unique_name("ksstate"));
+        PinRoot { path, state }
     }
 }
 
@@ -36,6 +40,7 @@ impl Drop for PinRoot {
     fn drop(&mut self) {
         // Unpinning a link detaches it (nothing else holds it once our processes are gone).
         let _ = remove_tree(&self.path);
+        let _ = remove_tree(&self.state);
     }
 }
 

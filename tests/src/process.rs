@@ -93,6 +93,7 @@ pub fn killswitch_command(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str
         .arg(killswitch_bin())
         .args(args)
         .env("KILLSWITCH_PIN_ROOT", &pin_root.path)
+        .env("KILLSWITCH_STATE_DIR", &pin_root.state)
         .env_remove("KILLSWITCH_LOG");
     cmd
 }
@@ -122,6 +123,7 @@ pub fn killswitch_in_cgroup(
         .arg(killswitch_bin())
         .args(args)
         .env("KILLSWITCH_PIN_ROOT", &pin_root.path)
+        .env("KILLSWITCH_STATE_DIR", &pin_root.state)
         .env_remove("KILLSWITCH_LOG");
     cmd
 }

@@ -119,6 +119,7 @@ fn up_enforces_when_no_thread_can_be_started() {
         .arg(testbed::process::killswitch_bin())
         .args(args("up"))
         .env("KILLSWITCH_PIN_ROOT", &pins.path)
+        .env("KILLSWITCH_STATE_DIR", &pins.state)
         .output()
         .unwrap();
     let refused: u64 = std::fs::read_to_string(limited.join("pids.events"))

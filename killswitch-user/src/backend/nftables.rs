@@ -65,7 +65,14 @@ pub fn table(scope: &Scope) -> Result<String> {
 }
 
 /// Where the nftables backend keeps its lock and `down` marks, per table and network namespace.
-const STATE_DIR: &str = "/run/killswitch/nftables";
+/// `KILLSWITCH_STATE_DIR` moves it (tests use their own directory).
+pub const DEFAULT_STATE_DIR: &str = "/run/killswitch/nftables";
+
+fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("KILLSWITCH_STATE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_STATE_DIR))
+}
 
 /// A scope's nftables lock: one writer at a time (`up`, `down`, `servers`, the daemon), so
 /// that no one writes a table over a newer one, or back after a `down`.
@@ -74,18 +81,19 @@ pub struct Lock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 fn state_file(scope: &Scope, extension: &str) -> Result<std::path::PathBuf> {
     let (table, _) = table_of(scope)?;
     let netns = crate::interfaces::netns_cookie()?;
-    Ok(std::path::Path::new(STATE_DIR).join(format!("{table}-{netns}.{extension}")))
+    Ok(state_dir().join(format!("{table}-{netns}.{extension}")))
 }
 
 /// Takes the scope's lock (waits for another writer).
 pub fn lock(scope: &Scope) -> Result<Lock> {
     use std::os::unix::fs::DirBuilderExt;
     let path = state_file(scope, "lock")?;
+    let dir = state_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(STATE_DIR)
-        .map_err(|e| Error::io("cannot create", STATE_DIR, e))?;
+        .create(&dir)
+        .map_err(|e| Error::io("cannot create", &dir, e))?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -55,7 +55,8 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
                 .arg("-q")
                 .args(args)
                 .args(["--cgroup", &cgroup.relative])
-                .env("KILLSWITCH_PIN_ROOT", &pins.path);
+                .env("KILLSWITCH_PIN_ROOT", &pins.path)
+                .env("KILLSWITCH_STATE_DIR", &pins.state);
             cmd
         };
         let send_cost = || -> Result<f64> {

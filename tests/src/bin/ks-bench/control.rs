@@ -64,7 +64,8 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
             cmd.arg("--config")
                 .arg(&config)
                 .args(["-q", action, "--cgroup", &cgroup.relative])
-                .env("KILLSWITCH_PIN_ROOT", &pins.path);
+                .env("KILLSWITCH_PIN_ROOT", &pins.path)
+                .env("KILLSWITCH_STATE_DIR", &pins.state);
             cmd
         };
         up.push(timed(&mut scoped("up"))?);

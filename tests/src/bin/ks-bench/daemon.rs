@@ -40,7 +40,8 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
             .arg(&config)
             .args(args)
             .args(["--cgroup", &cgroup.relative])
-            .env("KILLSWITCH_PIN_ROOT", &pins.path);
+            .env("KILLSWITCH_PIN_ROOT", &pins.path)
+            .env("KILLSWITCH_STATE_DIR", &pins.state);
         cmd
     };
     eprintln!("bench: daemon with {SERVERS} servers");
