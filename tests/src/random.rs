@@ -114,6 +114,86 @@ pub fn random_packet(rng: &mut Rng, v4: &[IpAddr], v6: &[IpAddr]) -> model::Pack
     }
 }
 
+/// [`random_packet`] steered half the time at one of `policy`'s exceptions: a server's address
+/// with its port and protocol, an NTP or DNS server on its port, a DHCP exchange, neighbour
+/// discovery, an `[[inbound]]` port. Everything else stays random (direction, interface,
+/// fragments, extension headers), so a packet aimed at an exception may still miss it.
+pub fn steered_packet(
+    rng: &mut Rng,
+    policy: &Policy,
+    v4: &[IpAddr],
+    v6: &[IpAddr],
+) -> model::Packet {
+    let mut p = random_packet(rng, v4, v6);
+    if rng.below(2) == 0 {
+        return p;
+    }
+    let servers: Vec<_> = policy
+        .servers
+        .iter()
+        .filter_map(|s| match s.address {
+            killswitch::policy::ServerAddress::Ip(ip) => Some((ip, s.port, s.protocol)),
+            killswitch::policy::ServerAddress::Host(_) => None,
+        })
+        .collect();
+    let udp_or_tcp = |rng: &mut Rng| pick(rng, &[UDP, TCP]);
+    match rng.below(6) {
+        0 if !servers.is_empty() => {
+            let (ip, port, protocol) = pick(rng, &servers);
+            p.remote = ip;
+            p.protocol = protocol.map_or_else(|| udp_or_tcp(rng), |p| p.number());
+            if let Some(port) = port {
+                p.remote_port = port;
+            }
+        }
+        1 if !policy.ntp_servers.is_empty() => {
+            p.remote = pick(rng, &policy.ntp_servers);
+            p.protocol = UDP;
+            p.remote_port = 123;
+        }
+        2 if !policy.dns_servers.is_empty() => {
+            p.remote = pick(rng, &policy.dns_servers);
+            p.protocol = udp_or_tcp(rng);
+            p.remote_port = pick(rng, &[53, 853]);
+        }
+        3 => {
+            p.protocol = UDP;
+            let ipv6 = p.remote.is_ipv6();
+            (p.local_port, p.remote_port) = if ipv6 { (546, 547) } else { (68, 67) };
+            if p.direction == Direction::Egress {
+                p.remote = if ipv6 {
+                    pick(rng, &["ff02::1:2", "fe80::1"]).parse().unwrap()
+                } else {
+                    "255.255.255.255".parse().unwrap()
+                };
+            }
+        }
+        4 => {
+            p.remote = pick(rng, &["fe80::1", "ff02::1:ff00:1", "ff02::2"])
+                .parse()
+                .unwrap();
+            p.protocol = ICMPV6;
+            p.icmp_type = pick(rng, &[133, 134, 135, 136, 137]);
+        }
+        _ if !policy.inbound.is_empty() => {
+            let rule = &policy.inbound[rng.below(policy.inbound.len() as u64) as usize];
+            p.direction = Direction::Ingress;
+            p.interface = Interface::Tunnel;
+            p.protocol = TCP;
+            p.tcp_flags = 0x02;
+            p.local_port = rule.port;
+            if !rule.sources.is_empty() && rng.below(2) == 0 {
+                p.remote = pick(rng, &rule.sources);
+            }
+        }
+        _ => {}
+    }
+    if p.remote.is_ipv4() {
+        p.extension_headers = 0;
+    }
+    p
+}
+
 /// What an ICMP error quotes; now and then of the other family, which must not count.
 pub fn random_quoted(rng: &mut Rng, ipv6: bool, v4: &[IpAddr], v6: &[IpAddr]) -> model::Quoted {
     let ipv6 = if rng.below(10) == 0 { !ipv6 } else { ipv6 };
