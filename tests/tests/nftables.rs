@@ -48,15 +48,20 @@ impl Setup {
     /// `killswitch --config C ARGS --cgroup G` in the client namespace; `refuse_bpf`: with the
     /// `bpf` system call refused, as on a kernel without eBPF.
     fn killswitch(&self, args: &[&str], refuse_bpf: bool) -> Output {
-        let config = self.config();
-        let mut all = vec!["--config", config.as_str()];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--cgroup", &self.cgroup.relative]);
-        let mut command = killswitch_command(&self.net.client, &self.pins, &all);
+        let mut command = self.command(args);
         if refuse_bpf {
             without_bpf(&mut command);
         }
         command.output().unwrap()
+    }
+
+    /// The command [`Setup::killswitch`] runs, for tests that change it further.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let config = self.config();
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--cgroup", &self.cgroup.relative]);
+        killswitch_command(&self.net.client, &self.pins, &all)
     }
 
     fn reaches(&self, kind: &str, addr: &str, port: u16) -> bool {
@@ -175,12 +180,7 @@ fn auto_falls_back_to_nftables_when_the_kernel_refuses_ebpf_and_says_why_once() 
 fn neither_backend_working_exits_1_and_names_both() {
     require_root!();
     let s = Setup::new(CONFIG);
-    let config = s.config();
-    let mut command = killswitch_command(
-        &s.net.client,
-        &s.pins,
-        &["--config", &config, "up", "--cgroup", &s.cgroup.relative],
-    );
+    let mut command = s.command(&["up"]);
     // No nft on the PATH (it lives in /usr/sbin), and no bpf().
     command.env("PATH", "/usr/bin:/bin");
     without_bpf(&mut command);
@@ -229,20 +229,7 @@ fn with_ebpf_refused_a_bad_config_at_the_first_up_is_held_in_lockdown_by_nftable
 fn the_daemon_puts_back_a_table_flushed_behind_its_back_but_not_one_taken_down() {
     require_root!();
     let s = Setup::new(CONFIG);
-    let config = s.config();
-    let mut command = killswitch_command(
-        &s.net.client,
-        &s.pins,
-        &[
-            "--config",
-            &config,
-            "daemon",
-            "--backend",
-            "nftables",
-            "--cgroup",
-            &s.cgroup.relative,
-        ],
-    );
+    let mut command = s.command(&["daemon", "--backend", "nftables"]);
     command.stderr(std::process::Stdio::piped());
     let daemon = testbed::process::Background::start(command);
     let enforced = || s.killswitch(&["status"], false).status.success();

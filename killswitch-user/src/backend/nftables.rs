@@ -40,12 +40,10 @@ impl Comment {
             Some(rest) => (rest, false),
             None => (text.strip_prefix(render::COMMENT_LOCKDOWN)?, true),
         };
-        // A path has no space (the renderer refuses one); a reason follows ": ".
+        // A path has no space (the renderer refuses one), so the first ": " starts the reason.
         let (head, reason) = match rest.split_once(": ") {
-            Some((head, reason)) if !head.contains(' ') || head.contains(" #") => {
-                (head, Some(reason))
-            }
-            _ => (rest, None),
+            Some((head, reason)) => (head, Some(reason)),
+            None => (rest, None),
         };
         let (path, id) = match head.split_once(" #") {
             Some((path, id)) => (path, id.parse().ok()),
