@@ -221,6 +221,15 @@ fn print_counters(s: &ScopeStatus) {
     }
 }
 
+/// `--follow` reads the eBPF programs' drop events; an nftables table logs its drops itself.
+fn held_by_nftables() -> Error {
+    Error::Runtime(
+        "the scope is held by nftables, whose drops go to the kernel log: \
+         `journalctl -k --grep 'killswitch drop'`"
+            .into(),
+    )
+}
+
 /// `status --follow`: drop events of one scope as they happen.
 fn follow(args: &StatusArgs) -> Result<ExitCode> {
     let scope = match &args.cgroup {
@@ -228,6 +237,7 @@ fn follow(args: &StatusArgs) -> Result<ExitCode> {
         None => {
             let mut scopes = pins::scopes()?;
             match scopes.len() {
+                0 if !nftables::scopes().is_empty() => return Err(held_by_nftables()),
                 0 => {
                     return Err(Error::Runtime(
                         "no scope is enforced; run `killswitch up`".into(),
@@ -242,6 +252,9 @@ fn follow(args: &StatusArgs) -> Result<ExitCode> {
             }
         }
     };
+    if !crate::ebpf::is_pinned(&scope) && nftables::holds(&scope) {
+        return Err(held_by_nftables());
+    }
     if !crate::ebpf::is_pinned(&scope) {
         return Err(Error::Runtime(format!(
             "{} is not enforced; run `killswitch up`",
