@@ -22,6 +22,10 @@ pub const MAX_PREFIXES: u32 = 4096;
 pub const MAX_ADDRESSES: u32 = 4096;
 /// IPv6 extension headers walked before the transport header counts as unreadable.
 pub const MAX_EXTENSION_HEADERS: u32 = 6;
+/// Capacity of the `VPN_CLIENTS` map (cgroup ids whose sockets may reach the servers).
+pub const MAX_VPN_CLIENTS: u32 = 64;
+/// Deepest cgroup level a VPN client's cgroup may sit at (`a/b` is level 2).
+pub const MAX_VPN_CLIENT_LEVEL: u32 = 31;
 /// Bytes of the `LOCKDOWN` map's one value: why the scope is in lockdown (UTF-8, NUL-padded;
 /// all NUL while the policy is in force).
 pub const LOCKDOWN_REASON_BYTES: usize = 512;
@@ -100,6 +104,16 @@ pub struct Settings {
     pub lan_dns: u32,
     /// `[ipv6] mode = "block"`: every IPv6 packet except loopback is dropped.
     pub ipv6_block: u32,
+    /// `[vpn_client]` is set: the server exception holds only for sockets of the VPN client's
+    /// cgroups (`VPN_CLIENTS`) or packets carrying `vpn_client_mark`.
+    pub vpn_client: u32,
+    /// The skb mark that identifies the VPN client's packets; 0: none (a mark of 0 is what
+    /// every unmarked packet carries, so the config refuses it).
+    pub vpn_client_mark: u32,
+    /// Bit `n` set: some cgroup in `VPN_CLIENTS` is at level `n` (its ancestor id at that level
+    /// is looked up, so a client's child cgroups are the client too).
+    pub vpn_client_levels: u32,
+    pub _pad: u32,
     /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
     /// interfaces, never on a container's.
     pub netns_cookie: u64,
@@ -240,6 +254,8 @@ pub enum Reason {
     /// Dropped: outside the tunnel, an IPv4 packet with header options (source routes among
     /// them) or an IPv6 packet whose routing header still has segments to visit.
     SourceRoute = 15,
+    /// Dropped: to a VPN server, from a socket that is not the `[vpn_client]`'s.
+    NotVpnClient = 16,
 }
 
 /// Counter slots reserved per direction; more than the reasons so new ones keep the map layout.
@@ -248,7 +264,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_ENTRIES: u32 = REASON_SLOTS * 2;
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Loopback,
         Reason::Tunnel,
         Reason::Server,
@@ -259,6 +275,7 @@ impl Reason {
         Reason::NeighbourDiscovery,
         Reason::IcmpError,
         Reason::NotUplink,
+        Reason::NotVpnClient,
         Reason::LanDns,
         Reason::Ipv6Blocked,
         Reason::InboundRefused,
@@ -293,6 +310,7 @@ impl Reason {
             Reason::Default => "default-drop",
             Reason::Malformed => "malformed",
             Reason::SourceRoute => "source-route",
+            Reason::NotVpnClient => "not-vpn-client",
             Reason::Dhcp => "dhcp",
             Reason::Ntp => "ntp",
             Reason::Dns => "dns",

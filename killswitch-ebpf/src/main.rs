@@ -19,7 +19,7 @@ use killswitch_common::{
     ipv4_mapped, Direction, InboundKey, InterfaceKey, LanPrefix, NamedServerKey, Reason, ServerKey,
     Settings, ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     LOCKDOWN_REASON_BYTES, LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
-    MAX_SERVERS,
+    MAX_SERVERS, MAX_VPN_CLIENTS, MAX_VPN_CLIENT_LEVEL,
 };
 use netns::{Helper, NetnsSource, Socket};
 use packet::{Packet, Ports, ETH_P_IPV6};
@@ -55,6 +55,10 @@ static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS +
 /// [`judge_icmp_error`]).
 #[map]
 static ICMP_ERRORS: ProgramArray = ProgramArray::pinned(2, 0);
+/// The `[vpn_client]`'s cgroups by id: with `Settings::vpn_client`, only their sockets (and
+/// their descendants') get the server exception.
+#[map]
+static VPN_CLIENTS: HashMap<u64, u8> = HashMap::pinned(MAX_VPN_CLIENTS, 0);
 /// Why the scope is in lockdown, for `status`; the programs never read it.
 #[map]
 static LOCKDOWN: Array<[u8; LOCKDOWN_REASON_BYTES]> = Array::pinned(1, 0);
@@ -108,7 +112,8 @@ fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
     let reason = match quoted {
         Some(quoted)
             if !quoted.source_route
-                && exception(&quoted, Direction::Egress, &settings, own_netns).allows() =>
+                && exception(&quoted, Direction::Egress, &settings, own_netns, || true)
+                    .allows() =>
         {
             Reason::IcmpError
         }
@@ -224,27 +229,73 @@ fn classify<N: NetnsSource>(
     }
     // DHCP only on the scope's own namespace's interfaces, never on a container's.
     let own_netns = interface.netns_cookie == settings.netns_cookie;
-    let reason = exception(&packet, direction, settings, own_netns);
+    // Only what leaves is held to the VPN client: a reply to anyone else is never answered.
+    let client = || {
+        direction == Direction::Ingress || settings.vpn_client == 0 || is_vpn_client(ctx, settings)
+    };
+    let reason = exception(&packet, direction, settings, own_netns, client);
     if reason != Reason::Default || direction == Direction::Egress || !packet.is_icmp_error() {
         return Some(reason);
     }
     None
 }
 
-/// Steps 4-9: the exceptions that let a packet use an uplink.
+/// Steps 4-9: the exceptions that let a packet use an uplink. `client`: whether the packet may
+/// use the server exception (asked only of a packet to a server).
 #[inline(always)]
 fn exception(
     packet: &Packet,
     direction: Direction,
     settings: &Settings,
     own_netns: bool,
+    client: impl FnOnce() -> bool,
 ) -> Reason {
     if packet.remote_is_v4_mapped() {
         return Reason::Default;
     }
-    if is_server(packet) {
+    let server = is_server(packet);
+    if server && client() {
         return Reason::Server;
     }
+    let reason = later_exception(packet, direction, settings, own_netns);
+    if server && reason == Reason::Default {
+        return Reason::NotVpnClient;
+    }
+    reason
+}
+
+/// Step 4's condition under `[vpn_client]`: the packet carries the client's mark, or its
+/// socket's cgroup is a client's or below one.
+#[inline(always)]
+fn is_vpn_client(ctx: &SkBuffContext, settings: &Settings) -> bool {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if settings.vpn_client_mark != 0 && mark == settings.vpn_client_mark {
+        return true;
+    }
+    let mut level = 1;
+    while level <= MAX_VPN_CLIENT_LEVEL {
+        if settings.vpn_client_levels & (1 << level) != 0 {
+            // SAFETY: a helper call on this program's own context; 0 when there is no socket.
+            let id =
+                unsafe { aya_ebpf::helpers::bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+            if id != 0 && VPN_CLIENTS.get_ptr(&id).is_some() {
+                return true;
+            }
+        }
+        level += 1;
+    }
+    false
+}
+
+/// Steps 5-9.
+#[inline(always)]
+fn later_exception(
+    packet: &Packet,
+    direction: Direction,
+    settings: &Settings,
+    own_netns: bool,
+) -> Reason {
     if settings.dhcp != 0 && own_netns && is_dhcp(packet, direction) {
         return Reason::Dhcp;
     }
@@ -416,6 +467,10 @@ fn settings() -> Settings {
         dhcp: 0,
         lan_dns: 0,
         ipv6_block: 1,
+        vpn_client: 1,
+        vpn_client_mark: 0,
+        vpn_client_levels: 0,
+        _pad: 0,
         netns_cookie: 0,
         event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
         event_burst_ns: killswitch_common::EVENT_BURST_NS,

@@ -50,6 +50,10 @@ pub struct Packet {
     pub source_route: bool,
     /// For an ICMP/ICMPv6 error: the packet it quotes (which this host sent).
     pub quoted: Option<Quoted>,
+    /// The packet's socket is in one of the `[vpn_client]`'s cgroups (or below one).
+    pub vpn_client: bool,
+    /// The packet's skb mark (0: unmarked).
+    pub mark: u32,
 }
 
 /// The packet an ICMP error quotes: a plain (unfragmented, no extension headers) packet this host
@@ -150,6 +154,8 @@ impl Packet {
             extension_headers: 0,
             source_route: false,
             quoted: None,
+            vpn_client: true,
+            mark: 0,
         })
     }
 }
@@ -193,7 +199,8 @@ fn reason(policy: &Policy, p: &Packet) -> Reason {
     if reason != Reason::Default || p.direction == Direction::Egress {
         return reason;
     }
-    // An ICMP error about a packet the egress policy allows (path-MTU discovery to a server).
+    // An ICMP error about a packet the egress policy allows (path-MTU discovery to a server);
+    // whose socket sent the quoted packet is not known, so `[vpn_client]` is not asked.
     let quoted = p.is_icmp_error().then(|| p.quoted_packet()).flatten();
     match quoted {
         Some(q) if exception(policy, &q).allows() => Reason::IcmpError,
@@ -224,9 +231,31 @@ fn exception(policy: &Policy, p: &Packet) -> Reason {
                 && s.port
                     .is_none_or(|port| p.ports().is_some_and(|(_, r)| r == port))
         });
-    if is_server {
+    // ...and under [vpn_client], only what the VPN client sends (egress: a reply to anyone
+    // else is never answered)
+    let client = match &policy.vpn_client {
+        None => true,
+        Some(c) => {
+            p.direction == Direction::Ingress
+                || p.vpn_client
+                || c.mark.is_some_and(|mark| mark == p.mark)
+        }
+    };
+    if is_server && client {
         return Reason::Server;
     }
+    let reason = later_exception(policy, p);
+    if is_server && reason == Reason::Default {
+        return Reason::NotVpnClient;
+    }
+    reason
+}
+
+/// Steps 5-9.
+fn later_exception(policy: &Policy, p: &Packet) -> Reason {
+    let protocol = p.transport().protocol;
+    let remote = p.remote;
+    let tcp_or_udp = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP);
     // 5. DHCP: requests only to where a server can be (broadcast or LAN; ff02::1:2 or
     // link-local), answers from anywhere; only in the scope's own namespace
     let in_lan = policy.lan.networks.iter().any(|n| n.contains(remote));

@@ -101,11 +101,27 @@ fn each_kind_of_bad_input_has_its_message() {
         ("", format!("{f}: tunnels: missing; list the VPN's interfaces, e.g. tunnels = [\"tun0\"]")),
         (
             "tunnels = [\"tun0\"]\nkill = true\n",
-            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`"),
+            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`, `vpn_client`"),
         ),
         (
-            "tunnels = [\"tun0\"]\n\n[vpn_client]\nmark = 1\n",
-            format!("{f}:3: unknown field `vpn_client`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`"),
+            "tunnels = [\"tun0\"]\n\n[vpn_client]\nmark = 0\n",
+            format!("{f}:4: vpn_client.mark: 0 is the mark of every unmarked packet; use the VPN's own fwmark"),
+        ),
+        (
+            "tunnels = [\"tun0\"]\n\n[vpn_client]\nmark = 4294967296\n",
+            format!("{f}:4: vpn_client.mark: 4294967296 is not a mark (1-0xffffffff)"),
+        ),
+        (
+            "tunnels = [\"tun0\"]\n\n[vpn_client]\ncgroup = \"/\"\n",
+            format!("{f}:4: vpn_client.cgroup: the cgroup2 root holds every process; name the VPN client's own cgroup, e.g. \"system.slice/openvpn-client@work.service\""),
+        ),
+        (
+            "tunnels = [\"tun0\"]\n\n[vpn_client]\ncgroup = \"system.slice/../user.slice\"\n",
+            format!("{f}:4: vpn_client.cgroup: `system.slice/../user.slice` must be a plain path below the cgroup2 root (no `//`, `.` or `..`)"),
+        ),
+        (
+            "tunnels = [\"tun0\"]\n\n[vpn_client]\nuser = \"nobody\"\n",
+            format!("{f}:4: unknown field `user`, expected `cgroup` or `mark`"),
         ),
         ("tunnels = \"tun0\"\n", format!("{f}:1: invalid type: string \"tun0\", expected a sequence")),
         ("tunnels = [\"tun0\"\n", format!("{f}:1: unclosed array, expected `]`")),
@@ -635,6 +651,7 @@ fn every_example_config_is_valid_and_says_what_its_comment_says() {
             "openvpn-one-server.toml",
             "per-app-scope.toml",
             "servers-by-hostname.toml",
+            "vpn-client.toml",
         ]
     );
     let one = load("openvpn-one-server.toml");
@@ -656,4 +673,11 @@ fn every_example_config_is_valid_and_says_what_its_comment_says() {
     let inbound = load("inbound-port.toml");
     assert_eq!(inbound.inbound.len(), 1);
     assert!(!load("per-app-scope.toml").dhcp);
+    assert_eq!(
+        load("vpn-client.toml").vpn_client,
+        Some(killswitch::policy::VpnClient {
+            cgroup: Some("system.slice/openvpn-client@work.service".into()),
+            mark: Some(0xca6c),
+        })
+    );
 }

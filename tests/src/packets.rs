@@ -70,7 +70,13 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 /// The `__sk_buff` context for BPF_PROG_TEST_RUN, up to and including `ifindex` (the kernel
 /// attaches the device with that ifindex in the caller's network namespace).
 pub fn skb_context(ifindex: u32) -> Vec<u8> {
+    skb_context_marked(ifindex, 0)
+}
+
+/// [`skb_context`] for a packet carrying the skb mark `mark`.
+pub fn skb_context_marked(ifindex: u32, mark: u32) -> Vec<u8> {
     let mut ctx = [0u32; 11];
+    ctx[2] = mark;
     ctx[10] = ifindex;
     ctx.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }

@@ -111,8 +111,13 @@ pub fn random_packet(rng: &mut Rng, v4: &[IpAddr], v6: &[IpAddr]) -> model::Pack
         },
         source_route: rng.below(12) == 0,
         quoted: (rng.below(3) != 0).then(|| random_quoted(rng, ipv6, v4, v6)),
+        vpn_client: rng.below(2) == 0,
+        mark: pick(rng, &[0, 0, CLIENT_MARK, CLIENT_MARK + 1]),
     }
 }
+
+/// The `vpn_client.mark` random policies use.
+pub const CLIENT_MARK: u32 = 0xca6c;
 
 /// [`random_packet`] steered half the time at one of `policy`'s exceptions: a server's address
 /// with its port and protocol, an NTP or DNS server on its port, a DHCP exchange, neighbour
@@ -303,7 +308,10 @@ pub fn seed() -> u64 {
 /// protocol, 0-4 LAN prefixes of every accepted length (overlapping now and then), NTP and
 /// DNS servers, inbound rules with and without sources, every setting. Addresses come from
 /// a few small ranges so entries and packets meet.
-pub fn random_policy(rng: &mut Rng) -> String {
+///
+/// One policy in three has a `[vpn_client]`: the mark [`CLIENT_MARK`], the cgroup `client`
+/// (when given), or both.
+pub fn random_policy(rng: &mut Rng, client: Option<&str>) -> String {
     let block = rng.below(5) == 0;
     // IPv6 entries are errors in block mode.
     let address = |rng: &mut Rng| {
@@ -379,6 +387,16 @@ pub fn random_policy(rng: &mut Rng) -> String {
         if rng.below(2) == 0 {
             let source = address(rng);
             text.push_str(&format!("sources = [\"{source}\"]\n"));
+        }
+    }
+    if rng.below(3) == 0 {
+        text.push_str("[vpn_client]\n");
+        match (client, rng.below(3)) {
+            (Some(cgroup), 0) => text.push_str(&format!("cgroup = \"{cgroup}\"\n")),
+            (Some(cgroup), 1) => {
+                text.push_str(&format!("cgroup = \"{cgroup}\"\nmark = {CLIENT_MARK:#x}\n"))
+            }
+            _ => text.push_str(&format!("mark = {CLIENT_MARK:#x}\n")),
         }
     }
     text

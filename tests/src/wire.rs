@@ -488,7 +488,8 @@ pub fn in_netns<T>(netns: &Netns, f: impl FnOnce() -> T) -> T {
 }
 
 /// Runs `f` with this whole process inside `cgroup`, then moves it back where it was.
-fn in_cgroup<T>(cgroup: &Cgroup, f: impl FnOnce() -> T) -> T {
+/// Runs `f` with this whole process in `cgroup` (sockets made there belong to it).
+pub fn in_cgroup<T>(cgroup: &Cgroup, f: impl FnOnce() -> T) -> T {
     let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
     let home = own
         .lines()

@@ -128,7 +128,7 @@ fn differential(backend: Backend) {
     let mut reasons = std::collections::BTreeMap::new();
     let mut applying = std::time::Duration::ZERO;
     for n in 0..policies {
-        let text = random_policy(&mut rng);
+        let text = random_policy(&mut rng, None);
         let policy = Policy::from_toml(&text, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("policy {n} refused: {e}\n{text}"));
         let apply_started = Instant::now();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use killswitch::{
     policy::{Policy, ServerAddress, ServerEndpoint},
     render::{self, CgroupMatch, Ruleset},
+    vpn_client::ClientCgroup,
 };
 use testbed::{process::output_in, require_root, Cgroup, Netns};
 
@@ -56,14 +57,36 @@ fn servers(policy: &Policy) -> Vec<ServerEndpoint> {
     out
 }
 
-/// (file name, text) of every rendering of an example.
-fn renderings(name: &str, policy: &Policy, cgroup: Option<&str>) -> Vec<(String, String)> {
+/// The `[vpn_client]` cgroup of a policy as if it existed, at `path` instead when given.
+fn clients(policy: &Policy, path: Option<&str>) -> Vec<ClientCgroup> {
+    let configured = policy.vpn_client.as_ref().and_then(|c| c.cgroup.as_deref());
+    configured
+        .map(|c| path.unwrap_or(c))
+        .map(|path| ClientCgroup {
+            path: path.to_owned(),
+            level: path.split('/').count() as u32,
+            id: 0,
+        })
+        .into_iter()
+        .collect()
+}
+
+/// (file name, text) of every rendering of an example; its `[vpn_client]` cgroup is `client`
+/// when given.
+fn renderings(
+    name: &str,
+    policy: &Policy,
+    cgroup: Option<&str>,
+    client: Option<&str>,
+) -> Vec<(String, String)> {
     let servers = servers(policy);
+    let clients = clients(policy, client);
     let ruleset = Ruleset {
         policy,
         servers: &servers,
         cgroup: cgroup.map(|c| CgroupMatch::new(Path::new(c)).unwrap().unwrap()),
         lockdown: None,
+        clients: &clients,
     };
     vec![
         (format!("{name}.nft"), render::nft(&ruleset).unwrap()),
@@ -88,7 +111,7 @@ fn every_example_renders_to_its_golden_texts() {
     let bless = std::env::var_os("KILLSWITCH_BLESS").is_some();
     let mut stale = Vec::new();
     for (name, policy) in examples() {
-        for (file, text) in renderings(&name, &policy, cgroup_of(&name)) {
+        for (file, text) in renderings(&name, &policy, cgroup_of(&name), None) {
             let path = golden.join(&file);
             if bless {
                 std::fs::create_dir_all(&golden).unwrap();
@@ -130,7 +153,8 @@ fn nft_and_iptables_restore_accept_every_example() {
     for (name, policy) in examples() {
         // The per-app example for a cgroup that exists here.
         let scope = cgroup_of(&name).map(|_| cgroup.relative.as_str());
-        for (file, text) in renderings(&name, &policy, scope) {
+        // nft looks the VPN client's cgroup up too: one that exists here.
+        for (file, text) in renderings(&name, &policy, scope, Some(&cgroup.relative)) {
             let path = dir.join(&file);
             std::fs::write(&path, &text).unwrap();
             let out = match file.rsplit_once('.').unwrap().1 {
@@ -173,7 +197,7 @@ fn each_family_file_is_refused_by_the_other_tool() {
         .into_iter()
         .find(|(n, _)| n == "lan-and-ntp")
         .unwrap();
-    let files = renderings(&name, &policy, None);
+    let files = renderings(&name, &policy, None, None);
     for (file, tool) in [
         (&files[1], "ip6tables-restore"),
         (&files[2], "iptables-restore"),
@@ -199,6 +223,7 @@ fn every_comment_fits_what_nft_keeps() {
     let long = "x".repeat(500);
     for (name, policy) in examples() {
         let servers = servers(&policy);
+        let clients = clients(&policy, None);
         for lockdown in [None, Some(long.clone())] {
             let ruleset = Ruleset {
                 policy: &policy,
@@ -209,6 +234,7 @@ fn every_comment_fits_what_nft_keeps() {
                     id: Some(u64::MAX),
                 }),
                 lockdown,
+                clients: &clients,
             };
             for comment in comments(&render::nft(&ruleset).unwrap()) {
                 assert!(
@@ -229,6 +255,7 @@ fn every_comment_fits_what_nft_keeps() {
             id: None,
         }),
         lockdown: None,
+        clients: &[],
     };
     let refused = render::nft(&ruleset).unwrap_err().to_string();
     assert!(refused.contains("too long"), "{refused}");

@@ -8,12 +8,13 @@ use killswitch::{
     ebpf::{kernel::socket_offsets, MapEntries, NetnsSource, Pair, PinnedMaps, Programs},
     interfaces,
     policy::{resolve_servers, Policy},
+    vpn_client::ClientCgroup,
 };
 use killswitch_common::{Direction, Reason};
 use testbed::{
     packets::*,
     random::{with_loose_source_route, ME4, ME6},
-    require_root, Netns, PinRoot,
+    require_root, Cgroup, Netns, PinRoot,
 };
 
 const POLICY: &str = r#"
@@ -37,6 +38,13 @@ address = "198.51.100.3"
 port = 51820
 "#;
 
+/// This process's cgroup v2, unless it is the root.
+fn own_cgroup() -> Option<ClientCgroup> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    ClientCgroup::find(&killswitch::scope::cgroup2_mount().ok()?, path)
+}
+
 /// Loaded programs in a namespace with `tun0`, `up0` and `other0`; the calling test thread
 /// enters that namespace, since test_run resolves the context's ifindex there.
 ///
@@ -50,6 +58,12 @@ struct Kernel {
     tun0: u32,
     up0: u32,
     other0: u32,
+    /// This process's cgroup, when it is not the root: what test_run's socket belongs to.
+    client: Option<ClientCgroup>,
+    /// What the last apply wrote, with `client` as the `[vpn_client]` cgroup.
+    entries: Option<MapEntries>,
+    /// Whether `VPN_CLIENTS` holds `client` now.
+    client_listed: bool,
     _pins: PinRoot,
     _netns: Netns,
 }
@@ -66,6 +80,7 @@ impl Kernel {
             &interfaces::list().unwrap(),
             interfaces::netns_cookie().unwrap(),
             &servers,
+            &[],
         );
         let pins = PinRoot::new();
         let programs = Programs::load(&pins.path).expect("programs load and verify");
@@ -84,6 +99,9 @@ impl Kernel {
             tun0: netns.ifindex("tun0"),
             up0: netns.ifindex("up0"),
             other0: netns.ifindex("other0"),
+            client: own_cgroup(),
+            entries: None,
+            client_listed: false,
             _pins: pins,
             _netns: netns,
         }
@@ -101,20 +119,59 @@ impl Kernel {
         assert!(unresolved.is_empty(), "{unresolved:?}");
         // Real cookies count up from 1: this one is no namespace's.
         let other = if elsewhere { 0x5a5a_5a5a_5a5a_5a5a } else { 0 };
+        let clients: Vec<ClientCgroup> = self
+            .client
+            .iter()
+            .filter(|_| policy.vpn_client.is_some())
+            .cloned()
+            .collect();
         let entries = MapEntries::new(
             policy,
             &interfaces::list().unwrap(),
             interfaces::netns_cookie().unwrap() ^ other,
             &servers,
+            &clients,
         );
         self.maps.write(&entries).unwrap();
+        self.client_listed = !clients.is_empty();
+        self.entries = Some(entries);
+    }
+
+    /// Lists this process's cgroup as the VPN client's, or not, so the next packets come from
+    /// the client or from anyone else. False when it cannot be (the process is in the root).
+    fn be_client(&mut self, client: bool) -> bool {
+        let Some(mut entries) = self.entries.clone() else {
+            return false;
+        };
+        if entries.settings.vpn_client == 0 || self.client.is_none() {
+            return false;
+        }
+        if client != self.client_listed {
+            if !client {
+                entries.vpn_clients.clear();
+            }
+            self.maps.write_vpn_clients(&entries).unwrap();
+            self.client_listed = client;
+        }
+        client
     }
 
     /// Runs one frame; returns whether it was allowed and the reason counter that moved.
     fn verdict(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> (bool, Reason) {
-        let verdict = self.verdict_of(&self.programs, direction, ifindex, frame);
+        self.verdict_marked(direction, ifindex, frame, 0)
+    }
+
+    /// [`Kernel::verdict`] of a packet carrying the skb mark `mark`.
+    fn verdict_marked(
+        &self,
+        direction: Direction,
+        ifindex: u32,
+        frame: &[u8],
+        mark: u32,
+    ) -> (bool, Reason) {
+        let verdict = self.verdict_of(&self.programs, direction, ifindex, frame, mark);
         if let Some(socket_pair) = &self.socket_pair {
-            let other = self.verdict_of(socket_pair, direction, ifindex, frame);
+            let other = self.verdict_of(socket_pair, direction, ifindex, frame, mark);
             assert_eq!(
                 verdict,
                 other,
@@ -130,9 +187,10 @@ impl Kernel {
         direction: Direction,
         ifindex: u32,
         frame: &[u8],
+        mark: u32,
     ) -> (bool, Reason) {
         let before = self.maps.counters().unwrap();
-        let ctx = skb_context(ifindex);
+        let ctx = skb_context_marked(ifindex, mark);
         let opts = TestRunOptions {
             data_in: Some(frame),
             ctx_in: Some(&ctx),
@@ -1452,6 +1510,7 @@ fn an_update_that_overflows_applies_and_one_that_fails_leaves_the_old_policy() {
         &interfaces::list().unwrap(),
         interfaces::netns_cookie().unwrap(),
         &[],
+        &[],
     );
     entries.inbound = (0..=killswitch_common::MAX_ADDRESSES)
         .map(|i| killswitch_common::InboundKey::new([0; 16], i as u16 + 1))
@@ -1611,7 +1670,7 @@ sources = ["203.0.113.7"]
 "#;
 
     fn compare(policy_text: &str, packets: usize) {
-        let k = Kernel::load(policy_text);
+        let mut k = Kernel::load(policy_text);
         let policy = Policy::from_toml(policy_text, Path::new("test.toml")).unwrap();
         let seed = seed();
         let mut rng = Rng::new(seed);
@@ -1619,7 +1678,7 @@ sources = ["203.0.113.7"]
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..packets {
             let packet = random_packet(&mut rng, &v4, &v6);
-            let expected = agree(&k, &policy, &packet, || {
+            let expected = agree(&mut k, &policy, &packet, || {
                 format!("packet {i} (KILLSWITCH_SEED={seed})")
             });
             seen.insert(expected);
@@ -1629,11 +1688,14 @@ sources = ["203.0.113.7"]
 
     /// Runs one packet through the kernel and the model; they must give the same reason.
     fn agree(
-        k: &Kernel,
+        k: &mut Kernel,
         policy: &Policy,
         packet: &model::Packet,
         context: impl Fn() -> String,
     ) -> Reason {
+        let mut packet = *packet;
+        packet.vpn_client = k.be_client(packet.vpn_client);
+        let packet = &packet;
         let ifindex = match packet.interface {
             Interface::Loopback => 1,
             Interface::Tunnel => k.tun0,
@@ -1641,7 +1703,8 @@ sources = ["203.0.113.7"]
             Interface::Other => k.other0,
             Interface::OtherNamespace => k.up0,
         };
-        let (allowed, reason) = k.verdict(packet.direction, ifindex, &frame(packet));
+        let (allowed, reason) =
+            k.verdict_marked(packet.direction, ifindex, &frame(packet), packet.mark);
         let (verdict, expected) = model::verdict(policy, packet);
         assert!(
             reason == expected && allowed == (verdict == model::Verdict::Allow),
@@ -1661,12 +1724,19 @@ sources = ["203.0.113.7"]
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(300);
+        // In a cgroup of its own, so that test_run's socket can be the VPN client's.
+        let cgroup = Cgroup::new();
+        testbed::wire::in_cgroup(&cgroup, || random_policies(policies));
+    }
+
+    fn random_policies(policies: usize) {
         let mut k = Kernel::load("tunnels = [\"tun0\"]\n");
+        assert!(k.client.is_some(), "not in a cgroup of its own");
         let seed = seed();
         let mut rng = Rng::new(seed);
         let mut seen = std::collections::BTreeSet::new();
         for n in 0..policies {
-            let text = random_policy(&mut rng);
+            let text = random_policy(&mut rng, None);
             let policy = Policy::from_toml(&text, Path::new("test.toml"))
                 .unwrap_or_else(|e| panic!("policy {n} refused: {e}\n{text}"));
             // One policy in five as if applied from another namespace: a container's packets.
@@ -1678,7 +1748,7 @@ sources = ["203.0.113.7"]
                 if elsewhere && packet.interface != Interface::Loopback {
                     packet.interface = Interface::OtherNamespace;
                 }
-                seen.insert(agree(&k, &policy, &packet, || {
+                seen.insert(agree(&mut k, &policy, &packet, || {
                     format!("policy {n}, packet {i} (KILLSWITCH_SEED={seed})\n{text}")
                 }));
             }

@@ -107,6 +107,7 @@ fn with_ebpf(
             &list,
             interfaces::netns_cookie()?,
             &servers.endpoints(),
+            &crate::vpn_client::current(policy),
         );
         entries.server_names = servers.record_of_names();
         Ok(entries)

@@ -63,13 +63,8 @@ pub fn table(scope: &Scope) -> Result<String> {
 }
 
 /// Where the nftables backend keeps its lock and `down` marks, per table and network namespace.
-/// `KILLSWITCH_STATE_DIR` moves it (tests use their own directory).
-pub const DEFAULT_STATE_DIR: &str = "/run/killswitch/nftables";
-
 fn state_dir() -> std::path::PathBuf {
-    std::env::var_os("KILLSWITCH_STATE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_STATE_DIR))
+    crate::state_dir().join("nftables")
 }
 
 /// A scope's nftables lock: one writer at a time (`up`, `down`, `servers`, the daemon), so
@@ -127,6 +122,7 @@ fn write(
         servers,
         cgroup: cgroup.clone(),
         lockdown,
+        clients: &crate::vpn_client::current(policy),
     })?;
     run_nft(&["-f", "-"], Some(&script), cgroup.is_some())
         .map_err(|e| Error::kernel("nft refused the ruleset", e))?;
@@ -155,6 +151,7 @@ pub fn lockdown_policy() -> Policy {
         dns_servers: Vec::new(),
         ipv6: Ipv6Mode::Tunnel,
         inbound: Vec::new(),
+        vpn_client: None,
     }
 }
 

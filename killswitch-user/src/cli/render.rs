@@ -45,6 +45,7 @@ pub(super) fn run(config: &Path, args: &RenderArgs) -> Result<ExitCode> {
         servers: &servers.endpoints(),
         cgroup,
         lockdown: None,
+        clients: &crate::vpn_client::current(&policy),
     };
     let text = match args.format {
         Format::Nft => render::nft(&ruleset)?,

@@ -30,6 +30,7 @@ use crate::{
     policy::{lookup, Lookup, Policy},
     scope::Scope,
     servers::{ResolvedServers, COMMAND_OWNS_THE_LIST},
+    vpn_client::{self, ClientCgroup},
 };
 
 /// Runs until SIGTERM or SIGINT. Errors of the first apply are returned (a scope that was not
@@ -116,6 +117,8 @@ struct Daemon {
     /// Tunnels in the map, for the log lines.
     tunnels: BTreeMap<InterfaceKey, String>,
     links: LinkWatcher,
+    /// The `[vpn_client]` cgroups in force (by id: a cgroup made again is a new one).
+    clients: Vec<ClientCgroup>,
 }
 
 impl Daemon {
@@ -141,7 +144,9 @@ impl Daemon {
             netns_cookie: interfaces::netns_cookie()?,
             tunnels: BTreeMap::new(),
             links,
+            clients: Vec::new(),
         };
+        daemon.clients = vpn_client::current(&daemon.policy);
         let applied = backend::apply(choice, &daemon.scope, &daemon.policy, &mut daemon.servers)?;
         daemon.backend = applied.backend;
         if let Some(entries) = &applied.entries {
@@ -162,6 +167,7 @@ impl Daemon {
             &interfaces::list()?,
             self.netns_cookie,
             &self.servers.endpoints(),
+            &vpn_client::current(&self.policy),
         );
         entries.server_names = self.servers.record_of_names();
         Ok(entries)
@@ -188,6 +194,9 @@ impl Daemon {
         // An nftables table can be removed behind our back (`flush ruleset`): looked at each
         // second, and put back (see `table_vanished`).
         let mut look_at_table = tokio::time::interval(std::time::Duration::from_secs(1));
+        // A VPN client's cgroup made again (a restarted unit) is a new id: looked for often,
+        // since until then the client cannot reach its server (and nothing else can).
+        let mut look_at_clients = tokio::time::interval(std::time::Duration::from_millis(100));
         loop {
             let next_lookup = self.servers.next_due();
             let lookup_due =
@@ -208,6 +217,7 @@ impl Daemon {
                     guard.clear_ready();
                 }
                 _ = look_at_table.tick(), if self.backend == Backend::Nftables => {}
+                _ = look_at_clients.tick(), if self.policy.vpn_client.is_some() => self.follow_clients(),
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -265,6 +275,46 @@ impl Daemon {
                 self.log_tunnels(&entries);
             }
             Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+        }
+    }
+
+    /// The VPN client cgroups that exist now differ from those in force: the scope trusts
+    /// exactly the new ones (a removed cgroup's id is dropped, a new one added).
+    fn follow_clients(&mut self) {
+        let now = vpn_client::current(&self.policy);
+        if now == self.clients {
+            return;
+        }
+        let result = (|| {
+            if self.backend == Backend::Nftables {
+                let _lock = self.nftables_lock()?;
+                // One transaction; a list set with `servers` stays the table's.
+                let servers = if nftables::servers_set_by_command(&self.scope) {
+                    nftables::read(&self.scope)?.servers()
+                } else {
+                    self.servers.endpoints()
+                };
+                return nftables::apply(&self.scope, &self.policy, &servers);
+            }
+            let _lock = self.lock()?;
+            let entries = self.entries()?;
+            self.maps()?.write_vpn_clients(&entries)
+        })();
+        match result {
+            Ok(()) => {
+                let paths = |list: &[ClientCgroup]| -> Vec<String> {
+                    list.iter()
+                        .map(|c| format!("{} (id {})", c.path, c.id))
+                        .collect()
+                };
+                tracing::info!(
+                    "VPN client cgroups now: [{}] (were [{}])",
+                    paths(&now).join(", "),
+                    paths(&self.clients).join(", ")
+                );
+                self.clients = now;
+            }
+            Err(e) => tracing::error!("cannot follow the VPN client's cgroup: {e}"),
         }
     }
 

@@ -13,6 +13,7 @@ use killswitch_common::{
 use crate::{
     interfaces::{self, Interface},
     policy::{Ipv6Mode, Policy, Prefix, Protocol, ServerEndpoint},
+    vpn_client::ClientCgroup,
 };
 
 /// Everything one scope's maps hold.
@@ -30,16 +31,20 @@ pub struct MapEntries {
     /// (prefix length in the 128-bit key space, key).
     pub lan: BTreeSet<(u32, [u8; 16])>,
     pub inbound: BTreeSet<InboundKey>,
+    /// Cgroup ids of the `[vpn_client]`.
+    pub vpn_clients: BTreeSet<u64>,
 }
 
 impl MapEntries {
     /// The entries for `policy` given the interfaces that exist now in the namespace whose
-    /// cookie is `netns_cookie`, and the resolved server endpoints.
+    /// cookie is `netns_cookie`, the resolved server endpoints and the VPN client cgroups that
+    /// exist now.
     pub fn new(
         policy: &Policy,
         interfaces: &[Interface],
         netns_cookie: u64,
         servers: &[ServerEndpoint],
+        clients: &[ClientCgroup],
     ) -> MapEntries {
         let keyed = |found: Vec<Interface>| {
             found
@@ -53,6 +58,10 @@ impl MapEntries {
                 dhcp: u32::from(policy.dhcp),
                 lan_dns: u32::from(policy.lan.dns),
                 ipv6_block: u32::from(policy.ipv6 == Ipv6Mode::Block),
+                vpn_client: u32::from(policy.vpn_client.is_some()),
+                vpn_client_mark: policy.vpn_client.as_ref().and_then(|c| c.mark).unwrap_or(0),
+                vpn_client_levels: clients.iter().fold(0, |levels, c| levels | 1 << c.level),
+                _pad: 0,
                 netns_cookie,
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
@@ -92,6 +101,7 @@ impl MapEntries {
                         .map(move |source| InboundKey::new(source, rule.port))
                 })
                 .collect(),
+            vpn_clients: clients.iter().map(|c| c.id).collect(),
         }
     }
 }

@@ -13,7 +13,7 @@ use aya::{
 use killswitch_common::{
     Direction, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey, Settings,
     COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
-    MAX_SERVERS,
+    MAX_SERVERS, MAX_VPN_CLIENTS,
 };
 
 use super::{entries::MapEntries, sys};
@@ -33,7 +33,9 @@ pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
 pub const LOCKDOWN: &str = "LOCKDOWN";
 pub const SERVER_NAMES: &str = "SERVER_NAMES";
 pub const ICMP_ERRORS: &str = "ICMP_ERRORS";
-pub const ALL: [&str; 14] = [
+pub const VPN_CLIENTS: &str = "VPN_CLIENTS";
+pub const ALL: [&str; 15] = [
+    VPN_CLIENTS,
     ICMP_ERRORS,
     LOCKDOWN,
     SERVER_NAMES,
@@ -61,6 +63,7 @@ pub struct PinnedMaps {
     dns_servers: HashMap<MapData, [u8; 16], u8>,
     lan: LpmTrie<MapData, [u8; 16], u8>,
     inbound: HashMap<MapData, InboundKey, u8>,
+    vpn_clients: HashMap<MapData, u64, u8>,
     event_limit: PerCpuArray<MapData, EventLimit>,
 }
 
@@ -77,9 +80,25 @@ where
 }
 
 /// What both `a` and `b` allow: uplinks restricted and IPv6 blocked if either says so, DHCP
-/// and DNS to the LAN only if both allow them.
+/// and DNS to the LAN only if both allow them, the servers held to the VPN client if either
+/// holds them, by a mark and at cgroup levels both trust.
 fn strictest(a: &Settings, b: &Settings) -> Settings {
+    let (vpn_client_mark, vpn_client_levels) = match (a.vpn_client, b.vpn_client) {
+        (0, _) => (b.vpn_client_mark, b.vpn_client_levels),
+        (_, 0) => (a.vpn_client_mark, a.vpn_client_levels),
+        _ => (
+            if a.vpn_client_mark == b.vpn_client_mark {
+                a.vpn_client_mark
+            } else {
+                0
+            },
+            a.vpn_client_levels & b.vpn_client_levels,
+        ),
+    };
     Settings {
+        vpn_client: a.vpn_client.max(b.vpn_client),
+        vpn_client_mark,
+        vpn_client_levels,
         uplinks_restricted: a.uplinks_restricted.max(b.uplinks_restricted),
         // DHCP in a namespace that is the scope's in only one of the two is in neither.
         dhcp: if a.netns_cookie == b.netns_cookie {
@@ -131,6 +150,7 @@ impl PinnedMaps {
             dns_servers: open(pin_dir, DNS_SERVERS)?,
             lan: open(pin_dir, LAN)?,
             inbound: open(pin_dir, INBOUND)?,
+            vpn_clients: open(pin_dir, VPN_CLIENTS)?,
             event_limit: open(pin_dir, EVENT_LIMIT)?,
         })
     }
@@ -178,6 +198,11 @@ impl PinnedMaps {
             DNS_SERVERS,
         )?;
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
+        sync(
+            &mut self.vpn_clients,
+            entries.vpn_clients.iter().copied(),
+            VPN_CLIENTS,
+        )?;
         self.sync_lan(&entries.lan)?;
         sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         self.set_settings(&entries.settings)
@@ -197,6 +222,7 @@ impl PinnedMaps {
             dns_servers: self.dns_servers()?.into_iter().collect(),
             lan: self.lan()?.into_iter().collect(),
             inbound: self.inbound()?.into_iter().collect(),
+            vpn_clients: keys(&self.vpn_clients, VPN_CLIENTS)?.into_iter().collect(),
         })
     }
 
@@ -204,6 +230,24 @@ impl PinnedMaps {
         self.settings
             .set(0, *settings, 0)
             .map_err(|e| Error::kernel("cannot update the settings map", e))
+    }
+
+    /// Makes only the VPN client cgroups match `entries` (a client's cgroup came or went), with
+    /// the stricter settings of old and new while they change.
+    pub fn write_vpn_clients(&mut self, entries: &MapEntries) -> Result<()> {
+        let mut settings = self.settings()?;
+        let mut wanted = settings;
+        wanted.vpn_client = entries.settings.vpn_client;
+        wanted.vpn_client_mark = entries.settings.vpn_client_mark;
+        wanted.vpn_client_levels = entries.settings.vpn_client_levels;
+        settings = strictest(&settings, &wanted);
+        self.set_settings(&settings)?;
+        sync(
+            &mut self.vpn_clients,
+            entries.vpn_clients.iter().copied(),
+            VPN_CLIENTS,
+        )?;
+        self.set_settings(&wanted)
     }
 
     /// Makes only the tunnel and uplink maps match `entries` (interfaces came or went).
@@ -413,6 +457,7 @@ pub fn capacity(name: &str) -> u32 {
         // One more: the `servers` command's mark always fits.
         SERVER_NAMES => MAX_SERVERS + 1,
         NTP_SERVERS | DNS_SERVERS | INBOUND => MAX_ADDRESSES,
+        VPN_CLIENTS => MAX_VPN_CLIENTS,
         LAN => MAX_PREFIXES,
         _ => u32::MAX,
     }

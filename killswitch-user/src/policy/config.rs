@@ -19,6 +19,7 @@ use toml::Spanned;
 
 use super::{
     Inbound, InterfacePattern, Ipv6Mode, Lan, Policy, Prefix, Protocol, ServerAddress, ServerRule,
+    VpnClient,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/killswitch/killswitch.toml";
@@ -136,6 +137,14 @@ struct RawConfig {
     ipv6: Option<RawIpv6>,
     #[serde(default)]
     inbound: Vec<Spanned<RawInbound>>,
+    vpn_client: Option<RawVpnClient>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVpnClient {
+    cgroup: Option<Spanned<String>>,
+    mark: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -399,6 +408,39 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
         inbound.push(Inbound { port, sources });
     }
 
+    let vpn_client = match &raw.vpn_client {
+        None => None,
+        Some(raw) => Some(VpnClient {
+            cgroup: match &raw.cgroup {
+                Some(text) => Some(
+                    client_cgroup(text.get_ref())
+                        .map_err(|m| source.error(text, "vpn_client.cgroup", m))?,
+                ),
+                None => None,
+            },
+            mark: match &raw.mark {
+                Some(value) => Some(match u32::try_from(*value.get_ref()) {
+                    Ok(0) => {
+                        return Err(source.error(
+                            value,
+                            "vpn_client.mark",
+                            "0 is the mark of every unmarked packet; use the VPN's own fwmark",
+                        ))
+                    }
+                    Ok(mark) => mark,
+                    Err(_) => {
+                        return Err(source.error(
+                            value,
+                            "vpn_client.mark",
+                            format!("{} is not a mark (1-0xffffffff)", value.get_ref()),
+                        ))
+                    }
+                }),
+                None => None,
+            },
+        }),
+    };
+
     Ok(Policy {
         tunnels,
         uplinks,
@@ -409,7 +451,36 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
         dns_servers,
         ipv6,
         inbound,
+        vpn_client,
     })
+}
+
+/// A `vpn_client.cgroup`: a path below the cgroup2 root (a leading `/` is allowed), never the
+/// root itself (that would be every process) and never climbing out with `..`.
+fn client_cgroup(text: &str) -> Result<String, String> {
+    let path = text.trim_start_matches('/').trim_end_matches('/');
+    if path.is_empty() {
+        return Err("the cgroup2 root holds every process; name the VPN client's own cgroup, e.g. \"system.slice/openvpn-client@work.service\"".into());
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err(format!(
+            "`{text}` must be a plain path below the cgroup2 root (no `//`, `.` or `..`)"
+        ));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(format!("`{}` has control characters", text.escape_debug()));
+    }
+    if parts.len() > killswitch_common::MAX_VPN_CLIENT_LEVEL as usize {
+        return Err(format!(
+            "`{text}` is deeper than {} levels",
+            killswitch_common::MAX_VPN_CLIENT_LEVEL
+        ));
+    }
+    Ok(path.to_owned())
 }
 
 fn port_number(port: &Spanned<i64>) -> Result<u16, String> {

@@ -27,6 +27,18 @@ pub struct Policy {
     pub ipv6: Ipv6Mode,
     /// Unsolicited inbound TCP accepted through the tunnel.
     pub inbound: Vec<Inbound>,
+    /// When set, the server exception holds only for the VPN client's packets.
+    pub vpn_client: Option<VpnClient>,
+}
+
+/// `[vpn_client]`: who may talk to the servers outside the tunnel. Set with neither key, only
+/// the cgroups `killswitch run --vpn-client` registers may.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VpnClient {
+    /// A cgroup relative to the cgroup2 root (no leading `/`); its sub-cgroups count too.
+    pub cgroup: Option<String>,
+    /// Packets carrying this skb mark (never 0).
+    pub mark: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

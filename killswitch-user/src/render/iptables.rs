@@ -5,7 +5,10 @@
 
 use std::{fmt::Write, net::IpAddr};
 
-use super::{counter_name, interface_names, step, CgroupMatch, Lists, Ruleset, DROPS};
+use super::{
+    client_matches, counter_name, drops_for, interface_names, step, CgroupMatch, Lists, Ruleset,
+    DROPS,
+};
 use crate::{
     error::Result,
     model::{Direction, Reason},
@@ -120,9 +123,32 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         }
         uplink_rules(&mut f, direction, policy, &lists, ipv6, &family);
     }
+    if let Some(client) = &policy.vpn_client {
+        // Step 4's condition: a server's packet comes back from here unless the VPN client
+        // sent it.
+        let chain = "ks-out-vpn-client";
+        f.chain(chain);
+        if let Some(mark) = client.mark {
+            f.rule(
+                chain,
+                &format!("-m mark --mark {mark:#x}"),
+                Allow(Direction::Egress, Reason::Server),
+            );
+        }
+        for (path, _) in client_matches(ruleset.clients)? {
+            f.rule(
+                chain,
+                &format!("-m cgroup --path \"{path}\""),
+                Allow(Direction::Egress, Reason::Server),
+            );
+        }
+    }
     tunnel_ingress(&mut f, policy, ipv6);
     for direction in Direction::ALL {
-        for reason in DROPS {
+        for reason in DROPS
+            .into_iter()
+            .filter(|r| drops_for(policy, direction, *r))
+        {
             let chain = drop_chain(direction, reason);
             f.chain(&chain);
             let limited_log = format!(
@@ -272,24 +298,38 @@ fn uplink_rules(
     }
     // A later IPv4 fragment has no ports to read (iptables-nft would read its payload as ports).
     let whole = if ipv6 { "" } else { "! -f " };
-    // 4. servers
-    for (ip, protocol, p) in lists.servers_port.iter().filter(|s| family(&s.0)) {
-        f.rule(
-            &chain,
-            &format!(
+    // 4. servers; under [vpn_client], what leaves for one asks ks-out-vpn-client, and falls
+    // through the later steps to its own drop when that chain does not accept it.
+    let servers: Vec<String> = lists
+        .servers_port
+        .iter()
+        .filter(|s| family(&s.0))
+        .map(|(ip, protocol, p)| {
+            format!(
                 "{whole}{addr} {} -p {} {port} {p}",
                 host(ip),
                 protocol.name()
-            ),
-            Allow(d, Reason::Server),
-        );
-    }
-    for (ip, protocol) in lists.servers_any.iter().filter(|s| family(&s.0)) {
-        f.rule(
-            &chain,
-            &format!("{addr} {} -p {}", host(ip), protocol.name()),
-            Allow(d, Reason::Server),
-        );
+            )
+        })
+        .chain(
+            lists
+                .servers_any
+                .iter()
+                .filter(|s| family(&s.0))
+                .map(|(ip, protocol)| format!("{addr} {} -p {}", host(ip), protocol.name())),
+        )
+        .collect();
+    let restricted = policy.vpn_client.is_some() && direction == Direction::Egress;
+    for server in &servers {
+        if restricted {
+            f.rule(
+                &chain,
+                server,
+                Jump("ks-out-vpn-client", "4 server, if the VPN client sent it"),
+            );
+        } else {
+            f.rule(&chain, server, Allow(d, Reason::Server));
+        }
     }
     // 5. DHCP
     if policy.dhcp {
@@ -409,6 +449,11 @@ fn uplink_rules(
             }
         }
         f.rule(&unknown_chain, "", Drop(d, Reason::Default));
+    }
+    if restricted {
+        for server in &servers {
+            f.rule(&chain, server, Drop(d, Reason::NotVpnClient));
+        }
     }
     f.rule(&chain, "", Drop(d, Reason::Default));
 }

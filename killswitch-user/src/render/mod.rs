@@ -20,6 +20,7 @@ use crate::{
     error::{Error, Result},
     model::{Direction, Reason},
     policy::{InterfacePattern, Policy, Prefix, Protocol, ServerEndpoint},
+    vpn_client::ClientCgroup,
 };
 
 /// IPv6 next-header values after which the transport is not where netfilter's port matches
@@ -35,6 +36,8 @@ pub struct Ruleset<'a> {
     pub cgroup: Option<CgroupMatch>,
     /// Why the scope is held in lockdown instead of its policy (nft: in the table's comment).
     pub lockdown: Option<String>,
+    /// The `[vpn_client]` cgroups that exist now (see [`crate::vpn_client::current`]).
+    pub clients: &'a [ClientCgroup],
 }
 
 /// A scope's cgroup as netfilter matches a socket's: its path below the cgroup2 root.
@@ -73,6 +76,20 @@ impl CgroupMatch {
             id: None,
         }))
     }
+}
+
+/// The client cgroups as netfilter matches them (path and level), refused when a path cannot
+/// be quoted.
+fn client_matches(clients: &[ClientCgroup]) -> Result<Vec<(String, u32)>> {
+    clients
+        .iter()
+        .map(|c| match CgroupMatch::new(std::path::Path::new(&c.path))? {
+            Some(m) => Ok((m.path, c.level)),
+            None => Err(Error::Usage(
+                "a VPN client cannot be the cgroup2 root".into(),
+            )),
+        })
+        .collect()
 }
 
 /// Characters that are the same inside nft's and iptables' double quotes.
@@ -118,6 +135,7 @@ pub fn step(reason: Reason) -> &'static str {
         Reason::NotUplink => "3 not an uplink",
         Reason::SourceRoute => "source route or IPv4 options",
         Reason::Server => "4 server",
+        Reason::NotVpnClient => "4 server, not the VPN client",
         Reason::Dhcp => "5 DHCP",
         Reason::Ntp => "6 NTP",
         Reason::Dns => "7 DNS",
@@ -130,14 +148,22 @@ pub fn step(reason: Reason) -> &'static str {
 }
 
 /// The drop reasons a ruleset can reach, each with a chain (or rules) that logs and counts.
-const DROPS: [Reason; 6] = [
+const DROPS: [Reason; 7] = [
     Reason::Ipv6Blocked,
     Reason::NotUplink,
+    Reason::NotVpnClient,
     Reason::SourceRoute,
     Reason::LanDns,
     Reason::InboundRefused,
     Reason::Default,
 ];
+
+/// Whether a ruleset for `policy` can drop for `reason` in `direction`: only what leaves is held
+/// to the VPN client.
+fn drops_for(policy: &Policy, direction: Direction, reason: Reason) -> bool {
+    reason != Reason::NotVpnClient
+        || (direction == Direction::Egress && policy.vpn_client.is_some())
+}
 
 /// The policy's lists split by family, in the forms both rulesets use.
 struct Lists {

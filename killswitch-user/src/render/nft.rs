@@ -3,8 +3,8 @@
 use std::{fmt::Write, net::IpAddr};
 
 use super::{
-    counter_name, interface_names, step, v4, CgroupMatch, Lists, Ruleset, DROPS,
-    HIDDEN_NEXT_HEADERS,
+    client_matches, counter_name, drops_for, interface_names, step, v4, CgroupMatch, Lists,
+    Ruleset, DROPS, HIDDEN_NEXT_HEADERS,
 };
 use crate::{
     error::{Error, Result},
@@ -69,7 +69,7 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
 
     for direction in Direction::ALL {
         for reason in Reason::ALL {
-            if reachable(reason) {
+            if reachable(reason) && drops_for(policy, direction, reason) {
                 writeln!(w, "\tcounter {} {{ }}", counter_name(direction, reason)).unwrap();
             }
         }
@@ -203,9 +203,30 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
         uplink(w, direction, policy, ruleset.lockdown.is_none());
     }
     tunnel_ingress(w, policy);
+    if let Some(client) = &policy.vpn_client {
+        // Step 4's condition: a server's packet comes back from here unless the VPN client
+        // sent it.
+        let mut c = Chain::new(w, "vpn_client");
+        if let Some(mark) = client.mark {
+            c.rule(
+                &format!("meta mark {mark:#x}"),
+                Allow(Direction::Egress, Reason::Server),
+            );
+        }
+        for (path, level) in client_matches(ruleset.clients)? {
+            c.rule(
+                &format!("socket cgroupv2 level {level} \"{path}\""),
+                Allow(Direction::Egress, Reason::Server),
+            );
+        }
+        c.end();
+    }
 
     for direction in Direction::ALL {
-        for reason in DROPS {
+        for reason in DROPS
+            .into_iter()
+            .filter(|r| drops_for(policy, direction, *r))
+        {
             let name = counter_name(direction, reason);
             writeln!(w, "\tchain drop_{name} {{").unwrap();
             writeln!(
@@ -371,8 +392,10 @@ enum Action<'a> {
     AllowNoted(Direction, Reason, String),
     /// Continue in another chain, with a comment saying why.
     Goto(&'a str, &'a str),
+    /// Visit another chain and come back unless it decided, with a comment saying why.
+    Jump(&'a str, &'a str),
 }
-use Action::{Allow, AllowNoted, Drop, Goto};
+use Action::{Allow, AllowNoted, Drop, Goto, Jump};
 
 struct Chain<'w> {
     w: &'w mut String,
@@ -397,6 +420,10 @@ impl<'w> Chain<'w> {
             }
             Goto(chain, why) => {
                 writeln!(self.w, "\t\t{matches}{space}goto {chain} comment \"{why}\"").unwrap();
+                return;
+            }
+            Jump(chain, why) => {
+                writeln!(self.w, "\t\t{matches}{space}jump {chain} comment \"{why}\"").unwrap();
                 return;
             }
         };
@@ -449,22 +476,25 @@ fn uplink(
         Drop(d, Reason::Default),
     );
     // 4. servers: ports only where the transport header is the first one (ip6 nexthdr).
-    c.rule(
-        &format!("{WHOLE} ip {addr} . ip protocol . th {port} @servers4_port"),
-        Allow(d, Reason::Server),
-    );
-    c.rule(
-        &format!("ip {addr} . ip protocol @servers4_any"),
-        Allow(d, Reason::Server),
-    );
-    c.rule(
-        &format!("ip6 {addr} . ip6 nexthdr . th {port} @servers6_port"),
-        Allow(d, Reason::Server),
-    );
-    c.rule(
-        &format!("ip6 {addr} . ip6 nexthdr @servers6_any"),
-        Allow(d, Reason::Server),
-    );
+    // Under [vpn_client], what leaves for a server asks the vpn_client chain, and falls
+    // through the later steps to its own drop when that chain does not accept it.
+    let servers = [
+        format!("{WHOLE} ip {addr} . ip protocol . th {port} @servers4_port"),
+        format!("ip {addr} . ip protocol @servers4_any"),
+        format!("ip6 {addr} . ip6 nexthdr . th {port} @servers6_port"),
+        format!("ip6 {addr} . ip6 nexthdr @servers6_any"),
+    ];
+    let restricted = policy.vpn_client.is_some() && direction == Direction::Egress;
+    for server in &servers {
+        if restricted {
+            c.rule(
+                server,
+                Jump("vpn_client", "4 server, if the VPN client sent it"),
+            );
+        } else {
+            c.rule(server, Allow(d, Reason::Server));
+        }
+    }
     // 5. DHCP: requests to the broadcast address or the LAN (v4), ff02::1:2 or link-local (v6).
     if policy.dhcp {
         match direction {
@@ -552,6 +582,11 @@ fn uplink(
             &format!("ip6 nexthdr icmpv6 icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }} ip6 {addr} {{ fe80::/10, ff02::/16 }}"),
             Allow(d, Reason::NeighbourDiscovery),
         );
+    }
+    if restricted {
+        for server in &servers {
+            c.rule(server, Drop(d, Reason::NotVpnClient));
+        }
     }
     // 10. (ICMP errors are not judged by what they quote: netfilter cannot read it.)
     c.rule("", Drop(d, Reason::Default));

@@ -98,6 +98,7 @@ impl Bench {
             &interfaces::list()?,
             interfaces::netns_cookie()?,
             &servers,
+            &[],
         );
         let pins = PinRoot::new();
         let programs = Programs::load(&pins.path)?;

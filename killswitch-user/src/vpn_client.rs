@@ -1,0 +1,103 @@
+//! `[vpn_client]`: the cgroups whose sockets may use the server exception. A cgroup is trusted
+//! by id, as it exists now: a client's cgroup removed and made again (systemd restarts a unit
+//! in a new one) is a new id, which `up` and the daemon look up again. A cgroup that does not
+//! exist trusts no one. Besides the config's cgroup, `killswitch run --vpn-client` registers
+//! the cgroup it starts the client in, in a registry every scope's apply reads.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    error::{Error, Result},
+    policy::Policy,
+    scope,
+};
+
+/// A VPN client's cgroup as it is now.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClientCgroup {
+    /// Relative to the cgroup2 root, without leading or trailing `/`.
+    pub path: String,
+    /// Its depth: `a/b` is level 2.
+    pub level: u32,
+    /// Its id (the directory's inode), as `bpf_skb_ancestor_cgroup_id` gives it.
+    pub id: u64,
+}
+
+impl ClientCgroup {
+    /// The cgroup at `path` below the cgroup2 mount, if it exists now.
+    pub fn find(mount: &Path, path: &str) -> Option<ClientCgroup> {
+        let path = path.trim_matches('/');
+        let level = path.split('/').filter(|c| !c.is_empty()).count() as u32;
+        if level == 0 || level > killswitch_common::MAX_VPN_CLIENT_LEVEL {
+            return None;
+        }
+        let meta = std::fs::metadata(mount.join(path)).ok()?;
+        meta.is_dir().then(|| ClientCgroup {
+            path: path.to_owned(),
+            level,
+            id: meta.ino(),
+        })
+    }
+}
+
+/// The client cgroups of `policy` that exist now: its `cgroup`, and the ones registered with
+/// `run --vpn-client`. Empty when the policy has no `[vpn_client]` (the servers are then open
+/// to every socket, and no cgroup is asked).
+pub fn current(policy: &Policy) -> Vec<ClientCgroup> {
+    let Some(client) = &policy.vpn_client else {
+        return Vec::new();
+    };
+    let Ok(mount) = scope::cgroup2_mount() else {
+        return Vec::new();
+    };
+    let mut found: Vec<ClientCgroup> = client
+        .cgroup
+        .iter()
+        .chain(registered().iter())
+        .filter_map(|path| ClientCgroup::find(&mount, path))
+        .collect();
+    found.sort();
+    found.dedup_by_key(|c| c.id);
+    found.truncate(killswitch_common::MAX_VPN_CLIENTS as usize);
+    found
+}
+
+/// Where `run --vpn-client` records its cgroups: one empty file per cgroup, named by its path
+/// (escaped like a scope's name).
+fn registry() -> PathBuf {
+    crate::state_dir().join("vpn-clients")
+}
+
+/// The cgroup paths registered now.
+pub fn registered() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(registry()) else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let name = entry.ok()?.file_name();
+        let path = scope::unescape_path(name.to_str()?);
+        path.to_str().map(str::to_owned)
+    })
+    .collect()
+}
+
+/// Records `path` (relative to the cgroup2 root) as a VPN client's cgroup.
+pub fn register(path: &str) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = registry();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| Error::io("cannot create", &dir, e))?;
+    let file = dir.join(scope::escape_path(Path::new(path)));
+    std::fs::write(&file, b"").map_err(|e| Error::io("cannot write", &file, e))
+}
+
+/// Forgets a registered cgroup.
+pub fn unregister(path: &str) {
+    let _ = std::fs::remove_file(registry().join(scope::escape_path(Path::new(path))));
+}
