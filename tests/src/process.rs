@@ -35,6 +35,22 @@ pub fn output_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &[
         .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
 }
 
+/// `nft ARGS` in `netns`, in a mount namespace of its own where the cgroup2 mount is at
+/// /sys/fs/cgroup: nft 1.0.6 looks a `socket cgroupv2` path up there, whatever the machine
+/// mounts there.
+pub fn nft_in(netns: &Netns, args: &[&str]) -> Output {
+    let mount = crate::cgroup::killswitch_cgroup2_mount();
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /sys/fs/cgroup && shift 2 && exec nsenter --net="$0" nft "$@""#)
+        .arg(netns.path())
+        .arg(mount)
+        .arg("--")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start nft: {e}"))
+}
+
 /// The `killswitch` binary under test: `KILLSWITCH_BIN`, or built once through cargo.
 pub fn killswitch_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

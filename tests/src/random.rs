@@ -150,6 +150,12 @@ pub fn steered_packet(
             if let Some(port) = port {
                 p.remote_port = port;
             }
+            // Under [vpn_client], often a plain packet leaving by an uplink: who sent it decides.
+            if policy.vpn_client.is_some() && rng.below(2) == 0 {
+                p.direction = Direction::Egress;
+                p.interface = Interface::Uplink;
+                (p.fragment, p.source_route, p.extension_headers) = (false, false, 0);
+            }
         }
         1 if !policy.ntp_servers.is_empty() => {
             p.remote = pick(rng, &policy.ntp_servers);

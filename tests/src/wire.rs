@@ -37,6 +37,9 @@ struct Link {
     peer_socket: OwnedFd,
     send4: OwnedFd,
     send6: OwnedFd,
+    /// The same, made in the VPN client's cgroup (or where the others are, without one).
+    client4: OwnedFd,
+    client6: OwnedFd,
 }
 
 /// A client namespace, its far side, and the sockets on both.
@@ -49,8 +52,9 @@ pub struct World {
 
 impl World {
     /// A new pair of namespaces; the client's sockets are created inside `cgroup` when given
-    /// (a cgroup program judges a socket by the cgroup it was created in).
-    pub fn new(cgroup: Option<&Cgroup>) -> World {
+    /// (a cgroup program judges a socket by the cgroup it was created in), and a second set of
+    /// senders inside `vpn_client` (the packets whose `vpn_client` is true leave from those).
+    pub fn new(cgroup: Option<&Cgroup>, vpn_client: Option<&Cgroup>) -> World {
         let client = Netns::new("wc");
         let far = Netns::new("wf");
         for link in LINKS {
@@ -113,10 +117,14 @@ impl World {
             Some(cgroup) => in_cgroup(cgroup, sockets),
             None => sockets(),
         });
+        let (_, client_senders) = in_netns(&client, || match vpn_client.or(cgroup) {
+            Some(cgroup) => in_cgroup(cgroup, sockets),
+            None => sockets(),
+        });
         let links = LINKS
             .iter()
-            .zip(senders)
-            .map(|(link, (send4, send6))| {
+            .zip(senders.into_iter().zip(client_senders))
+            .map(|(link, ((send4, send6), (client4, client6)))| {
                 let peer = format!("{link}p");
                 let peer_ifindex = far.ifindex(&peer) as i32;
                 let peer_socket = in_netns(&far, || {
@@ -158,6 +166,8 @@ impl World {
                     peer_socket,
                     send4,
                     send6,
+                    client4,
+                    client6,
                 }
             })
             .collect();
@@ -193,7 +203,7 @@ impl World {
             let frame = frame_with(p, &tag);
             let mut ip = frame[14..].to_vec();
             match p.direction {
-                Direction::Egress => send_ip(link, &ip, p.remote),
+                Direction::Egress => send_ip(link, &ip, p),
                 Direction::Ingress => {
                     fix_checksums(&mut ip);
                     send_frame(link, &ip, frame[12..14].try_into().unwrap());
@@ -338,8 +348,9 @@ fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
 }
 
 /// Sends an IP packet out of the link's client side; a refusal by the filter is expected.
-fn send_ip(link: &Link, ip: &[u8], remote: IpAddr) {
-    let (fd, addr, len) = match remote {
+/// Sends `p` as `ip` from the VPN client's socket or another, with its mark.
+fn send_ip(link: &Link, ip: &[u8], p: &Packet) {
+    let (fd, addr, len) = match p.remote {
         IpAddr::V4(v4) => {
             let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             a.sin_family = libc::AF_INET as u16;
@@ -348,7 +359,11 @@ fn send_ip(link: &Link, ip: &[u8], remote: IpAddr) {
             // SAFETY: sockaddr_in fits in sockaddr_storage.
             unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, a) };
             (
-                &link.send4,
+                if p.vpn_client {
+                    &link.client4
+                } else {
+                    &link.send4
+                },
                 storage,
                 std::mem::size_of::<libc::sockaddr_in>(),
             )
@@ -364,12 +379,18 @@ fn send_ip(link: &Link, ip: &[u8], remote: IpAddr) {
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
             unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, a) };
             (
-                &link.send6,
+                if p.vpn_client {
+                    &link.client6
+                } else {
+                    &link.send6
+                },
                 storage,
                 std::mem::size_of::<libc::sockaddr_in6>(),
             )
         }
     };
+    // The mark the socket gives this packet (SO_MARK is read at each send).
+    set_option(fd, libc::SOL_SOCKET, libc::SO_MARK, &p.mark.to_ne_bytes());
     // SAFETY: addr is initialised for len bytes, ip is readable.
     unsafe {
         libc::sendto(

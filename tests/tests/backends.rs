@@ -15,7 +15,7 @@ use killswitch::{
 };
 use testbed::{
     packets::Rng,
-    process::{killswitch, output_in},
+    process::{killswitch, nft_in, output_in},
     random::{aimed, random_policy, seed, steered_packet},
     require_root,
     wire::World,
@@ -35,6 +35,8 @@ enum Backend {
 struct Bed {
     baseline: World,
     filtered: World,
+    /// Inside the scope: the `[vpn_client]` cgroup of the policies that have one.
+    client: Cgroup,
     cgroup: Cgroup,
     pins: PinRoot,
     dir: std::path::PathBuf,
@@ -49,10 +51,12 @@ impl Drop for Bed {
 impl Bed {
     fn new(backend: Backend) -> Bed {
         let cgroup = Cgroup::new();
-        let filtered = World::new((backend == Backend::Ebpf).then_some(&cgroup));
+        let client = cgroup.child("client");
+        let filtered = World::new((backend == Backend::Ebpf).then_some(&cgroup), Some(&client));
         Bed {
-            baseline: World::new(None),
+            baseline: World::new(None, None),
             filtered,
+            client,
             cgroup,
             pins: PinRoot::new(),
             dir: testbed::private_dir("ksdiff"),
@@ -92,7 +96,7 @@ impl Bed {
             }
             Backend::Nft => {
                 let script = render("nft");
-                ok(output_in(client, None, "nft", &["-f", &script]), "nft -f");
+                ok(nft_in(client, &["-f", &script]), "nft -f");
             }
             Backend::Iptables => {
                 for (format, tool) in [
@@ -128,17 +132,26 @@ fn differential(backend: Backend) {
     let mut reasons = std::collections::BTreeMap::new();
     let mut applying = std::time::Duration::ZERO;
     for n in 0..policies {
-        let text = random_policy(&mut rng, None);
+        let text = random_policy(&mut rng, Some(&bed.client.relative));
         let policy = Policy::from_toml(&text, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("policy {n} refused: {e}\n{text}"));
         let apply_started = Instant::now();
         bed.apply(backend, &text);
         applying += apply_started.elapsed();
         let (v4, v6) = aimed(&policy);
+        let client_listed = policy
+            .vpn_client
+            .as_ref()
+            .is_some_and(|c| c.cgroup.is_some());
         // Loopback packets never leave: drawn again.
         let packets: Vec<model::Packet> =
             std::iter::repeat_with(|| steered_packet(&mut rng, &policy, &v4, &v6))
                 .filter(|p| p.interface != Interface::Loopback)
+                .map(|mut p| {
+                    // Only a listed cgroup makes the client's socket the VPN client's.
+                    p.vpn_client &= client_listed;
+                    p
+                })
                 .take(100)
                 .collect();
         let nonce = n as u16;
@@ -171,7 +184,11 @@ fn differential(backend: Backend) {
         compared * 2 >= sent,
         "too few packets delivered without a filter: {compared} of {sent}"
     );
-    assert!(reasons.len() >= 11, "too few reasons reached: {reasons:?}");
+    assert!(
+        reasons.contains_key(&model::Reason::NotVpnClient),
+        "no packet from someone else than the VPN client to a server: {reasons:?}"
+    );
+    assert!(reasons.len() >= 12, "too few reasons reached: {reasons:?}");
 }
 
 #[test]

@@ -8,7 +8,10 @@ use killswitch::{
     render::{self, CgroupMatch, Ruleset},
     vpn_client::ClientCgroup,
 };
-use testbed::{process::output_in, require_root, Cgroup, Netns};
+use testbed::{
+    process::{nft_in, output_in},
+    require_root, Cgroup, Netns,
+};
 
 /// The per-app example is rendered for this cgroup, as its comment shows.
 const PER_APP_CGROUP: &str = "torrent";
@@ -128,21 +131,6 @@ fn every_example_renders_to_its_golden_texts() {
     );
 }
 
-/// nft 1.0.6 looks a `socket cgroupv2` path up under /sys/fs/cgroup: in a mount namespace of
-/// its own, the cgroup2 mount is put there first.
-fn nft_check(netns: &Netns, file: &Path) -> std::process::Output {
-    let mount = testbed::cgroup::killswitch_cgroup2_mount();
-    std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /sys/fs/cgroup && exec nsenter --net="$2" nft -c -f "$3""#)
-        .arg("sh")
-        .arg(mount)
-        .arg(netns.path())
-        .arg(file)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn nft_and_iptables_restore_accept_every_example() {
     require_root!();
@@ -158,7 +146,7 @@ fn nft_and_iptables_restore_accept_every_example() {
             let path = dir.join(&file);
             std::fs::write(&path, &text).unwrap();
             let out = match file.rsplit_once('.').unwrap().1 {
-                "nft" => nft_check(&netns, &path),
+                "nft" => nft_in(&netns, &["-c", "-f", path.to_str().unwrap()]),
                 "iptables" => output_in(
                     &netns,
                     None,
