@@ -40,6 +40,10 @@ pub enum Error {
     )]
     Lockdown(Box<Error>),
 
+    /// `run`'s command could not be started; `code` is what a shell would exit with.
+    #[error("{message}")]
+    Command { message: String, code: u8 },
+
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -54,6 +58,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::Usage(_) => 2,
             Error::Lockdown(cause) => cause.exit_code(),
+            Error::Command { code, .. } => *code,
             _ => 1,
         }
     }

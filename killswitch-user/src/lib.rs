@@ -13,6 +13,7 @@ pub mod interfaces;
 pub mod model;
 pub mod policy;
 pub mod render;
+pub mod run;
 pub mod scope;
 pub mod servers;
 pub mod status;

@@ -41,17 +41,30 @@ impl Default for Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // Processes in a cgroup we created are ours; cgroup.kill ends them all at once.
+        // Processes in a cgroup we created are ours; cgroup.kill ends them all at once (in
+        // the cgroups below too, such as the ones `killswitch run` makes).
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        remove_tree(&self.path);
+    }
+}
+
+/// Removes a cgroup and the cgroups below it, deepest first.
+fn remove_tree(path: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
             }
         }
-        eprintln!("warning: could not remove cgroup {}", self.path.display());
     }
+    for _ in 0..50 {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    eprintln!("warning: could not remove cgroup {}", path.display());
 }
 
 /// The cgroup2 mount point from /proc/self/mountinfo.

@@ -91,6 +91,11 @@ impl Lab {
     }
 
     fn spawn_openvpn(&self, server: bool) -> Child {
+        self.spawn_openvpn_in(server, None)
+    }
+
+    /// Starts openvpn; inside `cgroup` when given (it moves there before it executes).
+    fn spawn_openvpn_in(&self, server: bool, cgroup: Option<&crate::Cgroup>) -> Child {
         let (netns, config, log) = if server {
             (&self.vpn, "server.conf", "server.log")
         } else {
@@ -101,7 +106,15 @@ impl Lab {
             .append(true)
             .open(self.dir.join(log))
             .unwrap();
-        Command::new("nsenter")
+        let procs = cgroup
+            .map(|c| c.procs().display().to_string())
+            .unwrap_or_default();
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"if [ -n "$1" ]; then echo $$ > "$1" || exit 125; fi; shift; exec "$@""#)
+            .arg("sh")
+            .arg(procs)
+            .arg("nsenter")
             .arg(format!("--net={}", netns.path().display()))
             .args(["--", "timeout", HELPER_LIFETIME_SECS, "openvpn", "--cd"])
             .arg(&self.dir)
@@ -116,9 +129,37 @@ impl Lab {
 
     /// Starts the VPN client and waits (bounded) until `tun0` carries traffic.
     pub fn connect(&mut self) -> Duration {
+        self.connect_in(None)
+    }
+
+    /// [`Lab::connect`] with the client inside `cgroup` (its own, as a systemd unit has).
+    pub fn connect_in(&mut self, cgroup: Option<&crate::Cgroup>) -> Duration {
         assert!(self.vpn_client.is_none(), "client already running");
         let started = Instant::now();
-        self.vpn_client = Some(self.spawn_openvpn(false));
+        self.vpn_client = Some(self.spawn_openvpn_in(false, cgroup));
+        self.wait_connected(started)
+    }
+
+    /// The command line of the VPN client (run in the client's namespace), for a test that
+    /// starts it some other way; its log goes to `client.log`.
+    pub fn client_command(&self) -> Vec<String> {
+        let dir = self.dir.display().to_string();
+        [
+            "openvpn",
+            "--cd",
+            &dir,
+            "--config",
+            "client.conf",
+            "--log-append",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(std::iter::once(format!("{dir}/client.log")))
+        .collect()
+    }
+
+    /// Waits (bounded) until the tunnel carries the default route; the time since `started`.
+    pub fn wait_connected(&self, started: Instant) -> Duration {
         while started.elapsed() < Duration::from_secs(20) {
             let routes = self.client.ip(&["route", "show"]);
             if routes.contains("0.0.0.0/1") && routes.contains("dev tun0") {

@@ -117,15 +117,20 @@ fn write(
     lockdown: Option<String>,
 ) -> Result<()> {
     let (table, cgroup) = table_of(scope)?;
+    let clients = crate::vpn_client::current(policy);
     let script = render::nft(&Ruleset {
         policy,
         servers,
         cgroup: cgroup.clone(),
         lockdown,
-        clients: &crate::vpn_client::current(policy),
+        clients: &clients,
     })?;
-    run_nft(&["-f", "-"], Some(&script), cgroup.is_some())
-        .map_err(|e| Error::kernel("nft refused the ruleset", e))?;
+    run_nft(
+        &["-f", "-"],
+        Some(&script),
+        cgroup.is_some() || !clients.is_empty(),
+    )
+    .map_err(|e| Error::kernel("nft refused the ruleset", e))?;
     if let Ok(mark) = state_file(scope, "down") {
         let _ = std::fs::remove_file(mark);
     }
@@ -136,6 +141,28 @@ fn write(
         ));
     }
     Ok(())
+}
+
+/// Adds a VPN client's cgroup to the scope's table, if the table holds the servers to its VPN
+/// client (it has the `vpn_client` chain); false otherwise. The next apply renders the same.
+/// One nft run, as the client may be starting right now.
+pub fn add_vpn_client(scope: &Scope, client: &crate::vpn_client::ClientCgroup) -> Result<bool> {
+    let _lock = lock(scope)?;
+    let (table, _) = table_of(scope)?;
+    let Some((path, level)) = render::client_rule(client) else {
+        return Ok(false);
+    };
+    let script = format!(
+        "add rule inet {table} vpn_client socket cgroupv2 level {level} \"{path}\" counter name \"{}\" accept comment \"{}\"\n",
+        render::counter_name(Direction::Egress, Reason::Server),
+        render::step(Reason::Server)
+    );
+    match run_nft(&["-f", "-"], Some(&script), true) {
+        Ok(_) => Ok(true),
+        // No such table or chain: the scope does not hold the servers to its VPN client.
+        Err(e) if e.contains("No such file or directory") && !e.contains("cgroupv2") => Ok(false),
+        Err(e) => Err(Error::kernel("nft refused the VPN client", e)),
+    }
 }
 
 /// What lockdown is in this backend: the policy with no tunnel, server, LAN or other

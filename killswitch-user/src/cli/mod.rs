@@ -4,6 +4,7 @@ mod check;
 mod daemon;
 mod down;
 mod render;
+mod run;
 mod servers;
 mod status;
 mod up;
@@ -42,6 +43,9 @@ Examples:
   killswitch daemon                      enforce and keep up with tunnels, names, reloads
   killswitch servers set 198.51.100.7:1194/udp   replace the server list live
   killswitch render nft > killswitch.nft  the same policy as an nftables ruleset
+  killswitch run -- firefox              a kill switch for one app (and what it starts)
+  killswitch run --vpn-client -- openvpn --config work.conf
+                                         only this process may reach the servers
   killswitch down                        remove the system-wide enforcement
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.";
@@ -88,6 +92,18 @@ enum Command {
     /// The ruleset follows the same verdict order with no connection tracking; where netfilter
     /// cannot read a packet the way the eBPF programs do, it is stricter (docs/backends.md)
     Render(render::RenderArgs),
+    /// Run a command in a cgroup of its own, held to the policy: a kill switch for one app
+    ///
+    /// The cgroup is `killswitch/NAME` next to yours. Its scope is enforced before the command
+    /// starts and kept current like the daemon keeps one (tunnels that come back, names, SIGHUP
+    /// reloads). When the command and everything it started have exited, the scope and the
+    /// cgroup are removed, and killswitch exits with the command's status (128 + N for a
+    /// signal, 127 when it is not found). SIGTERM is passed on to the command. If killswitch
+    /// itself is killed, the scope stays enforced: `killswitch down --cgroup killswitch/NAME`.
+    ///
+    /// With --vpn-client the command is the VPN client instead: its cgroup is the one every
+    /// scope with [vpn_client] lets reach the servers, and no scope is made for it.
+    Run(run::RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +155,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Servers(args) => servers::run(args),
         Command::Render(args) => render::run(&cli.config, args),
+        Command::Run(args) => run::run(&cli.config, args),
     }
 }
 

@@ -48,7 +48,9 @@ pub fn run(config: &Path, scope: Scope, choice: Choice) -> Result<()> {
             return Ok(());
         };
         let mut daemon = Daemon::start(config.to_path_buf(), stamp, scope, policy, choice).await?;
-        daemon.serve().await
+        daemon
+            .serve(std::pin::pin!(std::future::pending()), None)
+            .await
     })
 }
 
@@ -104,7 +106,8 @@ impl Stamp {
     }
 }
 
-struct Daemon {
+/// A scope kept current: by `killswitch daemon`, and by `killswitch run` for its app's scope.
+pub struct Daemon {
     config: PathBuf,
     /// The config file as it was when the policy in force was read from it.
     stamp: Stamp,
@@ -122,6 +125,20 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Applies the policy in `config` to `scope` like `up` (an invalid config is an error
+    /// here, and a scope nothing enforced is left in lockdown).
+    pub async fn start_for(config: PathBuf, scope: Scope, choice: Choice) -> Result<Daemon> {
+        let stamp = Stamp::of(&config);
+        let policy = match Policy::load(&config) {
+            Ok(policy) => policy,
+            Err(e) => return Err(backend::lock_down(choice, &scope, e.into())),
+        };
+        if choice != Choice::Nftables {
+            ebpf::warm_up();
+        }
+        Daemon::start(config, stamp, scope, policy, choice).await
+    }
+
     async fn start(
         config: PathBuf,
         stamp: Stamp,
@@ -173,7 +190,14 @@ impl Daemon {
         Ok(entries)
     }
 
-    async fn serve(&mut self) -> Result<()> {
+    /// Keeps the scope current until SIGTERM or SIGINT, `until` completes, or the scope is
+    /// taken down. With `forward` (`run`'s command), SIGTERM goes to the command instead and
+    /// SIGINT is left to it.
+    pub async fn serve(
+        &mut self,
+        mut until: std::pin::Pin<&mut (dyn std::future::Future<Output = ()> + '_)>,
+        forward: Option<&dyn Fn(nix::sys::signal::Signal)>,
+    ) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
         let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
@@ -197,7 +221,12 @@ impl Daemon {
         // A VPN client's cgroup made again (a restarted unit) is a new id: looked for often,
         // since until then the client cannot reach its server (and nothing else can).
         let mut look_at_clients = tokio::time::interval(std::time::Duration::from_millis(100));
+        // ...and at once when the directory that holds it changes, before the client sends.
+        let mut client_watch = ClientWatch::new(&self.policy);
         loop {
+            if client_watch.as_ref().map(|w| &w.path) != client_parent(&self.policy).as_ref() {
+                client_watch = ClientWatch::new(&self.policy);
+            }
             let next_lookup = self.servers.next_due();
             let lookup_due =
                 tokio::time::sleep_until(next_lookup.unwrap_or_else(Instant::now).into());
@@ -218,8 +247,19 @@ impl Daemon {
                 }
                 _ = look_at_table.tick(), if self.backend == Backend::Nftables => {}
                 _ = look_at_clients.tick(), if self.policy.vpn_client.is_some() => self.follow_clients(),
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
+                ready = watched(&mut client_watch) => {
+                    if let Ok(mut guard) = ready {
+                        let _ = guard.get_inner().0.read_events();
+                        guard.clear_ready();
+                    }
+                    self.follow_clients();
+                }
+                _ = &mut until => return Ok(()),
+                _ = terminate.recv() => match forward {
+                    Some(forward) => forward(nix::sys::signal::Signal::SIGTERM),
+                    None => break,
+                },
+                _ = interrupt.recv(), if forward.is_none() => break,
             }
             if self.backend == Backend::Nftables
                 && !nftables::holds(&self.scope)
@@ -287,6 +327,10 @@ impl Daemon {
         }
         let result = (|| {
             if self.backend == Backend::Nftables {
+                // A new client first, in one nft run: it may be sending already.
+                for client in now.iter().filter(|c| !self.clients.contains(c)) {
+                    nftables::add_vpn_client(&self.scope, client)?;
+                }
                 let _lock = self.nftables_lock()?;
                 // One transaction; a list set with `servers` stays the table's.
                 let servers = if nftables::servers_set_by_command(&self.scope) {
@@ -523,6 +567,59 @@ enum Written {
     Nothing,
     /// The config changed: a reload writes everything instead.
     ConfigChanged,
+}
+
+/// An inotify watch on the directory that holds the `[vpn_client]` cgroup: systemd makes a
+/// unit's new cgroup there just before it starts the client.
+struct ClientWatch {
+    path: std::path::PathBuf,
+    inotify: AsyncFd<Watch>,
+}
+
+/// The inotify instance as something tokio can wait on.
+struct Watch(nix::sys::inotify::Inotify);
+
+impl AsRawFd for Watch {
+    fn as_raw_fd(&self) -> RawFd {
+        std::os::fd::AsFd::as_fd(&self.0).as_raw_fd()
+    }
+}
+
+impl ClientWatch {
+    fn new(policy: &Policy) -> Option<ClientWatch> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let path = client_parent(policy)?;
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+        let events = AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM;
+        if let Err(e) = inotify.add_watch(&path, events) {
+            // The 100 ms look covers it.
+            tracing::debug!("cannot watch {}: {e}", path.display());
+            return None;
+        }
+        // SAFETY: the inotify fd is owned by the `Watch`, which the AsyncFd owns until dropped.
+        let inotify = unsafe { AsyncFd::register(Watch(inotify)) }.ok()?;
+        Some(ClientWatch { path, inotify })
+    }
+}
+
+/// The directory that holds the configured VPN client cgroup.
+fn client_parent(policy: &Policy) -> Option<std::path::PathBuf> {
+    let cgroup = policy.vpn_client.as_ref()?.cgroup.as_ref()?;
+    let full = crate::scope::cgroup2_mount().ok()?.join(cgroup);
+    full.parent().map(Path::to_path_buf)
+}
+
+/// The client watch's readiness; never, without one.
+async fn watched(
+    watch: &mut Option<ClientWatch>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, Watch>> {
+    match watch {
+        Some(watch) => watch.inotify.readable().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The drop events' readiness; never, without a ring buffer.

@@ -92,6 +92,11 @@ fn client_matches(clients: &[ClientCgroup]) -> Result<Vec<(String, u32)>> {
         .collect()
 }
 
+/// One client cgroup as netfilter matches it; `None` when its path cannot be quoted.
+pub fn client_rule(client: &ClientCgroup) -> Option<(String, u32)> {
+    client_matches(std::slice::from_ref(client)).ok()?.pop()
+}
+
 /// Characters that are the same inside nft's and iptables' double quotes.
 fn quotable(c: char) -> bool {
     c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '\'' | '`' | '$' | '#' | ';' | '!')

@@ -1,4 +1,5 @@
-//! `ks-probe tcp|udp ADDR:PORT [TIMEOUT_MS] [LOCAL_PORT]`: sends "ping" and expects it echoed.
+//! `ks-probe tcp|udp ADDR:PORT [TIMEOUT_MS] [LOCAL_PORT]`: sends "ping" and expects it echoed
+//! (UDP with the skb mark in `KS_PROBE_MARK`, when set).
 //! Exit 0 when the echo came back, 1 otherwise (the reason on stderr). UDP may go to a broadcast
 //! address or to a link-scope multicast group written `[ff02::1:2%IFNAME]:547`.
 //! `ks-probe serve PORT MILLIS`: TCP echo on every address for MILLIS; prints "ready" first.
@@ -103,6 +104,7 @@ fn udp(addr: SocketAddr, timeout: Duration, local_port: u16) -> Result<(), Strin
     };
     let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
     socket.set_broadcast(true).map_err(|e| e.to_string())?;
+    set_mark(&socket)?;
     socket
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
@@ -176,6 +178,35 @@ fn blast(addr: SocketAddr, count: u64) -> Result<(), String> {
 }
 
 /// A UDP socket on any address and port of `addr`'s family.
+/// `KS_PROBE_MARK=N`: the socket's packets carry skb mark N (SO_MARK), as kernel WireGuard's
+/// carry its fwmark.
+fn set_mark(socket: &UdpSocket) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let Ok(text) = std::env::var("KS_PROBE_MARK") else {
+        return Ok(());
+    };
+    let mark: u32 = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("KS_PROBE_MARK: {e}"))?;
+    // SAFETY: a valid socket and a u32 option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            4,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("SO_MARK: {}", std::io::Error::last_os_error()))
+    }
+}
+
 fn unbound_udp(addr: SocketAddr) -> Result<UdpSocket, String> {
     let any: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0"
