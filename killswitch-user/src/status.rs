@@ -48,6 +48,8 @@ pub struct ScopeStatus {
     /// `up` or reload).
     pub servers_set_by_command: bool,
     pub exceptions: Exceptions,
+    /// `[vpn_client]`: who may reach the servers (`None`: every socket of the scope).
+    pub vpn_client: Option<Vec<String>>,
     pub counters: Vec<CounterStatus>,
     /// Drop events held back by the in-kernel rate limit or a full ring buffer.
     pub events_suppressed: u64,
@@ -163,6 +165,22 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
             .collect(),
         servers_set_by_command: maps.has_server_name(&crate::servers::COMMAND_OWNS_THE_LIST)?,
         exceptions: exceptions(&maps, &settings)?,
+        vpn_client: (settings.vpn_client != 0).then(|| {
+            let mut who: Vec<String> = maps
+                .entries()
+                .map(|e| e.vpn_clients)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| match crate::vpn_client::path_of(id) {
+                    Some(path) => format!("cgroup {path}"),
+                    None => format!("cgroup id {id} (gone)"),
+                })
+                .collect();
+            if settings.vpn_client_mark != 0 {
+                who.insert(0, format!("mark {:#x}", settings.vpn_client_mark));
+            }
+            who
+        }),
         events_suppressed: maps.suppressed_events()?,
         counters: counters(maps.counters()?),
     })
@@ -265,6 +283,14 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
             dns_servers: set(&["dns4", "dns6"]),
             inbound,
         },
+        vpn_client: table.chains.iter().any(|c| c == "vpn_client").then(|| {
+            table
+                .rules
+                .iter()
+                .filter(|r| r.chain == "vpn_client")
+                .flat_map(|r| r.identifies.clone())
+                .collect()
+        }),
         counters: counters(table.counters()),
         events_suppressed: 0,
     })

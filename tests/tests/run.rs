@@ -70,6 +70,15 @@ impl Caller {
         self.command(args).output().expect("killswitch runs")
     }
 
+    /// [`Caller::command`] in the background, its log dropped.
+    fn background(&self, args: &[&str]) -> Background {
+        quiet_background(self.command(args))
+    }
+
+    fn background_with(&self, config: &Path, args: &[&str]) -> Background {
+        quiet_background(self.command_with(config, args))
+    }
+
     /// The cgroup `run --name NAME` makes, relative to the cgroup2 mount.
     fn app(&self, name: &str) -> String {
         format!("{}/killswitch/{name}", self.relative)
@@ -113,6 +122,11 @@ impl Caller {
                     .is_ok_and(|comm| comm.trim() == "killswitch")
             })
     }
+}
+
+fn quiet_background(mut command: Command) -> Background {
+    command.stderr(std::process::Stdio::null());
+    Background::start(command)
 }
 
 fn stderr_lines(out: &Output) -> Vec<String> {
@@ -280,7 +294,7 @@ fn a_killed_run_leaves_the_scope_enforced_until_down() {
     let config = config_file(&dir, CONFIG);
     let caller = Caller::new(&netns, &pins, &cgroup, &config);
     for backend in ["ebpf", "nftables"] {
-        let run = Background::start(caller.command(&[
+        let run = caller.background(&[
             "run",
             "--backend",
             backend,
@@ -289,7 +303,7 @@ fn a_killed_run_leaves_the_scope_enforced_until_down() {
             "--",
             "sleep",
             "20",
-        ]));
+        ]);
         let app = caller.app("app");
         let started = Instant::now();
         while !killswitch(&netns, &pins, &["status", "--cgroup", &app])
@@ -358,7 +372,7 @@ fn per_app(backend: &'static str) {
         &story.lab.dir().join("killswitch.toml"),
     );
     story.lab.connect();
-    let mut run = Background::start(caller.command(&[
+    let mut run = caller.background(&[
         "run",
         "--backend",
         backend,
@@ -367,7 +381,7 @@ fn per_app(backend: &'static str) {
         "--",
         "sleep",
         "60",
-    ]));
+    ]);
     let app = caller.app_path("app");
     let app_relative = caller.app("app");
     let started = Instant::now();
@@ -477,7 +491,7 @@ fn vpn_client(backend: &'static str) {
     ));
     // The daemon trusts the tunnel each time it comes up (and follows the client's cgroup).
     let config = story.lab.dir().join("killswitch.toml");
-    let daemon = Background::start(killswitch_command(
+    let daemon = quiet_background(killswitch_command(
         &story.lab.client,
         &story.pins,
         &[
@@ -510,8 +524,16 @@ fn vpn_client(backend: &'static str) {
         let command = story.lab.client_command();
         args.extend(command.iter().map(String::as_str));
         let started = Instant::now();
-        let client = Background::start(caller.command(&args));
+        let client = caller.background(&args);
         timings.push(story.lab.wait_connected(started));
+        let status = String::from_utf8_lossy(&story.killswitch(&["status"]).stdout).into_owned();
+        assert!(
+            status.contains(&format!(
+                "client   only mark 0xca6c or cgroup {} may reach the servers",
+                caller.app("vpn-client")
+            )),
+            "{backend}: status does not say who the client is:\n{status}"
+        );
         let app = story.cgroup.child(&format!("app{round}"));
         assert!(
             request_from(&story, &app.path, APP_PORT),
@@ -646,7 +668,7 @@ fn side_by_side(backend: &'static str) {
     let runs: Vec<Background> = [("a", &only_app), ("b", &only_outside)]
         .into_iter()
         .map(|(name, config)| {
-            Background::start(caller.command_with(
+            caller.background_with(
                 config,
                 &[
                     "run",
@@ -658,7 +680,7 @@ fn side_by_side(backend: &'static str) {
                     "sleep",
                     "30",
                 ],
-            ))
+            )
         })
         .collect();
     wait_enforced(&story, &caller.app("a"));
@@ -748,7 +770,7 @@ fn restarted_client(backend: &'static str) {
         Story::valid_config()
     ));
     let config = story.lab.dir().join("killswitch.toml");
-    let daemon = Background::start(killswitch_command(
+    let daemon = quiet_background(killswitch_command(
         &story.lab.client,
         &story.pins,
         &[

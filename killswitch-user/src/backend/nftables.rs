@@ -249,6 +249,7 @@ pub struct Table {
     pub comment: String,
     /// Hooks of its base chains ("output", "input").
     pub hooks: Vec<String>,
+    pub chains: Vec<String>,
     /// Elements of each named set, as nft prints them (`a . udp . 1194` for concatenations).
     pub sets: BTreeMap<String, Vec<String>>,
     pub rules: Vec<Rule>,
@@ -262,6 +263,8 @@ pub struct Rule {
     pub comment: String,
     /// Interface names (or `name*` patterns) the rule matches.
     pub interfaces: Vec<String>,
+    /// What a `vpn_client` rule knows the client by: `mark 0x...` or `cgroup PATH`.
+    pub identifies: Vec<String>,
 }
 
 impl Table {
@@ -298,7 +301,8 @@ pub fn read(scope: &Scope) -> Result<Table> {
 }
 
 fn read_table(table: &str) -> Result<Table> {
-    let json = run_nft(&["-j", "list", "table", "inet", table], None, false)
+    // With the cgroup2 mount where nft looks, a `socket cgroupv2` match lists as its path.
+    let json = run_nft(&["-j", "list", "table", "inet", table], None, true)
         .map_err(|e| Error::kernel("nft could not list the table", e))?;
     let value: serde_json::Value =
         serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))?;
@@ -308,6 +312,8 @@ fn read_table(table: &str) -> Result<Table> {
             if let Some(hook) = chain["hook"].as_str() {
                 out.hooks.push(hook.to_owned());
             }
+            out.chains
+                .push(chain["name"].as_str().unwrap_or_default().to_owned());
         } else if let Some(set) = item.get("set") {
             let name = set["name"].as_str().unwrap_or_default().to_owned();
             let elements = set["elem"]
@@ -335,6 +341,23 @@ fn read_table(table: &str) -> Result<Table> {
                         .then(|| m["right"].as_str().map(str::to_owned))?
                 })
                 .collect();
+            let identifies = rule["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let m = e.get("match")?;
+                    let right = element(&m["right"]);
+                    if m["left"]["meta"]["key"] == "mark" {
+                        let mark: u64 = right.parse().ok()?;
+                        Some(format!("mark {mark:#x}"))
+                    } else if m["left"]["socket"]["key"] == "cgroupv2" {
+                        Some(format!("cgroup {right}"))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
             let comment = rule["comment"].as_str().unwrap_or_default();
             if rule["chain"] == "output" && comment.starts_with("killswitch ") {
                 out.comment = comment.to_owned();
@@ -343,6 +366,7 @@ fn read_table(table: &str) -> Result<Table> {
                 chain: rule["chain"].as_str().unwrap_or_default().to_owned(),
                 comment: rule["comment"].as_str().unwrap_or_default().to_owned(),
                 interfaces,
+                identifies,
             });
         }
     }

@@ -173,6 +173,13 @@ fn print_table(s: &ScopeStatus) {
     if s.servers_set_by_command {
         println!("         (set with `killswitch servers`; the config's list returns at the next up or reload)");
     }
+    match &s.vpn_client {
+        None => println!("client   any program may reach the servers"),
+        Some(who) if who.is_empty() => {
+            println!("client   only the VPN client may reach the servers; none is running")
+        }
+        Some(who) => println!("client   only {} may reach the servers", who.join(" or ")),
+    }
 
     let e = &s.exceptions;
     println!(
