@@ -203,6 +203,54 @@ fn run_passes_exit_statuses_through_and_leaves_nothing_behind() {
             "{backend}: the run ended before the child it left"
         );
         caller.assert_nothing_left(&format!("{backend} with a child left behind"));
+        // Two runs with one name share the cgroup and scope; it goes with the last process.
+        let first = caller.background(&[
+            "run",
+            "--backend",
+            backend,
+            "--name",
+            "shared",
+            "--",
+            "sleep",
+            "1.5",
+        ]);
+        let started = Instant::now();
+        while !caller.app_path("shared").exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{backend}: no cgroup"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let second = caller.run(&[
+            "run",
+            "--backend",
+            backend,
+            "--name",
+            "shared",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup; exit 4",
+        ]);
+        assert_eq!(second.status.code(), Some(4));
+        assert!(
+            String::from_utf8_lossy(&second.stdout).contains(&caller.app("shared")),
+            "{backend}: the second run is not in the shared cgroup"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(1300),
+            "{backend}: the second run removed the scope while the first one's command ran"
+        );
+        let mut first = first;
+        while first.exited().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{backend}: first run"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        caller.assert_nothing_left(&format!("{backend} shared"));
     }
     eprintln!("exit statuses 0, 3, 143, 137 passed through on both backends; nothing left");
     std::fs::remove_dir_all(&dir).unwrap();
