@@ -284,12 +284,19 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
             inbound,
         },
         vpn_client: table.chains.iter().any(|c| c == "vpn_client").then(|| {
-            table
+            // `run --vpn-client` and the daemon may both have added the same client.
+            let mut who: Vec<String> = Vec::new();
+            for id in table
                 .rules
                 .iter()
                 .filter(|r| r.chain == "vpn_client")
                 .flat_map(|r| r.identifies.clone())
-                .collect()
+            {
+                if !who.contains(&id) {
+                    who.push(id);
+                }
+            }
+            who
         }),
         counters: counters(table.counters()),
         events_suppressed: 0,

@@ -31,6 +31,20 @@ impl Cgroup {
     pub fn procs(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
+
+    /// Waits (at most `limit`) until no process is left in the cgroup: what other test threads
+    /// started while this process was in it ends on its own instead of being killed.
+    pub fn wait_empty(&self, limit: Duration) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            let events =
+                std::fs::read_to_string(self.path.join("cgroup.events")).unwrap_or_default();
+            if !events.lines().any(|l| l == "populated 1") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Default for Cgroup {

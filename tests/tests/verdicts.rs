@@ -1,7 +1,7 @@
 //! The kernel programs' verdicts and reasons, packet by packet, through BPF_PROG_TEST_RUN on the
 //! loaded (verified, not attached) programs with maps filled from a real Policy.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use killswitch::{
@@ -1727,6 +1727,7 @@ sources = ["203.0.113.7"]
         // In a cgroup of its own, so that test_run's socket can be the VPN client's.
         let cgroup = Cgroup::new();
         testbed::wire::in_cgroup(&cgroup, || random_policies(policies));
+        cgroup.wait_empty(Duration::from_secs(10));
     }
 
     fn random_policies(policies: usize) {
