@@ -44,8 +44,9 @@ impl ClientCgroup {
 }
 
 /// The client cgroups of `policy` that exist now: its `cgroup`, and the ones registered with
-/// `run --vpn-client`. Empty when the policy has no `[vpn_client]` (the servers are then open
-/// to every socket, and no cgroup is asked).
+/// `run --vpn-client` (each only while it is the very cgroup registered, same id). Empty when
+/// the policy has no `[vpn_client]` (the servers are then open to every socket, and no cgroup
+/// is asked).
 pub fn current(policy: &Policy) -> Vec<ClientCgroup> {
     let Some(client) = &policy.vpn_client else {
         return Vec::new();
@@ -53,39 +54,46 @@ pub fn current(policy: &Policy) -> Vec<ClientCgroup> {
     let Ok(mount) = scope::cgroup2_mount() else {
         return Vec::new();
     };
-    let mut found: Vec<ClientCgroup> = client
+    let configured = client
         .cgroup
         .iter()
-        .chain(registered().iter())
-        .filter_map(|path| ClientCgroup::find(&mount, path))
-        .collect();
+        .filter_map(|path| ClientCgroup::find(&mount, path));
+    let registered = registered()
+        .into_iter()
+        .filter_map(|(path, id)| ClientCgroup::find(&mount, &path).filter(|found| found.id == id));
+    let mut found: Vec<ClientCgroup> = configured.chain(registered).collect();
     found.sort();
     found.dedup_by_key(|c| c.id);
     found.truncate(killswitch_common::MAX_VPN_CLIENTS as usize);
     found
 }
 
-/// Where `run --vpn-client` records its cgroups: one empty file per cgroup, named by its path
-/// (escaped like a scope's name).
+/// Where `run --vpn-client` records its cgroups: one file per cgroup, named by its path
+/// (escaped like a scope's name), holding its id.
 fn registry() -> PathBuf {
     crate::state_dir().join("vpn-clients")
 }
 
-/// The cgroup paths registered now.
-pub fn registered() -> Vec<String> {
+/// The cgroups registered now: (path, id).
+pub fn registered() -> Vec<(String, u64)> {
     let Ok(dir) = std::fs::read_dir(registry()) else {
         return Vec::new();
     };
     dir.filter_map(|entry| {
-        let name = entry.ok()?.file_name();
-        let path = scope::unescape_path(name.to_str()?);
-        path.to_str().map(str::to_owned)
+        let entry = entry.ok()?;
+        let id = std::fs::read_to_string(entry.path())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let path = scope::unescape_path(entry.file_name().to_str()?);
+        Some((path.to_str()?.to_owned(), id))
     })
     .collect()
 }
 
-/// Records `path` (relative to the cgroup2 root) as a VPN client's cgroup.
-pub fn register(path: &str) -> Result<()> {
+/// Records a VPN client's cgroup.
+pub fn register(client: &ClientCgroup) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = registry();
     std::fs::DirBuilder::new()
@@ -93,8 +101,8 @@ pub fn register(path: &str) -> Result<()> {
         .mode(0o700)
         .create(&dir)
         .map_err(|e| Error::io("cannot create", &dir, e))?;
-    let file = dir.join(scope::escape_path(Path::new(path)));
-    std::fs::write(&file, b"").map_err(|e| Error::io("cannot write", &file, e))
+    let file = dir.join(scope::escape_path(Path::new(&client.path)));
+    std::fs::write(&file, client.id.to_string()).map_err(|e| Error::io("cannot write", &file, e))
 }
 
 /// Forgets a registered cgroup.

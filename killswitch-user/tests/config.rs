@@ -676,7 +676,9 @@ fn every_example_config_is_valid_and_says_what_its_comment_says() {
     assert_eq!(
         load("vpn-client.toml").vpn_client,
         Some(killswitch::policy::VpnClient {
-            cgroup: Some("system.slice/openvpn-client@work.service".into()),
+            cgroup: Some(
+                r"system.slice/system-openvpn\x2dclient.slice/openvpn-client@work.service".into()
+            ),
             mark: Some(0xca6c),
         })
     );

@@ -157,7 +157,10 @@ fn pinned_maps_of_another_shape_are_replaced_and_the_programs_use_the_new_ones()
             scope_dir.join(name).to_str().unwrap(),
         ])
     };
-    assert_eq!(pinned("SETTINGS")["bytes_value"], 40);
+    assert_eq!(
+        pinned("SETTINGS")["bytes_value"],
+        std::mem::size_of::<killswitch_common::Settings>()
+    );
     assert_eq!(pinned("SERVERS")["max_entries"], 262_144);
     let link = json(&[
         "link",

@@ -90,11 +90,13 @@ impl Caller {
 
     /// Nothing of any run is left: no cgroup, no pinned scope, no nft table.
     fn assert_nothing_left(&self, what: &str) {
-        assert!(
-            !self.cgroup.join("killswitch").exists(),
-            "{what}: a cgroup is left in {}",
-            self.cgroup.display()
-        );
+        for parent in ["killswitch", "killswitch-vpn-client"] {
+            assert!(
+                !self.cgroup.join(parent).exists(),
+                "{what}: a cgroup is left in {}",
+                self.cgroup.display()
+            );
+        }
         let pinned: Vec<_> = std::fs::read_dir(&self.pins)
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
@@ -186,6 +188,29 @@ fn run_passes_exit_statuses_through_and_leaves_nothing_behind() {
             stdout.contains(&format!("0::/{}", caller.app("look"))),
             "{backend}: not in its cgroup: {stdout}"
         );
+        // Under sudo the command runs as the user who ran sudo, still in its cgroup.
+        let mut as_user = caller.command(&[
+            "run",
+            "--backend",
+            backend,
+            "--name",
+            "user",
+            "--",
+            "sh",
+            "-c",
+            "id -u; echo $HOME; cat /proc/self/cgroup",
+        ]);
+        as_user.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+        let out = as_user.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && stdout.starts_with("65534\n")
+                && stdout.contains(&format!("0::/{}", caller.app("user"))),
+            "{backend}: not the sudo user, or not in its cgroup: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        caller.assert_nothing_left(&format!("{backend} as the sudo user"));
         // A child left behind keeps the scope (and the run) until it exits.
         let started = Instant::now();
         let out = caller.run(&[
@@ -315,6 +340,20 @@ fn run_refuses_bad_input_in_one_line_and_leaves_nothing_behind() {
         );
         caller.assert_nothing_left(&format!("{args:?}"));
     }
+    // A cgroup of that name that someone else can change is not taken over.
+    let theirs = caller.app_path("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let out = caller.run(&["run", "--name", "theirs", "--", "true"]);
+    let lines = stderr_lines(&out);
+    assert_eq!(out.status.code(), Some(1), "{lines:?}");
+    assert!(
+        lines.len() == 1 && lines[0].contains("others than root can change it"),
+        "{lines:?}"
+    );
+    std::fs::remove_dir(&theirs).unwrap();
+    std::fs::remove_dir(theirs.parent().unwrap()).unwrap();
+    caller.assert_nothing_left("someone else's cgroup");
     // Without root's privileges the cgroup cannot be made: one line, nothing made.
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -577,8 +616,8 @@ fn vpn_client(backend: &'static str) {
         let status = String::from_utf8_lossy(&story.killswitch(&["status"]).stdout).into_owned();
         assert!(
             status.contains(&format!(
-                "client   only mark 0xca6c or cgroup {} may reach the servers",
-                caller.app("vpn-client")
+                "client   only mark 0xca6c or cgroup {}/killswitch-vpn-client/openvpn may reach the servers",
+                caller.relative
             )),
             "{backend}: status does not say who the client is:\n{status}"
         );
@@ -631,7 +670,7 @@ fn vpn_client(backend: &'static str) {
         )
         .unwrap();
         let stopped = Instant::now();
-        while caller.app_path("vpn-client").exists() {
+        while caller.cgroup.join("killswitch-vpn-client/openvpn").exists() {
             assert!(
                 stopped.elapsed() < Duration::from_secs(10),
                 "{backend}: the client's cgroup stayed"

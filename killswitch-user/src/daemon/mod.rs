@@ -222,11 +222,9 @@ impl Daemon {
         // since until then the client cannot reach its server (and nothing else can).
         let mut look_at_clients = tokio::time::interval(std::time::Duration::from_millis(100));
         // ...and at once when the directory that holds it changes, before the client sends.
-        let mut client_watch = ClientWatch::new(&self.policy);
+        let mount = crate::scope::cgroup2_mount().unwrap_or_default();
+        let mut client_watch = ClientWatch::new(&mount, &self.policy);
         loop {
-            if client_watch.as_ref().map(|w| &w.path) != client_parent(&self.policy).as_ref() {
-                client_watch = ClientWatch::new(&self.policy);
-            }
             let next_lookup = self.servers.next_due();
             let lookup_due =
                 tokio::time::sleep_until(next_lookup.unwrap_or_else(Instant::now).into());
@@ -246,7 +244,16 @@ impl Daemon {
                     guard.clear_ready();
                 }
                 _ = look_at_table.tick(), if self.backend == Backend::Nftables => {}
-                _ = look_at_clients.tick(), if self.policy.vpn_client.is_some() => self.follow_clients(),
+                _ = look_at_clients.tick(), if self.policy.vpn_client.is_some() => {
+                    // A watch for the config's directory: new after a reload, or once the
+                    // directory is there again (systemd removes an empty slice).
+                    let wanted = client_parent(&mount, &self.policy);
+                    let live = client_watch.as_ref().is_some_and(|w| w.watches(wanted.as_deref()));
+                    if !live && wanted.as_ref().is_some_and(|p| p.exists()) {
+                        client_watch = ClientWatch::new(&mount, &self.policy);
+                    }
+                    self.follow_clients();
+                }
                 ready = watched(&mut client_watch) => {
                     if let Ok(mut guard) = ready {
                         let _ = guard.get_inner().0.read_events();
@@ -325,27 +332,37 @@ impl Daemon {
         if now == self.clients {
             return;
         }
-        let result = (|| {
+        let result: Result<Written> = (|| {
             if self.backend == Backend::Nftables {
                 // A new client first, in one nft run: it may be sending already.
                 for client in now.iter().filter(|c| !self.clients.contains(c)) {
                     nftables::add_vpn_client(&self.scope, client)?;
                 }
                 let _lock = self.nftables_lock()?;
+                if self.config_changed() {
+                    return Ok(Written::ConfigChanged);
+                }
                 // One transaction; a list set with `servers` stays the table's.
                 let servers = if nftables::servers_set_by_command(&self.scope) {
                     nftables::read(&self.scope)?.servers()
                 } else {
                     self.servers.endpoints()
                 };
-                return nftables::apply(&self.scope, &self.policy, &servers);
+                nftables::apply(&self.scope, &self.policy, &servers)?;
+                return Ok(Written::Changes);
             }
             let _lock = self.lock()?;
+            if self.config_changed() {
+                return Ok(Written::ConfigChanged);
+            }
             let entries = self.entries()?;
-            self.maps()?.write_vpn_clients(&entries)
+            self.maps()?.write_vpn_clients(&entries)?;
+            Ok(Written::Changes)
         })();
         match result {
-            Ok(()) => {
+            // The reload writes the clients too.
+            Ok(Written::ConfigChanged) => self.reload_changed_config(),
+            Ok(_) => {
                 let paths = |list: &[ClientCgroup]| -> Vec<String> {
                     list.iter()
                         .map(|c| format!("{} (id {})", c.path, c.id))
@@ -358,7 +375,11 @@ impl Daemon {
                 );
                 self.clients = now;
             }
-            Err(e) => tracing::error!("cannot follow the VPN client's cgroup: {e}"),
+            Err(e) => {
+                // Said once per change, not at every look: the clients in force stay.
+                tracing::error!("cannot follow the VPN client's cgroup: {e}");
+                self.clients = now;
+            }
         }
     }
 
@@ -573,6 +594,8 @@ enum Written {
 /// unit's new cgroup there just before it starts the client.
 struct ClientWatch {
     path: std::path::PathBuf,
+    /// The directory's inode: one removed and made again needs a new watch.
+    inode: u64,
     inotify: AsyncFd<Watch>,
 }
 
@@ -586,9 +609,11 @@ impl AsRawFd for Watch {
 }
 
 impl ClientWatch {
-    fn new(policy: &Policy) -> Option<ClientWatch> {
+    fn new(mount: &Path, policy: &Policy) -> Option<ClientWatch> {
         use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        let path = client_parent(policy)?;
+        use std::os::unix::fs::MetadataExt;
+        let path = client_parent(mount, policy)?;
+        let inode = std::fs::metadata(&path).ok()?.ino();
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
         let events = AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_DELETE
@@ -601,15 +626,25 @@ impl ClientWatch {
         }
         // SAFETY: the inotify fd is owned by the `Watch`, which the AsyncFd owns until dropped.
         let inotify = unsafe { AsyncFd::register(Watch(inotify)) }.ok()?;
-        Some(ClientWatch { path, inotify })
+        Some(ClientWatch {
+            path,
+            inode,
+            inotify,
+        })
+    }
+
+    /// Whether this watch still sees `wanted`, the same directory as when it was made.
+    fn watches(&self, wanted: Option<&Path>) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        wanted == Some(self.path.as_path())
+            && std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode)
     }
 }
 
 /// The directory that holds the configured VPN client cgroup.
-fn client_parent(policy: &Policy) -> Option<std::path::PathBuf> {
+fn client_parent(mount: &Path, policy: &Policy) -> Option<std::path::PathBuf> {
     let cgroup = policy.vpn_client.as_ref()?.cgroup.as_ref()?;
-    let full = crate::scope::cgroup2_mount().ok()?.join(cgroup);
-    full.parent().map(Path::to_path_buf)
+    mount.join(cgroup).parent().map(Path::to_path_buf)
 }
 
 /// The client watch's readiness; never, without one.

@@ -156,8 +156,8 @@ impl PinnedMaps {
     }
 
     /// Makes the maps hold exactly `entries` without a moment that allows what neither the old
-    /// nor the new policy allows: the stricter of both settings and only the uplinks both
-    /// have while the lists change (within each list additions land before removals, unless
+    /// nor the new policy allows: the stricter of both settings and only the uplinks and VPN
+    /// client cgroups both have while the lists change (within each list additions land before removals, unless
     /// old and new together overflow the map), then the new uplinks, then the new settings.
     /// If the kernel refuses a change half-way, the maps go back to what they held (the same
     /// steps, towards the old entries): a failed update leaves the old policy, never a mix.
@@ -184,6 +184,8 @@ impl PinnedMaps {
         self.set_settings(&strictest(&old, &entries.settings))?;
         let uplinks: BTreeSet<InterfaceKey> = entries.uplinks.keys().copied().collect();
         shrink(&mut self.uplinks, &uplinks, UPLINKS)?;
+        // Only the clients both trust while the servers change; the new ones come last.
+        shrink(&mut self.vpn_clients, &entries.vpn_clients, VPN_CLIENTS)?;
         sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
         self.set_server_names(&entries.server_names)?;
@@ -198,13 +200,13 @@ impl PinnedMaps {
             DNS_SERVERS,
         )?;
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
+        self.sync_lan(&entries.lan)?;
+        sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         sync(
             &mut self.vpn_clients,
             entries.vpn_clients.iter().copied(),
             VPN_CLIENTS,
         )?;
-        self.sync_lan(&entries.lan)?;
-        sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         self.set_settings(&entries.settings)
     }
 

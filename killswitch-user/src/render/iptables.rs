@@ -61,7 +61,10 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
     writeln!(f.head, "*filter").unwrap();
     let (base_policy, select) = match &ruleset.cgroup {
         None => ("DROP", String::new()),
-        Some(CgroupMatch { path, .. }) => ("ACCEPT", format!("-m cgroup --path \"{path}\" ")),
+        Some(CgroupMatch { path, .. }) => (
+            "ACCEPT",
+            format!("-m cgroup --path \"{}\" ", restore_quoted(path)),
+        ),
     };
     writeln!(f.head, ":INPUT {base_policy} [0:0]").unwrap();
     // The file replaces the table, FORWARD included: what the machine forwards (containers, VMs)
@@ -138,7 +141,7 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         for (path, _) in client_matches(ruleset.clients)? {
             f.rule(
                 chain,
-                &format!("-m cgroup --path \"{path}\""),
+                &format!("-m cgroup --path \"{}\"", restore_quoted(&path)),
                 Allow(Direction::Egress, Reason::Server),
             );
         }
@@ -165,6 +168,11 @@ pub fn iptables(ruleset: &Ruleset, ipv6: bool) -> Result<String> {
         }
     }
     Ok(f.text())
+}
+
+/// A path inside iptables-restore's double quotes, where a backslash escapes the next byte.
+fn restore_quoted(path: &str) -> String {
+    path.replace('\\', "\\\\")
 }
 
 fn short(direction: Direction) -> &'static str {

@@ -65,7 +65,9 @@ impl CgroupMatch {
         if path.is_empty() {
             return Ok(None);
         }
-        if !path.chars().all(quotable) {
+        // systemd escapes characters in unit names as `\xNN`: nft takes a backslash as it is
+        // and iptables-restore as `\\` (see `iptables`).
+        if !path.chars().all(|c| quotable(c) || c == '\\') {
             return Err(Error::Usage(format!(
                 "the cgroup path {path:?} has characters a ruleset cannot quote; use a plainer name"
             )));

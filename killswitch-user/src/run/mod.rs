@@ -6,25 +6,24 @@
 //! with the cgroup once the cgroup is empty, so processes the command left behind stay held.
 //! A killed `run` leaves the scope enforced: `status` shows it, `down --cgroup` removes it.
 
+mod client;
+mod place;
+mod user;
+
 use std::{
-    future::Future,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    pin::Pin,
-    process::ExitStatus,
-    rc::Rc,
+    future::Future, os::fd::AsRawFd, path::Path, pin::Pin, process::ExitStatus, rc::Rc,
     time::Duration,
 };
 
 use nix::fcntl::{Flock, FlockArg};
 
+use self::{place::Kind, user::Invoker};
 use crate::{
     backend::{nftables, Backend, Choice},
     daemon::Daemon,
-    ebpf::{self, pins, pins::ScopeLock, PinnedMaps},
+    ebpf::pins,
     error::{Error, Result},
     scope::{self, Scope},
-    vpn_client::{self, ClientCgroup},
 };
 
 /// What `run` starts.
@@ -54,11 +53,9 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The default name: the command's file name and this process's id.
+/// The default name: the command's file name and this process's id (the VPN client's: its
+/// file name alone, so a restarted client takes the same place, as a unit does).
 pub fn default_name(command: &str, vpn_client: bool) -> String {
-    if vpn_client {
-        return "vpn-client".into();
-    }
     let base: String = Path::new(command)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -73,28 +70,34 @@ pub fn default_name(command: &str, vpn_client: bool) -> String {
         })
         .take(40)
         .collect();
-    format!("{}-{}", base.trim_start_matches('.'), std::process::id())
+    let base = base.trim_start_matches('.');
+    if vpn_client {
+        base.to_owned()
+    } else {
+        format!("{base}-{}", std::process::id())
+    }
 }
 
-/// Where the run's cgroup goes, relative to the cgroup2 mount: `killswitch/NAME` beside the
-/// caller's cgroup (under the root when the caller is there or one level down).
-pub fn cgroup_for(name: &str) -> Result<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| Error::io("cannot read", "/proc/self/cgroup", e))?;
-    let path = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| Error::Runtime("this process is in no cgroup v2".into()))?;
-    let caller = Path::new(path.trim_start_matches('/'));
-    let parent = caller.parent().unwrap_or(Path::new(""));
-    Ok(parent.join("killswitch").join(name))
+/// Every scope in force now, by either backend.
+fn enforced() -> Vec<Scope> {
+    let mut all = pins::scopes().unwrap_or_default();
+    all.extend(nftables::scopes());
+    all.sort_by(|a, b| a.relative.cmp(&b.relative));
+    all.dedup_by(|a, b| a.relative == b.relative);
+    all
 }
 
 /// Runs the command and returns its exit status as a shell would give it (128 + signal).
 pub fn run(run: &Run) -> Result<u8> {
     // A config that cannot be used stops the run before anything is made or started.
     crate::policy::Policy::load(run.config)?;
-    let relative = cgroup_for(&run.name)?;
+    let kind = if run.vpn_client {
+        Kind::VpnClient
+    } else {
+        Kind::App
+    };
+    let mount = scope::cgroup2_mount()?;
+    let relative = place::cgroup_for(&mount, &run.name, kind, &enforced())?;
     let scope = Scope::from_arg(Some(&relative))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -104,20 +107,24 @@ pub fn run(run: &Run) -> Result<u8> {
         let setup = setup(run, &scope).await;
         let (mut held, mut child) = match setup {
             Ok(started) => started,
-            Err(e) => {
+            Err(Failed::Before(e)) => return Err(e),
+            Err(Failed::After(e)) => {
                 tear_down(run, &scope);
                 return Err(e);
             }
         };
         let pid = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
         let status = Rc::new(std::cell::Cell::new(None::<ExitStatus>));
-        // Only while the command has not been waited for: after that its pid may be another's.
+        // To the command while it has not been waited for (after that its pid may be
+        // another's), then to what it left in the cgroup.
         let forward = {
             let status = status.clone();
-            move |signal| {
-                if let (Some(pid), None) = (pid, status.get()) {
+            let cgroup = scope.cgroup.clone();
+            move |signal| match (pid, status.get()) {
+                (Some(pid), None) => {
                     let _ = nix::sys::signal::kill(pid, signal);
                 }
+                _ => signal_cgroup(&cgroup, signal),
             }
         };
         let finished = Rc::new(std::cell::Cell::new(false));
@@ -178,17 +185,53 @@ async fn forward_signals(
 /// Makes the cgroup, puts it in force (its own scope, or as the VPN client), then starts the
 /// command in it: all under the run lock, so a run ending now cannot remove the cgroup
 /// between the two.
-async fn setup(run: &Run<'_>, scope: &Scope) -> Result<(Option<Daemon>, tokio::process::Child)> {
-    let _lock = run_lock()?;
-    make_cgroup(&scope.cgroup)?;
+async fn setup(
+    run: &Run<'_>,
+    scope: &Scope,
+) -> Result<(Option<Daemon>, tokio::process::Child), Failed> {
+    let _lock = run_lock().map_err(Failed::Before)?;
+    collect_released();
+    // Not made (someone else's cgroup is there): nothing of it is ours to take down.
+    place::make(&scope.cgroup).map_err(Failed::Before)?;
     let held = if run.vpn_client {
-        register(scope)?;
+        let mount = scope::cgroup2_mount().map_err(Failed::After)?;
+        client::register(&mount, scope, &enforced()).map_err(Failed::After)?;
         None
     } else {
-        Some(Daemon::start_for(run.config.to_path_buf(), scope.clone(), run.choice).await?)
+        let daemon = Daemon::start_for(run.config.to_path_buf(), scope.clone(), run.choice).await;
+        Some(daemon.map_err(Failed::After)?)
     };
-    let child = spawn(run.command, &scope.cgroup)?;
+    // The VPN client needs root (it makes the tunnel); an app runs as the user behind sudo.
+    let invoker = if run.vpn_client {
+        None
+    } else {
+        Invoker::from_sudo()
+    };
+    let child = spawn(run.command, &scope.cgroup, invoker).map_err(Failed::After)?;
     Ok((held, child))
+}
+
+/// A setup that failed before or after it made the cgroup.
+enum Failed {
+    Before(Error),
+    After(Error),
+}
+
+/// Removes the scopes of earlier runs whose cgroup is gone and released (see [`tear_down`]).
+fn collect_released() {
+    for scope in enforced() {
+        let parent = scope.cgroup.parent().unwrap_or(&scope.cgroup);
+        if place::made_by_run(&scope) && !scope.cgroup.exists() && place::released(parent) {
+            for backend in Backend::holding(&scope) {
+                if backend.remove(&scope).is_ok() {
+                    tracing::info!(
+                        "removed {} (its sockets are closed)",
+                        scope.display_cgroup()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// The lock every `run` holds while it sets up or tears down a cgroup.
@@ -211,20 +254,13 @@ fn run_lock() -> Result<Flock<std::fs::File>> {
         .map_err(|(_, e)| Error::io("cannot lock", &path, e.into()))
 }
 
-fn make_cgroup(cgroup: &Path) -> Result<()> {
-    match std::fs::create_dir_all(cgroup) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::Runtime(format!(
-            "cannot create the cgroup {}: permission denied; run killswitch as root",
-            cgroup.display()
-        ))),
-        Err(e) => Err(Error::io("cannot create the cgroup", cgroup, e)),
-    }
-}
-
 /// Starts the command inside `cgroup`: the child moves itself there before it executes it,
 /// so not one packet of the command is sent from anywhere else.
-fn spawn(command: &[String], cgroup: &Path) -> Result<tokio::process::Child> {
+fn spawn(
+    command: &[String],
+    cgroup: &Path,
+    invoker: Option<Invoker>,
+) -> Result<tokio::process::Child> {
     let procs_path = cgroup.join("cgroup.procs");
     let procs = std::fs::OpenOptions::new()
         .write(true)
@@ -233,13 +269,21 @@ fn spawn(command: &[String], cgroup: &Path) -> Result<tokio::process::Child> {
     let fd = procs.as_raw_fd();
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..]);
-    // SAFETY: only write(2) runs between fork and exec, which is async-signal-safe.
+    if let Some(user) = &invoker {
+        cmd.env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    // SAFETY: only system calls run between fork and exec (write(2), then set*id), on values
+    // made before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            match &invoker {
+                Some(user) => user.become_it(),
+                None => Ok(()),
             }
         });
     }
@@ -257,43 +301,57 @@ fn spawn(command: &[String], cgroup: &Path) -> Result<tokio::process::Child> {
 
 /// Returns once the cgroup has no process left (or is gone).
 async fn empty(cgroup: &Path) {
-    let events = cgroup.join("cgroup.events");
-    loop {
-        match std::fs::read_to_string(&events) {
-            Ok(text) if text.lines().any(|l| l == "populated 1") => {}
-            _ => return,
-        }
+    while place::populated(cgroup) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Removes the run's scope (or its VPN client registration) and its cgroup, once no process
-/// is left in it; with processes left, everything stays for the run that started them.
-fn tear_down(run: &Run, scope: &Scope) {
-    let Ok(_lock) = run_lock() else { return };
-    if populated(&scope.cgroup) {
-        return;
-    }
-    if run.vpn_client {
-        unregister(scope);
-    } else {
-        for backend in Backend::holding(scope) {
-            if let Err(e) = backend.remove(scope) {
-                tracing::error!("cannot remove the scope {}: {e}", scope.display_cgroup());
-                return;
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(&scope.cgroup);
-    // The `killswitch` parent goes with its last child.
-    if let Some(parent) = scope.cgroup.parent() {
-        let _ = std::fs::remove_dir(parent);
+/// Sends `signal` to every process in the cgroup (what the command left there).
+fn signal_cgroup(cgroup: &Path, signal: nix::sys::signal::Signal) {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.parse().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
     }
 }
 
-fn populated(cgroup: &Path) -> bool {
-    std::fs::read_to_string(cgroup.join("cgroup.events"))
-        .is_ok_and(|text| text.lines().any(|l| l == "populated 1"))
+/// Removes the run's cgroup once no process is left in it, and then its scope (or its VPN
+/// client registration). The cgroup goes first: a socket made in it (a closed connection still
+/// sending its last data) keeps it alive, and its scope must hold those packets until the
+/// kernel releases it. A scope still needed is left; a later run removes it.
+fn tear_down(run: &Run, scope: &Scope) {
+    let Ok(_lock) = run_lock() else { return };
+    if place::populated(&scope.cgroup) {
+        return;
+    }
+    if run.vpn_client {
+        client::unregister(scope, &enforced());
+    }
+    if let Err(e) = std::fs::remove_dir(&scope.cgroup) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", scope.cgroup.display());
+            return;
+        }
+    }
+    let parent = scope.cgroup.parent().unwrap_or(&scope.cgroup).to_path_buf();
+    let started = std::time::Instant::now();
+    // A cgroup a process ran in takes about 1.3 s to be released on the test VM.
+    while !place::released(&parent) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !place::released(&parent) {
+        tracing::info!(
+            "{} keeps its scope while sockets made in it are open; a later run removes it",
+            scope.display_cgroup()
+        );
+        return;
+    }
+    for backend in Backend::holding(scope) {
+        if let Err(e) = backend.remove(scope) {
+            tracing::error!("cannot remove the scope {}: {e}", scope.display_cgroup());
+        }
+    }
+    // The parent goes with its last child.
+    let _ = std::fs::remove_dir(&parent);
 }
 
 /// A command's exit status as a shell reports it.
@@ -304,93 +362,4 @@ fn shell_status(status: ExitStatus) -> u8 {
         (None, Some(signal)) => 128u8.wrapping_add(signal as u8),
         _ => 1,
     }
-}
-
-/// The run's cgroup as a VPN client: recorded for every later apply, and added now to each
-/// enforced scope above it that holds the servers to its VPN client.
-fn register(scope: &Scope) -> Result<()> {
-    let path = scope.relative.to_string_lossy().into_owned();
-    let mount = scope::cgroup2_mount()?;
-    let client = ClientCgroup::find(&mount, &path)
-        .ok_or_else(|| Error::Runtime(format!("the cgroup {path} vanished")))?;
-    vpn_client::register(&path)?;
-    let mut restricting = 0;
-    for above in scopes_above(&scope.relative) {
-        let added = if ebpf::is_pinned(&above) {
-            add_to_maps(&above, &client)?
-        } else {
-            nftables::add_vpn_client(&above, &client)?
-        };
-        if added {
-            tracing::info!(
-                "{} trusts {path} as its VPN client (cgroup id {})",
-                above.display_cgroup(),
-                client.id
-            );
-            restricting += 1;
-        }
-    }
-    if restricting == 0 {
-        tracing::warn!(
-            "no enforced scope above {path} has [vpn_client] in its config: every program \
-             there may reach the servers, not just this one"
-        );
-    }
-    Ok(())
-}
-
-fn unregister(scope: &Scope) {
-    let path = scope.relative.to_string_lossy().into_owned();
-    vpn_client::unregister(&path);
-    let Some(id) = scope.cgroup_id().ok() else {
-        return;
-    };
-    for above in scopes_above(&scope.relative) {
-        if ebpf::is_pinned(&above) {
-            let removed = ScopeLock::existing(&above).and_then(|lock| {
-                let Some(_lock) = lock else { return Ok(()) };
-                let mut maps = PinnedMaps::open(&pins::pin_dir(&above))?;
-                let mut entries = maps.entries()?;
-                if entries.vpn_clients.remove(&id) {
-                    maps.write_vpn_clients(&entries)?;
-                }
-                Ok(())
-            });
-            if let Err(e) = removed {
-                tracing::warn!(
-                    "cannot forget the VPN client in {}: {e}",
-                    above.display_cgroup()
-                );
-            }
-        }
-        // nftables: the rule names a cgroup that no longer exists; the next apply drops it.
-    }
-}
-
-/// Adds the client to an eBPF scope that holds the servers to its VPN client.
-fn add_to_maps(scope: &Scope, client: &ClientCgroup) -> Result<bool> {
-    let Some(_lock) = ScopeLock::existing(scope)? else {
-        return Ok(false);
-    };
-    let mut maps = PinnedMaps::open(&pins::pin_dir(scope))?;
-    let mut entries = maps.entries()?;
-    if entries.settings.vpn_client == 0 {
-        return Ok(false);
-    }
-    entries.vpn_clients.insert(client.id);
-    entries.settings.vpn_client_levels |= 1 << client.level;
-    maps.write_vpn_clients(&entries)?;
-    Ok(true)
-}
-
-/// The enforced scopes whose cgroup is `relative` or one above it: the ones whose programs
-/// (or table) judge its sockets.
-fn scopes_above(relative: &Path) -> Vec<Scope> {
-    let mut all = pins::scopes().unwrap_or_default();
-    all.extend(nftables::scopes());
-    all.sort_by(|a, b| a.relative.cmp(&b.relative));
-    all.dedup_by(|a, b| a.relative == b.relative);
-    all.into_iter()
-        .filter(|s| relative.starts_with(&s.relative))
-        .collect()
 }
