@@ -16,15 +16,8 @@ pub mod render;
 pub mod run;
 pub mod scope;
 pub mod servers;
+pub mod state;
 pub mod status;
 pub mod vpn_client;
 
 pub use error::{Error, Result};
-
-/// Where killswitch keeps its run-time state outside bpffs (the nftables backend's locks, the
-/// registered VPN clients): `/run/killswitch`, or `KILLSWITCH_STATE_DIR` (tests use their own).
-pub fn state_dir() -> std::path::PathBuf {
-    std::env::var_os("KILLSWITCH_STATE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from("/run/killswitch"))
-}

@@ -71,7 +71,7 @@ pub fn current(policy: &Policy) -> Vec<ClientCgroup> {
 /// Where `run --vpn-client` records its cgroups: one file per cgroup, named by its path
 /// (escaped like a scope's name), holding its id.
 fn registry() -> PathBuf {
-    crate::state_dir().join("vpn-clients")
+    crate::state::dir().join("vpn-clients")
 }
 
 /// The cgroups registered now: (path, id).
@@ -94,13 +94,8 @@ pub fn registered() -> Vec<(String, u64)> {
 
 /// Records a VPN client's cgroup.
 pub fn register(client: &ClientCgroup) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let dir = registry();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| Error::io("cannot create", &dir, e))?;
+    crate::state::make_dir(&dir)?;
     let file = dir.join(scope::escape_path(Path::new(&client.path)));
     std::fs::write(&file, client.id.to_string()).map_err(|e| Error::io("cannot write", &file, e))
 }

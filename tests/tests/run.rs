@@ -432,9 +432,8 @@ fn a_killed_run_leaves_the_scope_enforced_until_down() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A TCP request to the web host from `cgroup` in the story's client namespace.
-fn request_from(story: &Story, cgroup: &Path, port: u16) -> bool {
-    let target = format!("{WEB_HOST}:{port}");
+/// `ks-probe ARGS` in the story's client namespace, from the cgroup at `cgroup`.
+fn probe_from(story: &Story, cgroup: &Path, args: &[&str]) -> Command {
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -443,8 +442,38 @@ fn request_from(story: &Story, cgroup: &Path, port: u16) -> bool {
         .arg(cgroup.join("cgroup.procs"))
         .arg(story.lab.client.path())
         .arg(probe_bin())
-        .args(["tcp", &target, "1000"]);
-    command.output().unwrap().status.success()
+        .args(args);
+    command
+}
+
+/// A TCP request to the web host from `cgroup` in the story's client namespace.
+fn request_from(story: &Story, cgroup: &Path, port: u16) -> bool {
+    let target = format!("{WEB_HOST}:{port}");
+    probe_from(story, cgroup, &["tcp", &target, "1000"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// `killswitch daemon` for the story's scope with `backend`, once it enforces the scope.
+fn daemon(story: &Story, backend: &str) -> Background {
+    let config = story.lab.dir().join("killswitch.toml");
+    let daemon = quiet_background(killswitch_command(
+        &story.lab.client,
+        &story.pins,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "daemon",
+            "--backend",
+            backend,
+            "--cgroup",
+            &story.cgroup.relative,
+        ],
+    ));
+    wait_enforced(story, &story.cgroup.relative);
+    daemon
 }
 
 /// The per-app story over real OpenVPN: the app is held when the tunnel dies while a process
@@ -577,28 +606,7 @@ fn vpn_client(backend: &'static str) {
         Story::valid_config()
     ));
     // The daemon trusts the tunnel each time it comes up (and follows the client's cgroup).
-    let config = story.lab.dir().join("killswitch.toml");
-    let daemon = quiet_background(killswitch_command(
-        &story.lab.client,
-        &story.pins,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "daemon",
-            "--backend",
-            backend,
-            "--cgroup",
-            &story.cgroup.relative,
-        ],
-    ));
-    let started = Instant::now();
-    while !story.killswitch(&["status"]).status.success() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{backend}: no daemon"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let daemon = daemon(&story, backend);
     let caller = Caller::new(
         &story.lab.client,
         &story.pins,
@@ -629,15 +637,8 @@ fn vpn_client(backend: &'static str) {
 
         story.lab.start_capture();
         let probe = |mark: Option<&str>, port: &str| {
-            let mut command = Command::new("sh");
-            command
-                .arg("-c")
-                .arg(r#"echo $$ > "$1" || exit 125; ns=$2; shift 2; exec nsenter --net="$ns" -- timeout 5 "$@""#)
-                .arg("sh")
-                .arg(app.procs())
-                .arg(story.lab.client.path())
-                .arg(probe_bin())
-                .args(["udp", &format!("{VPN_SERVER}:{VPN_PORT}"), "300", port]);
+            let server = format!("{VPN_SERVER}:{VPN_PORT}");
+            let mut command = probe_from(&story, &app.path, &["udp", &server, "300", port]);
             if let Some(mark) = mark {
                 command.env("KS_PROBE_MARK", mark);
             }
@@ -856,21 +857,7 @@ fn restarted_client(backend: &'static str) {
         "{}\n[vpn_client]\ncgroup = \"{unit}\"\n",
         Story::valid_config()
     ));
-    let config = story.lab.dir().join("killswitch.toml");
-    let daemon = quiet_background(killswitch_command(
-        &story.lab.client,
-        &story.pins,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "daemon",
-            "--backend",
-            backend,
-            "--cgroup",
-            &story.cgroup.relative,
-        ],
-    ));
-    wait_enforced(&story, &story.cgroup.relative);
+    let daemon = daemon(&story, backend);
     let app = story.cgroup.child("app");
     let mut timings = Vec::new();
     for round in 0..3 {
@@ -885,14 +872,8 @@ fn restarted_client(backend: &'static str) {
         drop(client);
     }
     // Another process of the scope, to the server: refused.
-    let other = Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$1" || exit 125; ns=$2; shift 2; exec nsenter --net="$ns" -- timeout 5 "$@""#)
-        .arg("sh")
-        .arg(app.procs())
-        .arg(story.lab.client.path())
-        .arg(probe_bin())
-        .args(["udp", &format!("{VPN_SERVER}:{VPN_PORT}"), "300"])
+    let server = format!("{VPN_SERVER}:{VPN_PORT}");
+    let other = probe_from(&story, &app.path, &["udp", &server, "300"])
         .output()
         .unwrap();
     let refused = String::from_utf8_lossy(&other.stderr);

@@ -64,7 +64,7 @@ pub fn table(scope: &Scope) -> Result<String> {
 
 /// Where the nftables backend keeps its lock and `down` marks, per table and network namespace.
 fn state_dir() -> std::path::PathBuf {
-    crate::state_dir().join("nftables")
+    crate::state::dir().join("nftables")
 }
 
 /// A scope's nftables lock: one writer at a time (`up`, `down`, `servers`, the daemon), so
@@ -79,23 +79,7 @@ fn state_file(scope: &Scope, extension: &str) -> Result<std::path::PathBuf> {
 
 /// Takes the scope's lock (waits for another writer).
 pub fn lock(scope: &Scope) -> Result<Lock> {
-    use std::os::unix::fs::DirBuilderExt;
-    let path = state_file(scope, "lock")?;
-    let dir = state_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| Error::io("cannot create", &dir, e))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("cannot open", &path, e))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map(Lock)
-        .map_err(|(_, e)| Error::io("cannot lock", &path, e.into()))
+    crate::state::lock(&state_file(scope, "lock")?).map(Lock)
 }
 
 /// Whether the scope's table was taken away with `down` (not by something else, such as a

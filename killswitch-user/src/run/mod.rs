@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use self::{place::Kind, user::Invoker};
 use crate::{
@@ -236,22 +236,7 @@ fn collect_released() {
 
 /// The lock every `run` holds while it sets up or tears down a cgroup.
 fn run_lock() -> Result<Flock<std::fs::File>> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = crate::state_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| Error::io("cannot create", &dir, e))?;
-    let path = dir.join("run.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("cannot open", &path, e))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::io("cannot lock", &path, e.into()))
+    crate::state::lock(&crate::state::dir().join("run.lock"))
 }
 
 /// Starts the command inside `cgroup`: the child moves itself there before it executes it,
