@@ -165,7 +165,8 @@ pub fn unescape_path(name: &str) -> PathBuf {
         if raw[i] == b'-' {
             bytes.push(b'/');
         } else if raw[i] == b'\\' && i + 3 < raw.len() && raw[i + 1] == b'x' {
-            if let Ok(byte) = u8::from_str_radix(&name[i + 2..i + 4], 16) {
+            let hex = name.get(i + 2..i + 4).unwrap_or_default();
+            if let Ok(byte) = u8::from_str_radix(hex, 16) {
                 bytes.push(byte);
                 i += 4;
                 continue;

@@ -340,6 +340,18 @@ fn run_refuses_bad_input_in_one_line_and_leaves_nothing_behind() {
         );
         caller.assert_nothing_left(&format!("{args:?}"));
     }
+    // A sudo user that does not exist: the app is not run as root instead.
+    let mut ghost = caller.command(&["run", "--", "true"]);
+    ghost.env("SUDO_UID", "4242424");
+    let out = ghost.output().unwrap();
+    let lines = stderr_lines(&out);
+    let errors: Vec<&String> = lines.iter().filter(|l| !l.contains(" INFO ")).collect();
+    assert_eq!(out.status.code(), Some(1), "{lines:?}");
+    assert!(
+        errors.len() == 1 && errors[0].contains("names no user"),
+        "{lines:?}"
+    );
+    caller.assert_nothing_left("an unknown sudo user");
     // A cgroup of that name that someone else can change is not taken over.
     let theirs = caller.app_path("theirs");
     std::fs::create_dir_all(&theirs).unwrap();

@@ -94,12 +94,13 @@ enum Command {
     Render(render::RenderArgs),
     /// Run a command in a cgroup of its own, held to the policy: a kill switch for one app
     ///
-    /// The cgroup is `killswitch/NAME` next to yours. Its scope is enforced before the command
-    /// starts and kept current like the daemon keeps one (tunnels that come back, names, SIGHUP
-    /// reloads). When the command and everything it started have exited, the scope and the
-    /// cgroup are removed, and killswitch exits with the command's status (128 + N for a
-    /// signal, 127 when it is not found). SIGTERM is passed on to the command. If killswitch
-    /// itself is killed, the scope stays enforced: `killswitch down --cgroup killswitch/NAME`.
+    /// The cgroup is `killswitch/NAME` next to yours (below directories only root can change).
+    /// Its scope is enforced before the command starts and kept current like the daemon keeps
+    /// one (tunnels that come back, names, SIGHUP reloads). Under sudo the command runs as the
+    /// user who ran sudo. When the command and everything it started have exited, the cgroup
+    /// and the scope are removed, and killswitch exits with the command's status (128 + N for
+    /// a signal, 127 when it is not found). SIGTERM is passed on to the command. If killswitch
+    /// itself is killed, the scope stays enforced: `killswitch down --cgroup PATH` removes it.
     ///
     /// With --vpn-client the command is the VPN client instead: its cgroup is the one every
     /// scope with [vpn_client] lets reach the servers, and no scope is made for it.

@@ -10,7 +10,7 @@ use crate::{backend::Choice, error::Result, run};
 pub(super) struct RunArgs {
     /// The cgroup's name under `killswitch/` (letters, digits, `_`, `-`, `.`); runs with the
     /// same name share one cgroup and scope. Default: the command's name and killswitch's pid
-    /// (`vpn-client` with --vpn-client)
+    /// (with --vpn-client: the command's name, under `killswitch-vpn-client/`)
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 

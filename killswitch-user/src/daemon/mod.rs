@@ -122,6 +122,8 @@ pub struct Daemon {
     links: LinkWatcher,
     /// The `[vpn_client]` cgroups in force (by id: a cgroup made again is a new one).
     clients: Vec<ClientCgroup>,
+    /// The set last failed to put in force (its error is logged once).
+    clients_failed: Option<Vec<ClientCgroup>>,
 }
 
 impl Daemon {
@@ -162,6 +164,7 @@ impl Daemon {
             tunnels: BTreeMap::new(),
             links,
             clients: Vec::new(),
+            clients_failed: None,
         };
         daemon.clients = vpn_client::current(&daemon.policy);
         let applied = backend::apply(choice, &daemon.scope, &daemon.policy, &mut daemon.servers)?;
@@ -222,8 +225,11 @@ impl Daemon {
         // since until then the client cannot reach its server (and nothing else can).
         let mut look_at_clients = tokio::time::interval(std::time::Duration::from_millis(100));
         // ...and at once when the directory that holds it changes, before the client sends.
-        let mount = crate::scope::cgroup2_mount().unwrap_or_default();
-        let mut client_watch = ClientWatch::new(&mount, &self.policy);
+        // No cgroup2 mount (an nftables scope of the whole machine): nothing to watch.
+        let mount = crate::scope::cgroup2_mount().ok();
+        let mut client_watch = mount
+            .as_deref()
+            .and_then(|m| ClientWatch::new(m, &self.policy));
         loop {
             let next_lookup = self.servers.next_due();
             let lookup_due =
@@ -247,10 +253,12 @@ impl Daemon {
                 _ = look_at_clients.tick(), if self.policy.vpn_client.is_some() => {
                     // A watch for the config's directory: new after a reload, or once the
                     // directory is there again (systemd removes an empty slice).
-                    let wanted = client_parent(&mount, &self.policy);
-                    let live = client_watch.as_ref().is_some_and(|w| w.watches(wanted.as_deref()));
-                    if !live && wanted.as_ref().is_some_and(|p| p.exists()) {
-                        client_watch = ClientWatch::new(&mount, &self.policy);
+                    if let Some(mount) = mount.as_deref() {
+                        let wanted = client_parent(mount, &self.policy);
+                        let live = client_watch.as_ref().is_some_and(|w| w.watches(wanted.as_deref()));
+                        if !live && wanted.as_ref().is_some_and(|p| p.exists()) {
+                            client_watch = ClientWatch::new(mount, &self.policy);
+                        }
                     }
                     self.follow_clients();
                 }
@@ -333,6 +341,9 @@ impl Daemon {
             return;
         }
         let result: Result<Written> = (|| {
+            if self.config_changed() {
+                return Ok(Written::ConfigChanged);
+            }
             if self.backend == Backend::Nftables {
                 // A new client first, in one nft run: it may be sending already.
                 for client in now.iter().filter(|c| !self.clients.contains(c)) {
@@ -376,9 +387,11 @@ impl Daemon {
                 self.clients = now;
             }
             Err(e) => {
-                // Said once per change, not at every look: the clients in force stay.
-                tracing::error!("cannot follow the VPN client's cgroup: {e}");
-                self.clients = now;
+                // Tried again at every look, said once per change; the clients in force stay.
+                if self.clients_failed.as_ref() != Some(&now) {
+                    tracing::error!("cannot follow the VPN client's cgroup: {e}");
+                    self.clients_failed = Some(now);
+                }
             }
         }
     }

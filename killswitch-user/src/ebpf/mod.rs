@@ -42,6 +42,19 @@ pub fn link_pin(pin_dir: &Path, direction: Direction) -> PathBuf {
     pin_dir.join(format!("{}_link", direction.name()))
 }
 
+/// Whether the scope's pinned links no longer hold a cgroup: the kernel detaches a cgroup's
+/// links when the cgroup is released (removed, and its last socket closed). A scope with no
+/// link pinned holds nothing.
+pub fn links_released(scope: &Scope) -> bool {
+    let pin_dir = pins::pin_dir(scope);
+    Direction::ALL.iter().all(
+        |&direction| match sys::obj_get(&link_pin(&pin_dir, direction)) {
+            Ok(link) => sys::cgroup_link_info(&link).is_ok_and(|info| info.cgroup_id == 0),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        },
+    )
+}
+
 /// Where a new link is pinned before it replaces the old one (bpffs names cannot contain dots).
 fn new_link_pin(pin_dir: &Path, direction: Direction) -> PathBuf {
     pin_dir.join(format!("{}_link_new", direction.name()))

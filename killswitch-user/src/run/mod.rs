@@ -192,9 +192,18 @@ async fn setup(
     let _lock = run_lock().map_err(Failed::Before)?;
     collect_released();
     // Not made (someone else's cgroup is there): nothing of it is ours to take down.
-    place::make(&scope.cgroup).map_err(Failed::Before)?;
+    // An earlier run of this name whose cgroup is still closing connections: its scope holds
+    // them, and applying this run's would let them go.
+    if !scope.cgroup.exists() && !Backend::holding(scope).is_empty() {
+        return Err(Failed::Before(Error::Runtime(format!(
+            "{} is still closing the connections of an earlier run; try again in a moment or \
+             use another --name",
+            scope.display_cgroup()
+        ))));
+    }
+    let mount = scope::cgroup2_mount().map_err(Failed::Before)?;
+    place::make(&mount, &scope.cgroup).map_err(Failed::Before)?;
     let held = if run.vpn_client {
-        let mount = scope::cgroup2_mount().map_err(Failed::After)?;
         client::register(&mount, scope, &enforced()).map_err(Failed::After)?;
         None
     } else {
@@ -205,7 +214,7 @@ async fn setup(
     let invoker = if run.vpn_client {
         None
     } else {
-        Invoker::from_sudo()
+        Invoker::from_sudo().map_err(Failed::After)?
     };
     let child = spawn(run.command, &scope.cgroup, invoker).map_err(Failed::After)?;
     Ok((held, child))
@@ -220,8 +229,7 @@ enum Failed {
 /// Removes the scopes of earlier runs whose cgroup is gone and released (see [`tear_down`]).
 fn collect_released() {
     for scope in enforced() {
-        let parent = scope.cgroup.parent().unwrap_or(&scope.cgroup);
-        if place::made_by_run(&scope) && !scope.cgroup.exists() && place::released(parent) {
+        if place::made_by_run(&scope) && !scope.cgroup.exists() && place::released(&scope) {
             for backend in Backend::holding(&scope) {
                 if backend.remove(&scope).is_ok() {
                     tracing::info!(
@@ -318,12 +326,17 @@ fn tear_down(run: &Run, scope: &Scope) {
         }
     }
     let parent = scope.cgroup.parent().unwrap_or(&scope.cgroup).to_path_buf();
+    if run.vpn_client {
+        // No scope of its own to keep.
+        let _ = std::fs::remove_dir(&parent);
+        return;
+    }
     let started = std::time::Instant::now();
     // A cgroup a process ran in takes about 1.3 s to be released on the test VM.
-    while !place::released(&parent) && started.elapsed() < Duration::from_secs(5) {
+    while !place::released(scope) && started.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if !place::released(&parent) {
+    if !place::released(scope) {
         tracing::info!(
             "{} keeps its scope while sockets made in it are open; a later run removes it",
             scope.display_cgroup()

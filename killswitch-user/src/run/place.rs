@@ -49,7 +49,9 @@ pub fn cgroup_for(mount: &Path, name: &str, kind: Kind, enforced: &[Scope]) -> R
     } else {
         caller.parent().map(Path::to_path_buf).unwrap_or_default()
     };
-    while !base.as_os_str().is_empty() && !root_only(&mount.join(&base)) {
+    // Every directory from the mount down must be root's alone: moving a process needs write
+    // access to the lowest directory holding both places, wherever that is.
+    while !base.as_os_str().is_empty() && !root_only_down_to(mount, &base) {
         base = base.parent().map(Path::to_path_buf).unwrap_or_default();
     }
     let relative = base.join(kind.parent()).join(name);
@@ -66,6 +68,14 @@ pub fn cgroup_for(mount: &Path, name: &str, kind: Kind, enforced: &[Scope]) -> R
     Ok(relative)
 }
 
+/// Whether `relative` and every directory above it up to `mount` are root's alone.
+fn root_only_down_to(mount: &Path, relative: &Path) -> bool {
+    relative
+        .ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .all(|a| root_only(&mount.join(a)))
+}
+
 /// A directory (and its `cgroup.procs`) that only root can change.
 fn root_only(dir: &Path) -> bool {
     let only_root = |path: &Path| {
@@ -75,9 +85,18 @@ fn root_only(dir: &Path) -> bool {
 }
 
 /// Makes the run's cgroup and its parent, or takes them as they are when root alone made them
-/// (another run of the same name); anything else there is refused.
-pub fn make(cgroup: &Path) -> Result<()> {
+/// (another run of the same name); anything else there is refused, and so is a place that
+/// stopped being root's alone since it was chosen.
+pub fn make(mount: &Path, cgroup: &Path) -> Result<()> {
     let parent = cgroup.parent().unwrap_or(cgroup);
+    let above = parent.parent().unwrap_or(parent);
+    let relative = above.strip_prefix(mount).unwrap_or(above);
+    if !root_only_down_to(mount, relative) {
+        return Err(Error::Runtime(format!(
+            "{} can be changed by others than root; refusing to run below it",
+            above.display()
+        )));
+    }
     for dir in [parent, cgroup] {
         match std::fs::DirBuilder::new().mode(0o755).create(dir) {
             Ok(()) => {}
@@ -110,16 +129,19 @@ pub fn populated(cgroup: &Path) -> bool {
     }
 }
 
-/// Whether every cgroup removed below `parent` is released: a removed cgroup lives on while a
-/// socket made in it is open (a closed TCP connection still sending its last data), and its
-/// scope must hold those packets until then. A `parent` that is gone has nothing left.
-pub fn released(parent: &Path) -> bool {
-    match std::fs::read_to_string(parent.join("cgroup.stat")) {
-        Ok(text) => text
-            .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["nr_dying_descendants", "0"]),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+/// Whether the removed cgroup of a scope is released: it lives on while a socket made in it is
+/// open (a closed TCP connection still sending its last data), and its scope must hold those
+/// packets until then. eBPF: the kernel detaches the scope's links at that moment. nftables:
+/// no removed cgroup is left below the parent (a parent that is gone cannot tell: not yet).
+pub fn released(scope: &Scope) -> bool {
+    if crate::ebpf::is_pinned(scope) {
+        return crate::ebpf::links_released(scope);
     }
+    let parent = scope.cgroup.parent().unwrap_or(&scope.cgroup);
+    std::fs::read_to_string(parent.join("cgroup.stat")).is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["nr_dying_descendants", "0"])
+    })
 }
 
 /// Whether a scope is one `run` made (its cgroup's parent is `killswitch`).
