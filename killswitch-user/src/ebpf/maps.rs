@@ -184,8 +184,20 @@ impl PinnedMaps {
         self.set_settings(&strictest(&old, &entries.settings))?;
         let uplinks: BTreeSet<InterfaceKey> = entries.uplinks.keys().copied().collect();
         shrink(&mut self.uplinks, &uplinks, UPLINKS)?;
-        // Only the clients both trust while the servers change; the new ones come last.
-        shrink(&mut self.vpn_clients, &entries.vpn_clients, VPN_CLIENTS)?;
+        // While the servers change, the VPN clients both policies trust: where both hold the
+        // servers to their clients, only the ones both list (the new ones come last); where
+        // one lets every socket reach them, the other one's list (a client turned on or off
+        // by a reload keeps its servers throughout).
+        let restricts = (old.vpn_client != 0, entries.settings.vpn_client != 0);
+        match restricts {
+            (true, true) => shrink(&mut self.vpn_clients, &entries.vpn_clients, VPN_CLIENTS)?,
+            (false, _) => sync(
+                &mut self.vpn_clients,
+                entries.vpn_clients.iter().copied(),
+                VPN_CLIENTS,
+            )?,
+            (true, false) => {}
+        }
         sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
         self.set_server_names(&entries.server_names)?;
@@ -202,12 +214,20 @@ impl PinnedMaps {
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
         self.sync_lan(&entries.lan)?;
         sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
+        if restricts.1 {
+            sync(
+                &mut self.vpn_clients,
+                entries.vpn_clients.iter().copied(),
+                VPN_CLIENTS,
+            )?;
+        }
+        self.set_settings(&entries.settings)?;
+        // Unrestricted now: the old list goes once nothing reads it.
         sync(
             &mut self.vpn_clients,
             entries.vpn_clients.iter().copied(),
             VPN_CLIENTS,
-        )?;
-        self.set_settings(&entries.settings)
+        )
     }
 
     /// What the maps hold now (interface names are not kept in the kernel: empty).
