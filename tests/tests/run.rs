@@ -126,6 +126,15 @@ impl Caller {
     }
 }
 
+/// A private directory removed however the test ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn quiet_background(mut command: Command) -> Background {
     command.stderr(std::process::Stdio::null());
     Background::start(command)
@@ -150,8 +159,9 @@ const CONFIG: &str = "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.1
 fn run_passes_exit_statuses_through_and_leaves_nothing_behind() {
     require_root!();
     let (netns, pins, cgroup) = (Netns::new("run"), PinRoot::new(), Cgroup::new());
-    let dir = testbed::private_dir("ksrun");
-    let config = config_file(&dir, CONFIG);
+    let scratch = Scratch(testbed::private_dir("ksrun"));
+    let dir = &scratch.0;
+    let config = config_file(dir, CONFIG);
     let caller = Caller::new(&netns, &pins, &cgroup, &config);
     for backend in ["ebpf", "nftables"] {
         for (command, expected) in [
@@ -278,15 +288,15 @@ fn run_passes_exit_statuses_through_and_leaves_nothing_behind() {
         caller.assert_nothing_left(&format!("{backend} shared"));
     }
     eprintln!("exit statuses 0, 3, 143, 137 passed through on both backends; nothing left");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn run_refuses_bad_input_in_one_line_and_leaves_nothing_behind() {
     require_root!();
     let (netns, pins, cgroup) = (Netns::new("run"), PinRoot::new(), Cgroup::new());
-    let dir = testbed::private_dir("ksrun");
-    let config = config_file(&dir, CONFIG);
+    let scratch = Scratch(testbed::private_dir("ksrun"));
+    let dir = &scratch.0;
+    let config = config_file(dir, CONFIG);
     let caller = Caller::new(&netns, &pins, &cgroup, &config);
     let missing = dir.join("missing.toml");
     let not_executable = dir.join("app");
@@ -382,15 +392,15 @@ fn run_refuses_bad_input_in_one_line_and_leaves_nothing_behind() {
         "{lines:?}"
     );
     caller.assert_nothing_left("unprivileged");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_killed_run_leaves_the_scope_enforced_until_down() {
     require_root!();
     let (netns, pins, cgroup) = (Netns::new("run"), PinRoot::new(), Cgroup::new());
-    let dir = testbed::private_dir("ksrun");
-    let config = config_file(&dir, CONFIG);
+    let scratch = Scratch(testbed::private_dir("ksrun"));
+    let dir = &scratch.0;
+    let config = config_file(dir, CONFIG);
     let caller = Caller::new(&netns, &pins, &cgroup, &config);
     for backend in ["ebpf", "nftables"] {
         let run = caller.background(&[
@@ -441,7 +451,6 @@ fn a_killed_run_leaves_the_scope_enforced_until_down() {
         let _ = std::fs::write(caller.app_path("app").join("cgroup.kill"), "1");
         eprintln!("{backend}: the scope outlived a SIGKILLed run and went with `down`");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `ks-probe ARGS` in the story's client namespace, from the cgroup at `cgroup`.
