@@ -215,7 +215,7 @@ const MAX_CACHED_CGROUPS: usize = 4096;
 
 /// The directory of the cgroup with this id, by the kernel's file handle for it (the id is the
 /// handle of a cgroup2 directory): one lookup, no walk over the tree.
-fn cgroup_by_id(root: &Path, id: u64) -> Option<PathBuf> {
+pub(crate) fn cgroup_by_id(root: &Path, id: u64) -> Option<PathBuf> {
     /// `struct file_handle` with the 8 bytes kernfs uses (FILEID_KERNFS).
     #[repr(C)]
     struct Handle {

@@ -105,40 +105,10 @@ pub fn unregister(path: &str) {
     let _ = std::fs::remove_file(registry().join(scope::escape_path(Path::new(path))));
 }
 
-/// The path (relative to the cgroup2 mount) of the cgroup whose id is `id`, if it exists: the
-/// kernel opens it by its handle (cgroup ids are kernfs file handles), and /proc names it.
+/// The path (relative to the cgroup2 mount) of the cgroup whose id is `id`, if it exists.
 pub fn path_of(id: u64) -> Option<String> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    /// `struct file_handle` with room for the 8-byte kernfs id.
-    #[repr(C)]
-    struct Handle {
-        bytes: u32,
-        kind: i32,
-        id: u64,
-    }
-    /// FILEID_KERNFS.
-    const KERNFS: i32 = 0xfe;
     let mount = scope::cgroup2_mount().ok()?;
-    let root = std::fs::File::open(&mount).ok()?;
-    let mut handle = Handle {
-        bytes: 8,
-        kind: KERNFS,
-        id,
-    };
-    // SAFETY: `handle` is a file_handle header followed by its 8 bytes, valid for the call.
-    let fd = unsafe {
-        libc::open_by_handle_at(
-            root.as_raw_fd(),
-            (&mut handle as *mut Handle).cast(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let full = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    let full = crate::events::cgroup_by_id(&mount, id)?;
     let relative = full.strip_prefix(&mount).ok()?;
     Some(relative.to_string_lossy().into_owned())
 }

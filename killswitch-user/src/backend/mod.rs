@@ -178,6 +178,15 @@ pub fn lock_down(choice: Choice, scope: &Scope, cause: Error) -> Error {
     }
 }
 
+/// Every scope either backend holds now, once each, by path.
+pub fn scopes() -> Result<Vec<Scope>> {
+    let mut all = pins::scopes()?;
+    all.extend(nftables::scopes());
+    all.sort_by(|a, b| a.relative.cmp(&b.relative));
+    all.dedup_by(|a, b| a.relative == b.relative);
+    Ok(all)
+}
+
 /// A backend that holds scopes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

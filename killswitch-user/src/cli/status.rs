@@ -36,13 +36,7 @@ pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
     }
     let scopes = match &args.cgroup {
         Some(path) => vec![Scope::from_arg(Some(path))?],
-        None => {
-            let mut all = pins::scopes()?;
-            all.extend(nftables::scopes());
-            all.sort_by(|a, b| a.relative.cmp(&b.relative));
-            all.dedup_by(|a, b| a.relative == b.relative);
-            all
-        }
+        None => crate::backend::scopes()?,
     };
     let mut shown = Vec::new();
     let mut missing = Vec::new();

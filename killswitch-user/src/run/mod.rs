@@ -19,9 +19,8 @@ use nix::fcntl::Flock;
 
 use self::{place::Kind, user::Invoker};
 use crate::{
-    backend::{nftables, Backend, Choice},
+    backend::{Backend, Choice},
     daemon::Daemon,
-    ebpf::pins,
     error::{Error, Result},
     scope::{self, Scope},
 };
@@ -80,11 +79,7 @@ pub fn default_name(command: &str, vpn_client: bool) -> String {
 
 /// Every scope in force now, by either backend.
 fn enforced() -> Vec<Scope> {
-    let mut all = pins::scopes().unwrap_or_default();
-    all.extend(nftables::scopes());
-    all.sort_by(|a, b| a.relative.cmp(&b.relative));
-    all.dedup_by(|a, b| a.relative == b.relative);
-    all
+    crate::backend::scopes().unwrap_or_default()
 }
 
 /// Runs the command and returns its exit status as a shell would give it (128 + signal).
