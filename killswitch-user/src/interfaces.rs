@@ -111,8 +111,19 @@ fn device_type(name: &str) -> Option<u16> {
     ioctl(libc::SIOCGIFHWADDR, &mut req).then(|| u16::from_ne_bytes([req.data[0], req.data[1]]))
 }
 
-/// The device's driver name (ethtool's GDRVINFO), when it has one.
-fn driver(name: &str) -> Option<String> {
+/// Whether the interface is up and has a carrier (SIOCGIFFLAGS: IFF_UP and IFF_RUNNING). Asked
+/// of the current network namespace, unlike /sys/class/net.
+pub fn is_up(name: &str) -> bool {
+    let Some(mut req) = ifreq(name) else {
+        return false;
+    };
+    let wanted = (libc::IFF_UP | libc::IFF_RUNNING) as u16;
+    ioctl(libc::SIOCGIFFLAGS, &mut req)
+        && u16::from_ne_bytes([req.data[0], req.data[1]]) & wanted == wanted
+}
+
+/// The device's driver name (ethtool's GDRVINFO), when it has one ("bridge" for a bridge).
+pub fn driver(name: &str) -> Option<String> {
     const ETHTOOL_GDRVINFO: u32 = 0x3;
     // struct ethtool_drvinfo: cmd, then driver[32], ... (196 bytes in all).
     let mut info = [0u8; 196];

@@ -11,13 +11,16 @@ pub mod error;
 pub mod events;
 pub mod interfaces;
 pub mod model;
+pub mod packets;
 pub mod policy;
 pub mod render;
 pub mod run;
+pub mod sample;
 pub mod scope;
 pub mod servers;
 pub mod state;
 pub mod status;
+pub mod verify;
 pub mod vpn_client;
 
 pub use error::{Error, Result};

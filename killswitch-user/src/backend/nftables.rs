@@ -457,6 +457,31 @@ pub fn set_servers(scope: &Scope, servers: &[ServerEndpoint]) -> Result<()> {
     Ok(())
 }
 
+/// The scope's table as `nft -j -s list table` prints it in this network namespace (stateless:
+/// no counter values).
+pub fn listing(scope: &Scope) -> Result<serde_json::Value> {
+    let (table, _) = table_of(scope)?;
+    let json = run_nft(&["-j", "-s", "list", "table", "inet", &table], None, true)
+        .map_err(|e| Error::kernel("nft could not list the table", e))?;
+    serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))
+}
+
+/// Writes the table `up` would write for `policy` with `servers` into the current network
+/// namespace (a scratch one: `verify`), as `servers set` leaves it when `set_by_command`, and
+/// lists it like [`listing`].
+pub fn planned_listing(
+    scope: &Scope,
+    policy: &Policy,
+    servers: &[ServerEndpoint],
+    set_by_command: bool,
+) -> Result<serde_json::Value> {
+    write(scope, policy, servers, None)?;
+    if set_by_command {
+        set_servers(scope, servers)?;
+    }
+    listing(scope)
+}
+
 /// Whether this machine has a working `nft` (a missing binary is the usual reason not).
 pub fn available() -> Result<()> {
     run_nft(&["--version"], None, false)

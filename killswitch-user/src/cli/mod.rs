@@ -8,6 +8,7 @@ mod run;
 mod servers;
 mod status;
 mod up;
+mod verify;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -46,6 +47,7 @@ Examples:
   killswitch run -- firefox              a kill switch for one app (and what it starts)
   killswitch run --vpn-client -- openvpn --config work.conf
                                          only this process may reach the servers
+  killswitch verify                      prove that what is enforced is the policy
   killswitch down                        remove the system-wide enforcement
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.";
@@ -105,6 +107,15 @@ enum Command {
     /// With --vpn-client the command is the VPN client instead: its cgroup is the one every
     /// scope with [vpn_client] lets reach the servers, and no scope is made for it.
     Run(run::RunArgs),
+    /// Prove on this machine that a scope is enforced as planned, without taking the VPN down
+    ///
+    /// Asks the kernel what is attached to the scope and what its maps (or nftables table) hold,
+    /// compares that with the config and the interfaces present now, runs generated packets
+    /// through a copy of the attached programs against the policy, probes from a child cgroup
+    /// with packets the policy drops before they can leave, and warns about the usual holes
+    /// around a kill switch (IPv6, DNS, forwarding, other firewalls). Exit status 0 when no
+    /// check failed
+    Verify(verify::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +168,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Servers(args) => servers::run(args),
         Command::Render(args) => render::run(&cli.config, args),
         Command::Run(args) => run::run(&cli.config, args),
+        Command::Verify(args) => verify::run(&cli.config, args),
     }
 }
 

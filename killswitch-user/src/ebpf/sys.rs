@@ -120,3 +120,30 @@ fn batch<K: Copy>(
         Err(e) => Err(e),
     }
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// Ids of the programs attached directly to `cgroup` for `attach_type` (0 ingress, 1 egress),
+/// as the kernel reports them (BPF_PROG_QUERY), whoever attached them.
+pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = [0u64; 8];
+    attr[0] = cgroup.as_raw_fd() as u32 as u64 | (u64::from(attach_type) << 32);
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = ids.len() as u64;
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = (attr[3] as u32 as usize).min(ids.len());
+    Ok(ids[..count].to_vec())
+}
+
+/// The id of the program in slot `index` of a program array (what user space reads back).
+pub fn program_in_slot(map: BorrowedFd<'_>, index: u32) -> std::io::Result<u32> {
+    let mut id = 0u32;
+    let mut attr = [0u64; 8];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = &index as *const u32 as u64;
+    attr[2] = &mut id as *mut u32 as u64;
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(id)
+}

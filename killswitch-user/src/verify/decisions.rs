@@ -1,0 +1,152 @@
+//! Generated packets against the model: at least [`PACKETS`] aimed at the policy's entries and
+//! edges, more (up to [`MOST`]) until every verdict step the policy can reach was reached.
+
+use std::collections::BTreeSet;
+
+use killswitch_common::Reason;
+
+use super::{count, Check};
+use crate::{
+    model::{self, Direction, Interface, Packet},
+    packets::Rng,
+    policy::{Ipv6Mode, Policy},
+    sample,
+};
+
+pub const PACKETS: usize = 1000;
+const MOST: usize = 5000;
+const CHECK: &str = "decisions";
+
+/// What the filter under test made of one packet: allowed, and the reason it counted (`None`
+/// when the filter cannot tell).
+pub type Judged = (bool, Option<Reason>);
+
+/// Runs packets through `judge` and compares each with the model of `policy`. `clients`:
+/// whether `judge` can send as the VPN client (else every packet is from anyone else).
+pub fn compare(
+    policy: &Policy,
+    what: &str,
+    clients: bool,
+    mut judge: impl FnMut(&Packet) -> crate::Result<Judged>,
+) -> Check {
+    let reachable = reachable(policy);
+    let (v4, v6) = sample::aimed(policy);
+    let seed = u64::from(std::process::id()) ^ 0x7e51;
+    let mut rng = Rng::new(seed);
+    let mut seen = BTreeSet::new();
+    let mut sent = 0;
+    while sent < PACKETS || (sent < MOST && !reachable.is_subset(&seen)) {
+        let mut packet = sample::steered_packet(&mut rng, policy, &v4, &v6);
+        packet.vpn_client &= clients;
+        let (verdict, reason) = model::verdict(policy, &packet);
+        let allowed = verdict == model::Verdict::Allow;
+        let judged = match judge(&packet) {
+            Ok(judged) => judged,
+            Err(e) => {
+                return Check::fail(
+                    CHECK,
+                    format!("packet {sent} could not be run: {e}"),
+                    "run with -v, and report it with `killswitch --version`",
+                )
+            }
+        };
+        if judged.0 != allowed || judged.1.is_some_and(|r| r != reason) {
+            return Check::fail(
+                CHECK,
+                format!(
+                    "{what} {} {} where the policy says {} {}: {}",
+                    if judged.0 { "allowed" } else { "dropped" },
+                    judged.1.map_or("(reason unknown)", Reason::name),
+                    if allowed { "allow" } else { "drop" },
+                    reason.name(),
+                    describe(&packet)
+                ),
+                "run `killswitch up` to load this build's programs; if it persists, report it",
+            );
+        }
+        seen.insert(reason);
+        sent += 1;
+    }
+    let missed: Vec<&str> = reachable.difference(&seen).map(|r| r.name()).collect();
+    let reached = format!(
+        "{} through {what}, each as the policy says; {} of {} reachable steps reached",
+        count(sent, "packet"),
+        reachable.intersection(&seen).count(),
+        reachable.len()
+    );
+    if missed.is_empty() {
+        Check::pass(CHECK, reached)
+    } else {
+        Check::pass(CHECK, format!("{reached} (not: {})", missed.join(", ")))
+    }
+}
+
+/// The verdict steps `policy` can reach with the packets [`sample`] draws.
+fn reachable(policy: &Policy) -> BTreeSet<Reason> {
+    let mut steps: BTreeSet<Reason> = [
+        Reason::Loopback,
+        Reason::Tunnel,
+        Reason::Default,
+        Reason::SourceRoute,
+    ]
+    .into();
+    let literal_servers = policy
+        .servers
+        .iter()
+        .any(|s| matches!(s.address, crate::policy::ServerAddress::Ip(_)));
+    let optional = [
+        (policy.uplinks.is_some(), Reason::NotUplink),
+        (literal_servers, Reason::Server),
+        (policy.dhcp, Reason::Dhcp),
+        (!policy.ntp_servers.is_empty(), Reason::Ntp),
+        (!policy.dns_servers.is_empty(), Reason::Dns),
+        (!policy.lan.networks.is_empty(), Reason::Lan),
+        (
+            !policy.lan.networks.is_empty() && !policy.lan.dns,
+            Reason::LanDns,
+        ),
+        (policy.ipv6 == Ipv6Mode::Block, Reason::Ipv6Blocked),
+        (policy.ipv6 == Ipv6Mode::Tunnel, Reason::NeighbourDiscovery),
+        (literal_servers, Reason::IcmpError),
+        (true, Reason::InboundRefused),
+        (
+            literal_servers && policy.vpn_client.is_some(),
+            Reason::NotVpnClient,
+        ),
+    ];
+    steps.extend(optional.into_iter().filter(|(on, _)| *on).map(|(_, r)| r));
+    steps
+}
+
+/// One line for a packet: direction, interface, protocol, remote end.
+pub fn describe(p: &Packet) -> String {
+    let interface = match p.interface {
+        Interface::Loopback => "lo",
+        Interface::Tunnel => super::scratch::TUNNEL,
+        Interface::Uplink | Interface::OtherNamespace => super::scratch::UPLINK,
+        Interface::Other => super::scratch::OTHER,
+    };
+    let (direction, side) = match p.direction {
+        Direction::Egress => ("egress", "to"),
+        Direction::Ingress => ("ingress", "from"),
+    };
+    format!(
+        "{direction} on {interface}, protocol {} {side} {} port {} (local port {}{}{}{}{})",
+        p.protocol,
+        p.remote,
+        p.remote_port,
+        p.local_port,
+        if p.fragment { ", fragment" } else { "" },
+        if p.source_route { ", source route" } else { "" },
+        if p.mark != 0 {
+            format!(", mark {:#x}", p.mark)
+        } else {
+            String::new()
+        },
+        if p.vpn_client {
+            ", from the VPN client"
+        } else {
+            ""
+        },
+    )
+}

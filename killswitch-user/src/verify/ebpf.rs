@@ -1,0 +1,621 @@
+//! The eBPF backend's kernel state, asked of the kernel: which programs are attached to the
+//! scope's cgroup, whether they are the ones this build makes (tags) reading the scope's pinned
+//! maps, whether the maps hold what the policy plans now, and how a copy of those programs with
+//! the same map contents decides generated packets.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::MapInfo,
+    programs::{loaded_programs, ProgramInfo, TestRun},
+};
+use killswitch_common::{Direction, InterfaceKey, Reason};
+
+use super::{count, decisions, scratch, servers_check, with_servers, Check, State};
+use crate::{
+    ebpf::{
+        entries::{key_address, lan_prefix, server_endpoint},
+        kernel::{socket_offsets, NetnsSource},
+        maps, pins, sys, MapEntries, Pair, PinnedMaps, Programs,
+    },
+    error::{Error, Result},
+    interfaces,
+    model::{Interface, Packet},
+    policy::Policy,
+    scope::Scope,
+    vpn_client::ClientCgroup,
+};
+
+/// The programs of ours attached to the scope, one per direction.
+struct Attached {
+    egress: ProgramInfo,
+    ingress: ProgramInfo,
+}
+
+pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
+    let pin_dir = pins::pin_dir(scope);
+    let mut checks = Vec::new();
+    let attached = match attached(scope) {
+        Ok(attached) => {
+            checks.push(attached.0);
+            attached.1
+        }
+        Err(check) => {
+            checks.push(check);
+            None
+        }
+    };
+    let Some(attached) = attached else {
+        return Ok(State {
+            enforced: false,
+            checks,
+            decisions: Check::skip("decisions", "no policy programs are attached to compare"),
+        });
+    };
+    let pair = pair_of(attached.egress.name_as_str().unwrap_or_default())?;
+    let copy = Copy::load(pair)?;
+    checks.push(programs_check(&attached, &copy.programs, &pin_dir));
+    let live = PinnedMaps::open(&pin_dir)?.entries()?;
+    checks.extend(maps_checks(policy, &live));
+    let held_servers: Vec<_> = live.servers.iter().map(server_endpoint).collect();
+    let judged_by = with_servers(policy, &held_servers);
+    let decisions = copy.decide(&live, &judged_by);
+    let enforced = checks
+        .iter()
+        .take(2)
+        .all(|c| c.result == super::Outcome::Pass);
+    Ok(State {
+        enforced,
+        checks,
+        decisions,
+    })
+}
+
+/// `attached`: the programs the kernel has on the scope's cgroup, ours among them. `Ok` with
+/// `None` when ours are not both there in policy mode.
+fn attached(scope: &Scope) -> std::result::Result<(Check, Option<Attached>), Check> {
+    const CHECK: &str = "attached";
+    let cgroup = File::open(&scope.cgroup).map_err(|e| {
+        Check::fail(
+            CHECK,
+            format!("cannot open {}: {e}", scope.cgroup.display()),
+            "check --cgroup",
+        )
+    })?;
+    let programs: BTreeMap<u32, ProgramInfo> = loaded_programs()
+        .filter_map(|info| info.ok())
+        .map(|info| (info.id(), info))
+        .collect();
+    let mut found = Vec::new();
+    let mut seen = Vec::new();
+    for (direction, attach_type) in [(Direction::Egress, 1), (Direction::Ingress, 0)] {
+        let ids = sys::attached_programs(cgroup.as_fd(), attach_type).map_err(|e| {
+            Check::fail(
+                CHECK,
+                format!("the kernel would not say what is attached: {e}"),
+                "run as root",
+            )
+        })?;
+        let ours: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                programs
+                    .get(id)
+                    .and_then(|p| p.name_as_str())
+                    .is_some_and(|name| is_ours(name, direction))
+            })
+            .collect();
+        let others = ids.len() - ours.len();
+        let names: Vec<String> = ours
+            .iter()
+            .map(|id| {
+                let name = programs[id].name_as_str().unwrap_or("?");
+                format!("{name} (id {id})")
+            })
+            .collect();
+        seen.push(format!(
+            "{}: {}{}",
+            direction.name(),
+            if names.is_empty() {
+                "none of ours".to_owned()
+            } else {
+                names.join(", ")
+            },
+            if others > 0 {
+                format!(" + {} of others", count(others, "program"))
+            } else {
+                String::new()
+            }
+        ));
+        found.push(ours.last().and_then(|id| programs.get(id)));
+    }
+    let evidence = format!(
+        "{} on cgroup id {}, as the kernel reports it",
+        seen.join("; "),
+        scope.cgroup_id().unwrap_or(0)
+    );
+    let (Some(egress), Some(ingress)) = (found[0], found[1]) else {
+        return Ok((
+            Check::fail(
+                CHECK,
+                evidence,
+                "run `killswitch up` (something detached the programs)",
+            ),
+            None,
+        ));
+    };
+    let locked = [egress, ingress]
+        .iter()
+        .any(|p| p.name_as_str().is_some_and(|n| n.ends_with("_locked")));
+    if locked {
+        let why = maps::lockdown_reason(&pins::pin_dir(scope)).unwrap_or_default();
+        return Ok((
+            Check::fail(
+                CHECK,
+                format!("{evidence}: in lockdown (loopback and DHCP only): {why}"),
+                "fix what the lockdown reason says, then run `killswitch up`",
+            ),
+            None,
+        ));
+    }
+    let reopen = |p: &ProgramInfo| {
+        loaded_programs()
+            .filter_map(|info| info.ok())
+            .find(|info| info.id() == p.id())
+    };
+    match (reopen(egress), reopen(ingress)) {
+        (Some(egress), Some(ingress)) => Ok((
+            Check::pass(CHECK, evidence),
+            Some(Attached { egress, ingress }),
+        )),
+        _ => Err(Check::fail(
+            CHECK,
+            "the attached programs went away while being read",
+            "run `killswitch verify` again",
+        )),
+    }
+}
+
+fn is_ours(name: &str, direction: Direction) -> bool {
+    [
+        Pair::Policy(NetnsSource::Helper),
+        Pair::Lockdown,
+        Pair::Policy(NetnsSource::Socket {
+            sock_net_offset: 0,
+            net_cookie_offset: 0,
+        }),
+    ]
+    .iter()
+    .any(|pair| pair.program_name(direction) == name)
+}
+
+/// The pair an attached egress program belongs to (the socket pair needs this kernel's offsets).
+fn pair_of(egress: &str) -> Result<Pair> {
+    if egress == Pair::Policy(NetnsSource::Helper).program_name(Direction::Egress) {
+        return Ok(Pair::Policy(NetnsSource::Helper));
+    }
+    socket_offsets(Path::new("/sys/kernel/btf/vmlinux"))
+        .map(Pair::Policy)
+        .map_err(|e| Error::kernel("cannot read this kernel's BTF", e))
+}
+
+/// `programs`: the attached programs are this build's (same instructions: the kernel's tag
+/// leaves map addresses out), the ICMP-error program they call is too, and they read the maps
+/// pinned for the scope (the ones checked next), not some others.
+fn programs_check(attached: &Attached, copy: &Programs, pin_dir: &Path) -> Check {
+    const CHECK: &str = "programs";
+    let mut problems = Vec::new();
+    let mut tags = Vec::new();
+    for (direction, live) in [
+        (Direction::Egress, &attached.egress),
+        (Direction::Ingress, &attached.ingress),
+    ] {
+        match copy.program(direction).info() {
+            Ok(built) if built.tag() == live.tag() => {
+                tags.push(format!("{} {:016x}", direction.name(), live.tag()))
+            }
+            Ok(built) => problems.push(format!(
+                "the attached {} program has tag {:016x}, this build's {:016x}",
+                direction.name(),
+                live.tag(),
+                built.tag()
+            )),
+            Err(e) => problems.push(format!("cannot read this build's program: {e}")),
+        }
+        problems.extend(foreign_maps(live, pin_dir));
+    }
+    match (icmp_error_tag(pin_dir), copy.icmp_error_program()) {
+        (Ok(live), Some(built)) => match built.info() {
+            Ok(info) if info.tag() == live => {}
+            _ => problems.push(format!(
+                "the ICMP-error program in {} is not this build's (tag {live:016x})",
+                maps::ICMP_ERRORS
+            )),
+        },
+        (Err(e), _) => problems.push(format!("cannot read {}: {e}", maps::ICMP_ERRORS)),
+        (Ok(_), None) => {}
+    }
+    Check::from_problems(
+        CHECK,
+        format!(
+            "this build's programs ({}), reading the maps pinned in {}",
+            tags.join(", "),
+            pin_dir.display()
+        ),
+        problems,
+        "run `killswitch up` to attach this build's programs",
+    )
+}
+
+/// Maps the attached program reads under one of our names that are not the pinned ones.
+fn foreign_maps(program: &ProgramInfo, pin_dir: &Path) -> Vec<String> {
+    let ids = match program.map_ids() {
+        Ok(Some(ids)) => ids,
+        Ok(None) => return vec![],
+        Err(e) => return vec![format!("cannot list the program's maps: {e}")],
+    };
+    let mut problems = Vec::new();
+    for id in ids {
+        let Ok(info) = MapInfo::from_id(id) else {
+            continue;
+        };
+        let Some(name) = info.name_as_str().filter(|n| maps::ALL.contains(n)) else {
+            continue;
+        };
+        let pinned = MapInfo::from_pin(pin_dir.join(name)).map(|p| p.id());
+        if pinned.as_ref().ok() != Some(&id) {
+            problems.push(format!(
+                "the attached program reads {name} id {id}, not the pinned one ({})",
+                pinned.map_or("none".to_owned(), |p| format!("id {p}"))
+            ));
+        }
+    }
+    problems
+}
+
+/// Tag of the ICMP-error program in the scope's pinned `ICMP_ERRORS` slot.
+fn icmp_error_tag(pin_dir: &Path) -> std::io::Result<u64> {
+    let map = sys::obj_get(&pin_dir.join(maps::ICMP_ERRORS))?;
+    let mut id = 0;
+    for slot in 0..2 {
+        if let Ok(found) = sys::program_in_slot(map.as_fd(), slot) {
+            id = found;
+            break;
+        }
+    }
+    loaded_programs()
+        .filter_map(|info| info.ok())
+        .find(|info| info.id() == id)
+        .map(|info| info.tag())
+        .ok_or_else(|| std::io::Error::other("no program in its slots"))
+}
+
+/// `tunnels`, `uplinks`, `servers`, `lists`, `vpn-client`: the maps against the plan for the
+/// interfaces and cgroups that exist now.
+fn maps_checks(policy: &Policy, live: &MapEntries) -> Vec<Check> {
+    let list = interfaces::list().unwrap_or_default();
+    let cookie = interfaces::netns_cookie().unwrap_or(0);
+    let clients = crate::vpn_client::current(policy);
+    let plan = MapEntries::new(policy, &list, cookie, &[], &clients);
+    let named = |keys: &BTreeMap<InterfaceKey, String>| -> Vec<String> {
+        keys.keys()
+            .map(|k| {
+                let name = (k.netns_cookie == cookie)
+                    .then(|| interfaces::name_of(k.ifindex))
+                    .flatten();
+                match name {
+                    Some(name) => format!("{name} (ifindex {})", k.ifindex),
+                    None => format!("ifindex {} (gone)", k.ifindex),
+                }
+            })
+            .collect()
+    };
+    let interface_check = |check: &'static str, live: &BTreeMap<_, _>, plan: &BTreeMap<_, _>| {
+        let (held, wanted) = (named(live), named(plan));
+        if live.keys().eq(plan.keys()) {
+            Check::pass(
+                check,
+                if held.is_empty() {
+                    "none held, none present".to_owned()
+                } else {
+                    format!("{} held, as present now", held.join(", "))
+                },
+            )
+        } else {
+            Check::fail(
+                check,
+                format!(
+                    "the map holds [{}], the interfaces present now are [{}]",
+                    held.join(", "),
+                    wanted.join(", ")
+                ),
+                "start `killswitch daemon`, which follows interfaces, or run `killswitch up`",
+            )
+        }
+    };
+    let mut checks = vec![interface_check("tunnels", &live.tunnels, &plan.tunnels)];
+    if policy.uplinks.is_some() {
+        checks.push(interface_check("uplinks", &live.uplinks, &plan.uplinks));
+    }
+    let held: Vec<_> = live.servers.iter().map(server_endpoint).collect();
+    let named_servers: Vec<(u64, _)> = live
+        .server_names
+        .iter()
+        .map(|n| (n.name, server_endpoint(&n.server)))
+        .collect();
+    let set_by_command = live
+        .server_names
+        .contains(&crate::servers::COMMAND_OWNS_THE_LIST);
+    checks.push(servers_check(
+        policy,
+        &held,
+        Some(&named_servers),
+        set_by_command,
+    ));
+    checks.push(lists_check(live, &plan));
+    if policy.vpn_client.is_some() {
+        checks.push(clients_check(live, &plan, &clients));
+    }
+    checks
+}
+
+/// `lists`: settings, NTP, DNS, LAN and inbound entries exactly as planned.
+fn lists_check(live: &MapEntries, plan: &MapEntries) -> Check {
+    let mut problems = Vec::new();
+    let mut settings = live.settings;
+    // Levels follow the client cgroups, checked with them.
+    settings.vpn_client_levels = plan.settings.vpn_client_levels;
+    if settings != plan.settings {
+        problems.push(format!(
+            "settings are {:?}, planned {:?}",
+            live.settings, plan.settings
+        ));
+    }
+    let addresses = |set: &BTreeSet<[u8; 16]>| -> Vec<String> {
+        set.iter().map(|k| key_address(*k).to_string()).collect()
+    };
+    let mut differ = |name: &str, live: Vec<String>, plan: Vec<String>| {
+        if live != plan {
+            problems.push(format!(
+                "{name} holds [{}], planned [{}]",
+                live.join(", "),
+                plan.join(", ")
+            ));
+        }
+    };
+    differ(
+        "NTP",
+        addresses(&live.ntp_servers),
+        addresses(&plan.ntp_servers),
+    );
+    differ(
+        "DNS",
+        addresses(&live.dns_servers),
+        addresses(&plan.dns_servers),
+    );
+    let prefixes = |set: &BTreeSet<(u32, [u8; 16])>| -> Vec<String> {
+        set.iter()
+            .map(|(len, key)| lan_prefix(*len, *key).to_string())
+            .collect()
+    };
+    differ("LAN", prefixes(&live.lan), prefixes(&plan.lan));
+    let inbound = |set: &BTreeSet<killswitch_common::InboundKey>| -> Vec<String> {
+        set.iter().map(|k| format!("{k:?}")).collect()
+    };
+    differ("inbound", inbound(&live.inbound), inbound(&plan.inbound));
+    Check::from_problems(
+        "lists",
+        format!(
+            "settings, {}, {}, {} and {} as configured",
+            count(live.ntp_servers.len(), "NTP server"),
+            count(live.dns_servers.len(), "DNS server"),
+            count(live.lan.len(), "LAN prefix"),
+            count(live.inbound.len(), "inbound rule"),
+        ),
+        problems,
+        "run `killswitch up` to write the config again",
+    )
+}
+
+/// `vpn-client`: the client cgroups in the map are the ones that exist now.
+fn clients_check(live: &MapEntries, plan: &MapEntries, clients: &[ClientCgroup]) -> Check {
+    let describe = |ids: &BTreeSet<u64>| -> Vec<String> {
+        ids.iter()
+            .map(|id| match crate::vpn_client::path_of(*id) {
+                Some(path) => path,
+                None => format!("cgroup id {id} (gone)"),
+            })
+            .collect()
+    };
+    if live.vpn_clients == plan.vpn_clients
+        && live.settings.vpn_client_levels == plan.settings.vpn_client_levels
+    {
+        Check::pass(
+            "vpn-client",
+            format!(
+                "only {} may reach the servers",
+                if clients.is_empty() && live.settings.vpn_client_mark == 0 {
+                    "no one (no client cgroup exists now)".to_owned()
+                } else {
+                    let mut who = describe(&live.vpn_clients);
+                    if live.settings.vpn_client_mark != 0 {
+                        who.insert(0, format!("mark {:#x}", live.settings.vpn_client_mark));
+                    }
+                    who.join(", ")
+                }
+            ),
+        )
+    } else {
+        Check::fail(
+            "vpn-client",
+            format!(
+                "the map trusts [{}], the client cgroups now are [{}]",
+                describe(&live.vpn_clients).join(", "),
+                describe(&plan.vpn_clients).join(", ")
+            ),
+            "start `killswitch daemon`, which follows the client's cgroup, or run `killswitch up`",
+        )
+    }
+}
+
+/// A copy of the attached pair, loaded by this build into a pin directory of its own (never a
+/// scope: the name has `=`), removed on drop.
+struct Copy {
+    programs: Programs,
+    dir: PathBuf,
+}
+
+impl Copy {
+    fn load(pair: Pair) -> Result<Copy> {
+        pins::ensure_bpffs()?;
+        let root = pins::pin_root();
+        crate::state::make_dir(&root)?;
+        remove_stale_copies(&root);
+        let dir = root.join(format!("verify={}", std::process::id()));
+        let _ = remove_dir(&dir);
+        std::fs::create_dir(&dir).map_err(|e| Error::io("cannot make", &dir, e))?;
+        let copy = Copy {
+            programs: match Programs::load_pair(&dir, pair, None) {
+                Ok(programs) => programs,
+                Err(e) => {
+                    let _ = remove_dir(&dir);
+                    return Err(e);
+                }
+            },
+            dir,
+        };
+        Ok(copy)
+    }
+
+    /// `decisions`: generated packets through the copy in a scratch namespace whose `tun0` and
+    /// `up0` stand for the tunnels and uplinks, with the scope's other entries.
+    fn decide(&self, live: &MapEntries, policy: &Policy) -> Check {
+        let own = own_cgroup();
+        let result = scratch::run(|net| {
+            let cookie = interfaces::netns_cookie()?;
+            let mut entries = live.clone();
+            entries.settings.netns_cookie = cookie;
+            entries.tunnels = [(InterfaceKey::new(cookie, net.tunnel), String::new())].into();
+            entries.uplinks = if live.settings.uplinks_restricted != 0 {
+                [(InterfaceKey::new(cookie, net.uplink), String::new())].into()
+            } else {
+                BTreeMap::new()
+            };
+            let clients = live.settings.vpn_client != 0 && own.is_some();
+            entries.settings.vpn_client_levels = own.as_ref().map_or(0, |c| 1 << c.level);
+            entries.vpn_clients = BTreeSet::new();
+            let mut maps = PinnedMaps::open(&self.dir)?;
+            maps.write(&entries)?;
+            let mut listed = false;
+            let mut judge = |p: &Packet| -> Result<decisions::Judged> {
+                if clients && p.vpn_client != listed {
+                    let mut with = entries.clone();
+                    if p.vpn_client {
+                        with.vpn_clients = own.iter().map(|c| c.id).collect();
+                    }
+                    maps.write_vpn_clients(&with)?;
+                    listed = p.vpn_client;
+                }
+                let ifindex = match p.interface {
+                    Interface::Loopback => 1,
+                    Interface::Tunnel => net.tunnel,
+                    Interface::Uplink | Interface::OtherNamespace => net.uplink,
+                    Interface::Other => net.other,
+                };
+                self.run(&maps, p, ifindex)
+            };
+            Ok(decisions::compare(
+                policy,
+                "a copy of the attached programs with the scope's map contents",
+                clients,
+                &mut judge,
+            ))
+        });
+        result.unwrap_or_else(|e| {
+            Check::fail(
+                "decisions",
+                format!("the packets could not be run: {e}"),
+                "run with -v; BPF_PROG_TEST_RUN needs root",
+            )
+        })
+    }
+
+    /// One packet through the copy: allowed, and the one counter that moved.
+    fn run(&self, maps: &PinnedMaps, p: &Packet, ifindex: u32) -> Result<decisions::Judged> {
+        let before = maps.counters()?;
+        let frame = crate::packets::frame(p);
+        let ctx = crate::packets::skb_context_marked(ifindex, p.mark);
+        let options = aya::programs::TestRunOptions {
+            data_in: Some(&frame),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        };
+        let result = self
+            .programs
+            .program(p.direction)
+            .test_run(options)
+            .map_err(|e| Error::kernel("BPF_PROG_TEST_RUN failed", e))?;
+        let after = maps.counters()?;
+        let moved: Vec<Reason> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a.2 != b.2 && a.0 == p.direction)
+            .map(|(_, a)| a.1)
+            .collect();
+        let reason = match moved.as_slice() {
+            [reason] => Some(*reason),
+            _ => None,
+        };
+        Ok((result.return_value == 1, reason))
+    }
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        let _ = remove_dir(&self.dir);
+    }
+}
+
+fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::remove_dir_all(dir)
+}
+
+/// Copies left by a `verify` that was killed (its process is gone).
+fn remove_stale_copies(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("verify=") else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = remove_dir(&entry.path());
+        }
+    }
+}
+
+/// This process's cgroup, unless it is the root: the socket BPF_PROG_TEST_RUN makes is there.
+fn own_cgroup() -> Option<ClientCgroup> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    ClientCgroup::find(&crate::scope::cgroup2_mount().ok()?, path)
+}
+
+/// Drop counters of the scope per reason, egress (for the probes).
+pub(super) fn egress_counters(scope: &Scope) -> Result<BTreeMap<Reason, u64>> {
+    let maps = PinnedMaps::open(&pins::pin_dir(scope))?;
+    Ok(maps
+        .counters()?
+        .into_iter()
+        .filter(|(d, _, _)| *d == Direction::Egress)
+        .map(|(_, r, n)| (r, n))
+        .collect())
+}

@@ -1,0 +1,443 @@
+//! The usual holes around a kill switch, as warnings with the fix: a tunnel that is not there,
+//! IPv6 the tunnel does not carry, a resolver the policy cannot reach, names with no daemon to
+//! follow them, another firewall's `ct state established` accept, and forwarding bridges whose
+//! traffic no cgroup program sees.
+
+use std::{net::IpAddr, path::Path};
+
+use super::Check;
+use crate::{
+    interfaces,
+    model::{self, Direction, Interface, Packet},
+    policy::{Ipv6Mode, Policy, ServerAddress},
+    scope::Scope,
+};
+
+pub(super) fn checks(scope: &Scope, policy: &Policy) -> Vec<Check> {
+    vec![
+        tunnel(policy),
+        ipv6(policy),
+        resolver(policy, Path::new("/etc/resolv.conf"), route_interface),
+        daemon(scope, policy),
+        other_firewalls(),
+        forwarding(),
+    ]
+}
+
+/// `tunnel`: an interface matching `tunnels` exists.
+fn tunnel(policy: &Policy) -> Check {
+    let list = interfaces::list().unwrap_or_default();
+    let found = interfaces::matching(&list, &policy.tunnels);
+    let patterns: Vec<&str> = policy.tunnels.iter().map(|p| p.as_str()).collect();
+    if found.is_empty() {
+        Check::warn(
+            "tunnel",
+            format!(
+                "no interface matches tunnels = [{}]: only loopback and the exceptions get through",
+                patterns.join(", ")
+            ),
+            "start the VPN; if it is up, set `tunnels` to its interface name",
+        )
+    } else {
+        let names: Vec<String> = found
+            .iter()
+            .map(|i| format!("{} (ifindex {})", i.name, i.index))
+            .collect();
+        Check::pass("tunnel", format!("{} up", names.join(", ")))
+    }
+}
+
+/// Global IPv6 addresses per interface name, from /proc/net/if_inet6.
+fn global_ipv6() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Fields: address, ifindex, prefix length, scope (00 = global), flags, name.
+            (f.len() == 6 && f[3] == "00").then(|| {
+                let hex = f[0];
+                let groups: Vec<&str> = (0..8).map(|i| &hex[i * 4..i * 4 + 4]).collect();
+                let address = groups
+                    .join(":")
+                    .parse::<std::net::Ipv6Addr>()
+                    .map_or(hex.to_owned(), |a| a.to_string());
+                (f[5].to_owned(), address)
+            })
+        })
+        .collect()
+}
+
+/// `ipv6`: an uplink with IPv6 while no tunnel carries it.
+fn ipv6(policy: &Policy) -> Check {
+    if policy.ipv6 == Ipv6Mode::Block {
+        return Check::pass(
+            "ipv6",
+            "ipv6.mode = \"block\": all IPv6 but loopback is dropped",
+        );
+    }
+    let list = interfaces::list().unwrap_or_default();
+    let tunnels: Vec<String> = interfaces::matching(&list, &policy.tunnels)
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    let global = global_ipv6();
+    let (on_tunnel, on_uplinks): (Vec<_>, Vec<_>) =
+        global.iter().partition(|(name, _)| tunnels.contains(name));
+    if on_uplinks.is_empty() || !on_tunnel.is_empty() {
+        return Check::pass(
+            "ipv6",
+            if on_uplinks.is_empty() {
+                "no uplink has a global IPv6 address".to_owned()
+            } else {
+                format!(
+                    "the tunnel carries IPv6 ({})",
+                    on_tunnel
+                        .iter()
+                        .map(|(n, a)| format!("{n} {a}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        );
+    }
+    let exceptions = policy
+        .servers
+        .iter()
+        .filter(|s| matches!(s.address, ServerAddress::Ip(IpAddr::V6(_))))
+        .count()
+        + policy.ntp_servers.iter().filter(|a| a.is_ipv6()).count()
+        + policy.dns_servers.iter().filter(|a| a.is_ipv6()).count()
+        + policy
+            .lan
+            .networks
+            .iter()
+            .filter(|p| p.addr.is_ipv6())
+            .count();
+    let uplinks: Vec<String> = on_uplinks.iter().map(|(n, a)| format!("{n} {a}")).collect();
+    Check::warn(
+        "ipv6",
+        format!(
+            "IPv6 is on for {} but no tunnel carries IPv6: IPv6 connections are dropped (not leaked) and apps wait before trying IPv4{}",
+            uplinks.join(", "),
+            if exceptions > 0 {
+                format!("; {exceptions} IPv6 exceptions of the policy leave through the uplink in the clear")
+            } else {
+                String::new()
+            }
+        ),
+        "set ipv6.mode = \"block\" to fail fast, or have the VPN carry IPv6 (OpenVPN: redirect-gateway ipv6)",
+    )
+}
+
+/// The interface the kernel would send a packet to `ip` through (a connected UDP socket sends
+/// nothing; its local address names the interface).
+fn route_interface(ip: IpAddr) -> Option<String> {
+    let any: std::net::SocketAddr = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .ok()?;
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect((ip, 53)).ok()?;
+    let local = socket.local_addr().ok()?.ip();
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let address = a.address?;
+        let found = match local {
+            IpAddr::V4(v4) => address.as_sockaddr_in().map(|s| s.ip() == v4),
+            IpAddr::V6(v6) => address.as_sockaddr_in6().map(|s| s.ip() == v6),
+        };
+        found.unwrap_or(false).then_some(a.interface_name)
+    })
+}
+
+/// `resolver`: where /etc/resolv.conf sends name lookups, and what the policy does with them.
+/// `route` names the interface a packet to an address leaves through.
+fn resolver(policy: &Policy, path: &Path, route: impl Fn(IpAddr) -> Option<String>) -> Check {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let servers: Vec<IpAddr> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().split('%').next()?.parse().ok())
+        .collect();
+    if servers.is_empty() {
+        return Check::pass("resolver", format!("no nameserver in {}", path.display()));
+    }
+    let mut blocked = Vec::new();
+    let mut clear = Vec::new();
+    let mut local = Vec::new();
+    for &server in &servers {
+        if server.is_loopback() {
+            local.push(server.to_string());
+            continue;
+        }
+        let through = route(server);
+        let tunnel = through
+            .as_deref()
+            .is_some_and(|name| policy.tunnels.iter().any(|p| p.matches(name)));
+        if tunnel {
+            continue;
+        }
+        let lookup = Packet {
+            direction: Direction::Egress,
+            interface: Interface::Uplink,
+            remote: server,
+            protocol: 17,
+            local_port: 40000,
+            remote_port: 53,
+            tcp_flags: 0,
+            icmp_type: 0,
+            fragment: false,
+            extension_headers: 0,
+            source_route: false,
+            quoted: None,
+            vpn_client: false,
+            mark: 0,
+        };
+        let (verdict, reason) = model::verdict(policy, &lookup);
+        let via = through.map_or(String::new(), |name| format!(" via {name}"));
+        match verdict {
+            model::Verdict::Allow => clear.push(format!("{server}{via} ({})", reason.name())),
+            model::Verdict::Drop => {
+                blocked.push(format!("{server}{via} (dropped as {})", reason.name()))
+            }
+        }
+    }
+    if !blocked.is_empty() {
+        return Check::warn(
+            "resolver",
+            format!(
+                "{} in {} is reached outside the tunnel, where the policy does not let DNS go: name lookups through it fail, they do not leak (lan.dns = {})",
+                blocked.join(", "),
+                path.display(),
+                policy.lan.dns
+            ),
+            "use the VPN's resolver (OpenVPN: dhcp-option DNS with update-resolv-conf or resolved), or list it in [dns] servers if the router may see every name",
+        );
+    }
+    let mut said = vec![format!(
+        "nameservers {}",
+        servers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )];
+    if !clear.is_empty() {
+        said.push(format!(
+            "outside the tunnel as configured: {}",
+            clear.join(", ")
+        ));
+    }
+    if !local.is_empty() {
+        said.push("a local resolver forwards the rest (its own upstreams decide; a per-app scope does not hold it)".into());
+    }
+    Check::pass("resolver", said.join("; "))
+}
+
+/// `daemon`: a `killswitch daemon` for this scope, needed when servers are given by name.
+fn daemon(scope: &Scope, policy: &Policy) -> Check {
+    let hosts: Vec<&str> = policy
+        .servers
+        .iter()
+        .filter_map(|s| match &s.address {
+            ServerAddress::Host(h) => Some(h.as_str()),
+            ServerAddress::Ip(_) => None,
+        })
+        .collect();
+    match daemon_pid(scope) {
+        Some(pid) => Check::pass("daemon", format!("killswitch daemon running (pid {pid})")),
+        None if hosts.is_empty() => Check::pass(
+            "daemon",
+            "no daemon; none needed for names (without it, a tunnel that comes back with a new ifindex stays blocked until `killswitch up`)",
+        ),
+        None => Check::warn(
+            "daemon",
+            format!(
+                "no killswitch daemon for this scope while servers are given by name ({}): their addresses are not followed when they change",
+                hosts.join(", ")
+            ),
+            "enable killswitch-daemon.service, or run `killswitch daemon`",
+        ),
+    }
+}
+
+/// The pid of a `killswitch daemon` running for `scope`, read from /proc.
+fn daemon_pid(scope: &Scope) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_killswitch = args
+            .first()
+            .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "killswitch"));
+        if !is_killswitch || !args.iter().any(|a| a == "daemon") {
+            continue;
+        }
+        let cgroup = args.iter().enumerate().find_map(|(i, a)| {
+            a.strip_prefix("--cgroup=").map(str::to_owned).or_else(|| {
+                (a == "--cgroup")
+                    .then(|| args.get(i + 1).cloned())
+                    .flatten()
+            })
+        });
+        let theirs = Scope::from_arg(cgroup.as_deref().map(Path::new));
+        if theirs.is_ok_and(|s| s.name == scope.name) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// `firewall`: another nftables table (iptables-nft rules are among them) accepting
+/// `ct state established` on output.
+fn other_firewalls() -> Check {
+    let output = std::process::Command::new("nft")
+        .args(["-j", "list", "ruleset"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Some(output) = output.ok().filter(|o| o.status.success()) else {
+        return Check::skip("firewall", "nft is not available to list other rulesets");
+    };
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+        return Check::skip("firewall", "nft printed unreadable JSON");
+    };
+    let items = json["nftables"].as_array().cloned().unwrap_or_default();
+    let output_chains: Vec<(String, String, String)> = items
+        .iter()
+        .filter_map(|i| i.get("chain"))
+        .filter(|c| c["hook"] == "output" || c["hook"] == "postrouting")
+        .map(|c| {
+            (
+                c["family"].as_str().unwrap_or_default().to_owned(),
+                c["table"].as_str().unwrap_or_default().to_owned(),
+                c["name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut found = Vec::new();
+    for rule in items.iter().filter_map(|i| i.get("rule")) {
+        let table = rule["table"].as_str().unwrap_or_default();
+        if table.starts_with("killswitch") {
+            continue;
+        }
+        let key = (
+            rule["family"].as_str().unwrap_or_default().to_owned(),
+            table.to_owned(),
+            rule["chain"].as_str().unwrap_or_default().to_owned(),
+        );
+        if !output_chains.contains(&key) {
+            continue;
+        }
+        let exprs = rule["expr"].as_array().cloned().unwrap_or_default();
+        let established = exprs.iter().any(|e| {
+            e["match"]["left"]["ct"]["key"] == "state"
+                && e["match"]["right"].to_string().contains("established")
+        });
+        let accepts = exprs.iter().any(|e| e.get("accept").is_some());
+        if established && accepts {
+            found.push(format!("table {} {} chain {}", key.0, key.1, key.2));
+        }
+    }
+    if found.is_empty() {
+        Check::pass(
+            "firewall",
+            "no other ruleset accepts `ct state established` on output",
+        )
+    } else {
+        Check::warn(
+            "firewall",
+            format!(
+                "{} accepts `ct state established` on output: on its own that lets flows opened before the VPN keep going around it (killswitch still drops them in its scope)",
+                found.join(", ")
+            ),
+            "if that was an old kill-switch script, remove it: `nft list ruleset` shows it",
+        )
+    }
+}
+
+/// `forwarding`: this host forwards, and a bridge (containers, VMs) is there.
+fn forwarding() -> Check {
+    let on = |path: &str| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1");
+    let forwards =
+        on("/proc/sys/net/ipv4/ip_forward") || on("/proc/sys/net/ipv6/conf/all/forwarding");
+    let bridges: Vec<String> = interfaces::list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| interfaces::driver(&i.name).is_some_and(|d| d == "bridge"))
+        .map(|i| i.name)
+        .collect();
+    match (forwards, bridges.is_empty()) {
+        (true, false) => Check::warn(
+            "forwarding",
+            format!(
+                "this host forwards packets and has the bridge {}: containers and VMs behind it are forwarded, which cgroup programs never see, so they can leave through the uplink in the clear when the tunnel is down",
+                bridges.join(", ")
+            ),
+            "stop forwarding (sysctl net.ipv4.ip_forward=0) while it matters, or give those guests a kill switch of their own (docs/threat-model.md)",
+        ),
+        (true, true) => Check::pass(
+            "forwarding",
+            "this host forwards packets but has no bridge for containers or VMs",
+        ),
+        (false, _) => Check::pass("forwarding", "this host does not forward packets"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lan_resolver_with_lan_dns_off_is_a_warning_that_says_it_does_not_leak() {
+        let dir = std::env::temp_dir().join(format!("ks-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        std::fs::write(
+            &path,
+            "# comment\nnameserver 192.168.1.1\nnameserver 10.8.0.1\n",
+        )
+        .unwrap();
+        let policy = Policy::from_toml(
+            "tunnels = [\"tun0\"]\n[lan]\nnetworks = [\"192.168.1.0/24\"]\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        // The router's address leaves by the uplink, the VPN's resolver by the tunnel.
+        let route = |ip: IpAddr| {
+            Some(
+                if ip.to_string() == "10.8.0.1" {
+                    "tun0"
+                } else {
+                    "eth0"
+                }
+                .to_owned(),
+            )
+        };
+        let check = resolver(&policy, &path, route);
+        assert_eq!(check.result, super::super::Outcome::Warn, "{check:?}");
+        assert!(
+            check
+                .evidence
+                .contains("192.168.1.1 via eth0 (dropped as lan-dns)"),
+            "{check:?}"
+        );
+        assert!(!check.evidence.contains("10.8.0.1"), "{check:?}");
+        assert!(check.evidence.contains("do not leak"), "{check:?}");
+        let with_dns = Policy::from_toml(
+            "tunnels = [\"tun0\"]\n[lan]\nnetworks = [\"192.168.1.0/24\"]\ndns = true\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        std::fs::write(&path, "nameserver 192.168.1.1\n").unwrap();
+        let check = resolver(&with_dns, &path, route);
+        assert_eq!(check.result, super::super::Outcome::Pass, "{check:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,315 @@
+//! `killswitch verify`: proof, on the live system, that a scope is enforced as planned. Asks the
+//! kernel what is attached and what the maps or the table hold, runs generated packets through
+//! the same programs (or ruleset) in a scratch namespace against the model, probes from a child
+//! cgroup with packets the policy drops before they leave, and looks for the usual holes around
+//! a kill switch. Nothing is sent that the policy would let out, and nothing in force changes.
+
+mod decisions;
+mod ebpf;
+mod holes;
+mod nft;
+mod probes;
+pub mod scratch;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::{
+    backend::Backend,
+    error::Result,
+    policy::{Policy, ServerAddress, ServerEndpoint},
+    scope::Scope,
+    servers::name_tag,
+};
+
+/// How one check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    /// Not a failure of the kill switch, but something the user should know and can fix.
+    Warn,
+    Fail,
+    /// Could not be checked here; the evidence says why.
+    Skip,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Pass => "PASS",
+            Outcome::Warn => "WARN",
+            Outcome::Fail => "FAIL",
+            Outcome::Skip => "SKIP",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// Short name of what was checked (`attached`, `maps`, `decisions`, ...).
+    pub check: &'static str,
+    pub result: Outcome,
+    /// What was seen: the facts behind the result.
+    pub evidence: String,
+    /// What to do about a failure or warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn pass(check: &'static str, evidence: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Outcome::Pass,
+            evidence: evidence.into(),
+            fix: None,
+        }
+    }
+
+    pub fn fail(check: &'static str, evidence: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Outcome::Fail,
+            evidence: evidence.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn warn(check: &'static str, evidence: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Outcome::Warn,
+            evidence: evidence.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn skip(check: &'static str, why: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Outcome::Skip,
+            evidence: why.into(),
+            fix: None,
+        }
+    }
+
+    /// `Pass` with `evidence` when `problems` is empty, else `Fail` listing them.
+    pub fn from_problems(
+        check: &'static str,
+        evidence: impl Into<String>,
+        problems: Vec<String>,
+        fix: impl Into<String>,
+    ) -> Check {
+        if problems.is_empty() {
+            Check::pass(check, evidence)
+        } else {
+            Check::fail(check, problems.join("; "), fix)
+        }
+    }
+}
+
+/// Everything `verify` found about one scope.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scope: String,
+    pub cgroup: PathBuf,
+    /// "ebpf", "nftables", or "none" when nothing enforces the scope.
+    pub backend: &'static str,
+    pub checks: Vec<Check>,
+    /// No check failed.
+    pub passed: bool,
+}
+
+/// Verifies the scope against the policy in `config`.
+pub fn verify(config: &Path, scope: &Scope) -> Result<Report> {
+    let policy = Policy::load(config)?;
+    let holding = Backend::holding(scope);
+    let mut checks = Vec::new();
+    let backend = match holding.as_slice() {
+        [] => {
+            checks.push(Check::fail(
+                "enforced",
+                format!("nothing enforces {}", scope.display_cgroup()),
+                "run `killswitch up` (with the same --cgroup)",
+            ));
+            None
+        }
+        [backend] => Some(*backend),
+        _ => {
+            checks.push(Check::warn(
+                "enforced",
+                format!(
+                    "both eBPF and nftables hold {}: a move between them did not finish",
+                    scope.display_cgroup()
+                ),
+                "run `killswitch up` again to finish it",
+            ));
+            Some(Backend::Ebpf)
+        }
+    };
+    if let Some(backend) = backend {
+        let state = match backend {
+            Backend::Ebpf => ebpf::checks(scope, &policy)?,
+            Backend::Nftables => nft::checks(scope, &policy)?,
+        };
+        let enforced = state.enforced;
+        checks.extend(state.checks);
+        checks.push(state.decisions);
+        checks.extend(probes::checks(scope, backend, &policy, enforced));
+    }
+    checks.extend(holes::checks(scope, &policy));
+    let passed = checks.iter().all(|c| c.result != Outcome::Fail);
+    Ok(Report {
+        scope: scope.name.clone(),
+        cgroup: scope.cgroup.clone(),
+        backend: backend.map_or("none", Backend::name),
+        checks,
+        passed,
+    })
+}
+
+/// What a backend's own checks found: whether the scope is enforced by the policy (so probes
+/// cannot leak), the lines about its kernel state, and the decisions line.
+struct State {
+    enforced: bool,
+    checks: Vec<Check>,
+    decisions: Check,
+}
+
+/// The policy with the servers the scope holds instead of the configured rules (names resolved,
+/// or a list set with `killswitch servers`): what the generated packets are judged by.
+fn with_servers(policy: &Policy, servers: &[ServerEndpoint]) -> Policy {
+    let mut held = policy.clone();
+    held.servers = servers
+        .iter()
+        .map(|s| crate::policy::ServerRule {
+            address: ServerAddress::Ip(s.address),
+            port: s.port,
+            protocol: s.protocol,
+        })
+        .collect();
+    held
+}
+
+/// Checks the servers a scope holds against the config: every literal server is held, and
+/// every other held server was resolved from one of the configured names. `named` lists the
+/// hostname tag ([`crate::servers::name_tag`]) each held address came from (eBPF records it;
+/// nft does not).
+fn servers_check(
+    policy: &Policy,
+    held: &[ServerEndpoint],
+    named: Option<&[(u64, ServerEndpoint)]>,
+    set_by_command: bool,
+) -> Check {
+    const CHECK: &str = "servers";
+    if set_by_command {
+        return Check::pass(
+            CHECK,
+            format!(
+                "{} set with `killswitch servers` (not compared with the config until the next `up`)",
+                count(held.len(), "server")
+            ),
+        );
+    }
+    let mut problems = Vec::new();
+    let literal: Vec<ServerEndpoint> = policy
+        .servers
+        .iter()
+        .filter_map(|rule| match rule.address {
+            ServerAddress::Ip(address) => Some(ServerEndpoint {
+                address,
+                port: rule.port,
+                protocol: rule.protocol,
+            }),
+            ServerAddress::Host(_) => None,
+        })
+        .collect();
+    let hosts: Vec<&str> = policy
+        .servers
+        .iter()
+        .filter_map(|rule| match &rule.address {
+            ServerAddress::Host(host) => Some(host.as_str()),
+            ServerAddress::Ip(_) => None,
+        })
+        .collect();
+    for server in &literal {
+        if !held.contains(server) {
+            problems.push(format!("{server} is configured but not held"));
+        }
+    }
+    let mut unresolved = Vec::new();
+    for server in held.iter().filter(|s| !literal.contains(s)) {
+        let from_name = match named {
+            Some(named) => named
+                .iter()
+                .any(|(tag, s)| s == server && hosts.iter().any(|h| name_tag(h) == *tag)),
+            None => !hosts.is_empty(),
+        };
+        if !from_name {
+            problems.push(format!("{server} is held but not in the config"));
+        }
+    }
+    if let Some(named) = named {
+        for host in &hosts {
+            if !named.iter().any(|(tag, _)| *tag == name_tag(host)) {
+                unresolved.push(*host);
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Check::fail(
+            CHECK,
+            problems.join("; "),
+            "run `killswitch up` to write the config's servers again",
+        );
+    }
+    if !unresolved.is_empty() {
+        return Check::warn(
+            CHECK,
+            format!(
+                "no address held for {}: its servers are blocked until it resolves",
+                unresolved.join(", ")
+            ),
+            "check the name, or run `killswitch daemon`, which retries it",
+        );
+    }
+    Check::pass(
+        CHECK,
+        format!(
+            "{} held, as configured{}",
+            count(held.len(), "server"),
+            if hosts.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} by name)", count(hosts.len(), "hostname"))
+            }
+        ),
+    )
+}
+
+/// "1 packet", "2 packets", "1,200 packets".
+pub fn count(n: usize, noun: &str) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{grouped} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_read_well() {
+        assert_eq!(super::count(1, "packet"), "1 packet");
+        assert_eq!(super::count(0, "probe"), "0 probes");
+        assert_eq!(super::count(1200, "packet"), "1,200 packets");
+        assert_eq!(super::count(100_000, "server"), "100,000 servers");
+    }
+}

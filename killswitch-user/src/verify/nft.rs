@@ -1,0 +1,173 @@
+//! The nftables backend's kernel state: the scope's table, as the kernel lists it, against the
+//! table `up` would write now, loaded into a scratch namespace and listed the same way.
+
+use serde_json::Value;
+
+use super::{count, scratch, servers_check, Check, State};
+use crate::{backend::nftables, error::Result, policy::Policy, scope::Scope};
+
+pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
+    let table = nftables::read(scope)?;
+    let name = nftables::table(scope)?;
+    let comment = nftables::Comment::parse(&table.comment);
+    let mut checks = Vec::new();
+    let hooks = ["output", "input"]
+        .iter()
+        .all(|h| table.hooks.iter().any(|t| t == h));
+    let same_cgroup = match comment.as_ref().and_then(|c| c.id) {
+        Some(id) => scope.cgroup_id().is_ok_and(|now| now == id),
+        None => true,
+    };
+    let lockdown = comment.as_ref().and_then(|c| c.lockdown.clone());
+    let attached = if !hooks {
+        Check::fail(
+            "attached",
+            format!("table inet {name} lacks its output or input hook"),
+            "run `killswitch up --backend nftables`",
+        )
+    } else if !same_cgroup {
+        Check::fail(
+            "attached",
+            format!(
+                "table inet {name} matches an earlier cgroup of that path (it was removed and made again)"
+            ),
+            "run `killswitch up --backend nftables` to match the cgroup that exists now",
+        )
+    } else if let Some(why) = &lockdown {
+        Check::fail(
+            "attached",
+            format!("table inet {name} holds lockdown (loopback and DHCP only): {why}"),
+            "fix what the lockdown reason says, then run `killswitch up --backend nftables`",
+        )
+    } else {
+        Check::pass(
+            "attached",
+            format!("table inet {name} hooks output and input, as the kernel lists it"),
+        )
+    };
+    let enforced = attached.result == super::Outcome::Pass;
+    checks.push(attached);
+    let servers = table.servers();
+    let set_by_command = table.servers_set_by_command();
+    checks.push(table_check(scope, policy, &name, &servers, set_by_command));
+    checks.push(servers_check(policy, &servers, None, set_by_command));
+    Ok(State {
+        enforced,
+        checks,
+        decisions: Check::skip(
+            "decisions",
+            "generated packets through the nftables ruleset are not run by `verify` yet; the table check above compares it with the rendered one",
+        ),
+    })
+}
+
+/// `table`: the live table equals the one rendered now, item by item.
+fn table_check(
+    scope: &Scope,
+    policy: &Policy,
+    name: &str,
+    servers: &[crate::policy::ServerEndpoint],
+    set_by_command: bool,
+) -> Check {
+    let live = match nftables::listing(scope) {
+        Ok(live) => items(&live),
+        Err(e) => return Check::fail("table", format!("cannot list it: {e}"), "run as root"),
+    };
+    let planned =
+        scratch::run(|_| nftables::planned_listing(scope, policy, servers, set_by_command));
+    let planned = match planned {
+        Ok(planned) => items(&planned),
+        Err(e) => {
+            return Check::fail(
+                "table",
+                format!("cannot render the planned table: {e}"),
+                "run `killswitch check`",
+            )
+        }
+    };
+    let extra: Vec<String> = live
+        .iter()
+        .filter(|i| !planned.contains(i))
+        .map(describe)
+        .collect();
+    let missing: Vec<String> = planned
+        .iter()
+        .filter(|i| !live.contains(i))
+        .map(describe)
+        .collect();
+    if extra.is_empty() && missing.is_empty() {
+        return Check::pass(
+            "table",
+            format!(
+                "table inet {name} equals the rendered policy ({})",
+                count(live.len(), "item")
+            ),
+        );
+    }
+    let mut problems = Vec::new();
+    if !extra.is_empty() {
+        problems.push(format!("not planned: {}", extra.join("; ")));
+    }
+    if !missing.is_empty() {
+        problems.push(format!("missing: {}", missing.join("; ")));
+    }
+    Check::fail(
+        "table",
+        format!("table inet {name} differs: {}", problems.join("; ")),
+        "run `killswitch up --backend nftables` to write it again (someone edited it)",
+    )
+}
+
+/// The listing's items without what differs between two loads of the same script: handles,
+/// the metainfo line, the order of set elements.
+fn items(listing: &Value) -> Vec<Value> {
+    listing["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|item| item.get("metainfo").is_none())
+        .map(|item| {
+            let mut item = item.clone();
+            strip_handles(&mut item);
+            // Named counters list their values even when stateless.
+            if let Some(counter) = item.get_mut("counter").and_then(Value::as_object_mut) {
+                counter.remove("packets");
+                counter.remove("bytes");
+            }
+            if let Some(elements) = item
+                .get_mut("set")
+                .and_then(|set| set.get_mut("elem"))
+                .and_then(Value::as_array_mut)
+            {
+                elements.sort_by_key(|e| e.to_string());
+            }
+            item
+        })
+        .collect()
+}
+
+fn strip_handles(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.remove("handle");
+            map.values_mut().for_each(strip_handles);
+        }
+        Value::Array(list) => list.iter_mut().for_each(strip_handles),
+        _ => {}
+    }
+}
+
+/// One line for a listing item: a rule by its chain and comment, anything else by kind and name.
+fn describe(item: &Value) -> String {
+    if let Some(rule) = item.get("rule") {
+        let comment = rule["comment"].as_str().unwrap_or("no comment");
+        return format!(
+            "a rule in chain {} ({comment})",
+            rule["chain"].as_str().unwrap_or("?")
+        );
+    }
+    match item.as_object().and_then(|o| o.iter().next()) {
+        Some((kind, body)) => format!("{kind} {}", body["name"].as_str().unwrap_or("?")),
+        None => item.to_string(),
+    }
+}

@@ -1,0 +1,314 @@
+//! Live probes that cannot leak: from a short-lived child cgroup of the scope, UDP datagrams
+//! and a TCP connect towards a documentation address (never routed on the internet) that the
+//! policy drops, out of an uplink. The egress program drops them before they are transmitted
+//! (`sendto` fails with EPERM; the SYN never leaves), and the scope's counter for that reason
+//! must rise by exactly the number of packets. Only run when the scope is known to be enforced.
+
+use std::{
+    collections::BTreeMap,
+    io::ErrorKind,
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use killswitch_common::Reason;
+
+use super::{count, Check};
+use crate::{
+    backend::{nftables, Backend},
+    error::{Error, Result},
+    interfaces,
+    model::{self, Direction, Interface, Packet},
+    policy::Policy,
+    scope::Scope,
+};
+
+const DATAGRAMS: usize = 3;
+/// The discard port.
+const PORT: u16 = 9;
+
+pub(super) fn checks(
+    scope: &Scope,
+    backend: Backend,
+    policy: &Policy,
+    enforced: bool,
+) -> Vec<Check> {
+    if !enforced {
+        return vec![Check::skip(
+            "probes",
+            "not probed: the scope is not known to be enforced, and a probe could leave",
+        )];
+    }
+    let Some(uplink) = uplinks(policy).into_iter().next() else {
+        return vec![Check::skip(
+            "probes",
+            "no uplink to probe (no interface is up besides loopback and the tunnels)",
+        )];
+    };
+    let mut checks = Vec::new();
+    for (check, candidates) in [
+        (
+            "probes-ipv4",
+            ["203.0.113.254", "198.51.100.254", "192.0.2.254"].as_slice(),
+        ),
+        (
+            "probes-ipv6",
+            ["2001:db8:ffff::9", "2001:db8:fffe::9"].as_slice(),
+        ),
+    ] {
+        let target = candidates
+            .iter()
+            .map(|a| a.parse::<IpAddr>().expect("a literal address"))
+            .find(|&remote| dropped(policy, remote).is_some());
+        let Some(target) = target else {
+            checks.push(Check::skip(
+                check,
+                format!(
+                    "the policy allows every candidate address ({})",
+                    candidates.join(", ")
+                ),
+            ));
+            continue;
+        };
+        checks.push(
+            probe(scope, backend, policy, &uplink, target).unwrap_or_else(|e| {
+                Check::fail(check, format!("could not probe: {e}"), "run as root")
+            }),
+        );
+        checks.last_mut().expect("just pushed").check = check;
+    }
+    checks
+}
+
+/// The reason the policy drops both a UDP and a TCP packet to `remote`'s discard port out of an
+/// uplink, from anyone but the VPN client; `None` when it would allow one of them.
+fn dropped(policy: &Policy, remote: IpAddr) -> Option<Reason> {
+    let packet = |protocol: u8| Packet {
+        direction: Direction::Egress,
+        interface: Interface::Uplink,
+        remote,
+        protocol,
+        local_port: 40000,
+        remote_port: PORT,
+        tcp_flags: 0x02,
+        icmp_type: 0,
+        fragment: false,
+        extension_headers: 0,
+        source_route: false,
+        quoted: None,
+        vpn_client: false,
+        mark: 0,
+    };
+    let (udp, udp_reason) = model::verdict(policy, &packet(17));
+    let (tcp, tcp_reason) = model::verdict(policy, &packet(6));
+    (udp == model::Verdict::Drop && tcp == model::Verdict::Drop && udp_reason == tcp_reason)
+        .then_some(udp_reason)
+}
+
+/// Interfaces that are up and that the policy treats as uplinks, by name.
+fn uplinks(policy: &Policy) -> Vec<String> {
+    let list = interfaces::list().unwrap_or_default();
+    let tunnels = interfaces::matching(&list, &policy.tunnels);
+    let listed = policy
+        .uplinks
+        .as_deref()
+        .map(|patterns| interfaces::matching(&list, patterns));
+    list.into_iter()
+        .filter(|i| i.index != killswitch_common::LOOPBACK_IFINDEX)
+        .filter(|i| !tunnels.contains(i))
+        .filter(|i| listed.as_ref().is_none_or(|l| l.contains(i)))
+        .filter(|i| interfaces::is_up(&i.name))
+        .map(|i| i.name)
+        .collect()
+}
+
+/// Probes `target` out of `uplink` from a child cgroup of the scope.
+fn probe(
+    scope: &Scope,
+    backend: Backend,
+    policy: &Policy,
+    uplink: &str,
+    target: IpAddr,
+) -> Result<Check> {
+    let reason = dropped(policy, target).expect("a dropped target");
+    let before = counters(scope, backend)?;
+    let outcome = in_child_cgroup(scope, || send(uplink, target))??;
+    let after = counters(scope, backend)?;
+    let rose = after.get(&reason).copied().unwrap_or(0) - before.get(&reason).copied().unwrap_or(0);
+    let sent = DATAGRAMS + 1;
+    let what = format!(
+        "{} and a TCP connect to {target} port {PORT} out of {uplink}",
+        count(DATAGRAMS, "UDP datagram")
+    );
+    Ok(match outcome {
+        Outcome::NoRoute => Check::skip("probes", format!("no route to {target} out of {uplink}")),
+        Outcome::Left(how) => Check::fail(
+            "probes",
+            format!("{what}: {how}: the policy did NOT hold"),
+            "run `killswitch down` and `killswitch up`, then verify again; report it",
+        ),
+        Outcome::Held if rose == sent as u64 => Check::pass(
+            "probes",
+            format!(
+                "{what}: refused before leaving (EPERM, no SYN answered); the {} counter rose by {rose}",
+                reason.name()
+            ),
+        ),
+        Outcome::Held if rose > sent as u64 => Check::warn(
+            "probes",
+            format!(
+                "{what}: refused before leaving; the {} counter rose by {rose}, not {sent}: other traffic was dropped meanwhile",
+                reason.name()
+            ),
+            "run `killswitch verify` again at a quieter moment for an exact count",
+        ),
+        Outcome::Held => Check::fail(
+            "probes",
+            format!(
+                "{what}: refused, but the {} counter rose by {rose}, not {sent}: something else dropped them",
+                reason.name()
+            ),
+            "check `killswitch status` and other firewalls on the machine",
+        ),
+    })
+}
+
+enum Outcome {
+    /// Every probe was refused at the scope's egress.
+    Held,
+    /// The uplink has no route there: nothing was tried.
+    NoRoute,
+    /// A probe was sent or connected: how.
+    Left(String),
+}
+
+/// Sends the probes from the calling process (which is in the probe cgroup now).
+fn send(uplink: &str, target: IpAddr) -> Result<Outcome> {
+    let any: SocketAddr = match target {
+        IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+        IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
+    };
+    let to = SocketAddr::new(target, PORT);
+    let socket = UdpSocket::bind(any).map_err(|e| Error::kernel("cannot open a UDP socket", e))?;
+    bind_to_device(socket.as_raw_fd(), uplink)?;
+    for i in 0..DATAGRAMS {
+        match socket.send_to(b"killswitch verify probe", to) {
+            Ok(_) => return Ok(Outcome::Left(format!("datagram {} was sent", i + 1))),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            Err(e)
+                if i == 0
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                return Ok(Outcome::NoRoute)
+            }
+            Err(e) => return Err(Error::kernel("a probe failed otherwise", e)),
+        }
+    }
+    // A refused SYN does not fail connect(): TCP retries it. None may be answered meanwhile.
+    let stream = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| Error::kernel("cannot open a TCP socket", e))?;
+    bind_to_device(stream.as_raw_fd(), uplink)?;
+    match stream.connect_timeout(&to.into(), Duration::from_millis(200)) {
+        Ok(()) => {
+            let _ = TcpStream::from(stream);
+            Ok(Outcome::Left("the TCP connect completed".into()))
+        }
+        Err(e) if e.kind() == ErrorKind::TimedOut || e.raw_os_error() == Some(libc::EPERM) => {
+            Ok(Outcome::Held)
+        }
+        Err(e) => Ok(Outcome::Left(format!("the TCP connect ended with {e}"))),
+    }
+}
+
+fn bind_to_device(fd: i32, name: &str) -> Result<()> {
+    // SAFETY: the name's bytes and their length are what SO_BINDTODEVICE reads.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::kernel(
+            format!("cannot bind a probe to {name}"),
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
+/// Egress counters of the scope by reason.
+fn counters(scope: &Scope, backend: Backend) -> Result<BTreeMap<Reason, u64>> {
+    match backend {
+        Backend::Ebpf => super::ebpf::egress_counters(scope),
+        Backend::Nftables => Ok(nftables::read(scope)?
+            .counters()
+            .into_iter()
+            .filter(|(d, _, _)| *d == Direction::Egress)
+            .map(|(_, r, n)| (r, n))
+            .collect()),
+    }
+}
+
+/// Runs `f` with this process moved into a new child cgroup of the scope, then moves it back and
+/// removes the child. Sockets made meanwhile belong to the child (and are closed by then).
+fn in_child_cgroup<T>(scope: &Scope, f: impl FnOnce() -> T) -> Result<T> {
+    let mount = crate::scope::cgroup2_mount()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| mount.join(p.trim_start_matches('/')))
+        })
+        .ok_or_else(|| Error::Runtime("cannot tell this process's cgroup".into()))?;
+    let child = scope
+        .cgroup
+        .join(format!("killswitch-verify-{}", std::process::id()));
+    std::fs::create_dir(&child).map_err(|e| Error::io("cannot make", &child, e))?;
+    let moved = enter(&child);
+    let result = moved.as_ref().ok().map(|()| f());
+    let back = enter(&own);
+    let removed = remove(&child);
+    moved?;
+    back?;
+    removed?;
+    Ok(result.expect("ran when moved"))
+}
+
+fn enter(cgroup: &Path) -> Result<()> {
+    let procs: PathBuf = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, "0").map_err(|e| Error::io("cannot move into", &procs, e))
+}
+
+/// Removes the probe cgroup (a few tries: the kernel lets go of a cgroup a moment after its last
+/// process left).
+fn remove(cgroup: &Path) -> Result<()> {
+    let mut last = None;
+    for _ in 0..50 {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(Error::io(
+        "cannot remove",
+        cgroup,
+        last.expect("tried at least once"),
+    ))
+}
