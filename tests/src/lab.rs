@@ -21,6 +21,14 @@ pub const VPN_SERVER: &str = "198.51.100.1";
 pub const VPN_PORT: u16 = 1194;
 pub const WEB_HOST: &str = "203.0.113.80";
 pub const TUNNEL_NET: &str = "198.18.0.0";
+/// Dual-stack lab only ([`Lab::dual_stack`]): the client's and the hosts' IPv6 addresses, and
+/// the internet's NTP and DNS hosts (addresses of the web host's namespace).
+pub const CLIENT_V4: &str = "192.168.77.2";
+pub const CLIENT_V6: &str = "2001:db8:77::2";
+pub const ROUTER_V4: &str = "192.168.77.1";
+pub const WEB_HOST_V6: &str = "2001:db8:203::80";
+pub const NTP_HOST: &str = "203.0.113.123";
+pub const DNS_HOST: &str = "203.0.113.53";
 /// Longest a long-running helper (openvpn, tcpdump) may live.
 const HELPER_LIFETIME_SECS: &str = "600";
 
@@ -39,6 +47,19 @@ pub struct Lab {
 impl Lab {
     /// Builds the namespaces, certificates and the OpenVPN server; the client is not started.
     pub fn new(web_ports: &[u16]) -> Lab {
+        Lab::build(web_ports, false)
+    }
+
+    /// [`Lab::new`] with IPv6 everywhere: the client's uplink has a global address and an
+    /// ordinary IPv6 default route, the server pushes `redirect-gateway def1 ipv6` and NATs
+    /// both families, and the web host also answers on [`WEB_HOST_V6`], as NTP on [`NTP_HOST`]
+    /// and as DNS on [`DNS_HOST`] (UDP/TCP echo on every port given). `client4.conf` is a
+    /// client that takes IPv4 only from the server (see [`Lab::connect_with`]).
+    pub fn dual_stack(web_ports: &[u16]) -> Lab {
+        Lab::build(web_ports, true)
+    }
+
+    fn build(web_ports: &[u16], ipv6: bool) -> Lab {
         let client = Netns::new("lc");
         let router = Netns::new("lr");
         let vpn = Netns::new("lv");
@@ -59,21 +80,46 @@ impl Lab {
         web.ip(&["route", "add", "default", "via", "203.0.113.254"]);
         router.sysctl("net.ipv4.ip_forward", "1");
         vpn.sysctl("net.ipv4.ip_forward", "1");
+        let mut web_hosts = vec![WEB_HOST];
+        if ipv6 {
+            for (netns, dev, cidr) in [
+                (&client, "c0", "2001:db8:77::2/64"),
+                (&router, "rc", "2001:db8:77::1/64"),
+                (&router, "rv", "2001:db8:100::254/64"),
+                (&vpn, "v0", "2001:db8:100::1/64"),
+                (&router, "rw", "2001:db8:203::254/64"),
+                (&web, "w0", "2001:db8:203::80/64"),
+                (&web, "lo", "203.0.113.123/32"),
+                (&web, "lo", "203.0.113.53/32"),
+            ] {
+                netns.addr(dev, cidr);
+            }
+            client.ip(&["-6", "route", "add", "default", "via", "2001:db8:77::1"]);
+            vpn.ip(&["-6", "route", "add", "default", "via", "2001:db8:100::254"]);
+            web.ip(&["-6", "route", "add", "default", "via", "2001:db8:203::254"]);
+            router.sysctl("net.ipv6.conf.all.forwarding", "1");
+            vpn.sysctl("net.ipv6.conf.all.forwarding", "1");
+            web_hosts.extend([WEB_HOST_V6, NTP_HOST, DNS_HOST]);
+        }
         // The VPN server hides its clients behind its own address (in its own namespace only).
-        let nat = "add table ip lab_nat; \
-                   add chain ip lab_nat post { type nat hook postrouting priority 100; }; \
-                   add rule ip lab_nat post oifname \"v0\" masquerade";
+        let nat = "add table inet lab_nat; \
+                   add chain inet lab_nat post { type nat hook postrouting priority 100; }; \
+                   add rule inet lab_nat post oifname \"v0\" masquerade";
         run("ip", &["netns", "exec", &vpn.name, "nft", nat]);
 
-        let web_addrs: Vec<SocketAddr> = web_ports
+        let web_addrs: Vec<SocketAddr> = web_hosts
             .iter()
-            .map(|&p| SocketAddr::new(WEB_HOST.parse().unwrap(), p))
+            .flat_map(|host| {
+                web_ports
+                    .iter()
+                    .map(|&p| SocketAddr::new(host.parse().unwrap(), p))
+            })
             .collect();
         let web_server = EchoServer::start(&web, &web_addrs);
 
         let dir = crate::private_dir("kslab");
         make_certificates(&dir);
-        write_configs(&dir);
+        write_configs(&dir, ipv6);
         let mut lab = Lab {
             client,
             router,
@@ -96,11 +142,24 @@ impl Lab {
 
     /// Starts openvpn; inside `cgroup` when given (it moves there before it executes).
     fn spawn_openvpn_in(&self, server: bool, cgroup: Option<&crate::Cgroup>) -> Child {
-        let (netns, config, log) = if server {
-            (&self.vpn, "server.conf", "server.log")
+        if server {
+            self.spawn_openvpn_at(&self.vpn, "server.conf", "server.log", cgroup)
         } else {
-            (&self.client, "client.conf", "client.log")
-        };
+            self.spawn_openvpn_with("client.conf", cgroup)
+        }
+    }
+
+    fn spawn_openvpn_with(&self, config: &str, cgroup: Option<&crate::Cgroup>) -> Child {
+        self.spawn_openvpn_at(&self.client, config, "client.log", cgroup)
+    }
+
+    fn spawn_openvpn_at(
+        &self,
+        netns: &Netns,
+        config: &str,
+        log: &str,
+        cgroup: Option<&crate::Cgroup>,
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -134,10 +193,44 @@ impl Lab {
 
     /// [`Lab::connect`] with the client inside `cgroup` (its own, as a systemd unit has).
     pub fn connect_in(&mut self, cgroup: Option<&crate::Cgroup>) -> Duration {
+        self.connect_with("client.conf", cgroup)
+    }
+
+    /// [`Lab::connect_in`] with the client config `config` (`client4.conf`: IPv4 only).
+    pub fn connect_with(&mut self, config: &str, cgroup: Option<&crate::Cgroup>) -> Duration {
         assert!(self.vpn_client.is_none(), "client already running");
         let started = Instant::now();
-        self.vpn_client = Some(self.spawn_openvpn_in(false, cgroup));
+        self.vpn_client = Some(self.spawn_openvpn_with(config, cgroup));
         self.wait_connected(started)
+    }
+
+    /// SIGTERMs the VPN client and waits (bounded) for it to exit: an orderly stop.
+    pub fn stop_vpn_client(&mut self) {
+        if let Some(mut child) = self.vpn_client.take() {
+            signal_group(&child, nix::sys::signal::Signal::SIGTERM);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            kill(&mut child);
+        }
+    }
+
+    /// Whether the VPN client started here has exited (or none runs).
+    pub fn vpn_client_exited(&mut self) -> bool {
+        self.vpn_client
+            .as_mut()
+            .is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
+    /// Forgets a VPN client that has exited on its own (its tunnel was deleted).
+    pub fn reap_vpn_client(&mut self) {
+        if let Some(mut child) = self.vpn_client.take() {
+            kill(&mut child);
+        }
     }
 
     /// The command line of the VPN client (run in the client's namespace), for a test that
@@ -333,18 +426,28 @@ fn make_certificates(dir: &Path) {
     }
 }
 
-fn write_configs(dir: &Path) {
+fn write_configs(dir: &Path, ipv6: bool) {
     let common = "dev tun0\ndev-type tun\nproto udp\ndisable-dco\nca ca.crt\n\
                   data-ciphers AES-256-GCM\nverb 3\nmute 20\npersist-key\n";
+    let (ipv6_server, gateway) = if ipv6 {
+        ("server-ipv6 2001:db8:18::/64\n", "def1 ipv6")
+    } else {
+        ("", "def1")
+    };
     let server = format!(
         "{common}local {VPN_SERVER}\nport {VPN_PORT}\ncert server.crt\nkey server.key\ndh none\n\
-         topology subnet\nserver {TUNNEL_NET} 255.255.255.0\npush \"redirect-gateway def1\"\n\
-         keepalive 1 10\n"
+         topology subnet\nserver {TUNNEL_NET} 255.255.255.0\n{ipv6_server}\
+         push \"redirect-gateway {gateway}\"\nkeepalive 1 10\n"
     );
     let client = format!(
         "{common}client\nremote {VPN_SERVER} {VPN_PORT}\nnobind\ncert client.crt\nkey client.key\n\
          remote-cert-tls server\nconnect-retry 1\nconnect-retry-max 20\n"
     );
+    // A client that leaves IPv6 to the uplink: what a provider without IPv6 gives.
+    let client4 = format!(
+        "{client}pull-filter ignore \"ifconfig-ipv6\"\npull-filter ignore \"route-ipv6\"\n"
+    );
     std::fs::write(dir.join("server.conf"), server).unwrap();
     std::fs::write(dir.join("client.conf"), client).unwrap();
+    std::fs::write(dir.join("client4.conf"), client4).unwrap();
 }

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup|demo|test|bench`.
+//! Developer tasks: `cargo xtask setup|demo|test|e2e|bench`.
 //!
 //! xtask itself depends on small host crates only, so it builds on a machine that has nothing but
 //! a stock Rust toolchain: `setup` installs the eBPF toolchain, and everything that needs the
@@ -29,12 +29,15 @@ enum Task {
     Setup,
     /// Set up if needed, build, and run the built-in demonstration (real OpenVPN, namespaces)
     Demo,
-    /// Set up if needed and run every test
+    /// Set up if needed and run every test, then the end-to-end suite
     Test {
         /// Extra arguments for `cargo test`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up if needed and run the end-to-end suite: both backends against real OpenVPN, a
+    /// capture on the router as the leak oracle, one line per scenario and a table
+    E2e,
     /// Measure per-packet cost per verdict path as the lists grow; writes target/bench/
     Bench,
 }
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
+        Task::E2e => setup::run().and_then(|()| e2e()),
         Task::Bench => setup::run().and_then(|()| bench()),
     };
     match result {
@@ -120,9 +124,35 @@ fn test(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    // The end-to-end suite counts as one more test, after the others (never beside them).
+    let e2e = if status.success() { e2e() } else { Ok(()) };
+    match &e2e {
+        Ok(()) if status.success() => passed += 1,
+        Ok(()) => {}
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            failed += 1;
+        }
+    }
     println!("tests: {passed} passed, {failed} failed");
-    if !status.success() {
+    if !status.success() || e2e.is_err() {
         bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// The end-to-end suite (`ks-e2e`) with the debug `killswitch`.
+fn e2e() -> Result<()> {
+    require_root("the end-to-end suite creates namespaces, cgroups and BPF programs")?;
+    println!("e2e: building killswitch and the bed's helpers");
+    let bin = build(false, &["killswitch-user", "killswitch-tests"])?;
+    let status = Command::new(bin.join("ks-e2e"))
+        .env("KILLSWITCH_BIN", bin.join("killswitch"))
+        .current_dir(workspace())
+        .status()
+        .context("cannot run ks-e2e")?;
+    if !status.success() {
+        bail!("the end-to-end suite failed");
     }
     Ok(())
 }

@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iptables",
     "iproute2",
+    // pkill, for the end-to-end suite's reloads
+    "procps",
     "iperf3",
     "bpftool",
     "openssl",
