@@ -111,6 +111,16 @@ fn device_type(name: &str) -> Option<u16> {
     ioctl(libc::SIOCGIFHWADDR, &mut req).then(|| u16::from_ne_bytes([req.data[0], req.data[1]]))
 }
 
+/// The interface's hardware address (SIOCGIFHWADDR), for an Ethernet-like device.
+pub fn mac(name: &str) -> Option<[u8; 6]> {
+    let mut req = ifreq(name)?;
+    ioctl(libc::SIOCGIFHWADDR, &mut req).then(|| {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&req.data[2..8]);
+        mac
+    })
+}
+
 /// Whether the interface is up and has a carrier (SIOCGIFFLAGS: IFF_UP and IFF_RUNNING). Asked
 /// of the current network namespace, unlike /sys/class/net.
 pub fn is_up(name: &str) -> bool {

@@ -56,15 +56,23 @@ impl Capture {
         }
     }
 
-    /// The captured packets matching a tcpdump `filter` (empty: all), one line each.
+    /// The captured packets matching a tcpdump `filter` (empty: all), one line each. A filter
+    /// tcpdump cannot use, or a capture it cannot read, panics: an oracle that reads nothing
+    /// must not say "no leak".
     pub fn packets(&self, filter: &str) -> Vec<String> {
         let out = Command::new("tcpdump")
             .args(["-nn", "-r"])
             .arg(&self.file)
             .arg(filter)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .output()
             .expect("tcpdump -r");
+        assert!(
+            out.status.success(),
+            "tcpdump -r {} '{filter}' failed: {}",
+            self.file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_owned)

@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use killswitch::model::{Direction, Interface, Packet};
+use killswitch::{
+    model::{Direction, Interface, Packet},
+    verify::wire::{fix_checksums, receive, tag, tagged},
+};
 
 use crate::{
     random::{frame_with, ME4, ME6},
@@ -27,7 +30,6 @@ pub const LINKS: [&str; 3] = ["tun0", "up0", "other0"];
 /// Protocols a raw socket listens for, per family.
 const PROTOCOLS: [i32; 7] = [1, 6, 17, 47, 50, 51, 135];
 const PROTOCOLS6: [i32; 7] = [58, 6, 17, 47, 50, 51, 135];
-const MAGIC: [u8; 2] = [0x6b, 0x73];
 
 struct Link {
     client_ifindex: u32,
@@ -257,35 +259,6 @@ impl World {
     }
 }
 
-fn tag(nonce: u16, i: u32) -> [u8; 8] {
-    let mut t = [0u8; 8];
-    t[..2].copy_from_slice(&MAGIC);
-    t[2..4].copy_from_slice(&nonce.to_be_bytes());
-    t[4..].copy_from_slice(&i.to_be_bytes());
-    t
-}
-
-/// The packet index of a received packet that ends in a tag of this batch.
-fn tagged(data: &[u8], nonce: u16) -> Option<u32> {
-    let end = ip_end(data);
-    let t = data.get(end.checked_sub(8)?..end)?;
-    (t[..2] == MAGIC && t[2..4] == nonce.to_be_bytes())
-        .then(|| u32::from_be_bytes(t[4..].try_into().unwrap()))
-}
-
-/// Where the IP packet in `data` ends (a raw IPv6 socket gives the payload only: its end).
-fn ip_end(data: &[u8]) -> usize {
-    match data.first().map(|b| b >> 4) {
-        Some(4) if data.len() >= 20 => {
-            usize::from(u16::from_be_bytes([data[2], data[3]])).min(data.len())
-        }
-        Some(6) if data.len() >= 40 => {
-            (40 + usize::from(u16::from_be_bytes([data[4], data[5]]))).min(data.len())
-        }
-        _ => data.len(),
-    }
-}
-
 fn socket(domain: i32, kind: i32, protocol: i32) -> OwnedFd {
     // SAFETY: plain socket(2); the descriptor is owned from here on.
     let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
@@ -315,36 +288,6 @@ fn set_option(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) {
         "setsockopt {level}/{name}: {}",
         std::io::Error::last_os_error()
     );
-}
-
-/// The next packet a socket has; on a packet socket, what it saw leave is skipped.
-fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
-    loop {
-        let mut buf = vec![0u8; 4096];
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        // SAFETY: buf has buf.len() writable bytes, from has len.
-        let n = unsafe {
-            libc::recvfrom(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                &mut from as *mut _ as *mut libc::sockaddr,
-                &mut len,
-            )
-        };
-        if n < 0 {
-            return None;
-        }
-        if i32::from(from.sll_family) == libc::AF_PACKET
-            && from.sll_pkttype == libc::PACKET_OUTGOING
-        {
-            continue;
-        }
-        buf.truncate(n as usize);
-        return Some(buf);
-    }
 }
 
 /// Sends an IP packet out of the link's client side; a refusal by the filter is expected.
@@ -430,58 +373,6 @@ fn send_frame(link: &Link, ip: &[u8], ethertype: [u8; 2]) {
         ip.len(),
         std::io::Error::last_os_error()
     );
-}
-
-/// The IPv4 header checksum, and the ICMPv6 checksum (a raw ICMPv6 socket checks it); the
-/// others are not read before a raw socket gets the packet.
-fn fix_checksums(ip: &mut [u8]) {
-    match ip[0] >> 4 {
-        4 => {
-            let ihl = usize::from(ip[0] & 0xf) * 4;
-            ip[10..12].copy_from_slice(&[0, 0]);
-            let sum = checksum(&ip[..ihl], 0);
-            ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        }
-        6 => {
-            let mut next = ip[6];
-            let mut at = 40;
-            while matches!(next, 0 | 43 | 44 | 60) && at + 8 <= ip.len() {
-                let len = if next == 44 {
-                    8
-                } else {
-                    (usize::from(ip[at + 1]) + 1) * 8
-                };
-                next = ip[at];
-                at += len;
-            }
-            if next == 58 && at + 4 <= ip.len() {
-                ip[at + 2..at + 4].copy_from_slice(&[0, 0]);
-                let mut pseudo: Vec<u8> = ip[8..40].to_vec();
-                pseudo.extend_from_slice(&((ip.len() - at) as u32).to_be_bytes());
-                pseudo.extend_from_slice(&[0, 0, 0, 58]);
-                let partial = sum_words(&pseudo, 0);
-                let sum = checksum(&ip[at..], partial);
-                ip[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
-            }
-        }
-        _ => {}
-    }
-}
-
-fn sum_words(data: &[u8], mut sum: u32) -> u32 {
-    for chunk in data.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    sum
-}
-
-fn checksum(data: &[u8], start: u32) -> u16 {
-    let mut sum = sum_words(data, start);
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 fn mac(netns: &Netns, dev: &str) -> [u8; 6] {

@@ -139,6 +139,7 @@ fn ebpf_scope_passes_and_each_change_behind_its_back_fails_its_check() {
     s.up("ebpf");
     let all = [
         "attached",
+        "pinned",
         "programs",
         "tunnels",
         "servers",
@@ -260,6 +261,11 @@ fn nftables_scope_passes_and_a_hand_edit_fails_the_table_check() {
     let (ok, json) = s.verify();
     assert!(!ok);
     assert_fails(&json, "table");
+    assert_eq!(
+        result(&json, "probes"),
+        "skip",
+        "no probe while the table is not the planned one"
+    );
     assert!(
         json.to_string()
             .contains("not planned: a rule in chain egress"),

@@ -467,19 +467,26 @@ pub fn listing(scope: &Scope) -> Result<serde_json::Value> {
 }
 
 /// Writes the table `up` would write for `policy` with `servers` into the current network
-/// namespace (a scratch one: `verify`), as `servers set` leaves it when `set_by_command`, and
-/// lists it like [`listing`].
-pub fn planned_listing(
+/// namespace (a scratch one: `verify`), as `servers set` leaves it when `set_by_command`.
+pub fn write_planned(
     scope: &Scope,
     policy: &Policy,
     servers: &[ServerEndpoint],
     set_by_command: bool,
-) -> Result<serde_json::Value> {
+) -> Result<()> {
     write(scope, policy, servers, None)?;
     if set_by_command {
         set_servers(scope, servers)?;
     }
-    listing(scope)
+    Ok(())
+}
+
+/// Removes the scope's table from the current network namespace (a scratch one: `verify`).
+pub fn delete_table(scope: &Scope) -> Result<()> {
+    let (table, _) = table_of(scope)?;
+    run_nft(&["delete", "table", "inet", &table], None, false)
+        .map(|_| ())
+        .map_err(|e| Error::kernel("nft could not delete the table", e))
 }
 
 /// Whether this machine has a working `nft` (a missing binary is the usual reason not).

@@ -55,8 +55,10 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
             enforced: false,
             checks,
             decisions: Check::skip("decisions", "no policy programs are attached to compare"),
+            policy: policy.clone(),
         });
     };
+    checks.push(pinned_check(scope, &attached));
     let pair = pair_of(attached.egress.name_as_str().unwrap_or_default())?;
     let copy = Copy::load(pair)?;
     checks.push(programs_check(&attached, &copy.programs, &pin_dir));
@@ -67,12 +69,13 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     let decisions = copy.decide(&live, &judged_by);
     let enforced = checks
         .iter()
-        .take(2)
+        .take(3)
         .all(|c| c.result == super::Outcome::Pass);
     Ok(State {
         enforced,
         checks,
         decisions,
+        policy: judged_by,
     })
 }
 
@@ -180,6 +183,41 @@ fn attached(scope: &Scope) -> std::result::Result<(Check, Option<Attached>), Che
             "run `killswitch verify` again",
         )),
     }
+}
+
+/// `pinned`: the attached programs are held by the links pinned for the scope, so they outlive
+/// every process (a link held only by an open descriptor goes with its process).
+fn pinned_check(scope: &Scope, attached: &Attached) -> Check {
+    let pin_dir = pins::pin_dir(scope);
+    let cgroup_id = scope.cgroup_id().unwrap_or(0);
+    let mut problems = Vec::new();
+    for (direction, program) in [
+        (Direction::Egress, &attached.egress),
+        (Direction::Ingress, &attached.ingress),
+    ] {
+        let pin = crate::ebpf::link_pin(&pin_dir, direction);
+        match sys::obj_get(&pin).and_then(|link| sys::cgroup_link_info(&link)) {
+            Ok(info) if info.program_id == program.id() && info.cgroup_id == cgroup_id => {}
+            Ok(info) => problems.push(format!(
+                "the {} link pinned at {} holds program {} on cgroup id {}, not the attached program {}",
+                direction.name(),
+                pin.display(),
+                info.program_id,
+                info.cgroup_id,
+                program.id()
+            )),
+            Err(e) => problems.push(format!("no {} link pinned at {}: {e}", direction.name(), pin.display())),
+        }
+    }
+    Check::from_problems(
+        "pinned",
+        format!(
+            "both links pinned in {}: enforcement outlives every process",
+            pin_dir.display()
+        ),
+        problems,
+        "run `killswitch up` to attach and pin the programs again",
+    )
 }
 
 fn is_ours(name: &str, direction: Direction) -> bool {
@@ -479,7 +517,9 @@ impl Copy {
         remove_stale_copies(&root);
         let dir = root.join(format!("verify={}", std::process::id()));
         let _ = remove_dir(&dir);
-        std::fs::create_dir(&dir).map_err(|e| Error::io("cannot make", &dir, e))?;
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .map_err(|e| Error::io("cannot make", &dir, e))?;
         let copy = Copy {
             programs: match Programs::load_pair(&dir, pair, None) {
                 Ok(programs) => programs,
@@ -532,9 +572,10 @@ impl Copy {
             };
             Ok(decisions::compare(
                 policy,
+                crate::model::Filter::Programs,
                 "a copy of the attached programs with the scope's map contents",
                 clients,
-                &mut judge,
+                |batch| batch.iter().map(|p| judge(p).map(Some)).collect(),
             ))
         });
         result.unwrap_or_else(|e| {

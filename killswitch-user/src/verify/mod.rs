@@ -10,6 +10,7 @@ mod holes;
 mod nft;
 mod probes;
 pub mod scratch;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 
@@ -155,10 +156,14 @@ pub fn verify(config: &Path, scope: &Scope) -> Result<Report> {
             Backend::Ebpf => ebpf::checks(scope, &policy)?,
             Backend::Nftables => nft::checks(scope, &policy)?,
         };
-        let enforced = state.enforced;
+        // Probes only where every check of the kernel's state passed: a probe the live state
+        // would let out must never be sent.
+        let holds = state.enforced
+            && state.checks.iter().all(|c| c.result != Outcome::Fail)
+            && state.decisions.result != Outcome::Fail;
         checks.extend(state.checks);
         checks.push(state.decisions);
-        checks.extend(probes::checks(scope, backend, &policy, enforced));
+        checks.extend(probes::checks(scope, backend, &state.policy, holds));
     }
     checks.extend(holes::checks(scope, &policy));
     let passed = checks.iter().all(|c| c.result != Outcome::Fail);
@@ -177,6 +182,8 @@ struct State {
     enforced: bool,
     checks: Vec<Check>,
     decisions: Check,
+    /// The policy with the servers the scope holds: what the probes' target is chosen by.
+    policy: Policy,
 }
 
 /// The policy with the servers the scope holds instead of the configured rules (names resolved,
@@ -241,15 +248,22 @@ fn servers_check(
         }
     }
     let mut unresolved = Vec::new();
+    let mut unattributed = Vec::new();
     for server in held.iter().filter(|s| !literal.contains(s)) {
-        let from_name = match named {
-            Some(named) => named
-                .iter()
-                .any(|(tag, s)| s == server && hosts.iter().any(|h| name_tag(h) == *tag)),
-            None => !hosts.is_empty(),
-        };
-        if !from_name {
-            problems.push(format!("{server} is held but not in the config"));
+        match named {
+            Some(named) => {
+                if !named
+                    .iter()
+                    .any(|(tag, s)| s == server && hosts.iter().any(|h| name_tag(h) == *tag))
+                {
+                    problems.push(format!("{server} is held but not in the config"));
+                }
+            }
+            // No record of names: an address not in the config cannot be tied to one.
+            None if hosts.is_empty() => {
+                problems.push(format!("{server} is held but not in the config"))
+            }
+            None => unattributed.push(server.to_string()),
         }
     }
     if let Some(named) = named {
@@ -264,6 +278,17 @@ fn servers_check(
             CHECK,
             problems.join("; "),
             "run `killswitch up` to write the config's servers again",
+        );
+    }
+    if !unattributed.is_empty() {
+        return Check::warn(
+            CHECK,
+            format!(
+                "{} held besides the literal ones; this backend keeps no record of which hostname gave them, so they are not proven to come from {}",
+                unattributed.join(", "),
+                hosts.join(", ")
+            ),
+            "run `killswitch up` to resolve the names again now",
         );
     }
     if !unresolved.is_empty() {

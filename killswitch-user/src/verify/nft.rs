@@ -3,8 +3,14 @@
 
 use serde_json::Value;
 
-use super::{count, scratch, servers_check, Check, State};
-use crate::{backend::nftables, error::Result, policy::Policy, scope::Scope};
+use super::{count, decisions, scratch, servers_check, wire, with_servers, Check, State};
+use crate::{
+    backend::nftables,
+    error::Result,
+    model::{Filter, Packet},
+    policy::Policy,
+    scope::Scope,
+};
 
 pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     let table = nftables::read(scope)?;
@@ -51,13 +57,61 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     let set_by_command = table.servers_set_by_command();
     checks.push(table_check(scope, policy, &name, &servers, set_by_command));
     checks.push(servers_check(policy, &servers, None, set_by_command));
+    let judged_by = with_servers(policy, &servers);
+    let decisions = decide(&judged_by, &servers, set_by_command);
     Ok(State {
         enforced,
         checks,
-        decisions: Check::skip(
+        decisions,
+        policy: judged_by,
+    })
+}
+
+/// `decisions`: generated packets through the same ruleset in a scratch namespace, each batch
+/// sent twice, without the table and with it: a packet the kernel does not deliver even
+/// unfiltered says nothing about the ruleset and is not compared. The table is the system-wide
+/// one (no `socket cgroupv2` gate): for a cgroup scope, the rules behind its gate, which the
+/// `table` check proved equal to the live ones.
+fn decide(
+    policy: &Policy,
+    servers: &[crate::policy::ServerEndpoint],
+    set_by_command: bool,
+) -> Check {
+    let result = scratch::run(|net| {
+        let root = Scope::from_arg(None)?;
+        let mut wire = wire::Wire::new(net)?;
+        let mut loaded = false;
+        let mut judge = |batch: &[Packet]| -> Result<Vec<Option<decisions::Judged>>> {
+            if loaded {
+                nftables::delete_table(&root)?;
+            }
+            let unfiltered = wire.deliver(batch)?;
+            nftables::write_planned(&root, policy, servers, set_by_command)?;
+            loaded = true;
+            let filtered = wire.deliver(batch)?;
+            Ok(unfiltered
+                .into_iter()
+                .zip(filtered)
+                .map(|(unfiltered, filtered)| match (unfiltered, filtered) {
+                    (Some(true), Some(arrived)) => Some((arrived, None)),
+                    _ => None,
+                })
+                .collect())
+        };
+        Ok(decisions::compare(
+            policy,
+            Filter::Netfilter,
+            "the same ruleset in a scratch namespace",
+            false,
+            &mut judge,
+        ))
+    });
+    result.unwrap_or_else(|e| {
+        Check::fail(
             "decisions",
-            "generated packets through the nftables ruleset are not run by `verify` yet; the table check above compares it with the rendered one",
-        ),
+            format!("the packets could not be run: {e}"),
+            "run with -v",
+        )
     })
 }
 
@@ -73,8 +127,10 @@ fn table_check(
         Ok(live) => items(&live),
         Err(e) => return Check::fail("table", format!("cannot list it: {e}"), "run as root"),
     };
-    let planned =
-        scratch::run(|_| nftables::planned_listing(scope, policy, servers, set_by_command));
+    let planned = scratch::run(|_| {
+        nftables::write_planned(scope, policy, servers, set_by_command)?;
+        nftables::listing(scope)
+    });
     let planned = match planned {
         Ok(planned) => items(&planned),
         Err(e) => {
@@ -95,7 +151,8 @@ fn table_check(
         .filter(|i| !live.contains(i))
         .map(describe)
         .collect();
-    if extra.is_empty() && missing.is_empty() {
+    // Order matters: a rule moved above a drop widens the policy.
+    if live == planned {
         return Check::pass(
             "table",
             format!(
@@ -110,6 +167,9 @@ fn table_check(
     }
     if !missing.is_empty() {
         problems.push(format!("missing: {}", missing.join("; ")));
+    }
+    if problems.is_empty() {
+        problems.push("the same items in another order (or repeated)".into());
     }
     Check::fail(
         "table",

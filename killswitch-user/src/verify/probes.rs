@@ -38,7 +38,7 @@ pub(super) fn checks(
     if !enforced {
         return vec![Check::skip(
             "probes",
-            "not probed: the scope is not known to be enforced, and a probe could leave",
+            "not probed: a check of the scope's kernel state failed, and a probe could leave",
         )];
     }
     let Some(uplink) = uplinks(policy).into_iter().next() else {
@@ -124,7 +124,8 @@ fn uplinks(policy: &Policy) -> Vec<String> {
         .collect()
 }
 
-/// Probes `target` out of `uplink` from a child cgroup of the scope.
+/// Probes `target` out of `uplink` from a child cgroup of the scope: the datagrams first, and
+/// the TCP connect only when the counter rose by exactly the datagrams' number.
 fn probe(
     scope: &Scope,
     backend: Backend,
@@ -133,65 +134,102 @@ fn probe(
     target: IpAddr,
 ) -> Result<Check> {
     let reason = dropped(policy, target).expect("a dropped target");
-    let before = counters(scope, backend)?;
-    let outcome = in_child_cgroup(scope, || send(uplink, target))??;
-    let after = counters(scope, backend)?;
-    let rose = after.get(&reason).copied().unwrap_or(0) - before.get(&reason).copied().unwrap_or(0);
-    let sent = DATAGRAMS + 1;
     let what = format!(
         "{} and a TCP connect to {target} port {PORT} out of {uplink}",
         count(DATAGRAMS, "UDP datagram")
     );
-    Ok(match outcome {
-        Outcome::NoRoute => Check::skip("probes", format!("no route to {target} out of {uplink}")),
-        Outcome::Left(how) => Check::fail(
-            "probes",
-            format!("{what}: {how}: the policy did NOT hold"),
-            "run `killswitch down` and `killswitch up`, then verify again; report it",
-        ),
-        Outcome::Held if rose == sent as u64 => Check::pass(
-            "probes",
-            format!(
-                "{what}: refused before leaving (EPERM, no SYN answered); the {} counter rose by {rose}",
-                reason.name()
-            ),
-        ),
-        Outcome::Held if rose > sent as u64 => Check::warn(
+    let rose = |before: &BTreeMap<Reason, u64>| -> Result<Option<u64>> {
+        let after = counters(scope, backend)?;
+        let now = after.get(&reason).copied().unwrap_or(0);
+        // A counter that went down was reset meanwhile (a table rewritten): no count.
+        Ok(now.checked_sub(before.get(&reason).copied().unwrap_or(0)))
+    };
+    let inexact = |rose: Option<u64>, expected: usize| {
+        Check::skip(
             "probes",
             format!(
-                "{what}: refused before leaving; the {} counter rose by {rose}, not {sent}: other traffic was dropped meanwhile",
-                reason.name()
+                "{what}: refused before leaving, but the {} counter rose by {}, not {expected}: other traffic was dropped meanwhile, so the count proves nothing",
+                reason.name(),
+                rose.map_or("an unknown amount (it was reset)".into(), |r| r.to_string())
             ),
-            "run `killswitch verify` again at a quieter moment for an exact count",
-        ),
-        Outcome::Held => Check::fail(
+        )
+    };
+    let before = counters(scope, backend)?;
+    match in_child_cgroup(scope, || send_datagrams(uplink, target))?? {
+        Outcome::NoRoute => {
+            return Ok(Check::skip(
+                "probes",
+                format!("no route to {target} out of {uplink}"),
+            ))
+        }
+        Outcome::Left(how) => return Ok(left(&what, &how)),
+        Outcome::Held => {}
+    }
+    match rose(&before)? {
+        Some(n) if n == DATAGRAMS as u64 => {}
+        Some(n) if n < DATAGRAMS as u64 => return Ok(uncounted(&what, reason, n, DATAGRAMS)),
+        other => return Ok(inexact(other, DATAGRAMS)),
+    }
+    let before = counters(scope, backend)?;
+    match in_child_cgroup(scope, || connect(uplink, target))?? {
+        Outcome::Left(how) => return Ok(left(&what, &how)),
+        Outcome::NoRoute | Outcome::Held => {}
+    }
+    Ok(match rose(&before)? {
+        Some(1) => Check::pass(
             "probes",
             format!(
-                "{what}: refused, but the {} counter rose by {rose}, not {sent}: something else dropped them",
-                reason.name()
+                "{what}: refused before leaving (sendto: EPERM; the SYN counted, never answered); the {} counter rose by {} and 1",
+                reason.name(),
+                DATAGRAMS
             ),
-            "check `killswitch status` and other firewalls on the machine",
         ),
+        Some(0) => uncounted(&what, reason, 0, 1),
+        other => inexact(other, 1),
     })
+}
+
+fn left(what: &str, how: &str) -> Check {
+    Check::fail(
+        "probes",
+        format!("{what}: {how}: the policy did NOT hold"),
+        "run `killswitch down` and `killswitch up`, then verify again; report it",
+    )
+}
+
+fn uncounted(what: &str, reason: Reason, rose: u64, expected: usize) -> Check {
+    Check::fail(
+        "probes",
+        format!(
+            "{what}: refused, but the {} counter rose by {rose}, not {expected}: something else dropped them",
+            reason.name()
+        ),
+        "check `killswitch status` and other firewalls on the machine",
+    )
 }
 
 enum Outcome {
     /// Every probe was refused at the scope's egress.
     Held,
-    /// The uplink has no route there: nothing was tried.
+    /// The uplink has no route there (or the family is off): nothing was sent.
     NoRoute,
     /// A probe was sent or connected: how.
     Left(String),
 }
 
-/// Sends the probes from the calling process (which is in the probe cgroup now).
-fn send(uplink: &str, target: IpAddr) -> Result<Outcome> {
+/// Sends the datagrams from the calling process (which is in the probe cgroup now).
+fn send_datagrams(uplink: &str, target: IpAddr) -> Result<Outcome> {
     let any: SocketAddr = match target {
         IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
         IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
     };
     let to = SocketAddr::new(target, PORT);
-    let socket = UdpSocket::bind(any).map_err(|e| Error::kernel("cannot open a UDP socket", e))?;
+    let socket = match UdpSocket::bind(any) {
+        Ok(socket) => socket,
+        // IPv6 turned off on this machine (ipv6.disable=1): nothing to probe.
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(Outcome::NoRoute),
+        Err(e) => return Err(Error::kernel("cannot open a UDP socket", e)),
+    };
     bind_to_device(socket.as_raw_fd(), uplink)?;
     for i in 0..DATAGRAMS {
         match socket.send_to(b"killswitch verify probe", to) {
@@ -209,7 +247,13 @@ fn send(uplink: &str, target: IpAddr) -> Result<Outcome> {
             Err(e) => return Err(Error::kernel("a probe failed otherwise", e)),
         }
     }
-    // A refused SYN does not fail connect(): TCP retries it. None may be answered meanwhile.
+    Ok(Outcome::Held)
+}
+
+/// A TCP connect from the calling process: a refused SYN does not fail connect() (TCP retries
+/// it), so it holds when no connection is made within 200 ms.
+fn connect(uplink: &str, target: IpAddr) -> Result<Outcome> {
+    let to = SocketAddr::new(target, PORT);
     let stream = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,
@@ -275,6 +319,7 @@ fn in_child_cgroup<T>(scope: &Scope, f: impl FnOnce() -> T) -> Result<T> {
                 .map(|p| mount.join(p.trim_start_matches('/')))
         })
         .ok_or_else(|| Error::Runtime("cannot tell this process's cgroup".into()))?;
+    remove_stale(&scope.cgroup);
     let child = scope
         .cgroup
         .join(format!("killswitch-verify-{}", std::process::id()));
@@ -287,6 +332,21 @@ fn in_child_cgroup<T>(scope: &Scope, f: impl FnOnce() -> T) -> Result<T> {
     back?;
     removed?;
     Ok(result.expect("ran when moved"))
+}
+
+/// Probe cgroups a killed `verify` left in the scope (their process is gone).
+fn remove_stale(scope: &Path) {
+    let Ok(entries) = std::fs::read_dir(scope) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("killswitch-verify-") {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
 }
 
 fn enter(cgroup: &Path) -> Result<()> {

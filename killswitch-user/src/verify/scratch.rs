@@ -16,7 +16,7 @@ pub struct Scratch {
 }
 
 /// Runs `f` on a thread of its own in a new network namespace with `lo` and three veth pairs
-/// (`tun0`, `up0`, `other0`, all up). The namespace goes when the thread and the processes it
+/// (`tun0`, `up0`, `other0`, and their peers `tun0p`, ..., all up). The namespace goes when the thread and the processes it
 /// started have ended.
 pub fn run<T: Send>(f: impl FnOnce(&Scratch) -> Result<T> + Send) -> Result<T> {
     std::thread::scope(|threads| {
@@ -54,6 +54,9 @@ fn make_links() -> Result<Scratch> {
                 .execute()
         };
         up(1).await.map_err(|e| failed(&e))?;
+        let index = |name: &str| {
+            nix::net::if_::if_nametoindex(name).map_err(|e| failed(&format!("{name}: {e}")))
+        };
         for name in [TUNNEL, UPLINK, OTHER] {
             let peer = format!("{name}p");
             handle
@@ -62,10 +65,8 @@ fn make_links() -> Result<Scratch> {
                 .execute()
                 .await
                 .map_err(|e| failed(&e))?;
+            up(index(&peer)?).await.map_err(|e| failed(&e))?;
         }
-        let index = |name: &str| {
-            nix::net::if_::if_nametoindex(name).map_err(|e| failed(&format!("{name}: {e}")))
-        };
         Ok(Scratch {
             tunnel: index(TUNNEL)?,
             uplink: index(UPLINK)?,
