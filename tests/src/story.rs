@@ -34,6 +34,9 @@ pub struct Observed {
     pub new_tunnel_before_up: bool,
     pub new_tunnel_after_up: bool,
     pub status_table: String,
+    /// `killswitch verify` at the end passed (exit 0); its lines.
+    pub verified: bool,
+    pub verify_lines: Vec<String>,
 }
 
 pub struct Story {
@@ -218,6 +221,16 @@ impl Story {
             "killswitch up again ({again_ms} ms, in place, no gap): app -> {WEB_HOST}:{APP_PORT}: {}",
             ok(seen.new_tunnel_after_up)
         ));
+        let verify = self.killswitch(&["verify"]);
+        seen.verified = verify.status.success();
+        seen.verify_lines = String::from_utf8_lossy(&verify.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        say("killswitch verify: the kernel's state, 1,000+ packets against the model, probes that cannot leak:");
+        for line in &seen.verify_lines {
+            say(&format!("  {line}"));
+        }
         seen
     }
 }

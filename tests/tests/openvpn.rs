@@ -54,6 +54,11 @@ fn killed_vpn_client_leaks_nothing_and_reconnect_needs_a_reapply() {
         "{}",
         seen.status_table
     );
+    assert!(
+        seen.verified,
+        "verify failed:\n{}",
+        seen.verify_lines.join("\n")
+    );
 }
 
 #[test]
@@ -232,6 +237,11 @@ fn with_nftables_a_killed_vpn_client_leaks_nothing_and_a_reconnect_needs_nobody(
         seen.status_table.contains("nftables") && seen.status_table.contains("default-drop"),
         "{}",
         seen.status_table
+    );
+    assert!(
+        seen.verified,
+        "verify failed:\n{}",
+        seen.verify_lines.join("\n")
     );
 }
 

@@ -325,7 +325,12 @@ pub fn count(n: usize, noun: &str) -> String {
         }
         grouped.push(c);
     }
-    format!("{grouped} {noun}{}", if n == 1 { "" } else { "s" })
+    let plural = if noun.ends_with(['s', 'x']) {
+        "es"
+    } else {
+        "s"
+    };
+    format!("{grouped} {noun}{}", if n == 1 { "" } else { plural })
 }
 
 #[cfg(test)]
@@ -336,5 +341,6 @@ mod tests {
         assert_eq!(super::count(0, "probe"), "0 probes");
         assert_eq!(super::count(1200, "packet"), "1,200 packets");
         assert_eq!(super::count(100_000, "server"), "100,000 servers");
+        assert_eq!(super::count(2, "LAN prefix"), "2 LAN prefixes");
     }
 }

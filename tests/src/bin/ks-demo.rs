@@ -26,7 +26,8 @@ fn main() -> ExitCode {
     let verdict = seen.through_tunnel
         && !seen.after_kill_reached
         && seen.leaked.is_empty()
-        && seen.new_tunnel_after_up;
+        && seen.new_tunnel_after_up
+        && seen.verified;
     if !verdict {
         eprintln!("demo: the demonstration did not go as expected: {seen:#?}");
         return ExitCode::FAILURE;
