@@ -80,6 +80,27 @@ struct Transport {
 }
 
 impl Packet {
+    /// A plain packet a local socket (not the VPN client's) sends out of an uplink to
+    /// `remote`:`remote_port` (a SYN for TCP): what `verify` asks the policy about.
+    pub fn leaving_uplink(remote: IpAddr, protocol: u8, remote_port: u16) -> Packet {
+        Packet {
+            direction: Direction::Egress,
+            interface: Interface::Uplink,
+            remote,
+            protocol,
+            local_port: 40000,
+            remote_port,
+            tcp_flags: 0x02,
+            icmp_type: 0,
+            fragment: false,
+            extension_headers: 0,
+            source_route: false,
+            quoted: None,
+            vpn_client: false,
+            mark: 0,
+        }
+    }
+
     fn transport(&self) -> Transport {
         let ipv6 = self.remote.is_ipv6();
         // A fragment header is one more extension header on the walk.

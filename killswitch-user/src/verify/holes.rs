@@ -8,7 +8,7 @@ use std::{net::IpAddr, path::Path};
 use super::Check;
 use crate::{
     interfaces,
-    model::{self, Direction, Interface, Packet},
+    model::{self, Packet},
     policy::{Ipv6Mode, Policy, ServerAddress},
     scope::Scope,
 };
@@ -175,22 +175,7 @@ fn resolver(policy: &Policy, path: &Path, route: impl Fn(IpAddr) -> Option<Strin
         if tunnel {
             continue;
         }
-        let lookup = Packet {
-            direction: Direction::Egress,
-            interface: Interface::Uplink,
-            remote: server,
-            protocol: 17,
-            local_port: 40000,
-            remote_port: 53,
-            tcp_flags: 0,
-            icmp_type: 0,
-            fragment: false,
-            extension_headers: 0,
-            source_route: false,
-            quoted: None,
-            vpn_client: false,
-            mark: 0,
-        };
+        let lookup = Packet::leaving_uplink(server, 17, 53);
         let (verdict, reason) = model::verdict(policy, &lookup);
         let via = through.map_or(String::new(), |name| format!(" via {name}"));
         match verdict {

@@ -20,7 +20,7 @@ use crate::{
     backend::{nftables, Backend},
     error::{Error, Result},
     interfaces,
-    model::{self, Direction, Interface, Packet},
+    model::{self, Direction, Packet},
     policy::Policy,
     scope::Scope,
 };
@@ -85,22 +85,7 @@ pub(super) fn checks(
 /// The reason the policy drops both a UDP and a TCP packet to `remote`'s discard port out of an
 /// uplink, from anyone but the VPN client; `None` when it would allow one of them.
 fn dropped(policy: &Policy, remote: IpAddr) -> Option<Reason> {
-    let packet = |protocol: u8| Packet {
-        direction: Direction::Egress,
-        interface: Interface::Uplink,
-        remote,
-        protocol,
-        local_port: 40000,
-        remote_port: PORT,
-        tcp_flags: 0x02,
-        icmp_type: 0,
-        fragment: false,
-        extension_headers: 0,
-        source_route: false,
-        quoted: None,
-        vpn_client: false,
-        mark: 0,
-    };
+    let packet = |protocol: u8| Packet::leaving_uplink(remote, protocol, PORT);
     let (udp, udp_reason) = model::verdict(policy, &packet(17));
     let (tcp, tcp_reason) = model::verdict(policy, &packet(6));
     (udp == model::Verdict::Drop && tcp == model::Verdict::Drop && udp_reason == tcp_reason)
