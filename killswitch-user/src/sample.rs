@@ -138,10 +138,16 @@ pub fn steered_packet(
                 p.remote_port = port;
             }
             // Under [vpn_client], often a plain packet leaving by an uplink: who sent it decides.
-            if policy.vpn_client.is_some() && rng.below(2) == 0 {
-                p.direction = Direction::Egress;
-                p.interface = Interface::Uplink;
-                (p.fragment, p.source_route, p.extension_headers) = (false, false, 0);
+            if let Some(client) = &policy.vpn_client {
+                if rng.below(2) == 0 {
+                    p.direction = Direction::Egress;
+                    p.interface = Interface::Uplink;
+                    (p.fragment, p.source_route, p.extension_headers) = (false, false, 0);
+                }
+                // The policy's own mark (and a near miss), whatever it is.
+                if let Some(mark) = client.mark.filter(|_| rng.below(2) == 0) {
+                    p.mark = pick(rng, &[mark, mark ^ 1]);
+                }
             }
         }
         1 if !policy.ntp_servers.is_empty() => {

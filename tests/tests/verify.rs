@@ -1,10 +1,13 @@
 //! `killswitch verify` on a live scope (a child cgroup in a client namespace): a correct scope
 //! passes with both backends, and each way of breaking it behind killswitch's back makes the
 //! right check fail: a program detached with bpftool, a map entry added or removed by hand, a
-//! tunnel made again with a new ifindex and no daemon, the nft table edited by hand.
+//! tunnel made again with a new ifindex and no daemon, a second program of ours attached beside
+//! the scope's, the nft table edited by hand.
 
 use std::{path::PathBuf, process::Output};
 
+use killswitch::ebpf::Programs;
+use killswitch_common::Direction;
 use serde_json::Value;
 use testbed::{
     net::TestNet,
@@ -219,6 +222,29 @@ fn ebpf_scope_passes_and_each_change_behind_its_back_fails_its_check() {
     assert_fails(&json, "tunnels");
     s.up("ebpf");
     assert!(s.verify().0, "up follows the new tunnel");
+
+    // A second egress program of ours attached next to the scope's (a stale attachment): the
+    // stricter wins, but it is not the plan, and it reads maps that are not the scope's.
+    let extra = PinRoot::new();
+    let programs = Programs::load(&extra.path).expect("a second copy loads");
+    let id = programs
+        .program(Direction::Egress)
+        .info()
+        .expect("program info")
+        .id()
+        .to_string();
+    let cgroup = s.cgroup.path.to_str().unwrap();
+    bpftool(&["cgroup", "attach", cgroup, "egress", "id", &id, "multi"]);
+    let (ok, json) = s.verify();
+    bpftool(&["cgroup", "detach", cgroup, "egress", "id", &id]);
+    drop(programs);
+    assert!(!ok);
+    assert_fails(&json, "attached");
+    assert!(
+        json.to_string().contains("more than one of ours on egress"),
+        "{json:#}"
+    );
+    assert!(s.verify().0, "passes again once it is gone");
 
     // A program detached behind killswitch's back.
     let out = s.killswitch(&["status", "--json"]);

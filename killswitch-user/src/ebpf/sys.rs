@@ -1,5 +1,5 @@
-//! The few bpf(2) commands aya 0.14 does not expose: force-detaching a pinned link and reading a
-//! cgroup link's target.
+//! The few bpf(2) commands aya 0.14 does not expose: force-detaching a pinned link, reading a
+//! cgroup link's target, what is attached to a cgroup, and raw array slots.
 
 use std::{
     ffi::CString,
@@ -139,11 +139,17 @@ pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> std::io::R
 
 /// The id of the program in slot `index` of a program array (what user space reads back).
 pub fn program_in_slot(map: BorrowedFd<'_>, index: u32) -> std::io::Result<u32> {
-    let mut id = 0u32;
+    let value = array_value(map, index, 4)?;
+    Ok(u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
+}
+
+/// The `value_size` bytes in slot `index` of an array map (a program array gives the id).
+pub fn array_value(map: BorrowedFd<'_>, index: u32, value_size: usize) -> std::io::Result<Vec<u8>> {
+    let mut value = vec![0u8; value_size];
     let mut attr = [0u64; 8];
     attr[0] = map.as_raw_fd() as u32 as u64;
     attr[1] = &index as *const u32 as u64;
-    attr[2] = &mut id as *mut u32 as u64;
+    attr[2] = value.as_mut_ptr() as u64;
     bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
-    Ok(id)
+    Ok(value)
 }

@@ -17,9 +17,19 @@ pub const PACKETS: usize = 1000;
 const MOST: usize = 5000;
 const CHECK: &str = "decisions";
 
-/// What the filter under test made of one packet: allowed, and the reason it counted (`None`
-/// when the filter cannot tell).
-pub type Judged = (bool, Option<Reason>);
+/// What the filter under test made of one packet: allowed, and what it counted.
+pub type Judged = (bool, Counted);
+
+/// The counters a packet moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// The filter cannot tell (nftables: its counters are shared by the whole batch).
+    Unknown,
+    /// Exactly one reason's counter, as every packet must.
+    One(Reason),
+    /// This many counters moved instead of one: a mismatch whatever the verdict.
+    Not(usize),
+}
 
 /// Packets drawn and judged at once.
 const BATCH: usize = 100;
@@ -69,13 +79,22 @@ pub fn compare(
             };
             let (verdict, reason) = model::verdict_of(filter, policy, packet);
             let allowed = verdict == model::Verdict::Allow;
-            if judged.0 != allowed || judged.1.is_some_and(|r| r != reason) {
+            let counted_right = match judged.1 {
+                Counted::Unknown => true,
+                Counted::One(counted) => counted == reason,
+                Counted::Not(_) => false,
+            };
+            if judged.0 != allowed || !counted_right {
                 return Check::fail(
                     CHECK,
                     format!(
                         "{what} {}{} where the policy says {} {}: {}",
                         if judged.0 { "allowed" } else { "dropped" },
-                        judged.1.map_or(String::new(), |r| format!(" {}", r.name())),
+                        match judged.1 {
+                            Counted::Unknown => String::new(),
+                            Counted::One(r) => format!(" {}", r.name()),
+                            Counted::Not(n) => format!(" (counted {n} reasons, not one)"),
+                        },
                         if allowed { "allow" } else { "drop" },
                         reason.name(),
                         describe(packet)

@@ -39,6 +39,9 @@ struct Attached {
 
 pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     let pin_dir = pins::pin_dir(scope);
+    // The kernel's state is read under the scope's lock, so that an update in progress (`up`,
+    // the daemon) is not caught half done; the packets then run on that snapshot without it.
+    let lock = pins::ScopeLock::existing(scope)?;
     let mut checks = Vec::new();
     let attached = match attached(scope) {
         Ok(attached) => {
@@ -59,13 +62,49 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
         });
     };
     checks.push(pinned_check(scope, &attached));
-    let pair = pair_of(attached.egress.name_as_str().unwrap_or_default())?;
-    let copy = Copy::load(pair)?;
+    // Failing to load the copy or to read the maps is a FAIL line, not an abort: the report
+    // still says what was seen.
+    let copy = match pair_of(attached.egress.name_as_str().unwrap_or_default()).and_then(Copy::load)
+    {
+        Ok(copy) => copy,
+        Err(e) => {
+            checks.push(Check::fail(
+                "programs",
+                format!("this build's programs could not be loaded to compare: {e}"),
+                "run `killswitch verify -v` for the kernel's reason",
+            ));
+            return Ok(State {
+                enforced: false,
+                checks,
+                decisions: Check::skip("decisions", "nothing to run the packets through"),
+                policy: policy.clone(),
+            });
+        }
+    };
     checks.push(programs_check(&attached, &copy.programs, &pin_dir));
-    let live = PinnedMaps::open(&pin_dir)?.entries()?;
+    let live = match PinnedMaps::open(&pin_dir).and_then(|maps| maps.entries()) {
+        Ok(live) => live,
+        Err(e) => {
+            checks.push(Check::fail(
+                "lists",
+                format!(
+                    "the maps pinned in {} cannot be read: {e}",
+                    pin_dir.display()
+                ),
+                "run `killswitch up` to pin them again",
+            ));
+            return Ok(State {
+                enforced: false,
+                checks,
+                decisions: Check::skip("decisions", "the scope's map contents are unknown"),
+                policy: policy.clone(),
+            });
+        }
+    };
     checks.extend(maps_checks(policy, &live));
     let held_servers: Vec<_> = live.servers.iter().map(server_endpoint).collect();
     let judged_by = with_servers(policy, &held_servers);
+    drop(lock);
     let decisions = copy.decide(&live, &judged_by);
     let enforced = checks
         .iter()
@@ -96,6 +135,7 @@ fn attached(scope: &Scope) -> std::result::Result<(Check, Option<Attached>), Che
         .collect();
     let mut found = Vec::new();
     let mut seen = Vec::new();
+    let mut stacked = Vec::new();
     for (direction, attach_type) in [(Direction::Egress, 1), (Direction::Ingress, 0)] {
         let ids = sys::attached_programs(cgroup.as_fd(), attach_type).map_err(|e| {
             Check::fail(
@@ -136,6 +176,9 @@ fn attached(scope: &Scope) -> std::result::Result<(Check, Option<Attached>), Che
                 String::new()
             }
         ));
+        if ours.len() > 1 {
+            stacked.push(direction.name());
+        }
         found.push(ours.last().and_then(|id| programs.get(id)));
     }
     let evidence = format!(
@@ -153,6 +196,21 @@ fn attached(scope: &Scope) -> std::result::Result<(Check, Option<Attached>), Che
             None,
         ));
     };
+    if !stacked.is_empty() {
+        // Each runs and the stricter wins, so nothing leaks, but one is not the planned policy.
+        return Ok((
+            Check::fail(
+                CHECK,
+                format!("{evidence}: more than one of ours on {}", stacked.join(" and ")),
+                format!(
+                    "`bpftool cgroup show {}` lists them; detach the one not held by a link pinned in {}",
+                    scope.cgroup.display(),
+                    pins::pin_dir(scope).display()
+                ),
+            ),
+            None,
+        ));
+    }
     let locked = [egress, ingress]
         .iter()
         .any(|p| p.name_as_str().is_some_and(|n| n.ends_with("_locked")));
@@ -254,19 +312,24 @@ fn programs_check(attached: &Attached, copy: &Programs, pin_dir: &Path) -> Check
         (Direction::Egress, &attached.egress),
         (Direction::Ingress, &attached.ingress),
     ] {
-        match copy.program(direction).info() {
-            Ok(built) if built.tag() == live.tag() => {
-                tags.push(format!("{} {:016x}", direction.name(), live.tag()))
+        let built = match copy.program(direction).info() {
+            Ok(built) => built,
+            Err(e) => {
+                problems.push(format!("cannot read this build's program: {e}"));
+                continue;
             }
-            Ok(built) => problems.push(format!(
+        };
+        if built.tag() == live.tag() {
+            tags.push(format!("{} {:016x}", direction.name(), live.tag()))
+        } else {
+            problems.push(format!(
                 "the attached {} program has tag {:016x}, this build's {:016x}",
                 direction.name(),
                 live.tag(),
                 built.tag()
-            )),
-            Err(e) => problems.push(format!("cannot read this build's program: {e}")),
+            ));
         }
-        problems.extend(foreign_maps(live, pin_dir));
+        problems.extend(maps_read(live, &built, pin_dir));
     }
     match (icmp_error_tag(pin_dir), copy.icmp_error_program()) {
         (Ok(live), Some(built)) => match built.info() {
@@ -291,30 +354,67 @@ fn programs_check(attached: &Attached, copy: &Programs, pin_dir: &Path) -> Check
     )
 }
 
-/// Maps the attached program reads under one of our names that are not the pinned ones.
-fn foreign_maps(program: &ProgramInfo, pin_dir: &Path) -> Vec<String> {
-    let ids = match program.map_ids() {
-        Ok(Some(ids)) => ids,
-        Ok(None) => return vec![],
-        Err(e) => return vec![format!("cannot list the program's maps: {e}")],
+/// What the maps the attached program reads are not: ours must be the pinned ones, its global
+/// data (`.rodata`: this kernel's socket offsets, which the tag leaves out) must hold what this
+/// build's copy holds, and it reads nothing else.
+fn maps_read(live: &ProgramInfo, built: &ProgramInfo, pin_dir: &Path) -> Vec<String> {
+    let ids = |p: &ProgramInfo| p.map_ids().map(Option::unwrap_or_default);
+    let (live_ids, built_ids) = match (ids(live), ids(built)) {
+        (Ok(live), Ok(built)) => (live, built),
+        (Err(e), _) | (_, Err(e)) => return vec![format!("cannot list the program's maps: {e}")],
     };
+    let built_data: BTreeMap<String, Vec<u8>> = built_ids
+        .into_iter()
+        .filter_map(|id| {
+            let info = MapInfo::from_id(id).ok()?;
+            let name = info.name_as_str().filter(|n| is_global_data(n))?.to_owned();
+            Some((name, global_data(&info).ok()?))
+        })
+        .collect();
     let mut problems = Vec::new();
-    for id in ids {
-        let Ok(info) = MapInfo::from_id(id) else {
-            continue;
+    for id in live_ids {
+        let info = match MapInfo::from_id(id) {
+            Ok(info) => info,
+            Err(e) => {
+                problems.push(format!(
+                    "cannot read map id {id} of the attached program: {e}"
+                ));
+                continue;
+            }
         };
-        let Some(name) = info.name_as_str().filter(|n| maps::ALL.contains(n)) else {
-            continue;
-        };
-        let pinned = MapInfo::from_pin(pin_dir.join(name)).map(|p| p.id());
-        if pinned.as_ref().ok() != Some(&id) {
+        let name = info.name_as_str().unwrap_or("?");
+        if maps::ALL.contains(&name) {
+            let pinned = MapInfo::from_pin(pin_dir.join(name)).map(|p| p.id());
+            if pinned.as_ref().ok() != Some(&id) {
+                problems.push(format!(
+                    "the attached program reads {name} id {id}, not the pinned one ({})",
+                    pinned.map_or("none".to_owned(), |p| format!("id {p}"))
+                ));
+            }
+        } else if is_global_data(name) {
+            if global_data(&info).ok().as_ref() != built_data.get(name) {
+                problems.push(format!(
+                    "the attached program's {name} (map id {id}) differs from this build's"
+                ));
+            }
+        } else {
             problems.push(format!(
-                "the attached program reads {name} id {id}, not the pinned one ({})",
-                pinned.map_or("none".to_owned(), |p| format!("id {p}"))
+                "the attached program reads map {name} (id {id}), which is not one of ours"
             ));
         }
     }
     problems
+}
+
+/// A loader-made map of global variables (`.rodata`, `.data`, `.bss`).
+fn is_global_data(name: &str) -> bool {
+    name.starts_with('.')
+}
+
+/// The one value of a global-data map.
+fn global_data(info: &MapInfo) -> std::io::Result<Vec<u8>> {
+    let fd = info.fd().map_err(std::io::Error::other)?;
+    sys::array_value(fd.as_fd(), 0, info.value_size() as usize)
 }
 
 /// Tag of the ICMP-error program in the scope's pinned `ICMP_ERRORS` slot.
@@ -507,6 +607,9 @@ fn clients_check(live: &MapEntries, plan: &MapEntries, clients: &[ClientCgroup])
 struct Copy {
     programs: Programs,
     dir: PathBuf,
+    /// Held while the copy is in use: a copy whose lock is free was left by a killed `verify`
+    /// (in any pid namespace).
+    _in_use: nix::fcntl::Flock<File>,
 }
 
 impl Copy {
@@ -515,12 +618,30 @@ impl Copy {
         let root = pins::pin_root();
         crate::state::make_dir(&root)?;
         remove_stale_copies(&root);
-        let dir = root.join(format!("verify={}", std::process::id()));
-        let _ = remove_dir(&dir);
+        // The time too: a `verify` in another pid namespace may have the same pid (no dot: bpffs
+        // refuses names with one).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = root.join(format!("verify={}-{nanos}", std::process::id()));
         std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
             .create(&dir)
             .map_err(|e| Error::io("cannot make", &dir, e))?;
+        let in_use = File::open(&dir)
+            .map_err(|e| Error::io("cannot open", &dir, e))
+            .and_then(|file| {
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    .map_err(|(_, e)| Error::io("cannot lock", &dir, e.into()))
+            });
+        let in_use = match in_use {
+            Ok(lock) => lock,
+            Err(e) => {
+                let _ = remove_dir(&dir);
+                return Err(e);
+            }
+        };
         let copy = Copy {
+            _in_use: in_use,
             programs: match Programs::load_pair(&dir, pair, None) {
                 Ok(programs) => programs,
                 Err(e) => {
@@ -609,11 +730,11 @@ impl Copy {
             .filter(|(b, a)| a.2 != b.2 && a.0 == p.direction)
             .map(|(_, a)| a.1)
             .collect();
-        let reason = match moved.as_slice() {
-            [reason] => Some(*reason),
-            _ => None,
+        let counted = match moved.as_slice() {
+            [reason] => decisions::Counted::One(*reason),
+            several => decisions::Counted::Not(several.len()),
         };
-        Ok((result.return_value == 1, reason))
+        Ok((result.return_value == 1, counted))
     }
 }
 
@@ -627,17 +748,19 @@ fn remove_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir_all(dir)
 }
 
-/// Copies left by a `verify` that was killed (its process is gone).
+/// Copies left by a `verify` that was killed: their lock is free.
 fn remove_stale_copies(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("verify=") else {
+        if !entry.file_name().to_string_lossy().starts_with("verify=") {
             continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
+        }
+        let free = File::open(entry.path()).is_ok_and(|file| {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+        });
+        if free {
             let _ = remove_dir(&entry.path());
         }
     }

@@ -261,7 +261,7 @@ fn daemon_pid(scope: &Scope) -> Option<u32> {
         let is_killswitch = args
             .first()
             .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "killswitch"));
-        if !is_killswitch || !args.iter().any(|a| a == "daemon") {
+        if !is_killswitch || subcommand(&args) != Some("daemon") {
             continue;
         }
         let cgroup = args.iter().enumerate().find_map(|(i, a)| {
@@ -279,8 +279,23 @@ fn daemon_pid(scope: &Scope) -> Option<u32> {
     None
 }
 
-/// `firewall`: another nftables table (iptables-nft rules are among them) accepting
-/// `ct state established` on output.
+/// The subcommand in a `killswitch` command line: the first word that is neither an option nor
+/// the value of `--config` (`killswitch run -- daemon` runs an app, it is no daemon).
+fn subcommand(args: &[String]) -> Option<&str> {
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        if arg == "--config" {
+            rest.next();
+        } else if !arg.starts_with('-') {
+            return Some(arg);
+        }
+    }
+    None
+}
+
+/// `firewall`: another ruleset accepting `ct state established` on output: an nftables table
+/// (iptables-nft rules are among them) in a chain that an output or postrouting hook reaches
+/// (jumps, gotos and verdict maps followed), or legacy iptables.
 fn other_firewalls() -> Check {
     let output = std::process::Command::new("nft")
         .args(["-j", "list", "ruleset"])
@@ -293,43 +308,8 @@ fn other_firewalls() -> Check {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
         return Check::skip("firewall", "nft printed unreadable JSON");
     };
-    let items = json["nftables"].as_array().cloned().unwrap_or_default();
-    let output_chains: Vec<(String, String, String)> = items
-        .iter()
-        .filter_map(|i| i.get("chain"))
-        .filter(|c| c["hook"] == "output" || c["hook"] == "postrouting")
-        .map(|c| {
-            (
-                c["family"].as_str().unwrap_or_default().to_owned(),
-                c["table"].as_str().unwrap_or_default().to_owned(),
-                c["name"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
-    let mut found = Vec::new();
-    for rule in items.iter().filter_map(|i| i.get("rule")) {
-        let table = rule["table"].as_str().unwrap_or_default();
-        if table.starts_with("killswitch") {
-            continue;
-        }
-        let key = (
-            rule["family"].as_str().unwrap_or_default().to_owned(),
-            table.to_owned(),
-            rule["chain"].as_str().unwrap_or_default().to_owned(),
-        );
-        if !output_chains.contains(&key) {
-            continue;
-        }
-        let exprs = rule["expr"].as_array().cloned().unwrap_or_default();
-        let established = exprs.iter().any(|e| {
-            e["match"]["left"]["ct"]["key"] == "state"
-                && e["match"]["right"].to_string().contains("established")
-        });
-        let accepts = exprs.iter().any(|e| e.get("accept").is_some());
-        if established && accepts {
-            found.push(format!("table {} {} chain {}", key.0, key.1, key.2));
-        }
-    }
+    let mut found = established_accepts(&json);
+    found.extend(legacy_established_accepts());
     if found.is_empty() {
         Check::pass(
             "firewall",
@@ -342,9 +322,147 @@ fn other_firewalls() -> Check {
                 "{} accepts `ct state established` on output: on its own that lets flows opened before the VPN keep going around it (killswitch still drops them in its scope)",
                 found.join(", ")
             ),
-            "if that was an old kill-switch script, remove it: `nft list ruleset` shows it",
+            "if that was an old kill-switch script, remove it: `nft list ruleset` (or `iptables-legacy-save`) shows it",
         )
     }
+}
+
+/// The chains of other tables in `nft -j list ruleset` that accept established flows and that
+/// an output or postrouting hook reaches.
+fn established_accepts(json: &serde_json::Value) -> Vec<String> {
+    type Chain = (String, String, String);
+    let items = json["nftables"].as_array().cloned().unwrap_or_default();
+    let key = |v: &serde_json::Value, name: &str| -> Chain {
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        (s("family"), s("table"), s(name))
+    };
+    let mut reached: Vec<Chain> = items
+        .iter()
+        .filter_map(|i| i.get("chain"))
+        .filter(|c| c["hook"] == "output" || c["hook"] == "postrouting")
+        .map(|c| key(c, "name"))
+        .filter(|(_, table, _)| !table.starts_with("killswitch"))
+        .collect();
+    let rules: Vec<(Chain, String)> = items
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .map(|r| (key(r, "chain"), r["expr"].to_string()))
+        .collect();
+    // Chains reached by jump or goto (also from verdict maps) from a reached chain.
+    let mut next = 0;
+    while next < reached.len() {
+        let from = reached[next].clone();
+        for (chain, exprs) in rules.iter().filter(|(c, _)| *c == from) {
+            for target in jump_targets(exprs) {
+                let to = (chain.0.clone(), chain.1.clone(), target);
+                if !reached.contains(&to) {
+                    reached.push(to);
+                }
+            }
+        }
+        next += 1;
+    }
+    let mut found = Vec::new();
+    for (chain, exprs) in &rules {
+        let established =
+            exprs.contains(r#"{"ct":{"key":"state"}}"#) && exprs.contains("established");
+        let line = format!("table {} {} chain {}", chain.0, chain.1, chain.2);
+        if reached.contains(chain)
+            && established
+            && exprs.contains(r#""accept""#)
+            && !found.contains(&line)
+        {
+            found.push(line);
+        }
+    }
+    found
+}
+
+/// The targets of `jump` and `goto` verdicts anywhere in a rule's expressions (JSON text).
+fn jump_targets(exprs: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    for verdict in [r#""jump":{"target":""#, r#""goto":{"target":""#] {
+        for (at, _) in exprs.match_indices(verdict) {
+            let rest = &exprs[at + verdict.len()..];
+            if let Some(end) = rest.find('"') {
+                targets.push(rest[..end].to_owned());
+            }
+        }
+    }
+    targets
+}
+
+/// Legacy (x_tables) iptables chains reached from OUTPUT or POSTROUTING that accept
+/// ESTABLISHED: invisible to `nft`.
+fn legacy_established_accepts() -> Vec<String> {
+    let mut found = Vec::new();
+    for (tables, save) in [
+        ("/proc/net/ip_tables_names", "iptables-legacy-save"),
+        ("/proc/net/ip6_tables_names", "ip6tables-legacy-save"),
+    ] {
+        if std::fs::read_to_string(tables)
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            continue;
+        }
+        let Ok(output) = std::process::Command::new(save)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+        else {
+            continue;
+        };
+        found.extend(legacy_in(save, &String::from_utf8_lossy(&output.stdout)));
+    }
+    found
+}
+
+/// [`legacy_established_accepts`] on the text of one `*-save`.
+fn legacy_in(save: &str, text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut table = "";
+    let mut rules: Vec<(&str, &str)> = Vec::new();
+    let flush = |table: &str, rules: &mut Vec<(&str, &str)>, found: &mut Vec<String>| {
+        let mut reached = vec!["OUTPUT".to_owned(), "POSTROUTING".to_owned()];
+        let mut next = 0;
+        while next < reached.len() {
+            let from = reached[next].clone();
+            for (_, rule) in rules.iter().filter(|(c, _)| *c == from) {
+                let words: Vec<&str> = rule.split_whitespace().collect();
+                for pair in words.windows(2) {
+                    if (pair[0] == "-j" || pair[0] == "-g") && !reached.iter().any(|r| r == pair[1])
+                    {
+                        reached.push(pair[1].to_owned());
+                    }
+                }
+            }
+            next += 1;
+        }
+        for (chain, rule) in rules.drain(..) {
+            let line = format!("{save}: table {table} chain {chain}");
+            if reached.iter().any(|r| r == chain)
+                && rule.contains("ESTABLISHED")
+                && rule.contains("-j ACCEPT")
+                && !found.contains(&line)
+            {
+                found.push(line);
+            }
+        }
+    };
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            flush(table, &mut rules, &mut found);
+            table = name;
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            if let Some((chain, rest)) = rule.split_once(' ') {
+                rules.push((chain, rest));
+            }
+        }
+    }
+    flush(table, &mut rules, &mut found);
+    found
 }
 
 /// `forwarding`: this host forwards, and a bridge (containers, VMs) is there.
@@ -424,5 +542,35 @@ mod tests {
         let check = resolver(&with_dns, &path, route);
         assert_eq!(check.result, super::super::Outcome::Pass, "{check:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn established_accepts_are_found_where_output_reaches_them() {
+        let rule = |chain: &str, expr: serde_json::Value| serde_json::json!({"rule": {"family": "inet", "table": "vpn", "chain": chain, "expr": expr}});
+        let established = serde_json::json!([
+            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+            {"accept": null}
+        ]);
+        let json = serde_json::json!({"nftables": [
+            {"chain": {"family": "inet", "table": "vpn", "name": "out", "hook": "output"}},
+            {"chain": {"family": "inet", "table": "vpn", "name": "in", "hook": "input"}},
+            {"chain": {"family": "inet", "table": "vpn", "name": "helper"}},
+            {"chain": {"family": "inet", "table": "vpn", "name": "unused"}},
+            rule("out", serde_json::json!([{"jump": {"target": "helper"}}])),
+            rule("helper", established.clone()),
+            rule("in", established.clone()),
+            rule("unused", established),
+        ]});
+        assert_eq!(
+            established_accepts(&json),
+            vec!["table inet vpn chain helper"]
+        );
+        let save = "*filter\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o tun0 -j ACCEPT\n-A OUTPUT -j KS\n\
+                    -A KS -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+                    -A INPUT -m state --state ESTABLISHED -j ACCEPT\nCOMMIT\n";
+        assert_eq!(
+            legacy_in("iptables-legacy-save", save),
+            vec!["iptables-legacy-save: table filter chain KS"]
+        );
     }
 }

@@ -12,7 +12,7 @@ mod probes;
 pub mod scratch;
 pub mod wire;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -116,7 +116,8 @@ impl Check {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub scope: String,
-    pub cgroup: PathBuf,
+    /// Lossy where the path is not UTF-8, so that JSON can always carry it.
+    pub cgroup: String,
     /// "ebpf", "nftables", or "none" when nothing enforces the scope.
     pub backend: &'static str,
     pub checks: Vec<Check>,
@@ -169,7 +170,7 @@ pub fn verify(config: &Path, scope: &Scope) -> Result<Report> {
     let passed = checks.iter().all(|c| c.result != Outcome::Fail);
     Ok(Report {
         scope: scope.name.clone(),
-        cgroup: scope.cgroup.clone(),
+        cgroup: scope.cgroup.to_string_lossy().into_owned(),
         backend: backend.map_or("none", Backend::name),
         checks,
         passed,

@@ -13,6 +13,8 @@ use crate::{
 };
 
 pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
+    // Read under the scope's lock, so that a write in progress is not caught half done.
+    let lock = nftables::lock(scope)?;
     let table = nftables::read(scope)?;
     let name = nftables::table(scope)?;
     let comment = nftables::Comment::parse(&table.comment);
@@ -58,6 +60,7 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     checks.push(table_check(scope, policy, &name, &servers, set_by_command));
     checks.push(servers_check(policy, &servers, None, set_by_command));
     let judged_by = with_servers(policy, &servers);
+    drop(lock);
     let decisions = decide(&judged_by, &servers, set_by_command);
     Ok(State {
         enforced,
@@ -93,7 +96,7 @@ fn decide(
                 .into_iter()
                 .zip(filtered)
                 .map(|(unfiltered, filtered)| match (unfiltered, filtered) {
-                    (Some(true), Some(arrived)) => Some((arrived, None)),
+                    (Some(true), Some(arrived)) => Some((arrived, decisions::Counted::Unknown)),
                     _ => None,
                 })
                 .collect())

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The system-wide scope is a child cgroup standing in for the root (the machine's root is never
-//! touched); the traffic generators run inside it. Exit status 0 when every scenario held.
+//! touched); the traffic generators run inside it, and so does OpenVPN, in a child cgroup as
+//! `openvpn.service` is under the root. Exit status 0 when every scenario held.
 //! `ks-e2e NAME` runs only the scenarios whose short name contains NAME (see [`SCENARIOS`]).
 
 use std::{
@@ -55,9 +56,10 @@ fn config(extra: &str) -> String {
 struct Bed {
     lab: Lab,
     backend: &'static str,
+    /// Where OpenVPN runs: inside the scope, as `openvpn.service` is under the machine's root;
+    /// the `[vpn_client]` scenario names it. Declared first so it is removed before the scope.
+    vpn_cgroup: Cgroup,
     scope: Cgroup,
-    /// Where OpenVPN runs for the `[vpn_client]` scenario.
-    client_cgroup: Cgroup,
     pins: PinRoot,
     config: PathBuf,
     daemon: Option<Background>,
@@ -85,11 +87,12 @@ impl Bed {
         );
         let config = lab.dir().join("killswitch.toml");
         testbed::write_config(&config, &self::config(""));
+        let scope = Cgroup::new();
         Bed {
             lab,
             backend,
-            scope: Cgroup::new(),
-            client_cgroup: Cgroup::new(),
+            vpn_cgroup: scope.child("openvpn.service"),
+            scope,
             pins: PinRoot::new(),
             config,
             daemon: None,
@@ -206,7 +209,16 @@ impl Bed {
 
     fn reconnect(&mut self) {
         self.lab.reap_vpn_client();
-        self.lab.connect();
+        self.connect();
+    }
+
+    /// Starts OpenVPN in its cgroup inside the scope and waits until the tunnel carries traffic.
+    fn connect(&mut self) {
+        self.connect_with("client.conf");
+    }
+
+    fn connect_with(&mut self, config: &str) {
+        self.lab.connect_with(config, Some(&self.vpn_cgroup));
     }
 }
 
@@ -356,7 +368,7 @@ fn reconnect(bed: &mut Bed) -> Row {
     let flood = bed.flood(WEB_HOST, APP_PORT, 3000);
     bed.lab.kill_vpn_client();
     std::thread::sleep(Duration::from_millis(200));
-    bed.lab.connect();
+    bed.connect();
     let after = bed.lab.tunnel_ifindex();
     let back = bed.tunnel_works();
     let sent = flooded(&flood);
@@ -386,7 +398,7 @@ fn daemon_killed(bed: &mut Bed) -> Row {
     let sent = flooded(&flood);
     let leaked = bed.leaks("");
     let enforced = bed.enforced();
-    bed.lab.connect();
+    bed.connect();
     bed.start_daemon();
     let back = bed.tunnel_works();
     row(
@@ -432,14 +444,14 @@ fn rotation(bed: &mut Bed) -> Row {
 /// A VPN that carries IPv4 only: IPv6 falls back to the uplink's route and must not leave.
 fn ipv4_only(bed: &mut Bed) -> Row {
     bed.lab.kill_vpn_client();
-    bed.lab.connect_with("client4.conf", None);
+    bed.connect_with("client4.conf");
     bed.lab.start_capture();
     let flood = bed.flood(WEB_HOST_V6, APP_PORT, 800);
     let sent = flooded(&flood);
     let v4 = bed.tunnel_works();
     let leaked = bed.leaks("");
     bed.lab.kill_vpn_client();
-    bed.lab.connect();
+    bed.connect();
     row(
         "VPN carrying IPv4 only",
         bed,
@@ -481,7 +493,7 @@ fn exceptions(bed: &mut Bed) -> Row {
         .captured("udp src port 68 and udp dst port 67")
         .len();
     let leaked = bed.leaks(&allowed);
-    bed.lab.connect();
+    bed.connect();
     let held = ntp && lan && dhcp > 0 && !dns_router && !dns_host && !ntp_other;
     row(
         "NTP, DHCP, LAN, DNS with tunnel down",
@@ -537,7 +549,7 @@ fn conntrack(bed: &mut Bed) -> Row {
         "nft",
         &["delete", "table", "inet", "other_firewall"],
     );
-    bed.lab.connect();
+    bed.connect();
     bed.start_daemon();
     row(
         "flow opened before, conntrack",
@@ -623,7 +635,7 @@ fn per_app(bed: &mut Bed) -> Row {
     let app_leaked = bed
         .lab
         .stop_capture(&format!("dst host {WEB_HOST} and udp dst port {APP_PORT}"));
-    bed.lab.connect();
+    bed.connect();
     row(
         "per-app scope vs the rest",
         bed,
@@ -645,12 +657,12 @@ fn impostor(bed: &mut Bed) -> Row {
         &bed.config,
         &config(&format!(
             "\n[vpn_client]\ncgroup = \"{}\"\n",
-            bed.client_cgroup.relative
+            bed.vpn_cgroup.relative
         )),
     );
     bed.lab.kill_vpn_client();
     bed.reload();
-    bed.lab.connect_in(Some(&bed.client_cgroup));
+    bed.connect();
     let tunnel = bed.tunnel_works();
     bed.lab.start_capture();
     let server = target(VPN_SERVER, VPN_PORT);
@@ -668,7 +680,7 @@ fn impostor(bed: &mut Bed) -> Row {
     testbed::write_config(&bed.config, &config(""));
     bed.lab.kill_vpn_client();
     bed.reload();
-    bed.lab.connect();
+    bed.connect();
     let back = bed.tunnel_works();
     row(
         "another app to the server, [vpn_client]",
@@ -707,6 +719,9 @@ fn churn(bed: &mut Bed) -> Row {
     std::thread::sleep(Duration::from_millis(300));
     let verify = bed.ks(&["verify"]);
     let verified = verify.status.success();
+    if !verified {
+        print!("{}", String::from_utf8_lossy(&verify.stdout));
+    }
     testbed::write_config(&bed.config, &config(""));
     bed.reload();
     let alive = bed.tunnel_works();
@@ -785,7 +800,7 @@ const SCENARIOS: &[Scenario] = &[
 /// Runs the scenarios whose short name contains `only` (all without it) with `backend`.
 fn scenarios(backend: &'static str, only: Option<&str>, rows: &mut Vec<Row>) {
     let mut bed = Bed::new(backend);
-    bed.lab.connect();
+    bed.connect();
     bed.start_daemon();
     assert!(bed.enforced(), "the daemon did not enforce the scope");
     for (name, scenario) in SCENARIOS {
