@@ -113,7 +113,11 @@ pub struct Settings {
     /// Bit `n` set: some cgroup in `VPN_CLIENTS` is at level `n` (its ancestor id at that level
     /// is looked up, so a client's child cgroups are the client too).
     pub vpn_client_levels: u32,
-    pub _pad: u32,
+    /// Which lists hold entries ([`lists`] bits), written with the maps: the programs skip the
+    /// lookups no entry can answer. A bit set for an empty list costs a lookup; a bit missing
+    /// for a list with entries would drop what they allow, so writers set bits before adding
+    /// entries and clear them after removing.
+    pub lists: u32,
     /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
     /// interfaces, never on a container's.
     pub netns_cookie: u64,
@@ -121,6 +125,36 @@ pub struct Settings {
     pub event_interval_ns: u64,
     /// ...with bursts of up to this many nanoseconds' worth of events (`burst × interval`).
     pub event_burst_ns: u64,
+}
+
+/// Bits of [`Settings::lists`]: which lists (and which kinds of server key) hold entries.
+pub mod lists {
+    /// A server key with a port and a protocol.
+    pub const SERVER_PORT_PROTOCOL: u32 = 1 << 0;
+    /// A server key with a port and [`super::ANY_PROTOCOL`].
+    pub const SERVER_PORT: u32 = 1 << 1;
+    /// A server key with [`super::ANY_PORT`] and a protocol.
+    pub const SERVER_PROTOCOL: u32 = 1 << 2;
+    /// A server key with neither.
+    pub const SERVER_ADDRESS: u32 = 1 << 3;
+    pub const NTP: u32 = 1 << 4;
+    pub const DNS: u32 = 1 << 5;
+    pub const LAN: u32 = 1 << 6;
+    pub const INBOUND: u32 = 1 << 7;
+    pub const SERVERS: u32 = SERVER_PORT_PROTOCOL | SERVER_PORT | SERVER_PROTOCOL | SERVER_ADDRESS;
+
+    /// The bit of a server key's kind.
+    pub const fn server_kind(key: &super::ServerKey) -> u32 {
+        match (
+            key.port == super::ANY_PORT,
+            key.protocol == super::ANY_PROTOCOL,
+        ) {
+            (false, false) => SERVER_PORT_PROTOCOL,
+            (false, true) => SERVER_PORT,
+            (true, false) => SERVER_PROTOCOL,
+            (true, true) => SERVER_ADDRESS,
+        }
+    }
 }
 
 /// Default drop-event budget per CPU: 100 events a second, bursts of 20.

@@ -16,10 +16,10 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use killswitch_common::{
-    ipv4_mapped, Direction, InboundKey, InterfaceKey, LanPrefix, NamedServerKey, Reason, ServerKey,
-    Settings, ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    LOCKDOWN_REASON_BYTES, LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
-    MAX_SERVERS, MAX_VPN_CLIENTS, MAX_VPN_CLIENT_LEVEL,
+    ipv4_mapped, lists, Direction, InboundKey, InterfaceKey, LanPrefix, NamedServerKey, Reason,
+    ServerKey, Settings, ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, LOCKDOWN_REASON_BYTES, LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES,
+    MAX_PREFIXES, MAX_SERVERS, MAX_VPN_CLIENTS, MAX_VPN_CLIENT_LEVEL,
 };
 use netns::{Helper, NetnsSource, Socket};
 use packet::{Packet, Ports, ETH_P_IPV6};
@@ -122,6 +122,14 @@ fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
     verdict::<N>(ctx, Direction::Ingress, reason, &settings)
 }
 
+/// The benchmark's floor, never attached by killswitch: it only counts and allows, the least a
+/// cgroup_skb program that keeps counters does. Every path's cost is reported against it.
+#[cgroup_skb]
+pub fn floor(_ctx: SkBuffContext) -> i32 {
+    count(Direction::Egress, Reason::Tunnel);
+    ALLOW
+}
+
 // Lockdown: what a scope gets when its policy cannot be enforced (the kernel refused the
 // programs at a first `up`): loopback and DHCP only, with nothing a kernel might lack.
 
@@ -215,7 +223,7 @@ fn classify<N: NetnsSource>(
     if TUNNELS.get_ptr(&interface).is_some() {
         return Some(match direction {
             Direction::Egress => Reason::Tunnel,
-            Direction::Ingress => tunnel_ingress(ctx),
+            Direction::Ingress => tunnel_ingress(ctx, settings.lists & lists::INBOUND != 0),
         });
     }
     if settings.uplinks_restricted != 0 && UPLINKS.get_ptr(&interface).is_none() {
@@ -253,7 +261,7 @@ fn exception(
     if packet.remote_is_v4_mapped() {
         return Reason::Default;
     }
-    let server = is_server(packet);
+    let server = is_server(packet, settings.lists);
     if server && client() {
         return Reason::Server;
     }
@@ -299,14 +307,16 @@ fn later_exception(
     if settings.dhcp != 0 && own_netns && is_dhcp(packet, direction) {
         return Reason::Dhcp;
     }
-    if is_ntp(packet) {
+    if settings.lists & lists::NTP != 0 && is_ntp(packet) {
         return Reason::Ntp;
     }
-    if is_dns_server(packet) {
+    if settings.lists & lists::DNS != 0 && is_dns_server(packet) {
         return Reason::Dns;
     }
-    if let Some(reason) = lan(packet, settings.lan_dns != 0) {
-        return reason;
+    if settings.lists & lists::LAN != 0 {
+        if let Some(reason) = lan(packet, settings.lan_dns != 0) {
+            return reason;
+        }
     }
     if is_neighbour_discovery(packet) {
         return Reason::NeighbourDiscovery;
@@ -316,7 +326,7 @@ fn later_exception(
 
 /// On the tunnel, unsolicited TCP (SYN without ACK) is accepted only for `[[inbound]]` ports.
 #[inline(always)]
-fn tunnel_ingress(ctx: &SkBuffContext) -> Reason {
+fn tunnel_ingress(ctx: &SkBuffContext, inbound_listed: bool) -> Reason {
     let Some(packet) = Packet::parse(ctx, Direction::Ingress) else {
         return Reason::Tunnel;
     };
@@ -329,7 +339,7 @@ fn tunnel_ingress(ctx: &SkBuffContext) -> Reason {
     };
     match packet.tcp_flags(ctx) {
         Some(flags) if flags & (TCP_SYN | TCP_ACK) != TCP_SYN => Reason::Tunnel,
-        Some(_) if inbound_allowed(&packet, ports.local) => Reason::Tunnel,
+        Some(_) if inbound_listed && inbound_allowed(&packet, ports.local) => Reason::Tunnel,
         _ => Reason::InboundRefused,
     }
 }
@@ -350,20 +360,26 @@ fn inbound_allowed(packet: &Packet, port: u16) -> bool {
 }
 
 /// Step 4: a server endpoint matches on address, then port (or any), then protocol (or any).
+/// Only the kinds of key the list holds (`lists`) are looked up.
 #[inline(always)]
-fn is_server(packet: &Packet) -> bool {
-    if packet.protocol != IPPROTO_TCP && packet.protocol != IPPROTO_UDP {
+fn is_server(packet: &Packet, lists: u32) -> bool {
+    if lists & lists::SERVERS == 0
+        || (packet.protocol != IPPROTO_TCP && packet.protocol != IPPROTO_UDP)
+    {
         return false;
     }
+    let kind = |bit: u32, port: u16, protocol: u8| {
+        lists & bit != 0 && server_listed(packet.remote, port, protocol)
+    };
     if let Some(ports) = packet.ports() {
-        if server_listed(packet.remote, ports.remote, packet.protocol)
-            || server_listed(packet.remote, ports.remote, ANY_PROTOCOL)
+        if kind(lists::SERVER_PORT_PROTOCOL, ports.remote, packet.protocol)
+            || kind(lists::SERVER_PORT, ports.remote, ANY_PROTOCOL)
         {
             return true;
         }
     }
-    server_listed(packet.remote, ANY_PORT, packet.protocol)
-        || server_listed(packet.remote, ANY_PORT, ANY_PROTOCOL)
+    kind(lists::SERVER_PROTOCOL, ANY_PORT, packet.protocol)
+        || kind(lists::SERVER_ADDRESS, ANY_PORT, ANY_PROTOCOL)
 }
 
 #[inline(always)]
@@ -470,7 +486,8 @@ fn settings() -> Settings {
         vpn_client: 1,
         vpn_client_mark: 0,
         vpn_client_levels: 0,
-        _pad: 0,
+        // Every lookup.
+        lists: u32::MAX,
         netns_cookie: 0,
         event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
         event_burst_ns: killswitch_common::EVENT_BURST_NS,

@@ -663,6 +663,49 @@ fn racing_ups_and_server_changes_end_in_a_consistent_scope() {
     drop(daemon);
 }
 
+/// The programs look up only the kinds of server key the list holds (`Settings::lists`): each
+/// kind the `servers` command writes is reachable once it returns, and gone once removed.
+#[test]
+fn servers_of_every_kind_are_reachable_once_the_command_returns() {
+    require_root!();
+    let s = Setup::new(TUNNEL_CONFIG);
+    s.net.remove_tunnel();
+    assert!(s.killswitch(&["up"]).status.success());
+    let target = format!("{SERVER_V4}:124");
+    assert!(!s.reaches("udp", &target, "300"), "not a server yet");
+    for endpoint in [
+        format!("{SERVER_V4}:124/udp"),
+        format!("{SERVER_V4}:124"),
+        format!("{SERVER_V4}/udp"),
+        SERVER_V4.to_string(),
+    ] {
+        let out = s.killswitch(&["servers", "add", &endpoint]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(s.reaches("udp", &target, "1000"), "added {endpoint}");
+        let out = s.killswitch(&["servers", "remove", &endpoint]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!s.reaches("udp", &target, "300"), "removed {endpoint}");
+        let out = s.killswitch(&["servers", "set", &endpoint]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(s.reaches("udp", &target, "1000"), "set {endpoint}");
+        let out = s.killswitch(&["servers", "set", "198.18.9.9:1194/tcp"]);
+        assert!(out.status.success());
+        assert!(!s.reaches("udp", &target, "300"), "replaced {endpoint}");
+    }
+}
+
 #[test]
 fn one_scope_held_locked_does_not_hold_up_another() {
     require_root!();

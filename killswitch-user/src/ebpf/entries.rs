@@ -6,7 +6,7 @@ use std::{
 };
 
 use killswitch_common::{
-    ipv4_mapped, InboundKey, InterfaceKey, NamedServerKey, ServerKey, Settings, ANY_PORT,
+    ipv4_mapped, lists, InboundKey, InterfaceKey, NamedServerKey, ServerKey, Settings, ANY_PORT,
     ANY_PROTOCOL, EVENT_BURST_NS, EVENT_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -52,7 +52,7 @@ impl MapEntries {
                 .map(|i| (InterfaceKey::new(netns_cookie, i.index), i.name))
                 .collect()
         };
-        MapEntries {
+        let mut entries = MapEntries {
             settings: Settings {
                 uplinks_restricted: u32::from(policy.uplinks.is_some()),
                 dhcp: u32::from(policy.dhcp),
@@ -61,7 +61,7 @@ impl MapEntries {
                 vpn_client: u32::from(policy.vpn_client.is_some()),
                 vpn_client_mark: policy.vpn_client.as_ref().and_then(|c| c.mark).unwrap_or(0),
                 vpn_client_levels: clients.iter().fold(0, |levels, c| levels | 1 << c.level),
-                _pad: 0,
+                lists: 0,
                 netns_cookie,
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
@@ -102,7 +102,21 @@ impl MapEntries {
                 })
                 .collect(),
             vpn_clients: clients.iter().map(|c| c.id).collect(),
-        }
+        };
+        entries.settings.lists = entries.lists();
+        entries
+    }
+
+    /// The [`Settings::lists`] bits for these entries: which lists, and which kinds of server
+    /// key, hold something.
+    pub fn lists(&self) -> u32 {
+        let servers = crate::ebpf::maps::server_kinds(self.servers.iter());
+        let bit = |present: bool, bit: u32| if present { bit } else { 0 };
+        servers
+            | bit(!self.ntp_servers.is_empty(), lists::NTP)
+            | bit(!self.dns_servers.is_empty(), lists::DNS)
+            | bit(!self.lan.is_empty(), lists::LAN)
+            | bit(!self.inbound.is_empty(), lists::INBOUND)
     }
 }
 

@@ -11,8 +11,8 @@ use aya::{
     Pod,
 };
 use killswitch_common::{
-    Direction, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey, Settings,
-    COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
+    lists, Direction, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey,
+    Settings, COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
     MAX_SERVERS, MAX_VPN_CLIENTS,
 };
 
@@ -109,8 +109,16 @@ fn strictest(a: &Settings, b: &Settings) -> Settings {
         netns_cookie: b.netns_cookie,
         lan_dns: a.lan_dns.min(b.lan_dns),
         ipv6_block: a.ipv6_block.max(b.ipv6_block),
+        // Lookups for every list either holds: while the lists change, each entry present is
+        // looked up (a missing bit would drop what an entry allows; a spare one costs a lookup).
+        lists: a.lists | b.lists,
         ..*b
     }
+}
+
+/// The [`lists`] bits of these server keys' kinds.
+pub(crate) fn server_kinds<'a>(keys: impl Iterator<Item = &'a ServerKey>) -> u32 {
+    keys.fold(0, |bits, key| bits | lists::server_kind(key))
 }
 
 /// Records why the scope is held in lockdown; an empty reason means the policy is in force.
@@ -181,7 +189,12 @@ impl PinnedMaps {
 
     fn change_to(&mut self, entries: &MapEntries) -> Result<()> {
         let old = self.settings()?;
-        self.set_settings(&strictest(&old, &entries.settings))?;
+        // The list bits follow what is written, whoever built the entries.
+        let settings = Settings {
+            lists: entries.lists(),
+            ..entries.settings
+        };
+        self.set_settings(&strictest(&old, &settings))?;
         let uplinks: BTreeSet<InterfaceKey> = entries.uplinks.keys().copied().collect();
         shrink(&mut self.uplinks, &uplinks, UPLINKS)?;
         // While the servers change, the VPN clients both policies trust: where both hold the
@@ -221,7 +234,7 @@ impl PinnedMaps {
                 VPN_CLIENTS,
             )?;
         }
-        self.set_settings(&entries.settings)?;
+        self.set_settings(&settings)?;
         // Unrestricted now: the old list goes once nothing reads it.
         sync(
             &mut self.vpn_clients,
@@ -281,8 +294,26 @@ impl PinnedMaps {
     /// Makes the server map hold exactly `servers`, adding before removing.
     /// Returns how many endpoints the map holds now.
     pub fn set_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<usize> {
+        // The new kinds are looked up before their entries land; the old ones stop after
+        // theirs went.
+        self.add_server_kinds(servers)?;
         sync(&mut self.servers, servers.iter().copied(), SERVERS)?;
+        self.set_server_kinds(servers.iter())?;
         Ok(servers.len())
+    }
+
+    /// Sets the list bits of the kinds of `servers` (before they are added).
+    fn add_server_kinds(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
+        let mut settings = self.settings()?;
+        settings.lists |= server_kinds(servers.iter());
+        self.set_settings(&settings)
+    }
+
+    /// Makes the server bits those of `held` (once the map holds exactly them).
+    fn set_server_kinds<'a>(&mut self, held: impl Iterator<Item = &'a ServerKey>) -> Result<()> {
+        let mut settings = self.settings()?;
+        settings.lists = (settings.lists & !lists::SERVERS) | server_kinds(held);
+        self.set_settings(&settings)
     }
 
     /// Records which hostname put which server entry in place (read back by
@@ -312,6 +343,7 @@ impl PinnedMaps {
 
     /// Returns how many endpoints were given.
     pub fn add_servers(&mut self, servers: &BTreeSet<ServerKey>) -> Result<usize> {
+        self.add_server_kinds(servers)?;
         for key in servers {
             self.servers
                 .insert(key, 1, 0)
@@ -331,6 +363,8 @@ impl PinnedMaps {
                 Err(e) => return Err(Error::kernel("cannot update the SERVERS map", e)),
             }
         }
+        let held = self.servers()?;
+        self.set_server_kinds(held.iter())?;
         Ok(servers.len())
     }
 
