@@ -137,6 +137,29 @@ pub fn steered_packet(
             if let Some(port) = port {
                 p.remote_port = port;
             }
+            // Now and then an ICMP error from a router about a packet to the server (path-MTU
+            // discovery): it is allowed only by what it quotes.
+            if rng.below(4) == 0 {
+                let ipv6 = ip.is_ipv6();
+                let icmp = if ipv6 { ICMPV6 } else { ICMP };
+                p.quoted = Some(model::Quoted {
+                    remote: ip,
+                    protocol: p.protocol,
+                    local_port: p.local_port,
+                    remote_port: p.remote_port,
+                    icmp_type: 0,
+                });
+                p.remote = if ipv6 { pick(rng, v6) } else { pick(rng, v4) };
+                (p.direction, p.interface) = (Direction::Ingress, Interface::Uplink);
+                p.protocol = icmp;
+                p.icmp_type = if ipv6 {
+                    pick(rng, &[1, 2, 3])
+                } else {
+                    pick(rng, &[3, 11])
+                };
+                (p.fragment, p.source_route, p.extension_headers) = (false, false, 0);
+                return p;
+            }
             // Under [vpn_client], often a plain packet leaving by an uplink: who sent it decides.
             if let Some(client) = &policy.vpn_client {
                 if rng.below(2) == 0 {

@@ -443,9 +443,11 @@ fn write_configs(dir: &Path, ipv6: bool) {
         "{common}client\nremote {VPN_SERVER} {VPN_PORT}\nnobind\ncert client.crt\nkey client.key\n\
          remote-cert-tls server\nconnect-retry 1\nconnect-retry-max 20\n"
     );
-    // A client that leaves IPv6 to the uplink: what a provider without IPv6 gives.
+    // A client that leaves IPv6 to the uplink's route: what a provider without IPv6 gives
+    // (the pushed `redirect-gateway ... ipv6` would route IPv6 into a tunnel that drops it).
     let client4 = format!(
-        "{client}pull-filter ignore \"ifconfig-ipv6\"\npull-filter ignore \"route-ipv6\"\n"
+        "{client}pull-filter ignore \"ifconfig-ipv6\"\npull-filter ignore \"route-ipv6\"\n\
+         pull-filter ignore \"redirect-gateway\"\nredirect-gateway def1\n"
     );
     std::fs::write(dir.join("server.conf"), server).unwrap();
     std::fs::write(dir.join("client.conf"), client).unwrap();

@@ -39,6 +39,13 @@ struct Attached {
 
 pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     let pin_dir = pins::pin_dir(scope);
+    // The copy is loaded before the lock (the verifier's work must not hold up a daemon
+    // following a reconnect), for the pair attached now; again below if that changed.
+    let pair_now = || -> Option<Result<Pair>> {
+        let (_, attached) = attached(scope).ok()?;
+        Some(pair_of(attached?.egress.name_as_str().unwrap_or_default()))
+    };
+    let mut preloaded = pair_now().map(|pair| pair.and_then(Copy::load));
     // The kernel's state is read under the scope's lock, so that an update in progress (`up`,
     // the daemon) is not caught half done; the packets then run on that snapshot without it.
     let lock = pins::ScopeLock::existing(scope)?;
@@ -54,18 +61,23 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
         }
     };
     let Some(attached) = attached else {
-        return Ok(State {
-            enforced: false,
+        return Ok(State::not_enforced(
             checks,
-            decisions: Check::skip("decisions", "no policy programs are attached to compare"),
-            policy: policy.clone(),
-        });
+            Check::skip("decisions", "no policy programs are attached to compare"),
+            policy,
+        ));
     };
     checks.push(pinned_check(scope, &attached));
     // Failing to load the copy or to read the maps is a FAIL line, not an abort: the report
     // still says what was seen.
-    let copy = match pair_of(attached.egress.name_as_str().unwrap_or_default()).and_then(Copy::load)
-    {
+    let copy =
+        pair_of(attached.egress.name_as_str().unwrap_or_default()).and_then(|pair| match preloaded
+            .take()
+        {
+            Some(Ok(copy)) if copy.pair == pair => Ok(copy),
+            _ => Copy::load(pair),
+        });
+    let copy = match copy {
         Ok(copy) => copy,
         Err(e) => {
             checks.push(Check::fail(
@@ -73,12 +85,11 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
                 format!("this build's programs could not be loaded to compare: {e}"),
                 "run `killswitch verify -v` for the kernel's reason",
             ));
-            return Ok(State {
-                enforced: false,
+            return Ok(State::not_enforced(
                 checks,
-                decisions: Check::skip("decisions", "nothing to run the packets through"),
-                policy: policy.clone(),
-            });
+                Check::skip("decisions", "nothing to run the packets through"),
+                policy,
+            ));
         }
     };
     checks.push(programs_check(&attached, &copy.programs, &pin_dir));
@@ -93,19 +104,22 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
                 ),
                 "run `killswitch up` to pin them again",
             ));
-            return Ok(State {
-                enforced: false,
+            return Ok(State::not_enforced(
                 checks,
-                decisions: Check::skip("decisions", "the scope's map contents are unknown"),
-                policy: policy.clone(),
-            });
+                Check::skip("decisions", "the scope's map contents are unknown"),
+                policy,
+            ));
         }
     };
     checks.extend(maps_checks(policy, &live));
     let held_servers: Vec<_> = live.servers.iter().map(server_endpoint).collect();
     let judged_by = with_servers(policy, &held_servers);
+    let snapshot = Snapshot {
+        attached: attached_ids(scope),
+        entries: live,
+    };
     drop(lock);
-    let decisions = copy.decide(&live, &judged_by);
+    let decisions = copy.decide(&snapshot.entries, &judged_by);
     let enforced = checks
         .iter()
         .take(3)
@@ -115,7 +129,37 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
         checks,
         decisions,
         policy: judged_by,
+        unchanged: Box::new(move |scope| snapshot.holds(scope)),
     })
+}
+
+/// What the checks saw of the scope: the probes go out only while it is still so.
+struct Snapshot {
+    /// Every program attached to the scope's cgroup (ours and others), per direction.
+    attached: Option<[Vec<u32>; 2]>,
+    entries: MapEntries,
+}
+
+impl Snapshot {
+    /// The scope's lock, when the scope is still as the checks saw it (`None`: it changed).
+    fn holds(&self, scope: &Scope) -> Result<Option<super::Held>> {
+        let Some(lock) = pins::ScopeLock::existing(scope)? else {
+            return Ok(None);
+        };
+        let same = self.attached.is_some()
+            && attached_ids(scope) == self.attached
+            && PinnedMaps::open(&pins::pin_dir(scope))
+                .and_then(|maps| maps.entries())
+                .is_ok_and(|now| now == self.entries);
+        Ok(same.then(|| super::Held::new(lock)))
+    }
+}
+
+/// The ids of every program attached to the scope's cgroup, egress then ingress.
+fn attached_ids(scope: &Scope) -> Option<[Vec<u32>; 2]> {
+    let cgroup = File::open(&scope.cgroup).ok()?;
+    let query = |attach_type| sys::attached_programs(cgroup.as_fd(), attach_type).ok();
+    Some([query(1)?, query(0)?])
 }
 
 /// `attached`: the programs the kernel has on the scope's cgroup, ours among them. `Ok` with
@@ -507,12 +551,21 @@ fn maps_checks(policy: &Policy, live: &MapEntries) -> Vec<Check> {
 fn lists_check(live: &MapEntries, plan: &MapEntries) -> Check {
     let mut problems = Vec::new();
     let mut settings = live.settings;
-    // Levels follow the client cgroups, checked with them.
+    // Levels follow the client cgroups, checked with them; the list bits must say what the
+    // maps hold (a missing bit skips the lookups of entries present).
     settings.vpn_client_levels = plan.settings.vpn_client_levels;
+    settings.lists = plan.settings.lists;
     if settings != plan.settings {
         problems.push(format!(
             "settings are {:?}, planned {:?}",
             live.settings, plan.settings
+        ));
+    }
+    if live.settings.lists != live.lists() {
+        problems.push(format!(
+            "the list bits are {:#x}, the lists hold {:#x}",
+            live.settings.lists,
+            live.lists()
         ));
     }
     let addresses = |set: &BTreeSet<[u8; 16]>| -> Vec<String> {
@@ -605,6 +658,7 @@ fn clients_check(live: &MapEntries, plan: &MapEntries, clients: &[ClientCgroup])
 /// A copy of the attached pair, loaded by this build into a pin directory of its own (never a
 /// scope: the name has `=`), removed on drop.
 struct Copy {
+    pair: Pair,
     programs: Programs,
     dir: PathBuf,
     /// Held while the copy is in use: a copy whose lock is free was left by a killed `verify`
@@ -641,6 +695,7 @@ impl Copy {
             }
         };
         let copy = Copy {
+            pair,
             _in_use: in_use,
             programs: match Programs::load_pair(&dir, pair, None) {
                 Ok(programs) => programs,

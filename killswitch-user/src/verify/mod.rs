@@ -164,7 +164,13 @@ pub fn verify(config: &Path, scope: &Scope) -> Result<Report> {
             && state.decisions.result != Outcome::Fail;
         checks.extend(state.checks);
         checks.push(state.decisions);
-        checks.extend(probes::checks(scope, backend, &state.policy, holds));
+        checks.extend(probes::checks(
+            scope,
+            backend,
+            &state.policy,
+            holds,
+            &state.unchanged,
+        ));
     }
     checks.extend(holes::checks(scope, &policy));
     let passed = checks.iter().all(|c| c.result != Outcome::Fail);
@@ -185,6 +191,33 @@ struct State {
     decisions: Check,
     /// The policy with the servers the scope holds: what the probes' target is chosen by.
     policy: Policy,
+    /// Takes the scope's lock and gives it when the scope is still as the checks saw it; `None`
+    /// once anything changed (a probe chosen by the old state could then leave).
+    unchanged: Unchanged,
+}
+
+type Unchanged = Box<dyn Fn(&Scope) -> Result<Option<Held>>>;
+
+impl State {
+    /// A scope the checks could not prove enforced: no probes.
+    fn not_enforced(checks: Vec<Check>, decisions: Check, policy: &Policy) -> State {
+        State {
+            enforced: false,
+            checks,
+            decisions,
+            policy: policy.clone(),
+            unchanged: Box::new(|_| Ok(None)),
+        }
+    }
+}
+
+/// A scope's lock, held while a probe is out.
+pub(crate) struct Held(#[allow(dead_code)] Box<dyn std::any::Any>);
+
+impl Held {
+    fn new(lock: impl std::any::Any) -> Held {
+        Held(Box::new(lock))
+    }
 }
 
 /// The policy with the servers the scope holds instead of the configured rules (names resolved,

@@ -13,6 +13,11 @@ use crate::{
 };
 
 pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
+    // The planned table is rendered before the lock (it takes a scratch namespace), for the
+    // servers held now; again below if they changed meanwhile.
+    let early = nftables::read(scope)?;
+    let early_servers = (early.servers(), early.servers_set_by_command());
+    let mut planned = Some(planned(scope, policy, &early_servers.0, early_servers.1));
     // Read under the scope's lock, so that a write in progress is not caught half done.
     let lock = nftables::lock(scope)?;
     let table = nftables::read(scope)?;
@@ -57,16 +62,27 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     checks.push(attached);
     let servers = table.servers();
     let set_by_command = table.servers_set_by_command();
-    checks.push(table_check(scope, policy, &name, &servers, set_by_command));
+    if (servers.clone(), set_by_command) != early_servers {
+        planned = None;
+    }
+    let planned = planned.unwrap_or_else(|| self::planned(scope, policy, &servers, set_by_command));
+    let live = nftables::listing(scope).map(|l| items(&l));
+    checks.push(table_check(&name, &live, planned));
     checks.push(servers_check(policy, &servers, None, set_by_command));
     let judged_by = with_servers(policy, &servers);
     drop(lock);
     let decisions = decide(&judged_by, &servers, set_by_command);
+    let seen = live.ok();
     Ok(State {
         enforced,
         checks,
         decisions,
         policy: judged_by,
+        unchanged: Box::new(move |scope| {
+            let lock = nftables::lock(scope)?;
+            let now = nftables::listing(scope).map(|l| items(&l)).ok();
+            Ok((seen.is_some() && now == seen).then(|| super::Held::new(lock)))
+        }),
     })
 }
 
@@ -118,24 +134,28 @@ fn decide(
     })
 }
 
-/// `table`: the live table equals the one rendered now, item by item.
-fn table_check(
+/// The table `up` would write now with these servers, listed as [`items`].
+fn planned(
     scope: &Scope,
     policy: &Policy,
-    name: &str,
     servers: &[crate::policy::ServerEndpoint],
     set_by_command: bool,
-) -> Check {
-    let live = match nftables::listing(scope) {
-        Ok(live) => items(&live),
-        Err(e) => return Check::fail("table", format!("cannot list it: {e}"), "run as root"),
-    };
-    let planned = scratch::run(|_| {
+) -> Result<Vec<Value>> {
+    scratch::run(|_| {
         nftables::write_planned(scope, policy, servers, set_by_command)?;
         nftables::listing(scope)
-    });
+    })
+    .map(|l| items(&l))
+}
+
+/// `table`: the live table equals the one rendered now, item by item.
+fn table_check(name: &str, live: &Result<Vec<Value>>, planned: Result<Vec<Value>>) -> Check {
+    let live = match live {
+        Ok(live) => live,
+        Err(e) => return Check::fail("table", format!("cannot list it: {e}"), "run as root"),
+    };
     let planned = match planned {
-        Ok(planned) => items(&planned),
+        Ok(planned) => planned,
         Err(e) => {
             return Check::fail(
                 "table",
@@ -155,7 +175,7 @@ fn table_check(
         .map(describe)
         .collect();
     // Order matters: a rule moved above a drop widens the policy.
-    if live == planned {
+    if *live == planned {
         return Check::pass(
             "table",
             format!(

@@ -15,7 +15,7 @@ use std::{
 
 use killswitch_common::Reason;
 
-use super::{count, Check};
+use super::{count, Check, Unchanged};
 use crate::{
     backend::{nftables, Backend},
     error::{Error, Result},
@@ -34,6 +34,7 @@ pub(super) fn checks(
     backend: Backend,
     policy: &Policy,
     enforced: bool,
+    unchanged: &Unchanged,
 ) -> Vec<Check> {
     if !enforced {
         return vec![Check::skip(
@@ -73,7 +74,7 @@ pub(super) fn checks(
             continue;
         };
         checks.push(
-            probe(scope, backend, policy, &uplink, target).unwrap_or_else(|e| {
+            probe(scope, backend, policy, &uplink, target, unchanged).unwrap_or_else(|e| {
                 Check::fail(check, format!("could not probe: {e}"), "run as root")
             }),
         );
@@ -110,67 +111,106 @@ fn uplinks(policy: &Policy) -> Vec<String> {
 }
 
 /// Probes `target` out of `uplink` from a child cgroup of the scope: the datagrams first, and
-/// the TCP connect only when the counter rose by exactly the datagrams' number.
+/// the TCP connect only when the counter rose by exactly the datagrams' number. Each attempt
+/// holds the scope's lock and goes out only while the scope is as the checks saw it; an attempt
+/// whose count other drops disturbed is made again, a few times.
 fn probe(
     scope: &Scope,
     backend: Backend,
     policy: &Policy,
     uplink: &str,
     target: IpAddr,
+    unchanged: &Unchanged,
 ) -> Result<Check> {
     let reason = dropped(policy, target).expect("a dropped target");
     let what = format!(
         "{} and a TCP connect to {target} port {PORT} out of {uplink}",
         count(DATAGRAMS, "UDP datagram")
     );
+    let mut disturbed = Vec::new();
+    for _ in 0..ATTEMPTS {
+        let Some(_held) = unchanged(scope)? else {
+            return Ok(Check::skip(
+                "probes",
+                format!("{what}: not sent: the scope changed while verify ran; run it again"),
+            ));
+        };
+        match attempt(scope, backend, uplink, target, reason, &what)? {
+            Attempt::Done(check) => return Ok(check),
+            Attempt::Disturbed(rose) => disturbed.push(rose),
+        }
+    }
+    Ok(Check::warn(
+        "probes",
+        format!(
+            "{what}: refused before leaving, but in each of {ATTEMPTS} attempts the {} counter rose by more ({}): other traffic was dropped meanwhile, so the count proves nothing",
+            reason.name(),
+            disturbed.join(", ")
+        ),
+        "run `killswitch verify` again when less is being dropped (`killswitch status` shows the drops)",
+    ))
+}
+
+/// Attempts at an exact count before giving up.
+const ATTEMPTS: usize = 3;
+
+enum Attempt {
+    Done(Check),
+    /// The counter rose by more than the probes (or was reset): how much, as said.
+    Disturbed(String),
+}
+
+fn attempt(
+    scope: &Scope,
+    backend: Backend,
+    uplink: &str,
+    target: IpAddr,
+    reason: Reason,
+    what: &str,
+) -> Result<Attempt> {
     let rose = |before: &BTreeMap<Reason, u64>| -> Result<Option<u64>> {
         let after = counters(scope, backend)?;
         let now = after.get(&reason).copied().unwrap_or(0);
         // A counter that went down was reset meanwhile (a table rewritten): no count.
         Ok(now.checked_sub(before.get(&reason).copied().unwrap_or(0)))
     };
-    let inexact = |rose: Option<u64>, expected: usize| {
-        Check::skip(
-            "probes",
-            format!(
-                "{what}: refused before leaving, but the {} counter rose by {}, not {expected}: other traffic was dropped meanwhile, so the count proves nothing",
-                reason.name(),
-                rose.map_or("an unknown amount (it was reset)".into(), |r| r.to_string())
-            ),
-        )
+    let disturbed = |rose: Option<u64>, expected: usize| {
+        Attempt::Disturbed(rose.map_or("reset".into(), |r| format!("{r}, not {expected}")))
     };
     let before = counters(scope, backend)?;
     match in_child_cgroup(scope, || send_datagrams(uplink, target))?? {
         Outcome::NoRoute => {
-            return Ok(Check::skip(
+            return Ok(Attempt::Done(Check::skip(
                 "probes",
                 format!("no route to {target} out of {uplink}"),
-            ))
+            )))
         }
-        Outcome::Left(how) => return Ok(left(&what, &how)),
+        Outcome::Left(how) => return Ok(Attempt::Done(left(what, &how))),
         Outcome::Held => {}
     }
     match rose(&before)? {
         Some(n) if n == DATAGRAMS as u64 => {}
-        Some(n) if n < DATAGRAMS as u64 => return Ok(uncounted(&what, reason, n, DATAGRAMS)),
-        other => return Ok(inexact(other, DATAGRAMS)),
+        Some(n) if n < DATAGRAMS as u64 => {
+            return Ok(Attempt::Done(uncounted(what, reason, n, DATAGRAMS)))
+        }
+        other => return Ok(disturbed(other, DATAGRAMS)),
     }
     let before = counters(scope, backend)?;
     match in_child_cgroup(scope, || connect(uplink, target))?? {
-        Outcome::Left(how) => return Ok(left(&what, &how)),
+        Outcome::Left(how) => return Ok(Attempt::Done(left(what, &how))),
         Outcome::NoRoute | Outcome::Held => {}
     }
     Ok(match rose(&before)? {
-        Some(1) => Check::pass(
+        Some(1) => Attempt::Done(Check::pass(
             "probes",
             format!(
                 "{what}: refused before leaving (sendto: EPERM; the SYN counted, never answered); the {} counter rose by {} and 1",
                 reason.name(),
                 DATAGRAMS
             ),
-        ),
-        Some(0) => uncounted(&what, reason, 0, 1),
-        other => inexact(other, 1),
+        )),
+        Some(0) => Attempt::Done(uncounted(what, reason, 0, 1)),
+        other => disturbed(other, 1),
     })
 }
 

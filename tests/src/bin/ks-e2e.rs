@@ -162,6 +162,20 @@ impl Bed {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// The scope's egress drops so far, from `status --json` (every reason).
+    fn egress_drops(&self) -> Option<u64> {
+        let out = self.ks(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let counters = status["scopes"][0]["counters"].as_array()?;
+        Some(
+            counters
+                .iter()
+                .filter(|c| c["verdict"] == "drop" && c["direction"] == "egress")
+                .filter_map(|c| c["packets"].as_u64())
+                .sum(),
+        )
+    }
+
     /// A TCP request from inside the scope.
     fn request(&self, host: &str, port: u16) -> bool {
         let target = target(host, port);
@@ -253,12 +267,41 @@ fn flooded(flood: &Background) -> String {
 }
 
 /// Whether a flood's report says it sent something.
-fn sent_some(report: &str) -> bool {
-    report
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<u64>().ok())
-        .is_some_and(|n| n > 0)
+/// The (sent, refused) pairs of the floods in a report ("N datagrams, M refused ...").
+fn floods(report: &str) -> Vec<(u64, u64)> {
+    let words: Vec<&str> = report.split_whitespace().collect();
+    words
+        .windows(4)
+        .filter(|w| w[1].starts_with("datagrams"))
+        .filter_map(|w| Some((w[0].parse().ok()?, w[2].parse().ok()?)))
+        .collect()
+}
+
+/// Every flood sent, and the kill switch refused some of it (the tunnel went away meanwhile).
+fn refused_some(report: &str) -> bool {
+    let floods = floods(report);
+    !floods.is_empty()
+        && floods
+            .iter()
+            .all(|&(sent, refused)| sent > 0 && refused > 0)
+}
+
+/// Every flood sent, and the kill switch refused all of it.
+fn refused_all(report: &str) -> bool {
+    let floods = floods(report);
+    !floods.is_empty()
+        && floods
+            .iter()
+            .all(|&(sent, refused)| sent > 0 && refused == sent)
+}
+
+/// Every flood sent, and nothing of it was refused (it all went through the tunnel).
+fn refused_none(report: &str) -> bool {
+    let floods = floods(report);
+    !floods.is_empty()
+        && floods
+            .iter()
+            .all(|&(sent, refused)| sent > 0 && refused == 0)
 }
 
 fn row(
@@ -357,7 +400,7 @@ fn tunnel_event(bed: &mut Bed, scenario: &'static str, event: impl FnOnce(&mut B
             }
         ),
         leaked.clone(),
-        leaked.is_empty() && back && sent_some(&sent),
+        leaked.is_empty() && back && refused_some(&sent),
     )
 }
 
@@ -384,7 +427,7 @@ fn reconnect(bed: &mut Bed) -> Row {
             ok(back)
         ),
         leaked.clone(),
-        leaked.is_empty() && back && before != after && sent_some(&sent),
+        leaked.is_empty() && back && before != after && refused_some(&sent),
     )
 }
 
@@ -407,12 +450,13 @@ fn daemon_killed(bed: &mut Bed) -> Row {
         sent.clone(),
         format!("scope still enforced: {enforced}; daemon restarted, tunnel back: {back}"),
         leaked.clone(),
-        leaked.is_empty() && enforced && back && sent_some(&sent),
+        leaked.is_empty() && enforced && back && refused_some(&sent),
     )
 }
 
 /// The server list rotated twice under load: the tunnel never misses its server.
 fn rotation(bed: &mut Bed) -> Row {
+    let drops_before = bed.egress_drops();
     bed.lab.start_capture();
     let flood = bed.flood(WEB_HOST, APP_PORT, 2000);
     let server = format!("{VPN_SERVER}:{VPN_PORT}/udp");
@@ -428,6 +472,8 @@ fn rotation(bed: &mut Bed) -> Row {
     }
     let sent = flooded(&flood);
     let leaked = bed.leaks("");
+    // OpenVPN is in the scope: a moment without its server would be an egress drop.
+    let dropped = bed.egress_drops().zip(drops_before).map(|(a, b)| a - b);
     let alive = bed.request(WEB_HOST, APP_PORT);
     // The config's list again, and the daemon its owner.
     let _ = bed.up();
@@ -435,9 +481,12 @@ fn rotation(bed: &mut Bed) -> Row {
         "server list rotated under load",
         bed,
         sent.clone(),
-        format!("{rotated} of 3 `servers set` done; the tunnel still carries traffic: {alive}"),
+        format!(
+            "{rotated} of 3 `servers set` done; egress drops in the scope meanwhile: {}; the tunnel still carries traffic: {alive}",
+            dropped.map_or("unknown".into(), |d| d.to_string())
+        ),
         leaked.clone(),
-        leaked.is_empty() && rotated == 3 && alive && sent_some(&sent),
+        leaked.is_empty() && rotated == 3 && alive && dropped == Some(0) && refused_none(&sent),
     )
 }
 
@@ -458,7 +507,7 @@ fn ipv4_only(bed: &mut Bed) -> Row {
         format!("{sent} to the web host's IPv6 address"),
         format!("IPv4 through the tunnel: {}", ok(v4)),
         leaked.clone(),
-        leaked.is_empty() && v4 && sent_some(&sent),
+        leaked.is_empty() && v4 && refused_all(&sent),
     )
 }
 
@@ -543,6 +592,12 @@ fn conntrack(bed: &mut Bed) -> Row {
     let sent = stream
         .line(Duration::from_secs(10))
         .unwrap_or_else(|| "?".into());
+    // The flow went on after `up` (so the oracle watched it) and was refused there.
+    let counts: Vec<u64> = sent
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let went_on = matches!(counts.as_slice(), [attempts, refused] if *attempts > 0 && *refused > 0);
     let _ = output_in(
         &bed.lab.client,
         None,
@@ -560,7 +615,7 @@ fn conntrack(bed: &mut Bed) -> Row {
             loaded.status.success()
         ),
         leaked.clone(),
-        leaked.is_empty() && established && up && loaded.status.success(),
+        leaked.is_empty() && established && up && loaded.status.success() && went_on,
     )
 }
 
@@ -568,6 +623,8 @@ fn conntrack(bed: &mut Bed) -> Row {
 fn lockdown(bed: &mut Bed) -> Row {
     bed.kill_daemon();
     let _ = bed.ks(&["down"]);
+    // No tunnel: what lockdown let out would leave the uplink in the clear, before the oracle.
+    bed.lab.kill_vpn_client();
     testbed::write_config(&bed.config, "tunnels = [\"tun0\"\n[[server]\n");
     let up = bed.up();
     bed.lab.start_capture();
@@ -577,6 +634,7 @@ fn lockdown(bed: &mut Bed) -> Row {
     let status = String::from_utf8_lossy(&bed.ks(&["status"]).stdout).into_owned();
     testbed::write_config(&bed.config, &config(""));
     bed.start_daemon();
+    bed.connect();
     let back = bed.tunnel_works();
     let locked = status.to_lowercase().contains("lockdown");
     row(
@@ -588,7 +646,7 @@ fn lockdown(bed: &mut Bed) -> Row {
             up.status.code()
         ),
         leaked.clone(),
-        leaked.is_empty() && up.status.code() == Some(2) && locked && back && sent_some(&sent),
+        leaked.is_empty() && up.status.code() == Some(2) && locked && back && refused_all(&sent),
     )
 }
 
@@ -715,13 +773,14 @@ fn churn(bed: &mut Bed) -> Row {
         done += usize::from(added.status.success() && deleted.status.success());
     }
     let sent = flooded(&flood);
-    let leaked = bed.leaks("");
     std::thread::sleep(Duration::from_millis(300));
+    // The oracle also watches verify's probes: refused, they never reach the cable.
     let verify = bed.ks(&["verify"]);
     let verified = verify.status.success();
     if !verified {
         print!("{}", String::from_utf8_lossy(&verify.stdout));
     }
+    let leaked = bed.leaks("");
     testbed::write_config(&bed.config, &config(""));
     bed.reload();
     let alive = bed.tunnel_works();
@@ -735,7 +794,7 @@ fn churn(bed: &mut Bed) -> Row {
             ok(alive)
         ),
         leaked.clone(),
-        leaked.is_empty() && done == CHURNS && verified && alive && sent_some(&sent),
+        leaked.is_empty() && done == CHURNS && verified && alive && refused_none(&sent),
     )
 }
 
