@@ -92,7 +92,7 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
             ));
         }
     };
-    checks.push(programs_check(&attached, &copy.programs, &pin_dir));
+    checks.push(programs_check(&attached, &copy, &pin_dir));
     let live = match PinnedMaps::open(&pin_dir).and_then(|maps| maps.entries()) {
         Ok(live) => live,
         Err(e) => {
@@ -348,7 +348,7 @@ fn pair_of(egress: &str) -> Result<Pair> {
 /// `programs`: the attached programs are this build's (same instructions: the kernel's tag
 /// leaves map addresses out), the ICMP-error program they call is too, and they read the maps
 /// pinned for the scope (the ones checked next), not some others.
-fn programs_check(attached: &Attached, copy: &Programs, pin_dir: &Path) -> Check {
+fn programs_check(attached: &Attached, copy: &Copy, pin_dir: &Path) -> Check {
     const CHECK: &str = "programs";
     let mut problems = Vec::new();
     let mut tags = Vec::new();
@@ -356,7 +356,7 @@ fn programs_check(attached: &Attached, copy: &Programs, pin_dir: &Path) -> Check
         (Direction::Egress, &attached.egress),
         (Direction::Ingress, &attached.ingress),
     ] {
-        let built = match copy.program(direction).info() {
+        let built = match copy.programs.program(direction).info() {
             Ok(built) => built,
             Err(e) => {
                 problems.push(format!("cannot read this build's program: {e}"));
@@ -375,16 +375,23 @@ fn programs_check(attached: &Attached, copy: &Programs, pin_dir: &Path) -> Check
         }
         problems.extend(maps_read(live, &built, pin_dir));
     }
-    match (icmp_error_tag(pin_dir), copy.icmp_error_program()) {
-        (Ok(live), Some(built)) => match built.info() {
-            Ok(info) if info.tag() == live => {}
-            _ => problems.push(format!(
-                "the ICMP-error program in {} is not this build's (tag {live:016x})",
+    // The ICMP-error program the attached pair tail-calls: the same instructions, maps and data.
+    let slot = copy.pair.icmp_error_program().map(|(_, slot)| slot);
+    if let (Some(slot), Some(built)) = (slot, copy.programs.icmp_error_program()) {
+        match (icmp_error_in(pin_dir, slot), built.info()) {
+            (Ok(live), Ok(built)) if live.tag() == built.tag() => {
+                problems.extend(maps_read(&live, &built, pin_dir))
+            }
+            (Ok(live), _) => problems.push(format!(
+                "the ICMP-error program in slot {slot} of {} is not this build's (tag {:016x})",
+                maps::ICMP_ERRORS,
+                live.tag()
+            )),
+            (Err(e), _) => problems.push(format!(
+                "cannot read slot {slot} of {}: {e}",
                 maps::ICMP_ERRORS
             )),
-        },
-        (Err(e), _) => problems.push(format!("cannot read {}: {e}", maps::ICMP_ERRORS)),
-        (Ok(_), None) => {}
+        }
     }
     Check::from_problems(
         CHECK,
@@ -461,21 +468,14 @@ fn global_data(info: &MapInfo) -> std::io::Result<Vec<u8>> {
     sys::array_value(fd.as_fd(), 0, info.value_size() as usize)
 }
 
-/// Tag of the ICMP-error program in the scope's pinned `ICMP_ERRORS` slot.
-fn icmp_error_tag(pin_dir: &Path) -> std::io::Result<u64> {
+/// The ICMP-error program in `slot` of the scope's pinned `ICMP_ERRORS`.
+fn icmp_error_in(pin_dir: &Path, slot: u32) -> std::io::Result<ProgramInfo> {
     let map = sys::obj_get(&pin_dir.join(maps::ICMP_ERRORS))?;
-    let mut id = 0;
-    for slot in 0..2 {
-        if let Ok(found) = sys::program_in_slot(map.as_fd(), slot) {
-            id = found;
-            break;
-        }
-    }
+    let id = sys::program_in_slot(map.as_fd(), slot)?;
     loaded_programs()
         .filter_map(|info| info.ok())
         .find(|info| info.id() == id)
-        .map(|info| info.tag())
-        .ok_or_else(|| std::io::Error::other("no program in its slots"))
+        .ok_or_else(|| std::io::Error::other(format!("no program with id {id}")))
 }
 
 /// `tunnels`, `uplinks`, `servers`, `lists`, `vpn-client`: the maps against the plan for the

@@ -17,10 +17,15 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Vec<Check> {
     vec![
         tunnel(policy),
         ipv6(policy),
-        resolver(policy, Path::new("/etc/resolv.conf"), route_interface),
+        resolver(
+            policy,
+            Path::new("/etc/resolv.conf"),
+            Path::new(RESOLVED_UPSTREAMS),
+            route_interface,
+        ),
         daemon(scope, policy),
         other_firewalls(),
-        forwarding(),
+        forwarding(policy),
     ]
 }
 
@@ -148,17 +153,37 @@ fn route_interface(ip: IpAddr) -> Option<String> {
     })
 }
 
-/// `resolver`: where /etc/resolv.conf sends name lookups, and what the policy does with them.
-/// `route` names the interface a packet to an address leaves through.
-fn resolver(policy: &Policy, path: &Path, route: impl Fn(IpAddr) -> Option<String>) -> Check {
+/// Where systemd-resolved lists the upstream servers behind its local stub (127.0.0.53).
+const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
+
+/// The nameservers a resolv.conf names.
+fn nameservers(path: &Path) -> Vec<IpAddr> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let servers: Vec<IpAddr> = text
-        .lines()
+    text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|a| a.trim().split('%').next()?.parse().ok())
-        .collect();
+        .collect()
+}
+
+/// `resolver`: where /etc/resolv.conf sends name lookups, and what the policy does with them;
+/// behind a local stub, the upstreams systemd-resolved lists in `upstreams` are judged too.
+/// `route` names the interface a packet to an address leaves through.
+fn resolver(
+    policy: &Policy,
+    path: &Path,
+    upstreams: &Path,
+    route: impl Fn(IpAddr) -> Option<String>,
+) -> Check {
+    let mut servers = nameservers(path);
     if servers.is_empty() {
         return Check::pass("resolver", format!("no nameserver in {}", path.display()));
+    }
+    if servers.iter().any(IpAddr::is_loopback) {
+        servers.extend(
+            nameservers(upstreams)
+                .into_iter()
+                .filter(|s| !s.is_loopback()),
+        );
     }
     let mut blocked = Vec::new();
     let mut clear = Vec::new();
@@ -465,29 +490,41 @@ fn legacy_in(save: &str, text: &str) -> Vec<String> {
     found
 }
 
-/// `forwarding`: this host forwards, and a bridge (containers, VMs) is there.
-fn forwarding() -> Check {
+/// `forwarding`: this host forwards, and interfaces of guests (containers, VMs) are there:
+/// bridges, and veth, tap and macvtap interfaces that are neither a tunnel nor where the
+/// default routes go (routed setups: Calico, nspawn, libvirt routed).
+fn forwarding(policy: &Policy) -> Check {
     let on = |path: &str| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1");
     let forwards =
         on("/proc/sys/net/ipv4/ip_forward") || on("/proc/sys/net/ipv6/conf/all/forwarding");
-    let bridges: Vec<String> = interfaces::list()
+    let defaults: Vec<String> = ["198.51.100.254", "2001:db8:ffff::9"]
+        .iter()
+        .filter_map(|a| route_interface(a.parse().ok()?))
+        .collect();
+    let guests: Vec<String> = interfaces::list()
         .unwrap_or_default()
         .into_iter()
-        .filter(|i| interfaces::driver(&i.name).is_some_and(|d| d == "bridge"))
-        .map(|i| i.name)
+        .filter(|i| !policy.tunnels.iter().any(|p| p.matches(&i.name)))
+        .filter_map(|i| {
+            let driver = interfaces::driver(&i.name)?;
+            let guest = driver == "bridge"
+                || (["veth", "tun", "macvtap"].contains(&driver.as_str())
+                    && !defaults.contains(&i.name));
+            guest.then(|| format!("{} ({driver})", i.name))
+        })
         .collect();
-    match (forwards, bridges.is_empty()) {
+    match (forwards, guests.is_empty()) {
         (true, false) => Check::warn(
             "forwarding",
             format!(
-                "this host forwards packets and has the bridge {}: containers and VMs behind it are forwarded, which cgroup programs never see, so they can leave through the uplink in the clear when the tunnel is down",
-                bridges.join(", ")
+                "this host forwards packets and has interfaces of guests: {}; containers and VMs behind them are forwarded, which cgroup programs never see, so they can leave through the uplink in the clear when the tunnel is down",
+                guests.join(", ")
             ),
             "stop forwarding (sysctl net.ipv4.ip_forward=0) while it matters, or give those guests a kill switch of their own (docs/threat-model.md)",
         ),
         (true, true) => Check::pass(
             "forwarding",
-            "this host forwards packets but has no bridge for containers or VMs",
+            "this host forwards packets but has no interface for containers or VMs",
         ),
         (false, _) => Check::pass("forwarding", "this host does not forward packets"),
     }
@@ -523,7 +560,8 @@ mod tests {
                 .to_owned(),
             )
         };
-        let check = resolver(&policy, &path, route);
+        let none = dir.join("none");
+        let check = resolver(&policy, &path, &none, route);
         assert_eq!(check.result, super::super::Outcome::Warn, "{check:?}");
         assert!(
             check
@@ -539,8 +577,15 @@ mod tests {
         )
         .unwrap();
         std::fs::write(&path, "nameserver 192.168.1.1\n").unwrap();
-        let check = resolver(&with_dns, &path, route);
+        let check = resolver(&with_dns, &path, &none, route);
         assert_eq!(check.result, super::super::Outcome::Pass, "{check:?}");
+        // Behind systemd-resolved's stub, its upstream on the LAN is judged.
+        std::fs::write(&path, "nameserver 127.0.0.53\n").unwrap();
+        let upstreams = dir.join("upstreams");
+        std::fs::write(&upstreams, "nameserver 192.168.1.1\n").unwrap();
+        let check = resolver(&policy, &path, &upstreams, route);
+        assert_eq!(check.result, super::super::Outcome::Warn, "{check:?}");
+        assert!(check.evidence.contains("192.168.1.1"), "{check:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
