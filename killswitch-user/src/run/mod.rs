@@ -237,8 +237,10 @@ fn collect_released() {
     }
 }
 
-/// The lock every `run` holds while it sets up or tears down a cgroup.
-fn run_lock() -> Result<Flock<std::fs::File>> {
+/// The lock every `run` holds while it sets up or tears down a cgroup (and `verify` while its
+/// probe cgroup is inside a scope, so that a run's teardown never finds it there). Taken before
+/// any scope's lock.
+pub(crate) fn run_lock() -> Result<Flock<std::fs::File>> {
     crate::state::lock(&crate::state::dir().join("run.lock"))
 }
 

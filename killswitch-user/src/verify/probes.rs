@@ -14,6 +14,7 @@ use std::{
 };
 
 use killswitch_common::Reason;
+use nix::fcntl::{Flock, FlockArg};
 
 use super::{count, Check, Unchanged};
 use crate::{
@@ -129,6 +130,8 @@ fn probe(
     );
     let mut disturbed = Vec::new();
     for _ in 0..ATTEMPTS {
+        // Before the scope's lock, as `run` takes them.
+        let _run = crate::run::run_lock()?;
         let Some(_held) = unchanged(scope)? else {
             return Ok(Check::skip(
                 "probes",
@@ -333,7 +336,8 @@ fn counters(scope: &Scope, backend: Backend) -> Result<BTreeMap<Reason, u64>> {
 }
 
 /// Runs `f` with this process moved into a new child cgroup of the scope, then moves it back and
-/// removes the child. Sockets made meanwhile belong to the child (and are closed by then).
+/// removes the child. Sockets made meanwhile belong to the child (and are closed by then). The
+/// child is locked while in use: one whose lock is free was left by a killed `verify`.
 fn in_child_cgroup<T>(scope: &Scope, f: impl FnOnce() -> T) -> Result<T> {
     let mount = crate::scope::cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup")
@@ -345,13 +349,21 @@ fn in_child_cgroup<T>(scope: &Scope, f: impl FnOnce() -> T) -> Result<T> {
         })
         .ok_or_else(|| Error::Runtime("cannot tell this process's cgroup".into()))?;
     remove_stale(&scope.cgroup);
+    // The time too: a `verify` in another pid namespace may have the same pid.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let child = scope
         .cgroup
-        .join(format!("killswitch-verify-{}", std::process::id()));
+        .join(format!("{PROBE_PREFIX}{}-{nanos}", std::process::id()));
     std::fs::create_dir(&child).map_err(|e| Error::io("cannot make", &child, e))?;
+    let in_use = std::fs::File::open(&child)
+        .ok()
+        .and_then(|dir| Flock::lock(dir, FlockArg::LockExclusiveNonblock).ok());
     let moved = enter(&child);
     let result = moved.as_ref().ok().map(|()| f());
     let back = enter(&own);
+    drop(in_use);
     let removed = remove(&child);
     moved?;
     back?;
@@ -359,17 +371,26 @@ fn in_child_cgroup<T>(scope: &Scope, f: impl FnOnce() -> T) -> Result<T> {
     Ok(result.expect("ran when moved"))
 }
 
-/// Probe cgroups a killed `verify` left in the scope (their process is gone).
+const PROBE_PREFIX: &str = "killswitch-verify-";
+
+/// Probe cgroups a killed `verify` left in the scope: their lock is free (a populated one is
+/// never removed: rmdir refuses it).
 fn remove_stale(scope: &Path) {
     let Ok(entries) = std::fs::read_dir(scope) else {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix("killswitch-verify-") {
-            if !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_dir(entry.path());
-            }
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PROBE_PREFIX)
+        {
+            continue;
+        }
+        let free = std::fs::File::open(entry.path())
+            .is_ok_and(|dir| Flock::lock(dir, FlockArg::LockExclusiveNonblock).is_ok());
+        if free {
+            let _ = std::fs::remove_dir(entry.path());
         }
     }
 }
