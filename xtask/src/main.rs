@@ -38,8 +38,13 @@ enum Task {
     /// Set up if needed and run the end-to-end suite: both backends against real OpenVPN, a
     /// capture on the router as the leak oracle, one line per scenario and a table
     E2e,
-    /// Measure per-packet cost per verdict path as the lists grow; writes target/bench/
-    Bench,
+    /// Measure per-packet cost, throughput and the control plane against no filter and
+    /// nftables in one interleaved run; writes target/bench/report.{json,md,svg}
+    Bench {
+        /// A one-minute smoke run: small sizes, few rounds (what CI runs)
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +54,7 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::E2e => setup::run().and_then(|()| e2e()),
-        Task::Bench => setup::run().and_then(|()| bench()),
+        Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,12 +191,17 @@ fn demo() -> Result<()> {
 }
 
 /// The benchmark drives the release `killswitch` for the daemon's timings.
-fn bench() -> Result<()> {
+fn bench(quick: bool) -> Result<()> {
     require_root("the benchmark loads BPF programs in a namespace")?;
     eprintln!("bench: building the release binary and the benchmark");
     let release = build(true, &["killswitch-user"])?;
     let debug = build(false, &["killswitch-tests"])?;
-    run(&debug.join("ks-bench"), &[&release.join("killswitch")])
+    let binary = release.join("killswitch");
+    let mut args: Vec<&Path> = vec![&binary];
+    if quick {
+        args.push(Path::new("--quick"));
+    }
+    run(&debug.join("ks-bench"), &args)
 }
 
 fn require_root(why: &str) -> Result<()> {

@@ -1,6 +1,8 @@
-//! The control plane at scale, with the release binary: `check` and a cold `up` (load, verify,
-//! fill, attach, then `down`) of a config with 10,000 servers and 4,000 LAN prefixes, next to
-//! `nft -c -f` and `nft -f` of the same lists as nftables sets, in the same run and namespace.
+//! The control plane at scale, with the release binary, each next to its nftables equivalent
+//! in the same rounds: `check` against `nft -c -f`; a cold `up` (from nothing to enforced) and a
+//! re-`up` (the same policy again) with the eBPF backend and with the nftables backend, against
+//! `nft -f` of the same lists as sets (cold: a new table; again: the table replaced in one
+//! transaction).
 
 use std::{fmt::Write as _, path::Path, process::Command};
 
@@ -8,33 +10,47 @@ use anyhow::Result;
 use serde_json::{json, Value};
 use testbed::{Cgroup, PinRoot};
 
-use crate::timed;
+use crate::{progress, server, stats, timed, Options};
 
-const SERVERS: u32 = 10_000;
-const LAN: u32 = 4_000;
-const RUNS: usize = 5;
-
-pub fn run(bin: &Path) -> Result<Value> {
-    crate::in_private_dir("ksbenchcp", |dir| measure(bin, dir))
+struct Sizes {
+    rounds: usize,
+    servers: u32,
+    lan: u32,
 }
 
-/// Server `i`: 198.18.0.0/15 (benchmark range); LAN `i`: a /24 under 10.0.0.0/8.
-pub fn server(i: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(0xc612_0000u32 + i)
+fn sizes(options: Options) -> Sizes {
+    if options.quick {
+        Sizes {
+            rounds: 2,
+            servers: 1_000,
+            lan: 400,
+        }
+    } else {
+        Sizes {
+            rounds: 5,
+            servers: 10_000,
+            lan: 4_000,
+        }
+    }
 }
 
+pub fn run(bin: &Path, options: Options) -> Result<Value> {
+    crate::in_private_dir("ksbenchcp", |dir| measure(bin, dir, sizes(options)))
+}
+
+/// LAN `i`: a /24 under 10.0.0.0/8.
 fn lan(i: u32) -> String {
     format!("10.{}.{}.0/24", i / 256, i % 256)
 }
 
-fn measure(bin: &Path, dir: &Path) -> Result<Value> {
+fn measure(bin: &Path, dir: &Path, sizes: Sizes) -> Result<Value> {
     let config = dir.join("killswitch.toml");
     let mut text = String::from("tunnels = [\"tun0\"]\n[lan]\nnetworks = [");
-    for i in 0..LAN {
+    for i in 0..sizes.lan {
         write!(text, "{}\"{}\"", if i == 0 { "" } else { ", " }, lan(i))?;
     }
     text.push_str("]\n");
-    for i in 0..SERVERS {
+    for i in 0..sizes.servers {
         writeln!(
             text,
             "[[server]]\naddress = \"{}\"\nport = 1194\nprotocol = \"udp\"",
@@ -42,65 +58,81 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
         )?;
     }
     testbed::write_config(&config, &text);
-
     let ruleset = dir.join("ruleset.nft");
-    std::fs::write(&ruleset, nft_ruleset())?;
+    std::fs::write(&ruleset, nft_ruleset(&sizes))?;
+    // The same table again, replacing the first in one transaction.
+    let replace = dir.join("replace.nft");
+    std::fs::write(
+        &replace,
+        format!(
+            "add table inet ksbench\ndelete table inet ksbench\n{}",
+            nft_ruleset(&sizes)
+        ),
+    )?;
 
-    eprintln!(
-        "bench: check, cold up and nft -c -f / nft -f of {SERVERS} servers + {LAN} LAN prefixes"
-    );
+    progress(&format!(
+        "control plane: check, cold up and re-up of {} servers + {} LAN prefixes, eBPF, nftables backend, nft -f ({} rounds)",
+        sizes.servers, sizes.lan, sizes.rounds
+    ));
     let pins = PinRoot::new();
-    let mut check = Vec::new();
-    let mut up = Vec::new();
-    let mut nft_check = Vec::new();
-    let mut nft_load = Vec::new();
-    for _ in 0..RUNS {
-        check.push(timed(
+    let names = [
+        "check",
+        "nft -c -f",
+        "cold up, eBPF",
+        "cold up, nftables backend",
+        "nft -f, new table",
+        "re-up, eBPF",
+        "re-up, nftables backend",
+        "nft -f, table replaced",
+    ];
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for _ in 0..sizes.rounds {
+        ms[0].push(timed(
             Command::new(bin).arg("--config").arg(&config).arg("check"),
         )?);
-        let cgroup = Cgroup::new();
-        let scoped = |action: &str| {
-            let mut cmd = Command::new(bin);
-            cmd.arg("--config")
-                .arg(&config)
-                .args(["-q", action, "--cgroup", &cgroup.relative])
-                .env("KILLSWITCH_PIN_ROOT", &pins.path)
-                .env("KILLSWITCH_STATE_DIR", &pins.state);
-            cmd
-        };
-        up.push(timed(&mut scoped("up"))?);
-        timed(&mut scoped("down"))?;
-        nft_check.push(timed(
+        ms[1].push(timed(
             Command::new("nft").arg("-c").arg("-f").arg(&ruleset),
         )?);
-        nft_load.push(timed(Command::new("nft").arg("-f").arg(&ruleset))?);
+        for (backend, cold, again) in [("ebpf", 2, 5), ("nftables", 3, 6)] {
+            let cgroup = Cgroup::new();
+            let scoped = |action: &str| {
+                let mut cmd = Command::new(bin);
+                cmd.arg("--config")
+                    .arg(&config)
+                    .args(["-q", action, "--cgroup", &cgroup.relative]);
+                if action == "up" {
+                    cmd.args(["--backend", backend]);
+                }
+                cmd.env("KILLSWITCH_PIN_ROOT", &pins.path)
+                    .env("KILLSWITCH_STATE_DIR", &pins.state);
+                cmd
+            };
+            ms[cold].push(timed(&mut scoped("up"))?);
+            ms[again].push(timed(&mut scoped("up"))?);
+            timed(&mut scoped("down"))?;
+        }
+        ms[4].push(timed(Command::new("nft").arg("-f").arg(&ruleset))?);
+        ms[7].push(timed(Command::new("nft").arg("-f").arg(&replace))?);
         timed(Command::new("nft").args(["delete", "table", "inet", "ksbench"]))?;
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (check, up, nft_check, nft_load) = (
-        median(&mut check),
-        median(&mut up),
-        median(&mut nft_check),
-        median(&mut nft_load),
-    );
+    let rows: Vec<Value> = names
+        .iter()
+        .zip(&ms)
+        .map(|(name, values)| json!({ "what": name, "ms": stats(values) }))
+        .collect();
     Ok(json!({
-        "servers": SERVERS, "lan_prefixes": LAN, "runs": RUNS,
-        "check_ms": check, "nft_check_ms": nft_check, "check_vs_nft_check": check / nft_check,
-        "cold_up_ms": up, "cold_up_vs_nft_check": up / nft_check,
-        "nft_load_ms": nft_load, "cold_up_vs_nft_load": up / nft_load,
+        "servers": sizes.servers, "lan_prefixes": sizes.lan, "rounds": sizes.rounds,
+        "rows": rows,
     }))
 }
 
 /// The same lists as nftables would hold them: an output chain that drops by default and
 /// accepts the tunnel, the servers (address . protocol . port) and the LAN prefixes.
-fn nft_ruleset() -> String {
-    let servers: Vec<String> = (0..SERVERS)
+fn nft_ruleset(sizes: &Sizes) -> String {
+    let servers: Vec<String> = (0..sizes.servers)
         .map(|i| format!("{} . udp . 1194", server(i)))
         .collect();
-    let lans: Vec<String> = (0..LAN).map(lan).collect();
+    let lans: Vec<String> = (0..sizes.lan).map(lan).collect();
     format!(
         "table inet ksbench {{\n\
          \x20 set servers {{ type ipv4_addr . inet_proto . inet_service; elements = {{ {} }} }}\n\

@@ -1,6 +1,7 @@
 //! The daemon and the live server list, measured with the release binary in the benchmark's
 //! namespace on a child cgroup: link event → tunnel map update, `servers set` of 10,000
-//! endpoints against the same change as one `nft -f` transaction, and the daemon's memory.
+//! endpoints with the eBPF backend and with the nftables backend against the same change as one
+//! `nft -f` transaction (interleaved rounds), and the daemon's memory.
 
 use std::{
     fmt::Write as _,
@@ -15,22 +16,23 @@ use killswitch::ebpf::PinnedMaps;
 use serde_json::{json, Value};
 use testbed::{Cgroup, PinRoot};
 
-const LINK_EVENTS: usize = 100;
-const SERVERS: u32 = 10_000;
+use crate::{progress, stats, Options};
 
-pub fn run(bin: &Path) -> Result<Value> {
-    let dir = testbed::private_dir("ksbench");
-    let result = measure(bin, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+pub fn run(bin: &Path, options: Options) -> Result<Value> {
+    crate::in_private_dir("ksbench", |dir| measure(bin, dir, options))
 }
 
-fn measure(bin: &Path, dir: &Path) -> Result<Value> {
+fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
+    let (link_events, servers, rounds) = if options.quick {
+        (10, 1_000, 2)
+    } else {
+        (100, 10_000, 5)
+    };
     let cgroup = Cgroup::new();
     let pins = PinRoot::new();
     let config = dir.join("killswitch.toml");
     let mut text = String::from("tunnels = [\"bt*\"]\n");
-    for i in 0..SERVERS {
+    for i in 0..servers {
         writeln!(text, "[[server]]\naddress = \"{}\"\nport = 1194", v4(0, i))?;
     }
     testbed::write_config(&config, &text);
@@ -44,7 +46,7 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
             .env("KILLSWITCH_STATE_DIR", &pins.state);
         cmd
     };
-    eprintln!("bench: daemon with {SERVERS} servers");
+    progress(&format!("daemon with {servers} servers"));
     let mut daemon = Daemon(
         killswitch(&["-q", "daemon"])
             .stdout(Stdio::null())
@@ -55,11 +57,11 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
     let maps = PinnedMaps::open(&pin_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rss_kib = rss_kib(daemon.0.id())?;
 
-    eprintln!("bench: {LINK_EVENTS} link events");
+    progress(&format!("{link_events} link events under the daemon"));
     let links = LinkEvents::subscribe()?;
     let mut added = Vec::new();
     let mut removed = Vec::new();
-    for i in 0..LINK_EVENTS {
+    for i in 0..link_events {
         let name = format!("bt{i}");
         let peer = format!("bp{i}");
         let add = ["add", &name, "type", "veth", "peer", "name", &peer];
@@ -67,27 +69,54 @@ fn measure(bin: &Path, dir: &Path) -> Result<Value> {
         removed.push(link_latency(&links, &maps, &["del", &name], &name, 0)?);
     }
 
-    eprintln!("bench: servers set of {SERVERS} replacing {SERVERS}");
-    let endpoints: Vec<String> = (0..SERVERS).map(|i| format!("{}:1194", v4(1, i))).collect();
-    let mut set = killswitch(&["servers", "set"]);
-    set.args(&endpoints).stdout(Stdio::null());
-    let started = Instant::now();
-    if !set.status()?.success() {
-        bail!("killswitch servers set failed");
+    progress(&format!(
+        "servers set of {servers} replacing {servers}: eBPF, nftables backend, nft -f ({rounds} rounds)"
+    ));
+    let nft_cgroup = Cgroup::new();
+    let nft_scope = |args: &[&str]| {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(args)
+            .args(["--cgroup", &nft_cgroup.relative])
+            .env("KILLSWITCH_PIN_ROOT", &pins.path)
+            .env("KILLSWITCH_STATE_DIR", &pins.state)
+            .stdout(Stdio::null());
+        cmd
+    };
+    crate::timed(&mut nft_scope(&["-q", "up", "--backend", "nftables"]))?;
+    // Each round replaces the list in force with the other block's.
+    let endpoints = |block: u32| -> Vec<String> {
+        (0..servers)
+            .map(|i| format!("{}:1194", v4(block, i)))
+            .collect()
+    };
+    let lists = [endpoints(1), endpoints(0)];
+    let mut ebpf_ms = Vec::new();
+    let mut nftables_ms = Vec::new();
+    let mut nft_ms = Vec::new();
+    for round in 0..rounds {
+        let list = &lists[round % 2];
+        let mut set = killswitch(&["-q", "servers", "set"]);
+        set.args(list).stdout(Stdio::null());
+        ebpf_ms.push(crate::timed(&mut set)?);
+        let mut set = nft_scope(&["-q", "servers", "set"]);
+        set.args(list);
+        nftables_ms.push(crate::timed(&mut set)?);
+        nft_ms.push(nft_replace(dir, servers)?);
     }
-    let servers_set_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let nft_ms = nft_replace(dir)?;
     drop(daemon);
+    crate::timed(&mut nft_scope(&["-q", "down"]))?;
     let status = killswitch(&["down"]).stdout(Stdio::null()).status()?;
     if !status.success() {
         bail!("killswitch down failed");
     }
     Ok(json!({
-        "link_added_to_map_us": summary(&mut added),
-        "link_removed_from_map_us": summary(&mut removed),
-        "servers_set_10000_ms": servers_set_ms,
-        "nft_f_10000_ms": nft_ms,
-        "daemon_rss_kib_at_10000_servers": rss_kib,
+        "servers": servers, "rounds": rounds, "link_events": link_events,
+        "link_added_to_map_us": stats(&added),
+        "link_removed_from_map_us": stats(&removed),
+        "servers_set_ms": { "ebpf": stats(&ebpf_ms), "nftables": stats(&nftables_ms), "nft": stats(&nft_ms) },
+        "daemon_rss_kib": rss_kib,
     }))
 }
 
@@ -241,11 +270,11 @@ fn link_latency(
     Ok(micros)
 }
 
-/// The same change as one nftables transaction: a set of 10,000 addresses replaced by 10,000
-/// others (in this namespace only).
-fn nft_replace(dir: &Path) -> Result<f64> {
+/// The same change as one nftables transaction: a set of `servers` addresses replaced by as
+/// many others (in this namespace only).
+fn nft_replace(dir: &Path, servers: u32) -> Result<f64> {
     let elements = |block| {
-        (0..SERVERS)
+        (0..servers)
             .map(|i| v4(block, i).to_string())
             .collect::<Vec<_>>()
             .join(", ")
@@ -280,13 +309,4 @@ fn nft_replace(dir: &Path) -> Result<f64> {
         .args(["delete", "table", "inet", "ksbench"])
         .status();
     Ok(ms)
-}
-
-fn summary(values: &mut [f64]) -> Value {
-    values.sort_by(f64::total_cmp);
-    json!({
-        "median": values[values.len() / 2],
-        "max": values[values.len() - 1],
-        "count": values.len(),
-    })
 }

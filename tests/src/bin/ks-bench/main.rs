@@ -1,37 +1,45 @@
-//! `ks-bench RELEASE_KILLSWITCH`: the measurements behind `cargo xtask bench`. Per-packet cost of
-//! each verdict path as the lists grow, then the daemon's and live server changes' timings with
-//! the release binary. Writes `target/bench/` under the current directory.
+//! `ks-bench RELEASE_KILLSWITCH [--quick]`: the measurements behind `cargo xtask bench`, in
+//! one run and one report. Per-packet cost of each verdict path against a floor program as the
+//! lists grow (BPF_PROG_TEST_RUN), throughput through veth pairs (iperf3) with no filter, the
+//! eBPF backend, the nftables backend and the iptables rendering, and the control plane next
+//! to its nftables equivalent. Every comparison is interleaved (A B A B ...) and reported as
+//! medians with min–max. Writes `target/bench/report.{json,md,svg}` under the current
+//! directory. `--quick`: a one-minute smoke run of the same code with fewer sizes and rounds.
+//!
+//! The whole run happens in a network namespace of its own, entered at the start: nothing of
+//! it touches the machine's own namespace.
 
-mod backends;
 mod control;
 mod daemon;
 mod per_packet;
+mod plot;
+mod report;
+mod throughput;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Instant};
+
+use serde_json::json;
+
+/// How much to measure: the full run or the smoke run.
+#[derive(Clone, Copy)]
+pub struct Options {
+    pub quick: bool,
+}
 
 fn main() -> ExitCode {
-    let Some(release_bin) = std::env::args_os().nth(1).map(PathBuf::from) else {
-        eprintln!("usage: ks-bench RELEASE_KILLSWITCH (run by `cargo xtask bench`)");
+    let mut args = std::env::args_os().skip(1);
+    let Some(release_bin) = args.next().map(PathBuf::from) else {
+        eprintln!("usage: ks-bench RELEASE_KILLSWITCH [--quick] (run by `cargo xtask bench`)");
         return ExitCode::from(2);
+    };
+    let options = Options {
+        quick: args.any(|a| a == "--quick"),
     };
     if !testbed::privileged() {
         eprintln!("ks-bench: run as root: the benchmark loads BPF programs in a namespace");
         return ExitCode::from(2);
     }
-    // `ks-bench BIN backends`: only the backends side by side (the whole run takes minutes).
-    if std::env::args().nth(2).as_deref() == Some("backends") {
-        return match backends::run(&release_bin).and_then(|report| {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("ks-bench: {error:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match per_packet::run(&release_bin) {
+    match run(&release_bin, options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("ks-bench: {error:#}");
@@ -40,10 +48,92 @@ fn main() -> ExitCode {
     }
 }
 
+fn run(bin: &std::path::Path, options: Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // Everything below runs in this namespace (or in ones of its own it makes).
+    let netns = testbed::Netns::entered_with_links("b", &["tun0", "up0"]);
+    let per_packet = per_packet::run(&netns, options)?;
+    let throughput = throughput::run(bin, options)?;
+    let control = control::run(bin, options)?;
+    let daemon = daemon::run(bin, options)?;
+    let report = json!({
+        "machine": machine(),
+        "quick": options.quick,
+        "per_packet": per_packet,
+        "throughput": throughput,
+        "control": control,
+        "daemon": daemon,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    let out = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let markdown = report::markdown(&report);
+    std::fs::write(out.join("report.md"), &markdown)?;
+    plot::svg(&report, &out.join("report.svg"))?;
+    println!("{markdown}");
+    println!(
+        "written: target/bench/report.json, report.md, report.svg ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What the numbers were measured on.
+fn machine() -> serde_json::Value {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let memory_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": memory_kib / (1024 * 1024),
+    })
+}
+
+/// A progress line on stderr: the run takes minutes.
+pub fn progress(what: &str) {
+    eprintln!("bench: {what}");
+}
+
+/// Median, min and max of some measurements.
+pub fn stats(values: &[f64]) -> serde_json::Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    json!({
+        "median": median(&sorted),
+        "min": sorted.first().copied().unwrap_or(f64::NAN),
+        "max": sorted.last().copied().unwrap_or(f64::NAN),
+        "rounds": values,
+    })
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// Runs a command to completion; its wall time in ms. Fails (with its error output) when it
 /// fails.
-fn timed(command: &mut std::process::Command) -> anyhow::Result<f64> {
-    let started = std::time::Instant::now();
+pub fn timed(command: &mut std::process::Command) -> anyhow::Result<f64> {
+    let started = Instant::now();
     let out = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -59,7 +149,7 @@ fn timed(command: &mut std::process::Command) -> anyhow::Result<f64> {
 }
 
 /// Runs `f` with a private directory for configs (`testbed::private_dir`), removed afterwards.
-fn in_private_dir<T>(
+pub fn in_private_dir<T>(
     prefix: &str,
     f: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
@@ -67,4 +157,9 @@ fn in_private_dir<T>(
     let result = f(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Server `i` of a benchmark list: 198.18.0.0/15 (the benchmark range).
+pub fn server(i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0xc612_0000u32 + i)
 }

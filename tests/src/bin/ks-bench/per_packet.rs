@@ -1,27 +1,26 @@
-//! Per-packet cost of each verdict path through BPF_PROG_TEST_RUN, as the
-//! server list and the LAN list grow. The kernel reports the average time per run; each number
-//! is the median of several rounds. Results go to `target/bench/per_packet.json`.
+//! Per-packet cost of each verdict path through BPF_PROG_TEST_RUN as the server list and the
+//! LAN list grow, against a floor program that only counts and allows, in the same rounds:
+//! each round runs the floor and every path once (A B C ... A B C ...), so drift of the
+//! machine reaches them all alike. The kernel reports the average time per run.
 
 use std::{net::Ipv6Addr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
+use aya::{
+    programs::{CgroupSkb, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
 use killswitch::{
-    ebpf::{entries::address_key, MapEntries, PinnedMaps, Programs},
+    ebpf::{entries::address_key, MapEntries, PinnedMaps, Programs, OBJECT},
     events::EventReader,
     interfaces,
     policy::{resolve_servers, Policy},
 };
-use killswitch_common::{Direction, ServerKey, ANY_PORT, IPPROTO_UDP};
-use serde_json::json;
+use killswitch_common::{Direction, ServerKey, IPPROTO_UDP};
+use serde_json::{json, Value};
 use testbed::{packets::*, Netns, PinRoot};
 
-const ROUNDS: usize = 7;
-const REPEAT: u32 = 50_000;
-/// Runs per round when every drop sends an event: fewer than the ring buffer holds.
-const REPEAT_WITH_EVENTS: u32 = 2_000;
-const SERVER_COUNTS: [usize; 3] = [1, 1_000, 100_000];
-const LAN_COUNTS: [usize; 2] = [1, 1_000];
+use crate::{median, progress, stats, Options};
 
 const POLICY: &str = r#"
 tunnels = ["tun0"]
@@ -40,9 +39,36 @@ networks = ["192.168.77.0/24", "2001:db8:77::/64"]
 const ME4: &str = "192.0.2.2";
 const ME6: &str = "2001:db8:2::2";
 
-struct VerdictPath {
-    name: &'static str,
-    direction: Direction,
+struct Sizes {
+    rounds: usize,
+    repeat: u32,
+    servers: &'static [usize],
+    lan: &'static [usize],
+}
+
+fn sizes(options: Options) -> Sizes {
+    if options.quick {
+        Sizes {
+            rounds: 5,
+            repeat: 5_000,
+            servers: &[1, 1_000],
+            lan: &[1],
+        }
+    } else {
+        Sizes {
+            rounds: 7,
+            repeat: 50_000,
+            servers: &[1, 1_000, 100_000],
+            lan: &[1, 1_000],
+        }
+    }
+}
+
+/// Runs per round when every drop sends an event: fewer than the ring buffer holds.
+const REPEAT_WITH_EVENTS: u32 = 2_000;
+
+pub struct VerdictPath {
+    pub name: &'static str,
     on_tunnel: bool,
     frame: Vec<u8>,
 }
@@ -60,36 +86,35 @@ fn paths() -> Vec<VerdictPath> {
     };
     let path = |name, on_tunnel, frame| VerdictPath {
         name,
-        direction: Direction::Egress,
         on_tunnel,
         frame,
     };
     vec![
-        path("tunnel allow v4", true, out4(TCP, "203.0.113.9", 80)),
-        path("tunnel allow v6", true, out6(TCP, "2001:db8:203::9", 80)),
-        path("server allow v4", false, out4(UDP, "198.51.100.1", 1194)),
-        path("server allow v6", false, out6(TCP, "2001:db8:100::1", 443)),
-        path("lan allow v4", false, out4(TCP, "192.168.77.5", 80)),
-        path("lan allow v6", false, out6(TCP, "2001:db8:77::5", 80)),
+        path("tunnel v4", true, out4(TCP, "203.0.113.9", 80)),
+        path("tunnel v6", true, out6(TCP, "2001:db8:203::9", 80)),
+        path("server v4", false, out4(UDP, "198.51.100.1", 1194)),
+        path("server v6", false, out6(TCP, "2001:db8:100::1", 443)),
+        path("lan v4", false, out4(TCP, "192.168.77.5", 80)),
+        path("lan v6", false, out6(TCP, "2001:db8:77::5", 80)),
         path("default drop v4", false, out4(TCP, "203.0.113.9", 80)),
         path("default drop v6", false, out6(TCP, "2001:db8:203::9", 80)),
     ]
 }
 
-/// Loaded programs and their maps in a private namespace with `tun0` and `up0`.
+/// The policy's programs and their maps, and the floor, in the bench's namespace.
 struct Bench {
     programs: Programs,
     maps: PinnedMaps,
+    floor: Ebpf,
     tun0: u32,
     up0: u32,
     base: MapEntries,
     pins: PinRoot,
-    _netns: Netns,
+    _floor_pins: PinRoot,
 }
 
 impl Bench {
-    fn new() -> Result<Bench> {
-        let netns = Netns::entered_with_links("b", &["tun0", "up0"]);
+    fn new(netns: &Netns) -> Result<Bench> {
         let policy = Policy::from_toml(POLICY, Path::new("bench.toml"))?;
         // The bench policy names addresses only: nothing to look up.
         let (servers, _) = resolve_servers(&policy.servers);
@@ -103,27 +128,38 @@ impl Bench {
         let pins = PinRoot::new();
         let programs = Programs::load(&pins.path)?;
         let maps = PinnedMaps::open(&pins.path)?;
+        // The floor's own copy of the object's maps, pinned apart from the policy's.
+        let floor_pins = PinRoot::new();
+        let mut floor = EbpfLoader::new()
+            .default_map_pin_directory(&floor_pins.path)
+            .load(OBJECT)
+            .context("the object loads")?;
+        let program: &mut CgroupSkb = floor
+            .program_mut("floor")
+            .context("the floor program")?
+            .try_into()?;
+        program.load().context("the floor program loads")?;
         Ok(Bench {
             programs,
             maps,
+            floor,
             tun0: netns.ifindex("tun0"),
             up0: netns.ifindex("up0"),
             base,
             pins,
-            _netns: netns,
+            _floor_pins: floor_pins,
         })
     }
 
     /// The base policy plus filler servers and LAN prefixes up to the given sizes.
     fn fill(&mut self, servers: usize, lan: usize, every_drop_reported: bool) -> Result<()> {
         let mut entries = self.base.clone();
-        // Filler servers: 198.18.0.0/15 (benchmark range), one UDP port each.
+        // Filler servers: 198.18.0.0/15, one UDP endpoint each (the usual kind of entry).
         for i in 0..servers.saturating_sub(1) {
-            let ip = std::net::Ipv4Addr::from(0xc612_0000u32 + i as u32);
-            let port = if i % 2 == 0 { 1194 } else { ANY_PORT };
+            let ip = crate::server(i as u32);
             entries
                 .servers
-                .insert(ServerKey::new(address_key(ip.into()), port, IPPROTO_UDP));
+                .insert(ServerKey::new(address_key(ip.into()), 1194, IPPROTO_UDP));
         }
         // Filler LAN prefixes: /64s under 2001:db8:f000::/36.
         for i in 0..lan.saturating_sub(1) {
@@ -148,199 +184,116 @@ impl Bench {
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    /// Median kernel-reported nanoseconds per packet over `ROUNDS` rounds of `repeat` runs.
-    fn measure(
-        &self,
-        path: &VerdictPath,
-        repeat: u32,
-        mut between: impl FnMut(),
-    ) -> Result<(f64, Vec<f64>)> {
-        let ifindex = if path.on_tunnel { self.tun0 } else { self.up0 };
+    /// Kernel-reported nanoseconds per run of `program` over `repeat` runs of `frame`.
+    fn once(&self, program: &CgroupSkb, frame: &[u8], ifindex: u32, repeat: u32) -> Result<f64> {
         let ctx = skb_context(ifindex);
-        let mut rounds = Vec::new();
-        for _ in 0..ROUNDS {
-            let opts = TestRunOptions {
-                data_in: Some(&path.frame),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            };
-            let result = self
-                .programs
-                .program(path.direction)
-                .test_run(opts)
-                .with_context(|| format!("test run of {}", path.name))?;
-            rounds.push(result.duration.as_nanos() as f64);
-            between();
-        }
-        let mut sorted = rounds.clone();
-        sorted.sort_by(f64::total_cmp);
-        Ok((sorted[ROUNDS / 2], rounds))
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        };
+        Ok(program.test_run(opts)?.duration.as_nanos() as f64)
+    }
+
+    fn floor(&self) -> &CgroupSkb {
+        self.floor
+            .program("floor")
+            .and_then(|p| <&CgroupSkb>::try_from(p).ok())
+            .expect("loaded above")
+    }
+
+    fn path(&self, path: &VerdictPath, repeat: u32) -> Result<f64> {
+        let ifindex = if path.on_tunnel { self.tun0 } else { self.up0 };
+        self.once(
+            self.programs.program(Direction::Egress),
+            &path.frame,
+            ifindex,
+            repeat,
+        )
+        .with_context(|| format!("test run of {}", path.name))
     }
 }
 
-pub fn run(release_bin: &std::path::Path) -> Result<()> {
-    let mut bench = Bench::new()?;
+pub fn run(netns: &Netns, options: Options) -> Result<Value> {
+    let sizes = sizes(options);
+    let mut bench = Bench::new(netns)?;
     let paths = paths();
-    let mut rows = Vec::new();
-    let mut table = Vec::new();
-    for servers in SERVER_COUNTS {
-        for lan in LAN_COUNTS {
-            eprintln!("bench: {servers} servers, {lan} LAN prefixes");
+    let floor_frame = &paths[0].frame;
+    let configs: Vec<(usize, usize)> = sizes
+        .servers
+        .iter()
+        .flat_map(|&servers| sizes.lan.iter().map(move |&lan| (servers, lan)))
+        .collect();
+    // Per config: the floor's rounds, then each path's.
+    let mut measured: Vec<(Vec<f64>, Vec<Vec<f64>>)> =
+        vec![(Vec::new(), vec![Vec::new(); paths.len()]); configs.len()];
+    // Rounds outermost: every config and path is measured once per round, so drift of the
+    // machine (and the first, cold round) reaches them all alike.
+    for round in 0..sizes.rounds {
+        progress(&format!(
+            "per-packet cost, round {} of {}: {} configurations of the lists",
+            round + 1,
+            sizes.rounds,
+            configs.len()
+        ));
+        for (&(servers, lan), (floor, values)) in configs.iter().zip(&mut measured) {
             bench.fill(servers, lan, false)?;
-            for path in &paths {
-                let (median, rounds) = bench.measure(path, REPEAT, || {})?;
-                rows.push(json!({
-                    "path": path.name, "servers": servers, "lan_prefixes": lan,
-                    "ns_per_packet": median, "rounds": rounds, "repeat": REPEAT,
-                }));
-                table.push((path.name.to_string(), servers, lan, median));
+            floor.push(bench.once(bench.floor(), floor_frame, bench.up0, sizes.repeat)?);
+            for (path, into) in paths.iter().zip(values) {
+                into.push(bench.path(path, sizes.repeat)?);
             }
         }
     }
-    // The drop path when every packet sends an event (no rate limit), ring drained per round.
+    let mut rows = Vec::new();
+    let mut floors = Vec::new();
+    for (&(servers, lan), (floor, values)) in configs.iter().zip(&measured) {
+        let floor_median = median(floor);
+        floors.push(json!({ "servers": servers, "lan_prefixes": lan, "ns": stats(floor) }));
+        for (path, values) in paths.iter().zip(values) {
+            rows.push(json!({
+                "path": path.name, "servers": servers, "lan_prefixes": lan,
+                "ns": stats(values), "vs_floor": median(values) / floor_median,
+            }));
+        }
+    }
+    // The drop path when every packet sends an event (no rate limit), the ring drained per round.
+    progress("per-packet cost of a drop that sends an event");
     bench.fill(1, 1, true)?;
     let mut reader = EventReader::open(&bench.pins.path).map_err(|e| anyhow::anyhow!("{e}"))?;
     for path in paths.iter().filter(|p| p.name.starts_with("default drop")) {
-        let name = format!("{} + event", path.name);
-        let (median, rounds) = bench.measure(path, REPEAT_WITH_EVENTS, || {
+        let mut values = Vec::new();
+        for _ in 0..sizes.rounds {
+            values.push(bench.path(path, REPEAT_WITH_EVENTS)?);
             let _ = reader.wait(Duration::ZERO);
-        })?;
-        rows.push(json!({
-            "path": name, "servers": 1, "lan_prefixes": 1,
-            "ns_per_packet": median, "rounds": rounds, "repeat": REPEAT_WITH_EVENTS,
-        }));
-        table.push((name, 1, 1, median));
-    }
-
-    let at = |name: &str, servers: usize, lan: usize| {
-        table
-            .iter()
-            .find(|r| r.0 == name && r.1 == servers && r.2 == lan)
-            .map_or(f64::NAN, |r| r.3)
-    };
-    println!(
-        "{:<24} {:>8} {:>6} {:>10}",
-        "path", "servers", "lan", "ns/packet"
-    );
-    for (name, servers, lan, ns) in &table {
-        println!("{name:<24} {servers:>8} {lan:>6} {ns:>10.1}");
-    }
-    let mut ratios = serde_json::Map::new();
-    println!("\nratios (target: growth <= 1.20 at 100,000 servers; drop + event < 2.00 x allowed)");
-    for path in &paths {
-        for lan in LAN_COUNTS {
-            let ratio = at(path.name, 100_000, lan) / at(path.name, 1, lan);
-            let key = format!("{} at 100000 vs 1 servers, {lan} lan", path.name);
-            println!("{key:<60} {ratio:>6.2}");
-            ratios.insert(key, json!(ratio));
         }
+        rows.push(json!({
+            "path": format!("{} + event", path.name), "servers": 1, "lan_prefixes": 1,
+            "ns": stats(&values),
+        }));
     }
-    for family in ["v4", "v6"] {
-        let worst_allowed = ["server allow", "lan allow"]
-            .iter()
-            .map(|p| at(&format!("{p} {family}"), 1, 1))
-            .fold(f64::MIN, f64::max);
-        let ratio = at(&format!("default drop {family} + event"), 1, 1) / worst_allowed;
-        let key = format!("default drop {family} + event vs worst allowed {family}");
-        println!("{key:<60} {ratio:>6.2}");
-        ratios.insert(key, json!(ratio));
-    }
-    let out = std::path::PathBuf::from("target/bench");
-    std::fs::create_dir_all(&out)?;
-    let report = json!({
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
-        "rounds": ROUNDS,
-        "rows": rows,
-        "ratios": ratios,
-    });
-    std::fs::write(
-        out.join("per_packet.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    println!("\nwritten: target/bench/per_packet.json");
-
-    let control = crate::control::run(release_bin)?;
-    let ms = |key: &str| control[key].as_f64().unwrap_or(f64::NAN);
-    println!("\ncontrol plane, 10,000 servers + 4,000 LAN prefixes (release build, median of 5)");
-    println!(
-        "check: {:.1} ms; nft -c -f of the same sets: {:.1} ms; ratio {:.2} (target <= 1.00)",
-        ms("check_ms"),
-        ms("nft_check_ms"),
-        ms("check_vs_nft_check")
+    let most = (
+        *sizes.servers.last().expect("sizes"),
+        *sizes.lan.last().expect("sizes"),
     );
-    println!(
-        "cold up (load, verify, fill, attach): {:.1} ms; ratio to nft -c -f {:.2} (target <= 1.00); nft -f of the same ruleset: {:.1} ms, ratio {:.2}",
-        ms("cold_up_ms"),
-        ms("cold_up_ms") / ms("nft_check_ms"),
-        ms("nft_load_ms"),
-        ms("cold_up_vs_nft_load")
-    );
-    std::fs::write(
-        out.join("control.json"),
-        serde_json::to_string_pretty(&control)?,
-    )?;
-
-    let daemon = crate::daemon::run(release_bin)?;
-    let field = |path: &[&str]| {
-        path.iter()
-            .fold(&daemon, |v, k| &v[*k])
-            .as_f64()
+    let at = |name: &str, servers: usize, lan: usize| {
+        rows.iter()
+            .find(|r| r["path"] == name && r["servers"] == servers && r["lan_prefixes"] == lan)
+            .and_then(|r| r["ns"]["median"].as_f64())
             .unwrap_or(f64::NAN)
     };
-    println!("\ndaemon and live server changes (release build)");
-    println!(
-        "link event -> tunnel map: added median {:.0} us, max {:.0} us; removed median {:.0} us, max {:.0} us (target: median < 5,000 us)",
-        field(&["link_added_to_map_us", "median"]),
-        field(&["link_added_to_map_us", "max"]),
-        field(&["link_removed_from_map_us", "median"]),
-        field(&["link_removed_from_map_us", "max"]),
-    );
-    let set_ms = field(&["servers_set_10000_ms"]);
-    let nft_ms = field(&["nft_f_10000_ms"]);
-    println!(
-        "servers set, 10,000 replacing 10,000: {set_ms:.1} ms (target < 50 ms); the same as one nft -f transaction: {nft_ms:.1} ms; ratio {:.2}",
-        set_ms / nft_ms
-    );
-    println!(
-        "daemon resident memory at 10,000 servers: {:.0} KiB",
-        field(&["daemon_rss_kib_at_10000_servers"])
-    );
-    std::fs::write(
-        out.join("daemon.json"),
-        serde_json::to_string_pretty(&daemon)?,
-    )?;
-    println!("written: target/bench/daemon.json");
-
-    let backends = crate::backends::run(release_bin)?;
-    println!(
-        "\nbackends side by side (release build, a cgroup scope, median of {} runs)",
-        backends["runs"]
-    );
-    println!(
-        "{:<10} {:>8} {:>10} {:>12} {:>10} {:>12}",
-        "backend", "servers", "apply ms", "re-apply ms", "send ns", "vs no filter"
-    );
-    for row in backends["rows"].as_array().into_iter().flatten() {
-        if let Some(sizes) = row.get("rendered_bytes") {
-            println!("{:<10} {:>8} rendered bytes: {sizes}", "", row["servers"]);
-            continue;
-        }
-        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:<10} {:>8} {:>10.1} {:>12.1} {:>10.0} {:>12.2}",
-            row["backend"].as_str().unwrap_or(""),
-            row["servers"],
-            f("apply_ms"),
-            f("reapply_ms"),
-            f("send_ns"),
-            f("send_ns") / f("send_unfiltered_ns")
-        );
-    }
-    std::fs::write(
-        out.join("backends.json"),
-        serde_json::to_string_pretty(&backends)?,
-    )?;
-    println!("written: target/bench/backends.json");
-    Ok(())
+    let growth: Vec<Value> = paths
+        .iter()
+        .map(|p| {
+            json!({
+                "path": p.name, "lan_prefixes": most.1, "servers": most.0,
+                "vs_one_server": at(p.name, most.0, most.1) / at(p.name, 1, most.1),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "rounds": sizes.rounds, "repeat": sizes.repeat,
+        "servers": sizes.servers, "lan_prefixes": sizes.lan,
+        "floor": floors, "rows": rows, "growth": growth,
+    }))
 }

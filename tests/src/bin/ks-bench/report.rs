@@ -1,0 +1,267 @@
+//! The report as Markdown: the machine, then one table per measurement with medians, min–max
+//! and the ratios the targets are stated in (reported, never asserted).
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// "12,345".
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// "median (min–max)" with `digits` decimals.
+fn spread(stats: &Value, digits: usize) -> String {
+    format!(
+        "{:.digits$} ({:.digits$}–{:.digits$})",
+        num(&stats["median"]),
+        num(&stats["min"]),
+        num(&stats["max"])
+    )
+}
+
+pub fn markdown(report: &Value) -> String {
+    let mut md = String::new();
+    let m = &report["machine"];
+    let _ = writeln!(
+        md,
+        "# killswitch benchmark{}\n\nMeasured on Linux {}, {} ({} cores, {} GiB), in {:.0} s. Medians of interleaved rounds, with min–max; ratios are of medians from the same run.\n",
+        if report["quick"] == true { " (quick smoke run: small sizes, few rounds; not for comparison)" } else { "" },
+        m["kernel"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["memory_gib"],
+        num(&report["seconds"]),
+    );
+    per_packet(&mut md, &report["per_packet"]);
+    throughput(&mut md, &report["throughput"]);
+    control(&mut md, &report["control"], &report["daemon"]);
+    md
+}
+
+fn per_packet(md: &mut String, pp: &Value) {
+    let servers: Vec<u64> = pp["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
+    let lan = pp["lan_prefixes"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    let _ = writeln!(
+        md,
+        "## Per-packet cost\n\nBPF_PROG_TEST_RUN of the egress program, ns per packet, median of {} rounds × {} runs (min–max), and × the floor (a program that only counts and allows) in the same rounds; {} LAN prefixes.\n",
+        pp["rounds"],
+        thousands(pp["repeat"].as_u64().unwrap_or(0)),
+        thousands(lan)
+    );
+    let header: Vec<String> = servers
+        .iter()
+        .map(|s| format!("{} servers", thousands(*s)))
+        .collect();
+    let _ = writeln!(
+        md,
+        "| path | {} | at {} vs 1 server |",
+        header.join(" | "),
+        thousands(*servers.last().unwrap_or(&1))
+    );
+    let _ = writeln!(md, "|---|{}---|", "---|".repeat(servers.len()));
+    let rows = pp["rows"].as_array().cloned().unwrap_or_default();
+    let floors = pp["floor"].as_array().cloned().unwrap_or_default();
+    let floor_cells: Vec<String> = servers
+        .iter()
+        .map(|s| {
+            floors
+                .iter()
+                .find(|f| f["servers"] == *s && f["lan_prefixes"] == lan)
+                .map_or("–".into(), |f| spread(&f["ns"], 0))
+        })
+        .collect();
+    let _ = writeln!(md, "| floor | {} | |", floor_cells.join(" | "));
+    let mut names: Vec<String> = Vec::new();
+    for row in &rows {
+        let name = row["path"].as_str().unwrap_or("?").to_owned();
+        if !names.contains(&name) && row.get("vs_floor").is_some() {
+            names.push(name);
+        }
+    }
+    for name in &names {
+        let cells: Vec<String> = servers
+            .iter()
+            .map(|s| {
+                rows.iter()
+                    .find(|r| r["path"] == *name && r["servers"] == *s && r["lan_prefixes"] == lan)
+                    .map_or("–".into(), |r| {
+                        format!("{} ×{:.2}", spread(&r["ns"], 0), num(&r["vs_floor"]))
+                    })
+            })
+            .collect();
+        let growth = pp["growth"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|g| g["path"] == *name)
+            .map_or("–".into(), |g| format!("{:.2}", num(&g["vs_one_server"])));
+        let _ = writeln!(md, "| {name} | {} | {growth} |", cells.join(" | "));
+    }
+    for row in rows.iter().filter(|r| r.get("vs_floor").is_none()) {
+        let _ = writeln!(
+            md,
+            "\n{} (1 server, every drop reported, no rate limit): {} ns.",
+            row["path"].as_str().unwrap_or("?"),
+            spread(&row["ns"], 0)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nTargets: tunnel ≤ 2.5× floor, server ≤ 5×, LAN ≤ 6×, default drop ≤ 6× at 100,000 servers and 1,000 LAN prefixes; every path at 100,000 servers within 1.1× of 1 server.\n"
+    );
+}
+
+fn throughput(md: &mut String, tp: &Value) {
+    let _ = writeln!(
+        md,
+        "## Throughput\n\niperf3 through a veth pair between two namespaces, the client in the scope's cgroup, {} s per run, median of {} rounds (min–max) and × no filter. UDP: 64-byte datagrams received per second; TCP: Gbit/s. The server path goes to the last server added.\n",
+        tp["seconds_per_run"].as_str().unwrap_or("?"),
+        tp["rounds"]
+    );
+    let _ = writeln!(
+        md,
+        "| path | servers | test | no filter | eBPF | nftables | iptables |\n|---|---|---|---|---|---|---|"
+    );
+    let rows = tp["rows"].as_array().cloned().unwrap_or_default();
+    let mut keys: Vec<(String, u64, String)> = Vec::new();
+    for r in &rows {
+        let key = (
+            r["path"].as_str().unwrap_or("?").to_owned(),
+            r["servers"].as_u64().unwrap_or(0),
+            r["test"].as_str().unwrap_or("?").to_owned(),
+        );
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    for (path, servers, test) in keys {
+        let cell = |variant: &str| {
+            rows.iter()
+                .find(|r| {
+                    r["path"] == path.as_str()
+                        && r["servers"] == servers
+                        && r["test"] == test.as_str()
+                        && r["variant"] == variant
+                })
+                .map_or("–".into(), |r| {
+                    let digits = if test == "tcp_gbits" { 2 } else { 0 };
+                    let value = spread(&r["value"], digits);
+                    if variant == "none" {
+                        value
+                    } else {
+                        format!("{value} ×{:.3}", num(&r["vs_no_filter"]))
+                    }
+                })
+        };
+        let _ = writeln!(
+            md,
+            "| {path} | {} | {} | {} | {} | {} | {} |",
+            thousands(servers),
+            if test == "tcp_gbits" {
+                "TCP Gbit/s"
+            } else {
+                "UDP 64 B pps"
+            },
+            cell("none"),
+            cell("ebpf"),
+            cell("nftables"),
+            cell("iptables")
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nTargets: eBPF ≥ 0.97 of no filter (UDP 64-byte pps, median) on both paths and above nftables in the same run; TCP within noise of no filter.\n"
+    );
+}
+
+fn control(md: &mut String, cp: &Value, daemon: &Value) {
+    let _ = writeln!(
+        md,
+        "## Control plane\n\nRelease build, {} servers and {} LAN prefixes, ms, median of {} rounds (min–max), each next to its nftables equivalent in the same rounds.\n",
+        thousands(cp["servers"].as_u64().unwrap_or(0)),
+        thousands(cp["lan_prefixes"].as_u64().unwrap_or(0)),
+        cp["rounds"]
+    );
+    let rows = cp["rows"].as_array().cloned().unwrap_or_default();
+    let ms = |what: &str| {
+        rows.iter()
+            .find(|r| r["what"] == what)
+            .map_or("–".into(), |r| spread(&r["ms"], 1))
+    };
+    let median = |what: &str| {
+        rows.iter()
+            .find(|r| r["what"] == what)
+            .map_or(f64::NAN, |r| num(&r["ms"]["median"]))
+    };
+    let _ = writeln!(
+        md,
+        "| operation | killswitch, eBPF | killswitch, nftables backend | nft | eBPF × nft |\n|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| validate (`check` / `nft -c -f`) | {} | | {} | {:.2} |",
+        ms("check"),
+        ms("nft -c -f"),
+        median("check") / median("nft -c -f")
+    );
+    let _ = writeln!(
+        md,
+        "| cold `up` / `nft -f` of a new table | {} | {} | {} | {:.2} |",
+        ms("cold up, eBPF"),
+        ms("cold up, nftables backend"),
+        ms("nft -f, new table"),
+        median("cold up, eBPF") / median("nft -f, new table")
+    );
+    let _ = writeln!(
+        md,
+        "| re-`up` / `nft -f` replacing the table | {} | {} | {} | {:.2} |",
+        ms("re-up, eBPF"),
+        ms("re-up, nftables backend"),
+        ms("nft -f, table replaced"),
+        median("re-up, eBPF") / median("nft -f, table replaced")
+    );
+    let set = &daemon["servers_set_ms"];
+    let _ = writeln!(
+        md,
+        "| `servers set` of {0} replacing {0} / one `nft -f` transaction | {1} | {2} | {3} | {4:.2} |",
+        thousands(daemon["servers"].as_u64().unwrap_or(0)),
+        spread(&set["ebpf"], 1),
+        spread(&set["nftables"], 1),
+        spread(&set["nft"], 1),
+        num(&set["ebpf"]["median"]) / num(&set["nft"]["median"])
+    );
+    let _ = writeln!(
+        md,
+        "| link event → tunnel map, µs (added / removed) | {} / {} | (names: nothing to update) | | |",
+        spread(&daemon["link_added_to_map_us"], 0),
+        spread(&daemon["link_removed_from_map_us"], 0),
+    );
+    let _ = writeln!(
+        md,
+        "\nThe daemon's resident memory with {} servers: {} KiB.\n\nTargets: cold `up` and `servers set` of 10,000 at or below `nft -f` of the same sets; link event → map update median ≤ 2 ms.",
+        thousands(daemon["servers"].as_u64().unwrap_or(0)),
+        thousands(daemon["daemon_rss_kib"].as_u64().unwrap_or(0))
+    );
+}

@@ -1,0 +1,256 @@
+//! Throughput through veth pairs between namespaces (iperf3): TCP Gbit/s and 64-byte UDP
+//! packets per second received, with no filter, the eBPF backend, the nftables backend and the
+//! iptables rendering, on the tunnel path and on the server path (to the last server added) as
+//! the server list grows. One pair of namespaces per variant, all set up before the rounds, so
+//! each round runs every variant once (A B C D A B C D ...).
+//!
+//! ```text
+//!  client tun0 10.99.0.2 ──────── tun0p 10.99.0.1   server (iperf3 -s)
+//!         up0  192.0.2.2 ──────── up0p  192.0.2.1 + the last server's address
+//! ```
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use testbed::{
+    process::{command_in, Background},
+    Cgroup, Netns, PinRoot,
+};
+
+use crate::{median, progress, server, stats, timed, Options};
+
+const VARIANTS: [&str; 4] = ["none", "ebpf", "nftables", "iptables"];
+const PORT: u16 = 5201;
+const TUNNEL_PEER: &str = "10.99.0.1";
+
+struct Sizes {
+    rounds: usize,
+    seconds: &'static str,
+    servers: &'static [u32],
+}
+
+fn sizes(options: Options) -> Sizes {
+    if options.quick {
+        Sizes {
+            rounds: 1,
+            seconds: "1",
+            servers: &[1],
+        }
+    } else {
+        Sizes {
+            rounds: 5,
+            seconds: "1",
+            servers: &[1, 1_000, 100_000],
+        }
+    }
+}
+
+/// One variant's client and server namespaces, its scope's cgroup and its iperf3 server.
+struct Side {
+    variant: &'static str,
+    client: Netns,
+    cgroup: Cgroup,
+    pins: PinRoot,
+    _iperf: Vec<Background>,
+    _server: Netns,
+}
+
+impl Side {
+    fn new(variant: &'static str, sizes: &Sizes) -> Side {
+        let client = Netns::new("tq");
+        let server = Netns::new("tr");
+        client.veth("tun0", &server, "tun0p");
+        client.veth("up0", &server, "up0p");
+        client.addr("tun0", "10.99.0.2/24");
+        server.addr("tun0p", "10.99.0.1/24");
+        client.addr("up0", "192.0.2.2/24");
+        server.addr("up0p", "192.0.2.1/24");
+        let mut addresses = vec![TUNNEL_PEER.to_owned()];
+        for &count in sizes.servers {
+            let last = server_address(count);
+            server.addr("up0p", &format!("{last}/32"));
+            client.ip(&["route", "add", &format!("{last}/32"), "via", "192.0.2.1"]);
+            addresses.push(last.to_string());
+        }
+        // One iperf3 server per address, bound to it: UDP answers must come from the address
+        // the client sent to, not the interface's first one.
+        let iperf = addresses
+            .iter()
+            .map(|address| {
+                let mut iperf = Command::new("nsenter");
+                iperf
+                    .arg(format!("--net={}", server.path().display()))
+                    .args(["--", "iperf3", "-s", "-B", address, "-p", &PORT.to_string()])
+                    .stderr(std::process::Stdio::null());
+                Background::start(iperf)
+            })
+            .collect();
+        Side {
+            variant,
+            client,
+            cgroup: Cgroup::new(),
+            pins: PinRoot::new(),
+            _iperf: iperf,
+            _server: server,
+        }
+    }
+
+    /// `killswitch ARGS` in the client's namespace, for this side's scope.
+    fn killswitch(&self, bin: &Path, config: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.client.path().display()))
+            .arg(bin)
+            .arg("--config")
+            .arg(config)
+            .arg("-q")
+            .args(args)
+            .env("KILLSWITCH_PIN_ROOT", &self.pins.path)
+            .env("KILLSWITCH_STATE_DIR", &self.pins.state);
+        cmd
+    }
+
+    /// Puts this variant's filter in force for `config`.
+    fn apply(&self, bin: &Path, config: &Path, dir: &Path) -> Result<()> {
+        let scope = ["--cgroup", self.cgroup.relative.as_str()];
+        match self.variant {
+            "ebpf" | "nftables" => {
+                let mut args = vec!["up", "--backend", self.variant];
+                args.extend(scope);
+                timed(&mut self.killswitch(bin, config, &args))?;
+            }
+            "iptables" => {
+                let out = self
+                    .killswitch(bin, config, &["render", "iptables"])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("render: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                let rules = dir.join("iptables.rules");
+                std::fs::write(&rules, &out.stdout)?;
+                timed(
+                    Command::new("nsenter")
+                        .arg(format!("--net={}", self.client.path().display()))
+                        .arg("iptables-restore")
+                        .arg(&rules),
+                )?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// One iperf3 run from inside the scope: TCP Gbit/s, or UDP 64-byte packets received per
+    /// second.
+    fn iperf(&self, target: &str, udp: bool, seconds: &str) -> Result<f64> {
+        let port = PORT.to_string();
+        let mut args = vec!["-c", target, "-p", &port, "-t", seconds, "-J"];
+        if udp {
+            args.extend(["-u", "-l", "64", "-b", "0"]);
+        }
+        let out = command_in(&self.client, Some(&self.cgroup), "iperf3", &args).output()?;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3 {}", String::from_utf8_lossy(&out.stderr)))?;
+        if let Some(error) = report["error"].as_str() {
+            bail!("iperf3 to {target} ({}): {error}", self.variant);
+        }
+        let received = &report["end"]["sum_received"];
+        let value = if udp {
+            let packets = received["packets"].as_f64().unwrap_or(0.0)
+                - received["lost_packets"].as_f64().unwrap_or(0.0);
+            packets / received["seconds"].as_f64().unwrap_or(f64::NAN)
+        } else {
+            received["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+        };
+        Ok(value)
+    }
+}
+
+/// The address of the last server of a list of `count`.
+fn server_address(count: u32) -> std::net::Ipv4Addr {
+    server(count - 1)
+}
+
+/// A config with `count` UDP servers on the iperf3 port, the last one (the iperf3 server) for
+/// TCP too (iperf3's control connection).
+fn config(dir: &Path, count: u32) -> Result<std::path::PathBuf> {
+    let path = dir.join(format!("throughput-{count}.toml"));
+    let mut text = String::from("tunnels = [\"tun0\"]\n");
+    for i in 0..count {
+        writeln!(
+            text,
+            "[[server]]\naddress = \"{}\"\nport = {PORT}\nprotocol = \"udp\"",
+            server(i)
+        )?;
+    }
+    writeln!(
+        text,
+        "[[server]]\naddress = \"{}\"\nport = {PORT}\nprotocol = \"tcp\"",
+        server_address(count)
+    )?;
+    testbed::write_config(&path, &text);
+    Ok(path)
+}
+
+pub fn run(bin: &Path, options: Options) -> Result<Value> {
+    crate::in_private_dir("ksbenchtp", |dir| measure(bin, dir, options))
+}
+
+fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
+    let sizes = sizes(options);
+    progress("throughput: namespaces and iperf3 servers for no filter, eBPF, nftables, iptables");
+    let sides: Vec<Side> = VARIANTS.iter().map(|v| Side::new(v, &sizes)).collect();
+    // Let the iperf3 servers come up.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut rows = Vec::new();
+    for &count in sizes.servers {
+        let config = config(dir, count)?;
+        for side in &sides {
+            progress(&format!(
+                "throughput: {} with {count} servers: applying",
+                side.variant
+            ));
+            side.apply(bin, &config, dir)?;
+        }
+        let last = server_address(count).to_string();
+        for (path, target) in [("tunnel", TUNNEL_PEER), ("server", last.as_str())] {
+            for udp in [true, false] {
+                progress(&format!(
+                    "throughput: {count} servers, {path} path, {} ({} rounds)",
+                    if udp { "UDP 64-byte" } else { "TCP" },
+                    sizes.rounds
+                ));
+                let mut values: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+                for _ in 0..sizes.rounds {
+                    for (side, into) in sides.iter().zip(&mut values) {
+                        into.push(side.iperf(target, udp, sizes.seconds)?);
+                    }
+                }
+                let unfiltered = median(&values[0]);
+                for (side, values) in sides.iter().zip(&values) {
+                    rows.push(json!({
+                        "variant": side.variant, "path": path, "servers": count,
+                        "test": if udp { "udp64_pps" } else { "tcp_gbits" },
+                        "value": stats(values),
+                        "vs_no_filter": median(values) / unfiltered,
+                    }));
+                }
+            }
+        }
+    }
+    for side in &sides {
+        if side.variant == "ebpf" || side.variant == "nftables" {
+            let _ = side
+                .killswitch(
+                    bin,
+                    &dir.join("throughput-1.toml"),
+                    &["down", "--cgroup", &side.cgroup.relative],
+                )
+                .output();
+        }
+    }
+    Ok(json!({
+        "rounds": sizes.rounds, "seconds_per_run": sizes.seconds, "servers": sizes.servers,
+        "rows": rows,
+    }))
+}
