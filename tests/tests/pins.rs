@@ -96,6 +96,53 @@ impl Bed {
     }
 }
 
+/// A re-`up` of the same build in the same boot keeps the programs attached (only the maps
+/// change, and the new policy is what `status` and the maps hold); once something else replaced
+/// them, the next `up` loads this build's again.
+#[test]
+fn a_re_up_writes_the_maps_and_keeps_the_programs_unless_they_were_replaced() {
+    require_root!();
+    let bed = Bed::new("tunnels = [\"tun0\"]\n");
+    let programs = || -> Vec<u64> {
+        let status = bed.run(&["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        json["scopes"][0]["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["program_id"].as_u64().unwrap())
+            .collect()
+    };
+    assert!(bed.run(&["up"]).status.success());
+    let first = programs();
+    assert_eq!(first.len(), 2);
+    testbed::write_config(
+        &bed.config,
+        "tunnels = [\"tun0\"]\n[[server]]\naddress = \"198.51.100.3\"\nport = 51820\n",
+    );
+    assert!(bed.run(&["up"]).status.success());
+    assert_eq!(programs(), first, "the same programs stay attached");
+    let list = bed.run(&["servers", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout),
+        "198.51.100.3:51820\n"
+    );
+
+    // Replaced behind its back (as another version or a lockdown would): loaded afresh.
+    let status = bed.run(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let link = json["scopes"][0]["links"][0]["link_id"].as_u64().unwrap();
+    testbed::run("bpftool", &["link", "detach", "id", &link.to_string()]);
+    assert!(bed.run(&["up"]).status.success());
+    let again = programs();
+    assert_eq!(again.len(), 2);
+    assert!(
+        again.iter().all(|id| !first.contains(id)),
+        "new programs after a detach: {first:?} then {again:?}"
+    );
+    assert!(bed.run(&["down"]).status.success());
+}
+
 /// Removes the directory on drop, also when the test fails.
 struct Removed(std::path::PathBuf);
 

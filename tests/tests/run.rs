@@ -415,9 +415,15 @@ fn a_killed_run_leaves_the_scope_enforced_until_down() {
         ]);
         let app = caller.app("app");
         let started = Instant::now();
+        // Enforced, and the app started in it (the run spawns it once the scope holds).
+        let app_running = || {
+            std::fs::read_to_string(caller.app_path("app").join("cgroup.procs"))
+                .is_ok_and(|p| !p.trim().is_empty())
+        };
         while !killswitch(&netns, &pins, &["status", "--cgroup", &app])
             .status
             .success()
+            || !app_running()
         {
             assert!(
                 started.elapsed() < Duration::from_secs(10),

@@ -5,6 +5,7 @@ pub mod entries;
 pub mod kernel;
 pub mod maps;
 pub mod pins;
+mod reuse;
 pub mod shapes;
 pub mod sys;
 
@@ -462,12 +463,21 @@ pub fn apply_with(
     let cgroup = open_cgroup(scope)?;
     let _lock = pins::ScopeLock::acquire(scope)?;
     let fresh = !is_pinned(scope);
+    let pin_dir = pins::pin_dir(scope);
     let result = (|| {
         let entries = build()?;
+        // This build's programs already attached (an `up` of this boot recorded them): the
+        // maps are the whole update, written without a moment wider than old or new.
+        if !fresh && reuse::attached_are_ours(scope, &pin_dir) {
+            PinnedMaps::open(&pin_dir)?.write(&entries)?;
+            return Ok(entries);
+        }
+        reuse::forget(&pin_dir);
         // Both programs verified before anything a running scope depends on changes.
-        let mut programs = Programs::load_filled(&pins::pin_dir(scope), &entries)?;
-        programs.attach_and_pin(&cgroup, &pins::pin_dir(scope))?;
-        maps::set_lockdown_reason(&pins::pin_dir(scope), "")?;
+        let mut programs = Programs::load_filled(&pin_dir, &entries)?;
+        programs.attach_and_pin(&cgroup, &pin_dir)?;
+        maps::set_lockdown_reason(&pin_dir, "")?;
+        reuse::record(scope, &pin_dir, programs.pair());
         Ok(entries)
     })();
     match result {
@@ -603,6 +613,7 @@ pub fn remove(scope: &Scope) -> Result<bool> {
     let Some(_lock) = pins::ScopeLock::existing(scope)? else {
         return Ok(false);
     };
+    reuse::forget(&pins::pin_dir(scope));
     remove_pins(&pins::pin_dir(scope))?;
     Ok(true)
 }
