@@ -314,6 +314,27 @@ fn servers_check(
             "run `killswitch up` to write the config's servers again",
         );
     }
+    // The names' current answers: an address held for a name that no longer gives it is stale
+    // (the daemon replaces it at the next lookup; without one it stays until `up`).
+    let answers = current_answers(policy);
+    let stale: Vec<String> = held
+        .iter()
+        .filter(|s| !literal.contains(s))
+        .filter(|s| !answers.is_empty() && !answers.iter().any(|(_, a)| a.contains(s)))
+        .map(ToString::to_string)
+        .collect();
+    unattributed.retain(|s| !answers.iter().any(|(_, a)| a.iter().any(|e| e.to_string() == *s)));
+    if !stale.is_empty() && answers.len() == hosts.len() {
+        return Check::warn(
+            CHECK,
+            format!(
+                "{} held, but not in what {} resolve to now",
+                stale.join(", "),
+                hosts.join(", ")
+            ),
+            "start `killswitch daemon`, which follows the names, or run `killswitch up` to resolve them again",
+        );
+    }
     if !unattributed.is_empty() {
         return Check::warn(
             CHECK,
@@ -347,6 +368,22 @@ fn servers_check(
             }
         ),
     )
+}
+
+/// What each configured hostname resolves to now (names that fail to resolve are left out).
+fn current_answers(policy: &Policy) -> Vec<(String, Vec<ServerEndpoint>)> {
+    policy
+        .servers
+        .iter()
+        .filter_map(|rule| match &rule.address {
+            ServerAddress::Host(host) => {
+                let (answers, failures) =
+                    crate::policy::resolve_servers(std::slice::from_ref(rule));
+                failures.is_empty().then(|| (host.clone(), answers))
+            }
+            ServerAddress::Ip(_) => None,
+        })
+        .collect()
 }
 
 /// "1 packet", "2 packets", "1,200 packets".
