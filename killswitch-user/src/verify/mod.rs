@@ -323,7 +323,11 @@ fn servers_check(
         .filter(|s| !answers.is_empty() && !answers.iter().any(|(_, a)| a.contains(s)))
         .map(ToString::to_string)
         .collect();
-    unattributed.retain(|s| !answers.iter().any(|(_, a)| a.iter().any(|e| e.to_string() == *s)));
+    unattributed.retain(|s| {
+        !answers
+            .iter()
+            .any(|(_, a)| a.iter().any(|e| e.to_string() == *s))
+    });
     if !stale.is_empty() && answers.len() == hosts.len() {
         return Check::warn(
             CHECK,
@@ -386,8 +390,8 @@ fn current_answers(policy: &Policy) -> Vec<(String, Vec<ServerEndpoint>)> {
         .collect()
 }
 
-/// "1 packet", "2 packets", "1,200 packets".
-pub fn count(n: usize, noun: &str) -> String {
+/// "1,200": thousands separated by commas.
+pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut grouped = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -396,6 +400,12 @@ pub fn count(n: usize, noun: &str) -> String {
         }
         grouped.push(c);
     }
+    grouped
+}
+
+/// "1 packet", "2 packets", "1,200 packets".
+pub fn count(n: usize, noun: &str) -> String {
+    let grouped = thousands(n as u64);
     let plural = if noun.ends_with(['s', 'x']) {
         "es"
     } else {

@@ -5,18 +5,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-/// "12,345".
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use killswitch::verify::thousands;
 
 fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
