@@ -113,11 +113,12 @@ pub struct Settings {
     /// Bit `n` set: some cgroup in `VPN_CLIENTS` is at level `n` (its ancestor id at that level
     /// is looked up, so a client's child cgroups are the client too).
     pub vpn_client_levels: u32,
-    /// Which lists hold entries ([`lists`] bits), written with the maps: the programs skip the
-    /// lookups no entry can answer. A bit set for an empty list costs a lookup; a bit missing
-    /// for a list with entries would drop what they allow, so writers set bits before adding
-    /// entries and clear them after removing.
-    pub lists: u32,
+    /// Which lists hold no entry ([`lists`] bits), written with the maps: the programs skip the
+    /// lookups no entry can answer. Set means empty, so that 0 (a zeroed value, or one written
+    /// by an older build whose field this was padding) looks everything up. A bit missing for an
+    /// empty list costs a lookup; a bit set for a list with entries would drop what they allow,
+    /// so writers clear bits before adding entries and set them after removing.
+    pub empty_lists: u32,
     /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
     /// interfaces, never on a container's.
     pub netns_cookie: u64,
@@ -127,7 +128,7 @@ pub struct Settings {
     pub event_burst_ns: u64,
 }
 
-/// Bits of [`Settings::lists`]: which lists (and which kinds of server key) hold entries.
+/// Bits of [`Settings::empty_lists`]: lists (and kinds of server key).
 pub mod lists {
     /// A server key with a port and a protocol.
     pub const SERVER_PORT_PROTOCOL: u32 = 1 << 0;
@@ -142,6 +143,7 @@ pub mod lists {
     pub const LAN: u32 = 1 << 6;
     pub const INBOUND: u32 = 1 << 7;
     pub const SERVERS: u32 = SERVER_PORT_PROTOCOL | SERVER_PORT | SERVER_PROTOCOL | SERVER_ADDRESS;
+    pub const ALL: u32 = SERVERS | NTP | DNS | LAN | INBOUND;
 
     /// The bit of a server key's kind.
     pub const fn server_kind(key: &super::ServerKey) -> u32 {

@@ -223,7 +223,7 @@ fn classify<N: NetnsSource>(
     if TUNNELS.get_ptr(&interface).is_some() {
         return Some(match direction {
             Direction::Egress => Reason::Tunnel,
-            Direction::Ingress => tunnel_ingress(ctx, settings.lists & lists::INBOUND != 0),
+            Direction::Ingress => tunnel_ingress(ctx, settings.empty_lists & lists::INBOUND == 0),
         });
     }
     if settings.uplinks_restricted != 0 && UPLINKS.get_ptr(&interface).is_none() {
@@ -261,7 +261,7 @@ fn exception(
     if packet.remote_is_v4_mapped() {
         return Reason::Default;
     }
-    let server = is_server(packet, settings.lists);
+    let server = is_server(packet, settings.empty_lists);
     if server && client() {
         return Reason::Server;
     }
@@ -307,13 +307,13 @@ fn later_exception(
     if settings.dhcp != 0 && own_netns && is_dhcp(packet, direction) {
         return Reason::Dhcp;
     }
-    if settings.lists & lists::NTP != 0 && is_ntp(packet) {
+    if settings.empty_lists & lists::NTP == 0 && is_ntp(packet) {
         return Reason::Ntp;
     }
-    if settings.lists & lists::DNS != 0 && is_dns_server(packet) {
+    if settings.empty_lists & lists::DNS == 0 && is_dns_server(packet) {
         return Reason::Dns;
     }
-    if settings.lists & lists::LAN != 0 {
+    if settings.empty_lists & lists::LAN == 0 {
         if let Some(reason) = lan(packet, settings.lan_dns != 0) {
             return reason;
         }
@@ -360,16 +360,16 @@ fn inbound_allowed(packet: &Packet, port: u16) -> bool {
 }
 
 /// Step 4: a server endpoint matches on address, then port (or any), then protocol (or any).
-/// Only the kinds of key the list holds (`lists`) are looked up.
+/// Only the kinds of key the list holds (not in `empty`) are looked up.
 #[inline(always)]
-fn is_server(packet: &Packet, lists: u32) -> bool {
-    if lists & lists::SERVERS == 0
+fn is_server(packet: &Packet, empty: u32) -> bool {
+    if empty & lists::SERVERS == lists::SERVERS
         || (packet.protocol != IPPROTO_TCP && packet.protocol != IPPROTO_UDP)
     {
         return false;
     }
     let kind = |bit: u32, port: u16, protocol: u8| {
-        lists & bit != 0 && server_listed(packet.remote, port, protocol)
+        empty & bit == 0 && server_listed(packet.remote, port, protocol)
     };
     if let Some(ports) = packet.ports() {
         if kind(lists::SERVER_PORT_PROTOCOL, ports.remote, packet.protocol)
@@ -487,7 +487,7 @@ fn settings() -> Settings {
         vpn_client_mark: 0,
         vpn_client_levels: 0,
         // Every lookup.
-        lists: u32::MAX,
+        empty_lists: 0,
         netns_cookie: 0,
         event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
         event_burst_ns: killswitch_common::EVENT_BURST_NS,

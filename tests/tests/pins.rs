@@ -128,6 +128,22 @@ fn a_re_up_writes_the_maps_and_keeps_the_programs_unless_they_were_replaced() {
         "198.51.100.3:51820\n"
     );
 
+    // The ICMP-error slot emptied behind its back: the next `up` loads afresh and fills it.
+    let slots = bed.scope_dir().join("ICMP_ERRORS");
+    for slot in ["0", "1"] {
+        let _ = std::process::Command::new("bpftool")
+            .args(["map", "delete", "pinned", slots.to_str().unwrap()])
+            .args(["key", slot, "0", "0", "0"])
+            .output();
+    }
+    assert!(bed.run(&["up"]).status.success());
+    let refilled = programs();
+    assert!(
+        refilled.iter().all(|id| !first.contains(id)),
+        "new programs after the slot was emptied: {first:?} then {refilled:?}"
+    );
+    let first = refilled;
+
     // Replaced behind its back (as another version or a lockdown would): loaded afresh.
     let status = bed.run(&["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();

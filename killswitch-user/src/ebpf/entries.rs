@@ -61,7 +61,7 @@ impl MapEntries {
                 vpn_client: u32::from(policy.vpn_client.is_some()),
                 vpn_client_mark: policy.vpn_client.as_ref().and_then(|c| c.mark).unwrap_or(0),
                 vpn_client_levels: clients.iter().fold(0, |levels, c| levels | 1 << c.level),
-                lists: 0,
+                empty_lists: 0,
                 netns_cookie,
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
@@ -103,13 +103,18 @@ impl MapEntries {
                 .collect(),
             vpn_clients: clients.iter().map(|c| c.id).collect(),
         };
-        entries.settings.lists = entries.lists();
+        entries.settings.empty_lists = entries.empty_lists();
         entries
     }
 
-    /// The [`Settings::lists`] bits for these entries: which lists, and which kinds of server
-    /// key, hold something.
-    pub fn lists(&self) -> u32 {
+    /// The [`Settings::empty_lists`] bits for these entries: which lists, and which kinds of
+    /// server key, hold nothing.
+    pub fn empty_lists(&self) -> u32 {
+        lists::ALL & !self.lists()
+    }
+
+    /// Which lists, and which kinds of server key, hold something.
+    fn lists(&self) -> u32 {
         let servers = crate::ebpf::maps::server_kinds(self.servers.iter());
         let bit = |present: bool, bit: u32| if present { bit } else { 0 };
         servers

@@ -111,7 +111,7 @@ fn strictest(a: &Settings, b: &Settings) -> Settings {
         ipv6_block: a.ipv6_block.max(b.ipv6_block),
         // Lookups for every list either holds: while the lists change, each entry present is
         // looked up (a missing bit would drop what an entry allows; a spare one costs a lookup).
-        lists: a.lists | b.lists,
+        empty_lists: a.empty_lists & b.empty_lists,
         ..*b
     }
 }
@@ -191,7 +191,7 @@ impl PinnedMaps {
         let old = self.settings()?;
         // The list bits follow what is written, whoever built the entries.
         let settings = Settings {
-            lists: entries.lists(),
+            empty_lists: entries.empty_lists(),
             ..entries.settings
         };
         self.set_settings(&strictest(&old, &settings))?;
@@ -302,17 +302,18 @@ impl PinnedMaps {
         Ok(servers.len())
     }
 
-    /// Sets the list bits of the kinds of `servers` (before they are added).
+    /// Clears the empty bits of the kinds of `servers` (before they are added).
     fn add_server_kinds(&mut self, servers: &BTreeSet<ServerKey>) -> Result<()> {
         let mut settings = self.settings()?;
-        settings.lists |= server_kinds(servers.iter());
+        settings.empty_lists &= !server_kinds(servers.iter());
         self.set_settings(&settings)
     }
 
-    /// Makes the server bits those of `held` (once the map holds exactly them).
+    /// Makes the server bits say what `held` has (once the map holds exactly them).
     fn set_server_kinds<'a>(&mut self, held: impl Iterator<Item = &'a ServerKey>) -> Result<()> {
         let mut settings = self.settings()?;
-        settings.lists = (settings.lists & !lists::SERVERS) | server_kinds(held);
+        settings.empty_lists =
+            (settings.empty_lists & !lists::SERVERS) | (lists::SERVERS & !server_kinds(held));
         self.set_settings(&settings)
     }
 

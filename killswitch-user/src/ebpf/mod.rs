@@ -469,8 +469,11 @@ pub fn apply_with(
         // This build's programs already attached (an `up` of this boot recorded them): the
         // maps are the whole update, written without a moment wider than old or new.
         if !fresh && reuse::attached_are_ours(scope, &pin_dir) {
-            PinnedMaps::open(&pin_dir)?.write(&entries)?;
-            return Ok(entries);
+            match PinnedMaps::open(&pin_dir).and_then(|mut maps| maps.write(&entries)) {
+                Ok(()) => return Ok(entries),
+                // The old policy is back in force (or the maps would not open): load afresh.
+                Err(e) => tracing::info!("writing the maps alone failed ({e}); loading again"),
+            }
         }
         reuse::forget(&pin_dir);
         // Both programs verified before anything a running scope depends on changes.

@@ -4,13 +4,16 @@
 //! an `up` of which build attached, in which boot; it is trusted only while the scope's pinned
 //! links still hold exactly those programs on the scope's cgroup, so anything that replaced or
 //! detached them (a lockdown, a `down`, another version, bpftool) makes the next `up` load
-//! afresh.
+//! afresh, and so does an ICMP-error slot that no longer holds the recorded program, a program
+//! that reads maps other than the pinned ones, or a pinned object someone else could change.
 
 use std::path::{Path, PathBuf};
 
 use killswitch_common::Direction;
 
-use super::{kernel::NetnsSource, link_pin, shapes, sys, Pair, OBJECT};
+use aya::{maps::MapInfo, programs::loaded_programs};
+
+use super::{kernel::NetnsSource, link_pin, maps, pins, shapes, sys, Pair, OBJECT};
 use crate::scope::Scope;
 
 /// What an `up` attached: this build and pair, in this boot, as these programs on this cgroup.
@@ -20,6 +23,8 @@ struct Record {
     boot: String,
     cgroup_id: u64,
     programs: [u32; 2],
+    /// The ICMP-error slot the pair tail-calls, and the program id in it.
+    icmp: [u32; 2],
 }
 
 impl Record {
@@ -30,14 +35,21 @@ impl Record {
             boot: fields.next()?.to_owned(),
             cgroup_id: fields.next()?.parse().ok()?,
             programs: [fields.next()?.parse().ok()?, fields.next()?.parse().ok()?],
+            icmp: [fields.next()?.parse().ok()?, fields.next()?.parse().ok()?],
         };
         fields.next().is_none().then_some(record)
     }
 
     fn text(&self) -> String {
         format!(
-            "{:016x} {} {} {} {}\n",
-            self.build, self.boot, self.cgroup_id, self.programs[0], self.programs[1]
+            "{:016x} {} {} {} {} {} {}\n",
+            self.build,
+            self.boot,
+            self.cgroup_id,
+            self.programs[0],
+            self.programs[1],
+            self.icmp[0],
+            self.icmp[1]
         )
     }
 }
@@ -100,9 +112,39 @@ fn current(scope: &Scope, pin_dir: &Path) -> Option<(u64, [u32; 2])> {
     Some((cgroup_id, programs))
 }
 
+/// The program id in `slot` of the scope's pinned `ICMP_ERRORS`.
+fn icmp_slot(pin_dir: &Path, slot: u32) -> Option<u32> {
+    let map = sys::obj_get(&pin_dir.join(maps::ICMP_ERRORS)).ok()?;
+    sys::program_in_slot(std::os::fd::AsFd::as_fd(&map), slot).ok()
+}
+
+/// Whether every map of ours that program `id` reads is the one pinned in `pin_dir`.
+fn reads_pinned_maps(id: u32, pin_dir: &Path) -> bool {
+    let Some(program) = loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == id)
+    else {
+        return false;
+    };
+    let Ok(Some(ids)) = program.map_ids() else {
+        return false;
+    };
+    ids.into_iter().all(|map| {
+        let Ok(info) = MapInfo::from_id(map) else {
+            return false;
+        };
+        match info.name_as_str().filter(|n| maps::ALL.contains(n)) {
+            Some(name) => MapInfo::from_pin(pin_dir.join(name)).is_ok_and(|p| p.id() == map),
+            // Global data, made with the program.
+            None => true,
+        }
+    })
+}
+
 /// Whether the programs attached to the scope are this build's policy programs, as an `up` in
-/// this boot recorded, with maps of the shapes this build expects: then writing the maps is the
-/// whole update. Call under the scope's lock.
+/// this boot recorded, reading the pinned maps (of the shapes this build expects, each one
+/// root's alone) with the recorded ICMP-error program in their slot: then writing the maps is
+/// the whole update. Call under the scope's lock.
 pub fn attached_are_ours(scope: &Scope, pin_dir: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(path(pin_dir)) else {
         return false;
@@ -112,19 +154,30 @@ pub fn attached_are_ours(scope: &Scope, pin_dir: &Path) -> bool {
     else {
         return false;
     };
-    let stale_maps = shapes::stale(pin_dir).map_or(true, |stale| !stale.is_empty());
+    let fresh_maps = shapes::stale(pin_dir).is_ok_and(|stale| stale.is_empty());
+    let root_only = pins::check_pinned(pin_dir).is_ok()
+        && std::fs::read_dir(pin_dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .all(|e| pins::check_pinned(&e.path()).is_ok())
+        });
     ours(record.build)
         && record.boot == boot
         && record.cgroup_id == cgroup_id
         && record.programs == programs
-        && !stale_maps
+        && icmp_slot(pin_dir, record.icmp[0]) == Some(record.icmp[1])
+        && fresh_maps
+        && root_only
+        && programs.iter().all(|&id| reads_pinned_maps(id, pin_dir))
 }
 
 /// Records what the scope's pinned links hold after this build attached `pair` (a failure to
 /// record only costs the next `up` a load).
 pub fn record(scope: &Scope, pin_dir: &Path, pair: Pair) {
-    let (Some(build), Some(boot), Some((cgroup_id, programs))) =
-        (build(pair), boot(), current(scope, pin_dir))
+    let slot = pair.icmp_error_program().map(|(_, slot)| slot);
+    let icmp = slot.and_then(|slot| Some([slot, icmp_slot(pin_dir, slot)?]));
+    let (Some(build), Some(boot), Some((cgroup_id, programs)), Some(icmp)) =
+        (build(pair), boot(), current(scope, pin_dir), icmp)
     else {
         forget(pin_dir);
         return;
@@ -134,6 +187,7 @@ pub fn record(scope: &Scope, pin_dir: &Path, pair: Pair) {
         boot,
         cgroup_id,
         programs,
+        icmp,
     };
     let path = path(pin_dir);
     if crate::state::make_dir(&crate::state::dir()).is_err()
@@ -159,10 +213,14 @@ mod tests {
             boot: "4e1c-boot".into(),
             cgroup_id: 42,
             programs: [7, 8],
+            icmp: [0, 9],
         };
         assert_eq!(Record::parse(&record.text()), Some(record));
-        assert_eq!(Record::parse("00000000deadbeef 4e1c-boot 42 7"), None);
-        assert_eq!(Record::parse("00000000deadbeef 4e1c-boot 42 7 8 9"), None);
+        assert_eq!(Record::parse("00000000deadbeef 4e1c-boot 42 7 8"), None);
+        assert_eq!(
+            Record::parse("00000000deadbeef 4e1c-boot 42 7 8 0 9 1"),
+            None
+        );
         assert_eq!(Record::parse(""), None);
     }
 }

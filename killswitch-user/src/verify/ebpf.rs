@@ -37,7 +37,7 @@ struct Attached {
     ingress: ProgramInfo,
 }
 
-pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
+pub(super) fn checks(scope: &Scope, policy: &Policy, answers: &super::Answers) -> Result<State> {
     let pin_dir = pins::pin_dir(scope);
     // The copy is loaded before the lock (the verifier's work must not hold up a daemon
     // following a reconnect), for the pair attached now; again below if that changed.
@@ -111,7 +111,7 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
             ));
         }
     };
-    checks.extend(maps_checks(policy, &live));
+    checks.extend(maps_checks(policy, &live, answers));
     let held_servers: Vec<_> = live.servers.iter().map(server_endpoint).collect();
     let judged_by = with_servers(policy, &held_servers);
     let snapshot = Snapshot {
@@ -480,7 +480,7 @@ fn icmp_error_in(pin_dir: &Path, slot: u32) -> std::io::Result<ProgramInfo> {
 
 /// `tunnels`, `uplinks`, `servers`, `lists`, `vpn-client`: the maps against the plan for the
 /// interfaces and cgroups that exist now.
-fn maps_checks(policy: &Policy, live: &MapEntries) -> Vec<Check> {
+fn maps_checks(policy: &Policy, live: &MapEntries, answers: &super::Answers) -> Vec<Check> {
     let list = interfaces::list().unwrap_or_default();
     let cookie = interfaces::netns_cookie().unwrap_or(0);
     let clients = crate::vpn_client::current(policy);
@@ -539,6 +539,7 @@ fn maps_checks(policy: &Policy, live: &MapEntries) -> Vec<Check> {
         &held,
         Some(&named_servers),
         set_by_command,
+        answers,
     ));
     checks.push(lists_check(live, &plan));
     if policy.vpn_client.is_some() {
@@ -554,18 +555,18 @@ fn lists_check(live: &MapEntries, plan: &MapEntries) -> Check {
     // Levels follow the client cgroups, checked with them; the list bits must say what the
     // maps hold (a missing bit skips the lookups of entries present).
     settings.vpn_client_levels = plan.settings.vpn_client_levels;
-    settings.lists = plan.settings.lists;
+    settings.empty_lists = plan.settings.empty_lists;
     if settings != plan.settings {
         problems.push(format!(
             "settings are {:?}, planned {:?}",
             live.settings, plan.settings
         ));
     }
-    if live.settings.lists != live.lists() {
+    if live.settings.empty_lists != live.empty_lists() {
         problems.push(format!(
-            "the list bits are {:#x}, the lists hold {:#x}",
-            live.settings.lists,
-            live.lists()
+            "the empty-list bits are {:#x}, the lists say {:#x}",
+            live.settings.empty_lists,
+            live.empty_lists()
         ));
     }
     let addresses = |set: &BTreeSet<[u8; 16]>| -> Vec<String> {

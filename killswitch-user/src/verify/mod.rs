@@ -153,9 +153,11 @@ pub fn verify(config: &Path, scope: &Scope) -> Result<Report> {
         }
     };
     if let Some(backend) = backend {
+        // Before any lock: a lookup can take long when the resolver is out of reach.
+        let answers = current_answers(&policy);
         let state = match backend {
-            Backend::Ebpf => ebpf::checks(scope, &policy)?,
-            Backend::Nftables => nft::checks(scope, &policy)?,
+            Backend::Ebpf => ebpf::checks(scope, &policy, &answers)?,
+            Backend::Nftables => nft::checks(scope, &policy, &answers)?,
         };
         // Probes only where every check of the kernel's state passed: a probe the live state
         // would let out must never be sent.
@@ -244,6 +246,7 @@ fn servers_check(
     held: &[ServerEndpoint],
     named: Option<&[(u64, ServerEndpoint)]>,
     set_by_command: bool,
+    answers: &Answers,
 ) -> Check {
     const CHECK: &str = "servers";
     if set_by_command {
@@ -316,7 +319,6 @@ fn servers_check(
     }
     // The names' current answers: an address held for a name that no longer gives it is stale
     // (the daemon replaces it at the next lookup; without one it stays until `up`).
-    let answers = current_answers(policy);
     let stale: Vec<String> = held
         .iter()
         .filter(|s| !literal.contains(s))
@@ -374,20 +376,29 @@ fn servers_check(
     )
 }
 
-/// What each configured hostname resolves to now (names that fail to resolve are left out).
-fn current_answers(policy: &Policy) -> Vec<(String, Vec<ServerEndpoint>)> {
-    policy
-        .servers
-        .iter()
-        .filter_map(|rule| match &rule.address {
-            ServerAddress::Host(host) => {
-                let (answers, failures) =
-                    crate::policy::resolve_servers(std::slice::from_ref(rule));
-                failures.is_empty().then(|| (host.clone(), answers))
-            }
-            ServerAddress::Ip(_) => None,
-        })
-        .collect()
+/// What each configured hostname resolves to now; names that fail to resolve are left out.
+type Answers = Vec<(String, Vec<ServerEndpoint>)>;
+
+/// [`Answers`] for the policy's hostnames, all looked up at once.
+fn current_answers(policy: &Policy) -> Answers {
+    std::thread::scope(|threads| {
+        let lookups: Vec<_> = policy
+            .servers
+            .iter()
+            .filter_map(|rule| match &rule.address {
+                ServerAddress::Host(host) => Some(threads.spawn(move || {
+                    let (answers, failures) =
+                        crate::policy::resolve_servers(std::slice::from_ref(rule));
+                    failures.is_empty().then(|| (host.clone(), answers))
+                })),
+                ServerAddress::Ip(_) => None,
+            })
+            .collect();
+        lookups
+            .into_iter()
+            .filter_map(|lookup| lookup.join().ok().flatten())
+            .collect()
+    })
 }
 
 /// "1,200": thousands separated by commas.

@@ -12,7 +12,7 @@ use crate::{
     scope::Scope,
 };
 
-pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
+pub(super) fn checks(scope: &Scope, policy: &Policy, answers: &super::Answers) -> Result<State> {
     // The planned table is rendered before the lock (it takes a scratch namespace), for the
     // servers held now; again below if they changed meanwhile.
     let early = nftables::read(scope)?;
@@ -68,7 +68,13 @@ pub(super) fn checks(scope: &Scope, policy: &Policy) -> Result<State> {
     let planned = planned.unwrap_or_else(|| self::planned(scope, policy, &servers, set_by_command));
     let live = nftables::listing(scope).map(|l| items(&l));
     checks.push(table_check(&name, &live, planned));
-    checks.push(servers_check(policy, &servers, None, set_by_command));
+    checks.push(servers_check(
+        policy,
+        &servers,
+        None,
+        set_by_command,
+        answers,
+    ));
     let judged_by = with_servers(policy, &servers);
     drop(lock);
     let decisions = decide(&judged_by, &servers, set_by_command);

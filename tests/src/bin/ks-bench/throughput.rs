@@ -81,7 +81,9 @@ impl Side {
                 let mut iperf = Command::new("nsenter");
                 iperf
                     .arg(format!("--net={}", server.path().display()))
-                    .args(["--", "iperf3", "-s", "-B", address, "-p", &PORT.to_string()])
+                    // Bounded: a bench killed from outside leaves no server running for ever.
+                    .args(["--", "timeout", "3600", "iperf3", "-s", "-B", address])
+                    .args(["-p", &PORT.to_string()])
                     .stderr(std::process::Stdio::null());
                 Background::start(iperf)
             })
@@ -100,6 +102,7 @@ impl Side {
     fn killswitch(&self, bin: &Path, config: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.client.path().display()))
+            .args(["--", "timeout", "600"])
             .arg(bin)
             .arg("--config")
             .arg(config)
