@@ -20,7 +20,8 @@ static EVENT_LIMIT: PerCpuArray<EventLimit> = PerCpuArray::pinned(1, 0);
 #[inline(always)]
 pub fn report(
     ctx: &SkBuffContext,
-    netns: u64,
+    // Asked only for an event that is sent: most drops of a flood are only counted.
+    netns: impl FnOnce() -> u64,
     direction: Direction,
     reason: Reason,
     settings: &Settings,
@@ -44,7 +45,7 @@ pub fn report(
         return;
     }
     limit.next_ns = next + settings.event_interval_ns;
-    let mut event = describe(ctx, netns, direction, reason);
+    let mut event = describe(ctx, netns(), direction, reason);
     event.timestamp_ns = now;
     event.suppressed = limit.suppressed;
     if EVENTS.output::<DropEvent>(&event, 0).is_ok() {

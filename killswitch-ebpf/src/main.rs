@@ -198,7 +198,7 @@ fn verdict<N: NetnsSource>(
     if reason.allows() {
         ALLOW
     } else {
-        events::report(ctx, N::cookie(ctx), direction, reason, settings);
+        events::report(ctx, || N::cookie(ctx), direction, reason, settings);
         DROP
     }
 }
