@@ -60,7 +60,9 @@ pub(super) fn run(args: &ServersArgs) -> Result<ExitCode> {
         Err(_) if args.cgroup.is_none() => Scope::without_cgroup2(),
         Err(e) => return Err(e),
     };
-    if nftables::holds(&scope) && !ebpf::is_pinned(&scope) {
+    // The pin first: asking nft lists the whole ruleset (57 ms beside a table of 10,000
+    // servers), which an eBPF scope does not need.
+    if !ebpf::is_pinned(&scope) && nftables::holds(&scope) {
         return with_nftables(&scope, &args.action);
     }
     let lock = ScopeLock::existing(&scope)?;
