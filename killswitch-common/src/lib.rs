@@ -58,7 +58,8 @@ pub const ANY_PROTOCOL: u8 = 0;
 
 /// One VPN server endpoint. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so one map
 /// serves both families.
-#[repr(C)]
+// Word-aligned (same size, same layout): the programs build the key a word at a time.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerKey {
     pub addr: [u8; 16],
@@ -212,7 +213,7 @@ pub struct DropEvent {
 pub type LanPrefix = [u8; 16];
 
 /// An `[[inbound]]` entry: TCP port on the tunnel, and a source (all zero = any source).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InboundKey {
     pub source: [u8; 16],
@@ -368,6 +369,12 @@ impl Reason {
         direction as u32 * REASON_SLOTS + self as u32
     }
 }
+
+// The map entries' sizes are the kernel's key and value sizes: a change is a new map shape.
+const _: () = assert!(core::mem::size_of::<ServerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 20);
+const _: () = assert!(core::mem::size_of::<NamedServerKey>() == 32);
+const _: () = assert!(core::mem::size_of::<InterfaceKey>() == 16);
 
 /// Returns an IPv4 address as its IPv4-mapped IPv6 form, the key form of every address map.
 pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {

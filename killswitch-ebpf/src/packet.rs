@@ -3,8 +3,7 @@
 
 use aya_ebpf::programs::SkBuffContext;
 use killswitch_common::{
-    ipv4_mapped, Direction, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_EXTENSION_HEADERS,
+    Direction, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_EXTENSION_HEADERS,
 };
 
 /// `skb->protocol` values, stored in network byte order.
@@ -52,6 +51,43 @@ const ICMPV6_UNREACHABLE: u8 = 1;
 const ICMPV6_TOO_BIG: u8 = 2;
 const ICMPV6_TIME: u8 = 3;
 
+/// An IPv6 address (an IPv4 one IPv4-mapped, as the maps hold it): its 16 bytes in network
+/// order, held as four words so that it is copied and compared a word at a time (as `[u8; 16]`
+/// it is a byte at a time, and a comparison is a call to a byte loop).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct Address(pub [u32; 4]);
+
+/// The third word of every IPv4-mapped address, `::ffff:0:0/96`.
+const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Address {
+    pub const fn from_bytes(bytes: [u8; 16]) -> Address {
+        // SAFETY: any 16 bytes are four valid words.
+        Address(unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(bytes) })
+    }
+
+    /// ::ffff:a.b.c.d from the IPv4 address's four bytes as they lie in the header.
+    pub const fn mapped(v4: u32) -> Address {
+        Address([0, 0, MAPPED, v4])
+    }
+
+    pub const fn bytes(self) -> [u8; 16] {
+        // SAFETY: any four words are 16 valid bytes.
+        unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(self.0) }
+    }
+
+    pub fn is_v4_mapped(self) -> bool {
+        self.0[0] == 0 && self.0[1] == 0 && self.0[2] == MAPPED
+    }
+
+    /// The first two bytes.
+    pub fn prefix16(self) -> [u8; 2] {
+        let first = self.0[0].to_ne_bytes();
+        [first[0], first[1]]
+    }
+}
+
 #[derive(Clone, Copy)]
 pub struct Ports {
     pub local: u16,
@@ -69,7 +105,7 @@ pub struct Packet {
     pub source_route: bool,
     /// Upper-layer protocol, or [`PROTOCOL_UNKNOWN`].
     pub protocol: u8,
-    pub remote: [u8; 16],
+    pub remote: Address,
     /// TCP/UDP ports were readable (not a non-first fragment, not behind an IPv6 fragment
     /// header, not truncated).
     ports_known: bool,
@@ -80,30 +116,73 @@ pub struct Packet {
     transport_offset: usize,
 }
 
+// Multi-byte fields are words as they lie in the header (network order): aligned, they are read
+// a word at a time.
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Ipv4Header {
     version_ihl: u8,
     tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    flags_fragment: [u8; 2],
+    total_len: u16,
+    id: u16,
+    flags_fragment: u16,
     ttl: u8,
     protocol: u8,
-    checksum: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
+    checksum: u16,
+    src: u32,
+    dst: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Ipv6Header {
     version_class_flow: [u8; 4],
-    payload_len: [u8; 2],
+    payload_len: u16,
     next_header: u8,
     hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: Address,
+    dst: Address,
+}
+
+/// A fixed header and the 4 bytes after it (the ports, the ICMP type, or the first extension
+/// header), read with one helper call where two were made; a packet too short for it is read
+/// as before, header first.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Start<H> {
+    header: H,
+    next: [u8; 4],
+}
+
+/// The 4 bytes after the fixed header when they were read with it. A plain flag, not an
+/// `Option`, for the verifier's sake (see [`Packet`]).
+#[derive(Clone, Copy)]
+struct Next {
+    known: bool,
+    bytes: [u8; 4],
+}
+
+impl Next {
+    const UNKNOWN: Next = Next {
+        known: false,
+        bytes: [0; 4],
+    };
+}
+
+/// The header at `offset` and the 4 bytes after it when the packet has them.
+#[inline(always)]
+fn load_start<H: Copy>(ctx: &SkBuffContext, offset: usize) -> Option<(H, Next)> {
+    match ctx.load::<Start<H>>(offset) {
+        Ok(start) => Some((
+            start.header,
+            Next {
+                known: true,
+                bytes: start.next,
+            },
+        )),
+        Err(_) => Some((ctx.load::<H>(offset).ok()?, Next::UNKNOWN)),
+    }
 }
 
 impl Packet {
@@ -112,7 +191,7 @@ impl Packet {
     /// packets must never match an address entry.
     #[inline(always)]
     pub fn remote_is_v4_mapped(&self) -> bool {
-        self.ipv6 && self.remote[..12] == killswitch_common::ipv4_mapped([0; 4])[..12]
+        self.ipv6 && self.remote.is_v4_mapped()
     }
 
     /// `None` when the IP header itself is unreadable or inconsistent.
@@ -157,7 +236,7 @@ impl Packet {
 
     /// What the IP header says; the transport is filled in by `read_transport`.
     #[inline(always)]
-    fn network(ipv6: bool, protocol: u8, remote: [u8; 16], transport_offset: usize) -> Packet {
+    fn network(ipv6: bool, protocol: u8, remote: Address, transport_offset: usize) -> Packet {
         Packet {
             ipv6,
             source_route: false,
@@ -174,7 +253,7 @@ impl Packet {
 
     #[inline(always)]
     fn parse_v4(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
-        let ip: Ipv4Header = ctx.load(offset).ok()?;
+        let (ip, next) = load_start::<Ipv4Header>(ctx, offset)?;
         let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
         if ip.version_ihl >> 4 != 4 || header_len < 20 {
             return None;
@@ -183,9 +262,14 @@ impl Packet {
             Direction::Egress => ip.dst,
             Direction::Ingress => ip.src,
         };
-        let first_fragment = u16::from_be_bytes(ip.flags_fragment) & 0x1fff == 0;
+        let first_fragment = u16::from_be(ip.flags_fragment) & 0x1fff == 0;
         let protocol = upper_layer(ip.protocol, false);
-        let mut packet = Packet::network(false, protocol, ipv4_mapped(remote), offset + header_len);
+        let mut packet = Packet::network(
+            false,
+            protocol,
+            Address::mapped(remote),
+            offset + header_len,
+        );
         // Options are all but unused; loose and strict source routes are among them. Returning
         // at once keeps the verifier from carrying the flag through the rest of the parse.
         if header_len > 20 {
@@ -193,14 +277,14 @@ impl Packet {
             return Some(packet);
         }
         if first_fragment {
-            packet.read_transport(ctx, direction);
+            packet.read_transport(ctx, direction, next);
         }
         Some(packet)
     }
 
     #[inline(always)]
     fn parse_v6(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
-        let ip: Ipv6Header = ctx.load(offset).ok()?;
+        let (ip, mut next_bytes) = load_start::<Ipv6Header>(ctx, offset)?;
         if ip.version_class_flow[0] >> 4 != 6 {
             return None;
         }
@@ -213,9 +297,16 @@ impl Packet {
         for _ in 0..MAX_EXTENSION_HEADERS {
             match next {
                 HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS => {
-                    let Ok(header) = ctx.load::<[u8; 4]>(packet.transport_offset) else {
-                        return Some(packet);
+                    let header = if next_bytes.known {
+                        next_bytes.bytes
+                    } else {
+                        let Ok(header) = ctx.load::<[u8; 4]>(packet.transport_offset) else {
+                            return Some(packet);
+                        };
+                        header
                     };
+                    // What follows this header is read when it is needed.
+                    next_bytes = Next::UNKNOWN;
                     // A routing header with segments left names another destination.
                     if next == ROUTING && header[3] != 0 {
                         packet.source_route = true;
@@ -226,7 +317,9 @@ impl Packet {
                 }
                 FRAGMENT => {
                     // Any fragment: the protocol is known, the ports are not dependable.
-                    if let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) {
+                    if next_bytes.known {
+                        packet.protocol = upper_layer(next_bytes.bytes[0], true);
+                    } else if let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) {
                         packet.protocol = upper_layer(header[0], true);
                     }
                     return Some(packet);
@@ -239,15 +332,21 @@ impl Packet {
             return Some(packet);
         }
         packet.protocol = upper_layer(next, true);
-        packet.read_transport(ctx, direction);
+        packet.read_transport(ctx, direction, next_bytes);
         Some(packet)
     }
 
     #[inline(always)]
-    fn read_transport(&mut self, ctx: &SkBuffContext, direction: Direction) {
+    /// `next`: the transport's first 4 bytes, when they were read with the IP header.
+    fn read_transport(&mut self, ctx: &SkBuffContext, direction: Direction, next: Next) {
         match self.protocol {
             IPPROTO_TCP | IPPROTO_UDP => {
-                if let Ok(ports) = ctx.load::<[u8; 4]>(self.transport_offset) {
+                let ports = if next.known {
+                    Ok(next.bytes)
+                } else {
+                    ctx.load::<[u8; 4]>(self.transport_offset)
+                };
+                if let Ok(ports) = ports {
                     let src = u16::from_be_bytes([ports[0], ports[1]]);
                     let dst = u16::from_be_bytes([ports[2], ports[3]]);
                     (self.local_port, self.remote_port) = match direction {
@@ -258,7 +357,12 @@ impl Packet {
                 }
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                if let Ok(icmp_type) = ctx.load::<u8>(self.transport_offset) {
+                let icmp_type = if next.known {
+                    Ok(next.bytes[0])
+                } else {
+                    ctx.load::<u8>(self.transport_offset)
+                };
+                if let Ok(icmp_type) = icmp_type {
                     self.icmp_type = icmp_type;
                     self.icmp_known = true;
                 }
