@@ -8,20 +8,17 @@
 //! header, so a batch is sent at once and sorted out afterwards.
 
 use std::{
-    collections::BTreeSet,
     fs::File,
-    net::IpAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::{Duration, Instant},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use killswitch::{
-    model::{Direction, Interface, Packet},
-    verify::wire::{fix_checksums, receive, tag, tagged},
+    model::{Direction, Packet},
+    verify::wire::{self, exchange, send_frame, send_ip},
 };
 
 use crate::{
-    random::{frame_with, ME4, ME6},
+    random::{ME4, ME6},
     Cgroup, Netns,
 };
 
@@ -190,189 +187,45 @@ impl World {
     }
 
     /// Sends every packet (loopback ones excluded: they never leave) and returns, per packet,
-    /// whether it arrived: on the far side (egress) or at a client socket (ingress). `nonce`
-    /// keeps batches apart.
+    /// whether it arrived: on the far side (egress) or at a client socket (ingress; an ICMP
+    /// error the client sends back quotes the tag too). `nonce` keeps batches apart.
     pub fn deliver(&self, packets: &[Packet], nonce: u16) -> Vec<bool> {
-        self.drain();
-        for (i, p) in packets.iter().enumerate() {
-            let link = match p.interface {
-                Interface::Tunnel => &self.links[0],
-                Interface::Uplink | Interface::OtherNamespace => &self.links[1],
-                Interface::Other => &self.links[2],
-                Interface::Loopback => continue,
-            };
-            let tag = tag(nonce, i as u32);
-            let frame = frame_with(p, &tag);
-            let mut ip = frame[14..].to_vec();
-            match p.direction {
-                Direction::Egress => send_ip(link, &ip, p),
-                Direction::Ingress => {
-                    fix_checksums(&mut ip);
-                    send_frame(link, &ip, frame[12..14].try_into().unwrap());
-                }
-            }
-        }
-        let mut arrived = BTreeSet::new();
-        // Until nothing more comes for 40 ms, at most 2 s. An egress packet counts when the far
-        // side got it, an ingress packet when a client socket did (an ICMP error the client
-        // sends back quotes the tag too).
-        let started = Instant::now();
-        let mut quiet_since = Instant::now();
-        while quiet_since.elapsed() < Duration::from_millis(40)
-            && started.elapsed() < Duration::from_secs(2)
-        {
-            let mut got = false;
-            for (fd, direction) in self.sources() {
-                while let Some(data) = receive(fd) {
-                    let i = tagged(&data, nonce).map(|i| i as usize);
-                    if let Some(i) =
-                        i.filter(|i| packets.get(*i).is_some_and(|p| p.direction == direction))
-                    {
-                        arrived.insert(i);
-                    }
-                    got = true;
-                }
-            }
-            if got {
-                quiet_since = Instant::now();
-            } else {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        (0..packets.len()).map(|i| arrived.contains(&i)).collect()
-    }
-
-    /// Every socket that sees packets, with the direction of the packets it sees.
-    fn sources(&self) -> impl Iterator<Item = (&OwnedFd, Direction)> {
         let client = self.receivers.iter().map(|fd| (fd, Direction::Ingress));
-        client.chain(
-            self.links
-                .iter()
-                .map(|l| (&l.peer_socket, Direction::Egress)),
-        )
-    }
-
-    fn drain(&self) {
-        for (fd, _) in self.sources() {
-            while receive(fd).is_some() {}
-        }
+        let far = self
+            .links
+            .iter()
+            .map(|l| (&l.peer_socket, Direction::Egress));
+        let sources: Vec<_> = client.chain(far).collect();
+        let arrived = exchange(packets, nonce, &sources, |link, p, ip, ethertype| {
+            let link = &self.links[link];
+            match p.direction {
+                // From the VPN client's sockets or the others', with the packet's mark.
+                Direction::Egress if p.vpn_client => {
+                    send_ip([&link.client4, &link.client6], link.client_ifindex, ip, p)
+                }
+                Direction::Egress => {
+                    send_ip([&link.send4, &link.send6], link.client_ifindex, ip, p)
+                }
+                Direction::Ingress => send_frame(
+                    &link.peer_socket,
+                    link.peer_ifindex,
+                    link.client_mac,
+                    ip,
+                    ethertype,
+                ),
+            }
+        })
+        .expect("a batch of packets");
+        arrived.into_iter().map(|a| a.unwrap_or(false)).collect()
     }
 }
 
 fn socket(domain: i32, kind: i32, protocol: i32) -> OwnedFd {
-    // SAFETY: plain socket(2); the descriptor is owned from here on.
-    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
-    assert!(
-        fd >= 0,
-        "socket({domain}, {kind}, {protocol}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new descriptor nobody else owns.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+    wire::socket(domain, kind, protocol).expect("a socket")
 }
 
 fn set_option(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) {
-    // SAFETY: value points to value.len() readable bytes.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            value.as_ptr().cast(),
-            value.len() as u32,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt {level}/{name}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Sends an IP packet out of the link's client side; a refusal by the filter is expected.
-/// Sends `p` as `ip` from the VPN client's socket or another, with its mark.
-fn send_ip(link: &Link, ip: &[u8], p: &Packet) {
-    let (fd, addr, len) = match p.remote {
-        IpAddr::V4(v4) => {
-            let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-            a.sin_family = libc::AF_INET as u16;
-            a.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
-            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, a) };
-            (
-                if p.vpn_client {
-                    &link.client4
-                } else {
-                    &link.send4
-                },
-                storage,
-                std::mem::size_of::<libc::sockaddr_in>(),
-            )
-        }
-        IpAddr::V6(v6) => {
-            let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            a.sin6_family = libc::AF_INET6 as u16;
-            a.sin6_addr.s6_addr = v6.octets();
-            if v6.segments()[0] & 0xffc0 == 0xfe80 || v6.segments()[0] == 0xff02 {
-                a.sin6_scope_id = link.client_ifindex;
-            }
-            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, a) };
-            (
-                if p.vpn_client {
-                    &link.client6
-                } else {
-                    &link.send6
-                },
-                storage,
-                std::mem::size_of::<libc::sockaddr_in6>(),
-            )
-        }
-    };
-    // The mark the socket gives this packet (SO_MARK is read at each send).
-    set_option(fd, libc::SOL_SOCKET, libc::SO_MARK, &p.mark.to_ne_bytes());
-    // SAFETY: addr is initialised for len bytes, ip is readable.
-    unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            ip.as_ptr().cast(),
-            ip.len(),
-            0,
-            &addr as *const _ as *const libc::sockaddr,
-            len as u32,
-        );
-    }
-}
-
-/// Sends an IP packet into the client from the link's far side.
-fn send_frame(link: &Link, ip: &[u8], ethertype: [u8; 2]) {
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = link.peer_ifindex;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&link.client_mac);
-    // The DGRAM socket adds the link header itself: give it the IP packet only.
-    addr.sll_protocol = u16::from_be_bytes(ethertype).to_be();
-    // SAFETY: addr is a valid sockaddr_ll, ip is readable.
-    let rc = unsafe {
-        libc::sendto(
-            link.peer_socket.as_raw_fd(),
-            ip.as_ptr().cast(),
-            ip.len(),
-            0,
-            &addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert!(
-        rc >= 0,
-        "inject {} bytes: {}",
-        ip.len(),
-        std::io::Error::last_os_error()
-    );
+    wire::set_option(fd, level, name, value).expect("a socket option");
 }
 
 fn mac(netns: &Netns, dev: &str) -> [u8; 6] {

@@ -166,67 +166,89 @@ impl Wire {
     /// loopback.
     pub fn deliver(&mut self, packets: &[Packet]) -> Result<Vec<Option<bool>>> {
         self.nonce = self.nonce.wrapping_add(1);
-        let nonce = self.nonce;
-        self.drain();
-        for (i, p) in packets.iter().enumerate() {
-            let link = match p.interface {
-                Interface::Tunnel => &self.links[0],
-                Interface::Uplink | Interface::OtherNamespace => &self.links[1],
-                Interface::Other => &self.links[2],
-                Interface::Loopback => continue,
-            };
-            let frame = frame_with(p, &tag(nonce, i as u32));
-            let mut ip = frame[14..].to_vec();
+        let sources: Vec<_> = self.sources().collect();
+        exchange(packets, self.nonce, &sources, |link, p, ip, ethertype| {
+            let link = &self.links[link];
             match p.direction {
-                Direction::Egress => send_ip(link, &ip, p)?,
+                Direction::Egress => send_ip([&link.send4, &link.send6], link.ifindex, ip, p),
                 Direction::Ingress => {
-                    fix_checksums(&mut ip);
-                    send_frame(link, &ip, [frame[12], frame[13]])?;
+                    send_frame(&link.peer, link.peer_ifindex, link.mac, ip, ethertype)
                 }
             }
-        }
-        let mut arrived = BTreeSet::new();
-        // Until nothing more comes for 40 ms, at most 2 s.
-        let started = Instant::now();
-        let mut quiet_since = Instant::now();
-        while quiet_since.elapsed() < Duration::from_millis(40)
-            && started.elapsed() < Duration::from_secs(2)
-        {
-            let mut got = false;
-            for (fd, direction) in self.sources() {
-                while let Some(data) = receive(fd) {
-                    let index = tagged(&data, nonce).map(|i| i as usize);
-                    if let Some(i) =
-                        index.filter(|i| packets.get(*i).is_some_and(|p| p.direction == direction))
-                    {
-                        arrived.insert(i);
-                    }
-                    got = true;
-                }
-            }
-            if got {
-                quiet_since = Instant::now();
-            } else {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        Ok(packets
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.interface != Interface::Loopback).then(|| arrived.contains(&i)))
-            .collect())
+        })
     }
 
     fn sources(&self) -> impl Iterator<Item = (&OwnedFd, Direction)> {
         let local = self.receivers.iter().map(|fd| (fd, Direction::Ingress));
         local.chain(self.links.iter().map(|l| (&l.peer, Direction::Egress)))
     }
+}
 
-    fn drain(&self) {
-        for (fd, _) in self.sources() {
-            while receive(fd).is_some() {}
+/// The link a packet uses: 0 the tunnel, 1 the uplink (the scope's or another namespace's), 2
+/// another interface; `None` for loopback, whose packets never leave.
+fn link_of(interface: Interface) -> Option<usize> {
+    match interface {
+        Interface::Tunnel => Some(0),
+        Interface::Uplink | Interface::OtherNamespace => Some(1),
+        Interface::Other => Some(2),
+        Interface::Loopback => None,
+    }
+}
+
+/// One batch through a filter: drains `sources`, hands every packet that uses a link to
+/// `send(link, packet, ip, ethertype)` (an ingress one with its checksums fixed), then reads
+/// `sources` until nothing more comes for 40 ms (at most 2 s). Returns, per packet, whether it
+/// arrived at a source of its direction (`None` for loopback). Packets are told apart by the
+/// tag after their transport header, so the batch is sent at once.
+pub fn exchange(
+    packets: &[Packet],
+    nonce: u16,
+    sources: &[(&OwnedFd, Direction)],
+    mut send: impl FnMut(usize, &Packet, &[u8], [u8; 2]) -> Result<()>,
+) -> Result<Vec<Option<bool>>> {
+    for (fd, _) in sources {
+        while receive(fd).is_some() {}
+    }
+    for (i, p) in packets.iter().enumerate() {
+        let Some(link) = link_of(p.interface) else {
+            continue;
+        };
+        let frame = frame_with(p, &tag(nonce, i as u32));
+        let mut ip = frame[14..].to_vec();
+        if p.direction == Direction::Ingress {
+            fix_checksums(&mut ip);
+        }
+        send(link, p, &ip, [frame[12], frame[13]])?;
+    }
+    let mut arrived = BTreeSet::new();
+    let started = Instant::now();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(40)
+        && started.elapsed() < Duration::from_secs(2)
+    {
+        let mut got = false;
+        for &(fd, direction) in sources {
+            while let Some(data) = receive(fd) {
+                let index = tagged(&data, nonce).map(|i| i as usize);
+                if let Some(i) =
+                    index.filter(|i| packets.get(*i).is_some_and(|p| p.direction == direction))
+                {
+                    arrived.insert(i);
+                }
+                got = true;
+            }
+        }
+        if got {
+            quiet_since = Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
+    Ok(packets
+        .iter()
+        .enumerate()
+        .map(|(i, p)| link_of(p.interface).map(|_| arrived.contains(&i)))
+        .collect())
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -275,7 +297,7 @@ pub fn ip_end(data: &[u8]) -> usize {
     }
 }
 
-fn socket(domain: i32, kind: i32, protocol: i32) -> Result<OwnedFd> {
+pub fn socket(domain: i32, kind: i32, protocol: i32) -> Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned from here on.
     let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
@@ -288,7 +310,7 @@ fn socket(domain: i32, kind: i32, protocol: i32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn set_option(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) -> Result<()> {
+pub fn set_option(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) -> Result<()> {
     // SAFETY: value points to value.len() readable bytes.
     let rc = unsafe {
         libc::setsockopt(
@@ -340,8 +362,9 @@ pub fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
     }
 }
 
-/// Sends `ip` out of the link, with the packet's mark; a refusal by the filter is expected.
-fn send_ip(link: &Link, ip: &[u8], p: &Packet) -> Result<()> {
+/// Sends `ip` from a raw socket of its family (`[v4, v6]`, bound to the link whose ifindex is
+/// given) with the packet's mark; a refusal by the filter is expected.
+pub fn send_ip(senders: [&OwnedFd; 2], ifindex: u32, ip: &[u8], p: &Packet) -> Result<()> {
     // SAFETY: all-zero is a valid sockaddr_storage; the family-specific part is written below.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let (fd, len) = match p.remote {
@@ -352,7 +375,7 @@ fn send_ip(link: &Link, ip: &[u8], p: &Packet) -> Result<()> {
             a.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
             // SAFETY: sockaddr_in fits in sockaddr_storage.
             unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, a) };
-            (&link.send4, std::mem::size_of::<libc::sockaddr_in>())
+            (senders[0], std::mem::size_of::<libc::sockaddr_in>())
         }
         IpAddr::V6(v6) => {
             // SAFETY: all-zero is a valid sockaddr_in6.
@@ -360,11 +383,11 @@ fn send_ip(link: &Link, ip: &[u8], p: &Packet) -> Result<()> {
             a.sin6_family = libc::AF_INET6 as u16;
             a.sin6_addr.s6_addr = v6.octets();
             if v6.segments()[0] & 0xffc0 == 0xfe80 || v6.segments()[0] == 0xff02 {
-                a.sin6_scope_id = link.ifindex;
+                a.sin6_scope_id = ifindex;
             }
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
             unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, a) };
-            (&link.send6, std::mem::size_of::<libc::sockaddr_in6>())
+            (senders[1], std::mem::size_of::<libc::sockaddr_in6>())
         }
     };
     set_option(fd, libc::SOL_SOCKET, libc::SO_MARK, &p.mark.to_ne_bytes())?;
@@ -382,20 +405,27 @@ fn send_ip(link: &Link, ip: &[u8], p: &Packet) -> Result<()> {
     Ok(())
 }
 
-/// Sends an IP packet into the scratch namespace from the link's peer.
-fn send_frame(link: &Link, ip: &[u8], ethertype: [u8; 2]) -> Result<()> {
+/// Sends an IP packet from a packet socket on the link's peer (its ifindex given) to the MAC
+/// address of the filtered side.
+pub fn send_frame(
+    peer: &OwnedFd,
+    peer_ifindex: i32,
+    mac: [u8; 6],
+    ip: &[u8],
+    ethertype: [u8; 2],
+) -> Result<()> {
     // SAFETY: all-zero is a valid sockaddr_ll; the fields set below address the frame.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = link.peer_ifindex;
+    addr.sll_ifindex = peer_ifindex;
     addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&link.mac);
+    addr.sll_addr[..6].copy_from_slice(&mac);
     // The DGRAM socket adds the link header itself: give it the IP packet only.
     addr.sll_protocol = u16::from_be_bytes(ethertype).to_be();
     // SAFETY: addr is a valid sockaddr_ll, ip is readable.
     let rc = unsafe {
         libc::sendto(
-            link.peer.as_raw_fd(),
+            peer.as_raw_fd(),
             ip.as_ptr().cast(),
             ip.len(),
             0,
@@ -405,7 +435,7 @@ fn send_frame(link: &Link, ip: &[u8], ethertype: [u8; 2]) -> Result<()> {
     };
     if rc < 0 {
         return Err(Error::kernel(
-            format!("cannot send {} bytes into the scratch namespace", ip.len()),
+            format!("cannot send {} bytes into the filtered namespace", ip.len()),
             std::io::Error::last_os_error(),
         ));
     }

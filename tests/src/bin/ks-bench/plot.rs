@@ -203,7 +203,7 @@ fn throughput(area: &Area, tp: &Value, test: &str, what: &str) -> Result<()> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     for (i, (name, points)) in series.iter().enumerate() {
         // The tunnel path dashed-looking (thin), the server path thick, one colour per backend.
-        let backend = ["ebpf", "nftables", "iptables"]
+        let backend = ["ebpf", "nftables", "iptables", "floor"]
             .iter()
             .position(|b| name.starts_with(b))
             .unwrap_or(i);

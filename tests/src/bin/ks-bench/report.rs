@@ -131,7 +131,7 @@ fn throughput(md: &mut String, tp: &Value) {
     );
     let _ = writeln!(
         md,
-        "| path | servers | test | no filter | eBPF | nftables | iptables |\n|---|---|---|---|---|---|---|"
+        "| path | servers | test | no filter | floor program | eBPF | nftables | iptables |\n|---|---|---|---|---|---|---|---|"
     );
     let rows = tp["rows"].as_array().cloned().unwrap_or_default();
     let mut keys: Vec<(String, u64, String)> = Vec::new();
@@ -166,7 +166,7 @@ fn throughput(md: &mut String, tp: &Value) {
         };
         let _ = writeln!(
             md,
-            "| {path} | {} | {} | {} | {} | {} | {} |",
+            "| {path} | {} | {} | {} | {} | {} | {} | {} |",
             thousands(servers),
             if test == "tcp_gbits" {
                 "TCP Gbit/s"
@@ -174,6 +174,7 @@ fn throughput(md: &mut String, tp: &Value) {
                 "UDP 64 B pps"
             },
             cell("none"),
+            cell("floor"),
             cell("ebpf"),
             cell("nftables"),
             cell("iptables")

@@ -1,5 +1,6 @@
 //! Throughput through veth pairs between namespaces (iperf3): TCP Gbit/s and 64-byte UDP
-//! packets per second received, with no filter, the eBPF backend, the nftables backend and the
+//! packets per second received, with no filter, the floor program (what any cgroup_skb filter
+//! pays: the hook and a program that only counts), the eBPF backend, the nftables backend and the
 //! iptables rendering, on the tunnel path and on the server path (to the last server added) as
 //! the server list grows. One pair of namespaces per variant, all set up before the rounds, so
 //! each round runs every variant once (A B C D A B C D ...).
@@ -12,6 +13,11 @@
 use std::{fmt::Write as _, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{links::CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    Ebpf, EbpfLoader,
+};
+use killswitch::ebpf::OBJECT;
 use serde_json::{json, Value};
 use testbed::{
     process::{command_in, Background},
@@ -20,7 +26,7 @@ use testbed::{
 
 use crate::{median, progress, server, stats, timed, Options};
 
-const VARIANTS: [&str; 4] = ["none", "ebpf", "nftables", "iptables"];
+const VARIANTS: [&str; 5] = ["none", "floor", "ebpf", "nftables", "iptables"];
 const PORT: u16 = 5201;
 const TUNNEL_PEER: &str = "10.99.0.1";
 
@@ -52,6 +58,8 @@ struct Side {
     client: Netns,
     cgroup: Cgroup,
     pins: PinRoot,
+    /// The floor program, attached both ways while this lives.
+    _floor: Option<Ebpf>,
     _iperf: Vec<Background>,
     _server: Netns,
 }
@@ -88,11 +96,15 @@ impl Side {
                 Background::start(iperf)
             })
             .collect();
+        let cgroup = Cgroup::new();
+        let pins = PinRoot::new();
+        let floor = (variant == "floor").then(|| attach_floor(&cgroup, &pins));
         Side {
             variant,
             client,
-            cgroup: Cgroup::new(),
-            pins: PinRoot::new(),
+            cgroup,
+            pins,
+            _floor: floor,
             _iperf: iperf,
             _server: server,
         }
@@ -195,13 +207,37 @@ fn config(dir: &Path, count: u32) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The object's `floor` program, attached to `cgroup` for egress and ingress as the policy's
+/// programs are; its maps pinned under `pins`.
+fn attach_floor(cgroup: &Cgroup, pins: &PinRoot) -> Ebpf {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&pins.path)
+        .load(OBJECT)
+        .expect("the object loads");
+    let program: &mut CgroupSkb = ebpf
+        .program_mut("floor")
+        .expect("the floor program")
+        .try_into()
+        .expect("a cgroup_skb program");
+    program.load().expect("the floor program loads");
+    let fd = std::fs::File::open(&cgroup.path).expect("the cgroup opens");
+    for way in [CgroupSkbAttachType::Egress, CgroupSkbAttachType::Ingress] {
+        program
+            .attach(&fd, way, CgroupAttachMode::Single)
+            .expect("the floor attaches");
+    }
+    ebpf
+}
+
 pub fn run(bin: &Path, options: Options) -> Result<Value> {
     crate::in_private_dir("ksbenchtp", |dir| measure(bin, dir, options))
 }
 
 fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     let sizes = sizes(options);
-    progress("throughput: namespaces and iperf3 servers for no filter, eBPF, nftables, iptables");
+    progress(
+        "throughput: namespaces and iperf3 servers for no filter, the floor, eBPF, nftables, iptables",
+    );
     let sides: Vec<Side> = VARIANTS.iter().map(|v| Side::new(v, &sizes)).collect();
     // Let the iperf3 servers come up.
     std::thread::sleep(std::time::Duration::from_millis(300));
