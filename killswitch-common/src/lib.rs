@@ -170,7 +170,8 @@ pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventLimit {
-    /// When the bucket is next empty (GCRA theoretical arrival time), `bpf_ktime_get_ns` clock.
+    /// When the bucket is next empty (GCRA theoretical arrival time), `bpf_ktime_get_coarse_ns`
+    /// clock.
     pub next_ns: u64,
     /// Events not sent since this CPU's last sent event.
     pub suppressed: u64,
@@ -182,7 +183,7 @@ pub struct EventLimit {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropEvent {
-    /// `bpf_ktime_get_ns` (monotonic) when the packet was dropped.
+    /// `bpf_ktime_get_coarse_ns` (monotonic, one tick) when the packet was dropped.
     pub timestamp_ns: u64,
     /// The cgroup (v2) of the packet's socket; 0 when unknown.
     pub cgroup_id: u64,

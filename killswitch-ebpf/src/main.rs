@@ -230,7 +230,8 @@ fn classify<N: NetnsSource>(
     }
     // Only what leaves is held to the VPN client: a reply to anyone else is never answered.
     // Asked before the parse, so the verifier walks its loop for a handful of states rather
-    // than once for every way of parsing a packet (19,000 instructions instead of 92,000).
+    // than once for every way of parsing a packet (on 6.18: 28,000 processed instructions for
+    // egress instead of 59,000).
     let client =
         direction == Direction::Ingress || settings.vpn_client == 0 || is_vpn_client(ctx, settings);
     let Some(packet) = Packet::parse(ctx, direction) else {

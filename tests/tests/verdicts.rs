@@ -991,6 +991,13 @@ fn every_verdict_step_of_the_full_policy() {
                 NeighbourDiscovery,
             ),
             (
+                "neighbour solicitation cut after its type",
+                E,
+                Dev::Up,
+                icmp6(ME6, "ff02::1:ff00:1", 135)[..14 + 41].to_vec(),
+                NeighbourDiscovery,
+            ),
+            (
                 "router solicitation",
                 E,
                 Dev::Up,
@@ -1340,6 +1347,28 @@ fn icmp_errors_about_allowed_packets_pass_the_uplink() {
                 I,
                 Dev::Up,
                 icmp_error(true, router6, 1, &sent6(TCP, "2001:db8:77::5", 80)),
+                IcmpError,
+            ),
+            // Quotes too short for the header and the 4 bytes after it: read header alone.
+            (
+                "quote cut after its ip header, icmp to the lan",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &sent4(ICMP, "192.168.77.5", 0, 0)[..20]),
+                IcmpError,
+            ),
+            (
+                "quote cut after its ip header, udp to the server",
+                I,
+                Dev::Up,
+                icmp_error(false, router, 3, &to_server[..23]),
+                Default,
+            ),
+            (
+                "v6 quote cut after its ip header, icmpv6 to the lan",
+                I,
+                Dev::Up,
+                icmp_error(true, router6, 1, &sent6(ICMPV6, "2001:db8:77::5", 0)[..42]),
                 IcmpError,
             ),
             (
