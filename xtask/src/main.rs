@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup|demo|test|e2e|bench`.
+//! Developer tasks: `cargo xtask setup|demo|test|e2e|bench|dist`.
 //!
 //! xtask itself depends on small host crates only, so it builds on a machine that has nothing but
 //! a stock Rust toolchain: `setup` installs the eBPF toolchain, and everything that needs the
@@ -45,6 +45,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the Debian package (release binary, man pages, completions, systemd units, the
+    /// example config as a conffile) into target/dist/
+    Dist,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::E2e => setup::run().and_then(|()| e2e()),
         Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
+        Task::Dist => setup::run().and_then(|()| dist()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -188,6 +192,20 @@ fn demo() -> Result<()> {
     println!("demo: building killswitch and the lab's helpers");
     let bin = build(false, &["killswitch-user", "killswitch-tests"])?;
     run(&bin.join("ks-demo"), &[])
+}
+
+/// The package holds the release binary; the man pages and completions come from its clap
+/// definitions, through the library.
+fn dist() -> Result<()> {
+    eprintln!("dist: building the release binary and the packager");
+    let release = build(true, &["killswitch-user"])?;
+    let debug = build(false, &["killswitch-tests"])?;
+    let out = Path::new("target/dist");
+    std::fs::create_dir_all(out).context("cannot create target/dist")?;
+    run(
+        &debug.join("ks-dist"),
+        &[release.join("killswitch").as_path(), out],
+    )
 }
 
 /// The benchmark drives the release `killswitch` for the daemon's timings.

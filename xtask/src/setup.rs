@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "cpio",
     "xz-utils",
     "binutils",
+    // The package `cargo xtask dist` builds is checked with it (tests/tests/dist.rs)
+    "lintian",
     // A real systemd boot: a Debian root made with debootstrap, booted with systemd-nspawn
     // (tests/tests/boot.rs)
     "debootstrap",

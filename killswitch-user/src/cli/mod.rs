@@ -137,6 +137,12 @@ struct ScopeArgs {
     cgroup: Option<PathBuf>,
 }
 
+/// The command line's definition, for the man pages and shell completions `cargo xtask dist`
+/// generates from it.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
