@@ -52,6 +52,58 @@ Examples:
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.";
 
+// One block of examples per command, shown by `killswitch COMMAND --help` and in its man page.
+
+const UP_EXAMPLES: &str = "\
+Examples:
+  killswitch up                          enforce the policy system-wide
+  killswitch up --cgroup work.slice      only for the processes of one cgroup
+  killswitch up --backend nftables       as an nftables table instead of eBPF programs";
+
+const DOWN_EXAMPLES: &str = "\
+Examples:
+  killswitch down                        remove the system-wide enforcement
+  killswitch down --cgroup work.slice    remove one cgroup's";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  killswitch status                      every scope, its tunnels, servers and counters
+  killswitch status --json               the same for programs
+  killswitch status --follow             every dropped packet as it happens";
+
+const CHECK_EXAMPLES: &str = "\
+Examples:
+  killswitch check                       validate /etc/killswitch/killswitch.toml
+  killswitch --config new.toml check     validate a file before putting it in place";
+
+const DAEMON_EXAMPLES: &str = "\
+Examples:
+  killswitch daemon                      enforce system-wide and keep it current
+  systemctl reload killswitch-daemon     re-read the config (SIGHUP)";
+
+const SERVERS_EXAMPLES: &str = "\
+Examples:
+  killswitch servers list
+  killswitch servers set 198.51.100.7:1194/udp '[2001:db8::7]:443/tcp'
+  killswitch servers add 198.51.100.8:1194/udp
+  killswitch servers remove 198.51.100.7:1194/udp";
+
+const RENDER_EXAMPLES: &str = "\
+Examples:
+  killswitch render nft | nft -f -       load the policy as an nftables table
+  killswitch render iptables > rules.v4  for iptables-restore (ip6tables for IPv6)";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  killswitch run -- firefox              a kill switch for one app and what it starts
+  killswitch run --vpn-client -- openvpn --config work.conf
+                                         the only process that may reach the servers";
+
+const VERIFY_EXAMPLES: &str = "\
+Examples:
+  killswitch verify                      prove the system-wide scope is enforced as planned
+  killswitch verify --cgroup work.slice --json";
+
 #[derive(Debug, Parser)]
 #[command(name = "killswitch", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -76,23 +128,30 @@ enum Command {
     /// Apply the policy to a scope and pin it; re-running updates it in place with no gap
     ///
     /// A server hostname that does not resolve stays blocked, and the exit status is 1
+    #[command(after_help = UP_EXAMPLES)]
     Up(UpArgs),
     /// Remove a scope's enforcement and pins
+    #[command(after_help = DOWN_EXAMPLES)]
     Down(ScopeArgs),
     /// Show what is enforced: scopes, tunnels, servers and packet counters per reason
+    #[command(after_help = STATUS_EXAMPLES)]
     Status(status::StatusArgs),
     /// Validate the configuration, resolve names and print the normalized policy
+    #[command(after_help = CHECK_EXAMPLES)]
     Check,
     /// Apply the policy like `up`, then keep it current: tunnels that come and go, hostnames,
     /// config reload on SIGHUP, drop events in the log. Stopping it leaves the scope enforced
+    #[command(after_help = DAEMON_EXAMPLES)]
     Daemon(UpArgs),
     /// Change the server list of an enforced scope while it runs (list, set, add, remove)
+    #[command(after_help = SERVERS_EXAMPLES)]
     Servers(servers::ServersArgs),
     /// Print the policy as an nftables script or iptables-restore files, for machines
     /// without eBPF: `killswitch render nft | nft -f -`
     ///
     /// The ruleset follows the same verdict order with no connection tracking; where netfilter
     /// cannot read a packet the way the eBPF programs do, it is stricter (docs/backends.md)
+    #[command(after_help = RENDER_EXAMPLES)]
     Render(render::RenderArgs),
     /// Run a command in a cgroup of its own, held to the policy: a kill switch for one app
     ///
@@ -106,6 +165,7 @@ enum Command {
     ///
     /// With --vpn-client the command is the VPN client instead: its cgroup is the one every
     /// scope with [vpn_client] lets reach the servers, and no scope is made for it.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(run::RunArgs),
     /// Prove on this machine that a scope is enforced as planned, without taking the VPN down
     ///
@@ -115,6 +175,7 @@ enum Command {
     /// with packets the policy drops before they can leave, and warns about the usual holes
     /// around a kill switch (IPv6, DNS, forwarding, other firewalls). Exit status 0 when no
     /// check failed
+    #[command(after_help = VERIFY_EXAMPLES)]
     Verify(verify::VerifyArgs),
 }
 
