@@ -258,11 +258,17 @@ fn init_logging(verbose: bool, quiet: bool) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {
-        // Colours only for a person at a terminal, never in files or pipes.
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(colour(terminal, std::env::var_os("NO_COLOR").as_deref()))
             .init();
     }
+}
+
+/// Colours only for a person at a terminal, never in files or pipes, and never when `NO_COLOR`
+/// is set to anything but the empty string (no-color.org). clap's help follows the same rule.
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_BPF, read from /proc/self/status.
@@ -278,5 +284,18 @@ fn require_privileges() -> Result<()> {
         Ok(())
     } else {
         Err(Error::NotPermitted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_at_a_terminal_and_never_with_no_color() {
+        assert!(super::colour(true, None));
+        assert!(super::colour(true, Some(OsStr::new(""))));
+        assert!(!super::colour(true, Some(OsStr::new("1"))));
+        assert!(!super::colour(false, None));
     }
 }
