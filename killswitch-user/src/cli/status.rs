@@ -11,6 +11,7 @@ use crate::{
     events::{EventReader, Resolver},
     scope::Scope,
     status::{self, ScopeStatus},
+    verify::thousands,
 };
 
 #[derive(Debug, Args)]
@@ -209,13 +210,16 @@ fn print_counters(s: &ScopeStatus) {
     for (egress, ingress) in s.counters[..half].iter().zip(&s.counters[half..]) {
         println!(
             "         {:<8} {:<20} {:>12} {:>12}",
-            egress.verdict, egress.reason, egress.packets, ingress.packets
+            egress.verdict,
+            egress.reason,
+            thousands(egress.packets),
+            thousands(ingress.packets)
         );
     }
     if s.backend == "ebpf" {
         println!(
             "events   {} drop events held back by the rate limit",
-            s.events_suppressed
+            thousands(s.events_suppressed)
         );
     } else {
         println!("events   dropped packets are logged by the kernel, prefix \"killswitch drop\"");
