@@ -65,9 +65,16 @@ fn the_package_installs_every_file_with_its_mode_and_runs() {
     output(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
     let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
     assert_eq!(conffiles, "/etc/killswitch/killswitch.toml\n");
-    for script in ["preinst", "postinst", "prerm", "postrm"] {
-        assert!(!control.join(script).exists(), "a {script} in the package");
-    }
+    let mut members: Vec<String> = std::fs::read_dir(&control)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    members.sort();
+    assert_eq!(
+        members,
+        ["conffiles", "control", "md5sums"],
+        "maintainer scripts or triggers in the package"
+    );
     let fields = output(
         Command::new("dpkg-deb")
             .args(["-f"])
@@ -81,10 +88,22 @@ fn the_package_installs_every_file_with_its_mode_and_runs() {
     );
     assert!(fields.contains("Depends: libc6 (>= 2."), "{fields}");
 
-    // Owners and modes as the archive holds them.
+    // Owners and modes as the archive holds them: root's; directories 0755, the binary 0755,
+    // the config 0600, everything else 0644.
     let listing = output(Command::new("dpkg-deb").arg("-c").arg(&deb));
     for line in listing.lines() {
         assert!(line.contains(" root/root "), "not root's: {line}");
+        let mode = line.split_whitespace().next().unwrap();
+        let wanted = if line.ends_with('/') {
+            "drwxr-xr-x"
+        } else if line.ends_with(" ./usr/bin/killswitch") {
+            "-rwxr-xr-x"
+        } else if line.ends_with(" ./etc/killswitch/killswitch.toml") {
+            "-rw-------"
+        } else {
+            "-rw-r--r--"
+        };
+        assert_eq!(mode, wanted, "{line}");
     }
     let entry = |path: &str| {
         listing
@@ -106,6 +125,10 @@ fn the_package_installs_every_file_with_its_mode_and_runs() {
     let mut pages = vec!["man1/killswitch.1.gz".to_owned()];
     for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
         pages.push(format!("man1/killswitch-{}.1.gz", sub.get_name()));
+        for verb in sub.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = format!("{}-{}", sub.get_name(), verb.get_name());
+            pages.push(format!("man1/killswitch-{name}.1.gz"));
+        }
     }
     pages.push("man5/killswitch.toml.5.gz".to_owned());
     for page in &pages {
@@ -154,10 +177,16 @@ fn the_package_installs_every_file_with_its_mode_and_runs() {
 
     // lintian: no errors. Its warnings are listed in docs/install.md.
     let lintian = Command::new("lintian")
+        .args(["--fail-on", "error"])
         .arg(&deb)
         .output()
         .expect("lintian is missing: run `cargo xtask setup`");
     let report = String::from_utf8_lossy(&lintian.stdout);
+    assert!(
+        lintian.status.success(),
+        "lintian failed: {report}{}",
+        String::from_utf8_lossy(&lintian.stderr)
+    );
     let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
     assert!(errors.is_empty(), "lintian: {errors:#?}");
     let known = ["non-standard-file-perm 0600 != 0644 [etc/killswitch/killswitch.toml]"];

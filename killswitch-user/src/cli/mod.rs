@@ -74,7 +74,8 @@ Examples:
 const CHECK_EXAMPLES: &str = "\
 Examples:
   killswitch check                       validate /etc/killswitch/killswitch.toml
-  killswitch --config new.toml check     validate a file before putting it in place";
+  killswitch --config /etc/killswitch/killswitch.toml.new check
+                                         validate a new file (root's) before moving it in place";
 
 const DAEMON_EXAMPLES: &str = "\
 Examples:

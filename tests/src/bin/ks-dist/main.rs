@@ -54,11 +54,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn package(bin: &Path, out: &Path) -> Result<PathBuf> {
-    let stage = out.join("deb-root");
-    if stage.exists() {
-        fs::remove_dir_all(&stage).with_context(|| format!("cannot empty {}", stage.display()))?;
+/// The staging tree: a new directory of this process's (creating it fails rather than follow
+/// anything already there), removed however packaging ends.
+struct Stage(PathBuf);
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+fn package(bin: &Path, out: &Path) -> Result<PathBuf> {
+    let stage = out.join(format!("deb-root-{}", std::process::id()));
+    std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+        .create(&stage)
+        .with_context(|| format!("cannot create {}", stage.display()))?;
+    let stage = Stage(stage);
+    let stage = stage.0.as_path();
     let binary = stage.join("usr/bin/killswitch");
     put(
         &binary,
@@ -80,6 +92,10 @@ fn package(bin: &Path, out: &Path) -> Result<PathBuf> {
         .chain([man5])
     {
         gzip(&page)?;
+        // clap_mangen made the page with the umask's mode.
+        let mut compressed = page.into_os_string();
+        compressed.push(".gz");
+        fs::set_permissions(&compressed, fs::Permissions::from_mode(0o644))?;
     }
 
     let completions = [
@@ -119,21 +135,21 @@ fn package(bin: &Path, out: &Path) -> Result<PathBuf> {
     put(&doc.join("changelog"), changelog().as_bytes(), 0o644)?;
     gzip(&doc.join("changelog"))?;
 
-    let control = control(&stage, &binary)?;
+    let control = control(stage, &binary)?;
     put(&stage.join("DEBIAN/control"), control.as_bytes(), 0o644)?;
     put(
         &stage.join("DEBIAN/conffiles"),
         format!("/{CONFIG}\n").as_bytes(),
         0o644,
     )?;
-    let md5sums = md5sums(&stage)?;
+    let md5sums = md5sums(stage)?;
     put(&stage.join("DEBIAN/md5sums"), md5sums.as_bytes(), 0o644)?;
-    directories_readable(&stage)?;
+    directories_readable(stage)?;
 
     let deb = out.join(format!("killswitch_{VERSION}_{}.deb", architecture()?));
     run(Command::new("dpkg-deb")
         .args(["--root-owner-group", "-Zxz", "--build"])
-        .arg(&stage)
+        .arg(stage)
         .arg(&deb))?;
     Ok(deb)
 }
@@ -208,13 +224,26 @@ fn glibc_needed(binary: &Path) -> Result<String> {
         .context("the binary names no glibc version")
 }
 
+/// What dpkg-gencontrol counts: each file's size in KiB rounded up, and 1 per directory.
+fn installed_kib(dir: &Path) -> Result<u64> {
+    let mut kib = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == "DEBIAN" {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        kib += if meta.is_dir() {
+            1 + installed_kib(&entry.path())?
+        } else {
+            meta.len().div_ceil(1024)
+        };
+    }
+    Ok(kib)
+}
+
 fn control(stage: &Path, binary: &Path) -> Result<String> {
-    let installed_kib = output(
-        Command::new("du")
-            .args(["-sk", "--exclude=DEBIAN"])
-            .arg(stage),
-    )?;
-    let installed_kib = installed_kib.split_whitespace().next().unwrap_or("0");
+    let installed_kib = installed_kib(stage)?;
     let mut control = String::new();
     writeln!(control, "Package: killswitch")?;
     writeln!(control, "Version: {VERSION}")?;
@@ -224,7 +253,12 @@ fn control(stage: &Path, binary: &Path) -> Result<String> {
         "Maintainer: killswitch developers <killswitch@example.org>"
     )?;
     writeln!(control, "Installed-Size: {installed_kib}")?;
-    writeln!(control, "Depends: libc6 (>= {})", glibc_needed(binary)?)?;
+    // libgcc_s: Rust's unwinder (the binary links it beside libc).
+    writeln!(
+        control,
+        "Depends: libc6 (>= {}), libgcc-s1",
+        glibc_needed(binary)?
+    )?;
     writeln!(control, "Recommends: nftables")?;
     writeln!(control, "Suggests: openvpn | wireguard-tools")?;
     writeln!(control, "Section: net")?;
