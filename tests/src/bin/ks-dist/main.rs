@@ -170,18 +170,10 @@ fn gzip(path: &Path) -> Result<()> {
 }
 
 fn run(command: &mut Command) -> Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("cannot start {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    output(command).map(drop)
 }
 
+/// What `command` printed, when it succeeded; its error output otherwise.
 fn output(command: &mut Command) -> Result<String> {
     let out = command
         .output()
