@@ -210,9 +210,6 @@ pub struct DropEvent {
     pub _pad: [u8; 7],
 }
 
-/// A key of the `LAN` longest-prefix-match trie: IPv4 prefixes are IPv4-mapped (`/96 + len`).
-pub type LanPrefix = [u8; 16];
-
 /// An `[[inbound]]` entry: TCP port on the tunnel, and a source (all zero = any source).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -39,6 +39,7 @@ static SERVERS: HashMap<ServerKey, u8> = HashMap::pinned(MAX_SERVERS, NO_PREALLO
 static NTP_SERVERS: HashMap<Address, u8> = HashMap::pinned(MAX_ADDRESSES, 0);
 #[map]
 static DNS_SERVERS: HashMap<Address, u8> = HashMap::pinned(MAX_ADDRESSES, 0);
+/// Keyed by 128-bit prefixes: an IPv4 prefix is IPv4-mapped (`/96 + len`).
 #[map]
 static LAN: LpmTrie<Address, u8> = LpmTrie::pinned(MAX_PREFIXES, 0);
 #[map]
