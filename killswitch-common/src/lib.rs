@@ -29,6 +29,8 @@ pub const MAX_VPN_CLIENT_LEVEL: u32 = 31;
 /// Bytes of the `LOCKDOWN` map's one value: why the scope is in lockdown (UTF-8, NUL-padded;
 /// all NUL while the policy is in force).
 pub const LOCKDOWN_REASON_BYTES: usize = 512;
+/// Drop events each CPU keeps in `RECENT_DROPS` for `status` (the newest overwrite the oldest).
+pub const RECENT_DROPS_PER_CPU: u32 = 4;
 
 /// An interface the policy trusts, named by ifindex *and* network namespace: ifindexes are only
 /// unique inside one namespace, and a scope's programs also see its processes in other namespaces.
@@ -177,6 +179,9 @@ pub struct EventLimit {
     pub suppressed: u64,
     /// Events not sent since the scope was set up (rate limit or full ring buffer).
     pub suppressed_total: u64,
+    /// Events this CPU reported (sent or not, past the rate limit): the next `RECENT_DROPS`
+    /// slot is this modulo [`RECENT_DROPS_PER_CPU`].
+    pub reported: u64,
 }
 
 /// One dropped packet, as the kernel reports it through the `EVENTS` ring buffer.
@@ -207,8 +212,12 @@ pub struct DropEvent {
     /// Upper-layer protocol; 255 when the IPv6 header chain was not followed to its end.
     pub protocol: u8,
     pub ports_known: u8,
-    pub _pad: [u8; 7],
+    /// To the struct's 8-byte alignment, so no byte of it is undefined (it is `Pod`).
+    pub _pad: [u8; 11],
 }
+
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<EventLimit>() == 32);
 
 /// An `[[inbound]]` entry: TCP port on the tunnel, and a source (all zero = any source).
 #[repr(C, align(4))]
@@ -390,4 +399,5 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::InboundKey {}
     unsafe impl aya::Pod for super::EventLimit {}
+    unsafe impl aya::Pod for super::DropEvent {}
 }

@@ -7,7 +7,9 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
     programs::SkBuffContext,
 };
-use killswitch_common::{ipv4_mapped, Direction, DropEvent, EventLimit, Reason, Settings};
+use killswitch_common::{
+    ipv4_mapped, Direction, DropEvent, EventLimit, Reason, Settings, RECENT_DROPS_PER_CPU,
+};
 
 use crate::packet::{Packet, ETH_P_IP, ETH_P_IPV6};
 
@@ -15,6 +17,10 @@ use crate::packet::{Packet, ETH_P_IP, ETH_P_IPV6};
 static EVENTS: RingBuf = RingBuf::pinned(killswitch_common::EVENT_RING_BYTES, 0);
 #[map]
 static EVENT_LIMIT: PerCpuArray<EventLimit> = PerCpuArray::pinned(1, 0);
+/// The last few events of each CPU, for `status`: the ring buffer has one reader, which
+/// `status --follow` may be.
+#[map]
+static RECENT_DROPS: PerCpuArray<DropEvent> = PerCpuArray::pinned(RECENT_DROPS_PER_CPU, 0);
 
 /// Sends a drop event for the current packet, unless this CPU is over its budget.
 #[inline(always)]
@@ -50,6 +56,12 @@ pub fn report(
     let mut event = describe(ctx, netns(), direction, reason);
     event.timestamp_ns = now;
     event.suppressed = limit.suppressed;
+    let slot = (limit.reported % RECENT_DROPS_PER_CPU as u64) as u32;
+    limit.reported += 1;
+    if let Some(recent) = RECENT_DROPS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { *recent = event };
+    }
     if EVENTS.output::<DropEvent>(&event, 0).is_ok() {
         limit.suppressed = 0;
     } else {

@@ -63,6 +63,10 @@ static VPN_CLIENTS: HashMap<u64, u8> = HashMap::pinned(MAX_VPN_CLIENTS, 0);
 /// Why the scope is in lockdown, for `status`; the programs never read it.
 #[map]
 static LOCKDOWN: Array<[u8; LOCKDOWN_REASON_BYTES]> = Array::pinned(1, 0);
+/// When the tunnel entries last changed (`CLOCK_REALTIME` ns), for `status`; the programs
+/// never read it.
+#[map]
+static TUNNELS_CHANGED: Array<u64> = Array::pinned(1, 0);
 
 // One pair per way of learning the packet's network namespace (see netns.rs); the loader
 // loads the pair the kernel supports. Names stay within the kernel's 15 characters.

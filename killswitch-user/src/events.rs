@@ -80,7 +80,7 @@ impl std::os::fd::AsRawFd for EventReader {
 }
 
 /// A drop event in the user's words.
-#[derive(Debug, Serialize, Clone, PartialEq, Eq)]
+#[derive(Debug, Serialize, schemars::JsonSchema, Clone, PartialEq, Eq)]
 pub struct DropRecord {
     /// RFC 3339, UTC.
     pub time: String,
@@ -124,7 +124,12 @@ impl std::fmt::Display for DropRecord {
             write!(f, " cgroup {cgroup}")?;
         }
         if self.suppressed_before > 0 {
-            write!(f, " ({} earlier events suppressed)", self.suppressed_before)?;
+            let n = self.suppressed_before;
+            write!(
+                f,
+                " ({n} earlier event{} suppressed)",
+                if n == 1 { "" } else { "s" }
+            )?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use killswitch_common::{Direction, InboundKey, InterfaceKey, Reason, Settings};
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::{
@@ -14,13 +15,16 @@ use crate::{
         sys, PinnedMaps,
     },
     error::Result,
+    events::{DropRecord, Resolver},
     interfaces, render,
     scope::Scope,
 };
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ScopeStatus {
+    /// The scope's name (its cgroup relative to the cgroup2 mount, or `/`).
     pub scope: String,
+    /// The scope's cgroup, absolute.
     pub cgroup: PathBuf,
     /// Where the eBPF backend pins the scope's programs and maps.
     pub pin_dir: Option<PathBuf>,
@@ -37,62 +41,106 @@ pub struct ScopeStatus {
     /// How the programs learn a packet's network namespace: "bpf_get_netns_cookie", or
     /// "socket" (the socket's, through BTF offsets, on kernels before 6.17).
     pub namespace_from: Option<&'static str>,
+    /// The eBPF backend's cgroup links, one per direction.
     pub links: Vec<LinkStatus>,
+    /// The tunnel interfaces the scope trusts now.
     pub tunnels: Vec<InterfaceStatus>,
     /// nftables: the names (`wg*` patterns) its rules match; `tunnels` are those present now.
     pub tunnel_names: Option<Vec<String>>,
     /// `None` when exceptions may leave through any non-tunnel interface.
     pub uplinks: Option<Vec<InterfaceStatus>>,
+    /// The server endpoints reachable outside the tunnel (`ADDRESS[:PORT][/PROTOCOL]`).
     pub servers: Vec<String>,
     /// The list in force was set with `killswitch servers` (the config's returns at the next
     /// `up` or reload).
     pub servers_set_by_command: bool,
+    /// What else may use the uplinks.
     pub exceptions: Exceptions,
     /// `[vpn_client]`: who may reach the servers (`None`: every socket of the scope).
     pub vpn_client: Option<Vec<String>>,
+    /// Packets per direction and reason.
     pub counters: Vec<CounterStatus>,
     /// Drop events held back by the in-kernel rate limit or a full ring buffer.
     pub events_suppressed: u64,
+    /// The newest drop events, newest first (eBPF; at most [`RECENT_DROPS_SHOWN`]).
+    pub recent_drops: Vec<DropRecord>,
+    /// When the tunnel entries last changed (RFC 3339, UTC; eBPF): a tunnel came, went or
+    /// came back as a new interface. `None` if they never changed since `up`.
+    pub tunnels_changed: Option<String>,
+    /// Seconds from `tunnels_changed` to now.
+    pub tunnels_changed_seconds_ago: Option<u64>,
 }
 
+/// How many of the newest drop events `status` shows.
+pub const RECENT_DROPS_SHOWN: usize = 5;
+
 /// The uplink exceptions besides the servers, as the kernel holds them.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Exceptions {
+    /// `[lan] networks`, as prefixes.
     pub lan: Vec<String>,
+    /// DNS (ports 53 and 853) to the LAN is allowed.
     pub lan_dns: bool,
+    /// DHCP and DHCPv6 on the uplinks are allowed.
     pub dhcp: bool,
     /// "tunnel" or "block".
     pub ipv6: &'static str,
+    /// Addresses reachable on the NTP port outside the tunnel.
     pub ntp_servers: Vec<String>,
+    /// Addresses reachable on the DNS ports outside the tunnel.
     pub dns_servers: Vec<String>,
     /// `PORT` or `PORT from SOURCE`.
     pub inbound: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct LinkStatus {
+    /// "egress" or "ingress".
     pub direction: &'static str,
+    /// The kernel's ids of the cgroup link and of the program it runs.
     pub link_id: u32,
     pub program_id: u32,
     /// The attached program's name in the kernel.
     pub program: Option<String>,
+    /// The link is attached to this scope's cgroup.
     pub attached: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct InterfaceStatus {
+    /// The interface index in its network namespace.
     pub ifindex: u32,
     /// The name in this network namespace; `None` if the interface is gone or in another one.
     pub name: Option<String>,
+    /// The interface is in the network namespace `status` runs in.
     pub this_netns: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CounterStatus {
+    /// "egress" or "ingress".
     pub direction: &'static str,
+    /// The verdict step that decided (`loopback`, `server`, `default-drop`, ...).
     pub reason: &'static str,
+    /// "allow" or "drop".
     pub verdict: &'static str,
+    /// Packets since the scope was set up, summed over CPUs.
     pub packets: u64,
+}
+
+/// What `status --json` prints.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StatusReport {
+    /// One entry per backend holding a scope (two while a scope moves between backends).
+    pub scopes: Vec<ScopeStatus>,
+    /// Scopes asked for (or left behind) that no backend enforces.
+    pub not_enforced: Vec<String>,
+}
+
+/// The JSON Schema of `status --json`; a `status --follow --json` line is its
+/// `$defs/DropRecord`.
+pub fn schema() -> serde_json::Value {
+    schemars::schema_for!(StatusReport).to_value()
 }
 
 pub fn read(scope: &Scope) -> Result<ScopeStatus> {
@@ -183,6 +231,21 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
         }),
         events_suppressed: maps.suppressed_events()?,
         counters: counters(maps.counters()?),
+        recent_drops: {
+            let mut resolver = Resolver::new(&crate::scope::cgroup2_mount()?)?;
+            maps.recent_drops(RECENT_DROPS_SHOWN)?
+                .iter()
+                .map(|event| resolver.record(event))
+                .collect()
+        },
+        tunnels_changed: maps
+            .tunnels_changed()
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        tunnels_changed_seconds_ago: maps.tunnels_changed().map(|t| {
+            std::time::SystemTime::now()
+                .duration_since(t)
+                .map_or(0, |d| d.as_secs())
+        }),
     })
 }
 
@@ -300,6 +363,10 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
         }),
         counters: counters(table.counters()),
         events_suppressed: 0,
+        // The kernel log holds an nftables table's drops; its rules follow tunnel names.
+        recent_drops: Vec::new(),
+        tunnels_changed: None,
+        tunnels_changed_seconds_ago: None,
     })
 }
 

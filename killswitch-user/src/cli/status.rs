@@ -55,10 +55,13 @@ pub(super) fn run(args: &StatusArgs) -> Result<ExitCode> {
     }
     let all_enforced = !shown.is_empty() && missing.is_empty() && shown.iter().all(|s| s.enforced);
     if args.json {
-        let json = serde_json::json!({ "scopes": shown, "not_enforced": missing });
+        let report = status::StatusReport {
+            scopes: shown,
+            not_enforced: missing,
+        };
         println!(
             "{}",
-            serde_json::to_string_pretty(&json).expect("status serializes")
+            serde_json::to_string_pretty(&report).expect("status serializes")
         );
     } else {
         for status in &shown {
@@ -155,6 +158,15 @@ fn print_table(s: &ScopeStatus) {
         ),
         None => println!("tunnels  {}", interfaces(&s.tunnels)),
     }
+    if s.backend == "ebpf" {
+        let state = if s.tunnels.is_empty() { "down" } else { "up" };
+        match (&s.tunnels_changed, s.tunnels_changed_seconds_ago) {
+            (Some(at), Some(ago)) => {
+                println!("         {state} for {} (since {at})", ago_text(ago))
+            }
+            _ => println!("         {state} since `up`"),
+        }
+    }
     match &s.uplinks {
         Some(list) => println!("uplinks  {}", interfaces(list)),
         None => println!("uplinks  any non-tunnel interface"),
@@ -218,11 +230,40 @@ fn print_counters(s: &ScopeStatus) {
     }
     if s.backend == "ebpf" {
         println!(
-            "events   {} drop events held back by the rate limit",
-            thousands(s.events_suppressed)
+            "events   {} held back by the rate limit",
+            plural(s.events_suppressed, "drop event")
         );
+        if s.recent_drops.is_empty() {
+            println!("recent   no packet dropped since `up`");
+        }
+        for (i, record) in s.recent_drops.iter().enumerate() {
+            println!(
+                "{:8} {} {record}",
+                if i == 0 { "recent" } else { "" },
+                record.time
+            );
+        }
     } else {
         println!("events   dropped packets are logged by the kernel, prefix \"killswitch drop\"");
+    }
+}
+
+/// "1 drop event", "1,204 drop events".
+fn plural(count: u64, noun: &str) -> String {
+    format!(
+        "{} {noun}{}",
+        thousands(count),
+        if count == 1 { "" } else { "s" }
+    )
+}
+
+/// A duration as a person says it: "42 s", "5 min", "3 h 20 min", "2 days".
+fn ago_text(seconds: u64) -> String {
+    match seconds {
+        0..=119 => format!("{seconds} s"),
+        120..=7_199 => format!("{} min", seconds / 60),
+        7_200..=172_799 => format!("{} h {} min", seconds / 3_600, seconds / 60 % 60),
+        _ => format!("{} days", seconds / 86_400),
     }
 }
 
@@ -284,5 +325,21 @@ fn follow(args: &StatusArgs) -> Result<ExitCode> {
                 println!("{} {record}", record.time);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_durations_read_as_a_person_says_them() {
+        assert_eq!(plural(1, "drop event"), "1 drop event");
+        assert_eq!(plural(0, "drop event"), "0 drop events");
+        assert_eq!(plural(12_345, "drop event"), "12,345 drop events");
+        assert_eq!(ago_text(59), "59 s");
+        assert_eq!(ago_text(600), "10 min");
+        assert_eq!(ago_text(3 * 3_600 + 20 * 60 + 5), "3 h 20 min");
+        assert_eq!(ago_text(3 * 86_400), "3 days");
     }
 }

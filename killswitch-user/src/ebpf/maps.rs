@@ -11,9 +11,9 @@ use aya::{
     Pod,
 };
 use killswitch_common::{
-    lists, Direction, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey,
-    Settings, COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
-    MAX_SERVERS, MAX_VPN_CLIENTS,
+    lists, Direction, DropEvent, EventLimit, InboundKey, InterfaceKey, NamedServerKey, Reason,
+    ServerKey, Settings, COUNTER_ENTRIES, LOCKDOWN_REASON_BYTES, MAX_ADDRESSES, MAX_INTERFACES,
+    MAX_PREFIXES, MAX_SERVERS, MAX_VPN_CLIENTS, RECENT_DROPS_PER_CPU,
 };
 
 use super::{entries::MapEntries, sys};
@@ -34,7 +34,11 @@ pub const LOCKDOWN: &str = "LOCKDOWN";
 pub const SERVER_NAMES: &str = "SERVER_NAMES";
 pub const ICMP_ERRORS: &str = "ICMP_ERRORS";
 pub const VPN_CLIENTS: &str = "VPN_CLIENTS";
-pub const ALL: [&str; 15] = [
+pub const RECENT_DROPS: &str = "RECENT_DROPS";
+pub const TUNNELS_CHANGED: &str = "TUNNELS_CHANGED";
+pub const ALL: [&str; 17] = [
+    RECENT_DROPS,
+    TUNNELS_CHANGED,
     VPN_CLIENTS,
     ICMP_ERRORS,
     LOCKDOWN,
@@ -65,6 +69,8 @@ pub struct PinnedMaps {
     inbound: HashMap<MapData, InboundKey, u8>,
     vpn_clients: HashMap<MapData, u64, u8>,
     event_limit: PerCpuArray<MapData, EventLimit>,
+    recent_drops: PerCpuArray<MapData, DropEvent>,
+    tunnels_changed: Array<MapData, u64>,
 }
 
 fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
@@ -160,6 +166,8 @@ impl PinnedMaps {
             inbound: open(pin_dir, INBOUND)?,
             vpn_clients: open(pin_dir, VPN_CLIENTS)?,
             event_limit: open(pin_dir, EVENT_LIMIT)?,
+            recent_drops: open(pin_dir, RECENT_DROPS)?,
+            tunnels_changed: open(pin_dir, TUNNELS_CHANGED)?,
         })
     }
 
@@ -204,14 +212,16 @@ impl PinnedMaps {
         let restricts = (old.vpn_client != 0, entries.settings.vpn_client != 0);
         match restricts {
             (true, true) => shrink(&mut self.vpn_clients, &entries.vpn_clients, VPN_CLIENTS)?,
-            (false, _) => sync(
-                &mut self.vpn_clients,
-                entries.vpn_clients.iter().copied(),
-                VPN_CLIENTS,
-            )?,
+            (false, _) => {
+                sync(
+                    &mut self.vpn_clients,
+                    entries.vpn_clients.iter().copied(),
+                    VPN_CLIENTS,
+                )?;
+            }
             (true, false) => {}
         }
-        sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
+        self.sync_tunnels(entries)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
         self.set_server_names(&entries.server_names)?;
         sync(
@@ -240,7 +250,8 @@ impl PinnedMaps {
             &mut self.vpn_clients,
             entries.vpn_clients.iter().copied(),
             VPN_CLIENTS,
-        )
+        )?;
+        Ok(())
     }
 
     /// What the maps hold now (interface names are not kept in the kernel: empty).
@@ -288,7 +299,41 @@ impl PinnedMaps {
     /// Makes only the tunnel and uplink maps match `entries` (interfaces came or went).
     pub fn write_interfaces(&mut self, entries: &MapEntries) -> Result<()> {
         sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
-        sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)
+        self.sync_tunnels(entries)
+    }
+
+    /// Makes the tunnel map match `entries` and notes the time when that changed it.
+    fn sync_tunnels(&mut self, entries: &MapEntries) -> Result<()> {
+        if sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)? {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            self.tunnels_changed
+                .set(0, now, 0)
+                .map_err(|e| Error::kernel("cannot record when the tunnels changed", e))?;
+        }
+        Ok(())
+    }
+
+    /// When the tunnel entries last changed; `None` if never (or before this record existed).
+    pub fn tunnels_changed(&self) -> Option<std::time::SystemTime> {
+        let ns = self.tunnels_changed.get(&0, 0).ok().filter(|ns| *ns != 0)?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
+    }
+
+    /// The newest drop events the CPUs kept, newest first, at most `count`.
+    pub fn recent_drops(&self, count: usize) -> Result<Vec<DropEvent>> {
+        let mut all = Vec::new();
+        for slot in 0..RECENT_DROPS_PER_CPU {
+            let values = self
+                .recent_drops
+                .get(&slot, 0)
+                .map_err(|e| Error::kernel("cannot read the recent drops map", e))?;
+            all.extend(values.iter().copied().filter(|e| e.timestamp_ns != 0));
+        }
+        all.sort_by_key(|e| std::cmp::Reverse(e.timestamp_ns));
+        all.truncate(count);
+        Ok(all)
     }
 
     /// Makes the server map hold exactly `servers`, adding before removing.
@@ -320,7 +365,8 @@ impl PinnedMaps {
     /// Records which hostname put which server entry in place (read back by
     /// [`PinnedMaps::server_names`] when a name later fails to resolve).
     pub fn set_server_names(&mut self, names: &BTreeSet<NamedServerKey>) -> Result<()> {
-        sync(&mut self.server_names, names.iter().copied(), SERVER_NAMES)
+        sync(&mut self.server_names, names.iter().copied(), SERVER_NAMES)?;
+        Ok(())
     }
 
     /// Adds one record to `SERVER_NAMES` (see `servers::COMMAND_OWNS_THE_LIST`).
@@ -488,13 +534,17 @@ fn shrink<K: Pod + Ord>(
     Ok(())
 }
 
+/// Makes the map hold exactly `desired`; true when that changed it.
 fn sync<K: Pod + Ord>(
     map: &mut HashMap<MapData, K, u8>,
     desired: impl Iterator<Item = K>,
     name: &str,
-) -> Result<()> {
+) -> Result<bool> {
     let desired: BTreeSet<K> = desired.collect();
     let current: BTreeSet<K> = keys(map, name)?.into_iter().collect();
+    if current == desired {
+        return Ok(false);
+    }
     let failed = |e| Error::kernel(format!("cannot update the {name} map"), e);
     let fd = map.map().fd().as_fd();
     apply_difference(
@@ -503,7 +553,8 @@ fn sync<K: Pod + Ord>(
         name,
         &mut |keys| sys::map_update_batch(fd, keys, &vec![1u8; keys.len()]).map_err(failed),
         &mut |keys| sys::map_delete_batch(fd, keys).map_err(failed),
-    )
+    )?;
+    Ok(true)
 }
 
 /// How many entries the map called `name` holds (the object declares the same; a test checks).
