@@ -367,6 +367,23 @@ impl Reason {
         }
     }
 
+    /// The step of the SPEC's verdict order that gave this verdict (1-10; the checks of a
+    /// step's packet, such as the tunnel's inbound ports, carry its number).
+    pub const fn step(self) -> u8 {
+        match self {
+            Reason::Loopback => 1,
+            Reason::Tunnel | Reason::Ipv6Blocked | Reason::InboundRefused => 2,
+            Reason::NotUplink => 3,
+            Reason::Server | Reason::NotVpnClient => 4,
+            Reason::Dhcp => 5,
+            Reason::Ntp => 6,
+            Reason::Dns => 7,
+            Reason::Lan | Reason::LanDns => 8,
+            Reason::NeighbourDiscovery | Reason::IcmpError => 9,
+            Reason::Default | Reason::Malformed | Reason::SourceRoute => 10,
+        }
+    }
+
     /// The reason with this numeric value, as carried by a [`DropEvent`].
     pub fn from_value(value: u32) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| *r as u32 == value)

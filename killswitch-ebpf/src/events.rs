@@ -71,8 +71,14 @@ pub fn report(
     }
 }
 
+/// The packet's addresses, ports, interface and cgroup (for drop events and `trace`).
 #[inline(always)]
-fn describe(ctx: &SkBuffContext, netns: u64, direction: Direction, reason: Reason) -> DropEvent {
+pub(crate) fn describe(
+    ctx: &SkBuffContext,
+    netns: u64,
+    direction: Direction,
+    reason: Reason,
+) -> DropEvent {
     let mut event = DropEvent {
         reason: reason as u8,
         direction: direction as u8,

@@ -9,6 +9,7 @@
 mod events;
 mod netns;
 mod packet;
+mod trace;
 
 use aya_ebpf::{
     macros::{cgroup_skb, map},
@@ -169,6 +170,7 @@ fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
         }
     };
     count(direction, reason);
+    trace::verdict(ctx, || 0, direction, reason);
     if reason.allows() {
         ALLOW
     } else {
@@ -199,6 +201,7 @@ fn verdict<N: NetnsSource>(
     settings: &Settings,
 ) -> i32 {
     count(direction, reason);
+    trace::verdict(ctx, || N::cookie(ctx), direction, reason);
     if reason.allows() {
         ALLOW
     } else {

@@ -100,29 +100,41 @@ pub struct DropRecord {
     pub suppressed_before: u64,
 }
 
-impl std::fmt::Display for DropRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl DropRecord {
+    /// "tcp 192.0.2.2:41872 -> 203.0.113.9:8080 dev up0 cgroup /app": the packet, for
+    /// drop events and `trace` alike.
+    pub fn packet(&self) -> String {
         let end = |addr: Option<IpAddr>, port: Option<u16>| match (addr, port) {
             (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
             (Some(a), Some(p)) => format!("{a}:{p}"),
             (Some(a), None) => a.to_string(),
             (None, _) => "?".to_string(),
         };
-        write!(
-            f,
-            "drop {} {} {} {} -> {} dev {}",
-            self.direction,
-            self.reason,
+        let mut text = format!(
+            "{} {} -> {} dev {}",
             self.protocol,
             end(self.source, self.source_port),
             end(self.destination, self.destination_port),
             self.interface
                 .clone()
                 .unwrap_or_else(|| format!("#{}", self.ifindex)),
-        )?;
+        );
         if let Some(cgroup) = &self.cgroup {
-            write!(f, " cgroup {cgroup}")?;
+            text.push_str(&format!(" cgroup {cgroup}"));
         }
+        text
+    }
+}
+
+impl std::fmt::Display for DropRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "drop {} {} {}",
+            self.direction,
+            self.reason,
+            self.packet()
+        )?;
         if self.suppressed_before > 0 {
             let n = self.suppressed_before;
             write!(

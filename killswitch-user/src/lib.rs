@@ -20,6 +20,7 @@ pub mod scope;
 pub mod servers;
 pub mod state;
 pub mod status;
+pub mod trace;
 pub mod verify;
 pub mod vpn_client;
 

@@ -7,6 +7,7 @@ mod render;
 mod run;
 mod servers;
 mod status;
+mod trace;
 mod up;
 mod verify;
 
@@ -70,6 +71,11 @@ Examples:
   killswitch status                      every scope, its tunnels, servers and counters
   killswitch status --json               the same for programs
   killswitch status --follow             every dropped packet as it happens";
+
+const TRACE_EXAMPLES: &str = "\
+Examples:
+  killswitch trace                       every verdict of the only eBPF scope, as it happens
+  killswitch trace --cgroup work.slice --json | jq 'select(.verdict == \"drop\")'";
 
 const CHECK_EXAMPLES: &str = "\
 Examples:
@@ -137,6 +143,15 @@ enum Command {
     /// Show what is enforced: scopes, tunnels, servers and packet counters per reason
     #[command(after_help = STATUS_EXAMPLES)]
     Status(status::StatusArgs),
+    /// Show every verdict of a scope as it happens: why a packet was dropped or allowed
+    ///
+    /// Swaps the scope's programs, without a gap, for a copy that logs each verdict (direction,
+    /// step, reason, addresses, ports, interface, cgroup) and swaps them back when it ends.
+    /// Both read the same maps: the policy is the same. Untraced, the programs carry no
+    /// logging at all. If trace is killed with SIGKILL the traced copy stays until the next
+    /// `killswitch up`
+    #[command(after_help = TRACE_EXAMPLES)]
+    Trace(trace::TraceArgs),
     /// Validate the configuration, resolve names and print the normalized policy
     #[command(after_help = CHECK_EXAMPLES)]
     Check,
@@ -229,6 +244,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Up(args) => up::run(&cli.config, args.scope.cgroup.as_deref(), args.backend),
         Command::Down(args) => down::run(args.cgroup.as_deref()),
         Command::Status(args) => status::run(args),
+        Command::Trace(args) => trace::run(args),
         Command::Check => check::run(&cli.config),
         Command::Daemon(args) => {
             daemon::run(&cli.config, args.scope.cgroup.as_deref(), args.backend)

@@ -8,6 +8,7 @@ pub mod pins;
 mod reuse;
 pub mod shapes;
 pub mod sys;
+pub mod trace;
 
 use std::{
     fs::File,
@@ -101,13 +102,19 @@ impl Programs {
         let netns = netns.map_err(|reason| {
             Error::kernel("this kernel cannot run the killswitch programs", reason)
         })?;
-        Programs::load_with(loader, pin_dir, Pair::Policy(netns), fill)
+        Programs::load_with(loader, pin_dir, Pair::Policy(netns), fill, LOG_OFF)
     }
 
     /// Loads one pair of the object and, with `fill`, writes it into the maps (the tests load
     /// both policy pairs where the kernel can).
     pub fn load_pair(pin_dir: &Path, pair: Pair, fill: Option<&MapEntries>) -> Result<Programs> {
-        Programs::load_with(EbpfLoader::new(), pin_dir, pair, fill)
+        Programs::load_with(EbpfLoader::new(), pin_dir, pair, fill, LOG_OFF)
+    }
+
+    /// Loads `pair` on the scope's pinned maps with every verdict logged through aya-log, for
+    /// `trace` to swap in (see [`trace`](crate::trace)).
+    pub fn load_traced(pin_dir: &Path, pair: Pair) -> Result<Programs> {
+        Programs::load_with(EbpfLoader::new(), pin_dir, pair, None, LOG_INFO)
     }
 
     fn load_with(
@@ -115,6 +122,7 @@ impl Programs {
         pin_dir: &Path,
         pair: Pair,
         fill: Option<&MapEntries>,
+        log_level: u8,
     ) -> Result<Programs> {
         // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
         // signals for after the load (they are delivered when the mask is restored).
@@ -132,6 +140,8 @@ impl Programs {
         // Borrows below live only as long as this load.
         let mut loader: EbpfLoader<'_> = loader;
         loader.default_map_pin_directory(&map_dir);
+        // A constant in frozen read-only data: with it off, the verifier drops the logging.
+        loader.override_global("AYA_LOG_LEVEL", &log_level, true);
         if let Pair::Policy(NetnsSource::Socket {
             sock_net_offset,
             net_cookie_offset,
@@ -255,6 +265,11 @@ impl Programs {
         Ok(())
     }
 }
+
+/// aya-log's levels (`aya_log_common::Level`): the programs that enforce log nothing; a
+/// traced copy logs each verdict at info.
+const LOG_OFF: u8 = 0;
+const LOG_INFO: u8 = 3;
 
 /// What a load needs that takes a while and no lock: the kernel's BTF (aya parses it in
 /// `EbpfLoader::new`) and the probe for the namespace source.

@@ -1,5 +1,6 @@
 //! The few bpf(2) commands aya 0.14 does not expose: force-detaching a pinned link, reading a
-//! cgroup link's target, what is attached to a cgroup, and raw array slots.
+//! cgroup link's target, swapping its program, what is attached to a cgroup, and raw array
+//! slots.
 
 use std::{
     ffi::CString,
@@ -152,4 +153,46 @@ pub fn array_value(map: BorrowedFd<'_>, index: u32, value_size: usize) -> std::i
     attr[2] = value.as_mut_ptr() as u64;
     bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
     Ok(value)
+}
+
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_F_REPLACE`: a link update only if the link still runs the program named as old.
+const BPF_F_REPLACE: u64 = 4;
+
+/// A new file descriptor for the loaded program with this id.
+pub fn program_by_id(id: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(id);
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Makes the link run `new` instead of `old`, in one step, and only if it still runs `old`
+/// (BPF_LINK_UPDATE with BPF_F_REPLACE): a link someone else changed meanwhile is left alone.
+pub fn link_replace_program(
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    old: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let mut attr = [0u64; 8];
+    attr[0] = link.as_raw_fd() as u32 as u64 | (new.as_raw_fd() as u32 as u64) << 32;
+    attr[1] = BPF_F_REPLACE | (old.as_raw_fd() as u32 as u64) << 32;
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Puts the program `program` in slot `index` of a program array.
+pub fn set_program_in_slot(
+    map: BorrowedFd<'_>,
+    index: u32,
+    program: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let value = program.as_raw_fd() as u32;
+    let mut attr = [0u64; 8];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = &index as *const u32 as u64;
+    attr[2] = &value as *const u32 as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
