@@ -204,6 +204,13 @@ impl Programs {
         self.pair
     }
 
+    /// Starts reading these programs' aya-log records into `logger` (a traced copy's; the
+    /// enforcing programs write none).
+    pub fn log_reader<L: log::Log>(&mut self, logger: L) -> Result<aya_log::EbpfLogger<L>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| Error::kernel("cannot read the traced programs' records", chain(&e)))
+    }
+
     /// Where to write these programs' maps before they are attached.
     pub fn map_dir(&self) -> &Path {
         &self.map_dir

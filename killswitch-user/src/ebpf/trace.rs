@@ -84,8 +84,7 @@ impl Tracing {
 
     /// Starts reading the traced copy's aya-log records into `logger`.
     pub fn logger<L: log::Log>(&mut self, logger: L) -> Result<aya_log::EbpfLogger<L>> {
-        aya_log::EbpfLogger::init_with_logger(&mut self.traced.ebpf, logger)
-            .map_err(|e| Error::kernel("cannot read the traced programs' records", chain(&e)))
+        self.traced.log_reader(logger)
     }
 
     /// Whether both links still run the traced copy (an `up` that loaded new programs, or a

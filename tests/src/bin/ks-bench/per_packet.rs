@@ -66,6 +66,20 @@ fn sizes(options: Options) -> Sizes {
 
 /// Runs per round when every drop sends an event: fewer than the ring buffer holds.
 const REPEAT_WITH_EVENTS: u32 = 2_000;
+/// Runs per measurement with `trace` on: each writes a record of about 200 bytes, and the
+/// 128 KiB log ring (drained after each measurement) must not fill.
+const REPEAT_TRACED: u32 = 400;
+
+/// aya-log's records of the traced copy, read and thrown away.
+struct Discard;
+
+impl log::Log for Discard {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, _: &log::Record<'_>) {}
+    fn flush(&self) {}
+}
 
 pub struct VerdictPath {
     pub name: &'static str,
@@ -272,6 +286,41 @@ pub fn run(netns: &Netns, options: Options) -> Result<Value> {
             "ns": stats(&values),
         }));
     }
+    // `trace` on against off: the same paths through a copy loaded with aya-log at info, in
+    // the same rounds, the log ring drained after each run.
+    progress("per-packet cost with `trace` on and off");
+    bench.fill(1, 1, false)?;
+    let mut traced = Programs::load_traced(&bench.pins.path, bench.programs.pair())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut logs = traced
+        .log_reader(Discard)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut on_off = vec![(Vec::new(), Vec::new()); paths.len()];
+    for _ in 0..sizes.rounds {
+        for (path, (off, on)) in paths.iter().zip(&mut on_off) {
+            let ifindex = if path.on_tunnel {
+                bench.tun0
+            } else {
+                bench.up0
+            };
+            off.push(bench.path(path, REPEAT_TRACED)?);
+            let program = traced.program(Direction::Egress);
+            on.push(bench.once(program, &path.frame, ifindex, REPEAT_TRACED)?);
+            logs.flush();
+        }
+    }
+    for (path, (off, on)) in paths.iter().zip(&on_off) {
+        rows.push(json!({
+            "path": format!("{}, trace off", path.name), "servers": 1, "lan_prefixes": 1,
+            "ns": stats(off),
+        }));
+        rows.push(json!({
+            "path": format!("{}, trace on", path.name), "servers": 1, "lan_prefixes": 1,
+            "ns": stats(on), "vs_off": median(on) / median(off),
+        }));
+    }
+    drop(logs);
+    drop(traced);
     let most = (
         *sizes.servers.last().expect("sizes"),
         *sizes.lan.last().expect("sizes"),

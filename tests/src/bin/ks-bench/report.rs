@@ -108,12 +108,30 @@ fn per_packet(md: &mut String, pp: &Value) {
             .map_or("–".into(), |g| format!("{:.2}", num(&g["vs_one_server"])));
         let _ = writeln!(md, "| {name} | {} | {growth} |", cells.join(" | "));
     }
-    for row in rows.iter().filter(|r| r.get("vs_floor").is_none()) {
+    let path = |r: &Value| r["path"].as_str().unwrap_or("?").to_owned();
+    for row in rows.iter().filter(|r| path(r).ends_with(" + event")) {
         let _ = writeln!(
             md,
             "\n{} (1 server, every drop reported, no rate limit): {} ns.",
-            row["path"].as_str().unwrap_or("?"),
+            path(row),
             spread(&row["ns"], 0)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n`killswitch trace` off (the programs that enforce: aya-log's level is off, the verifier removes the logging) and on (the copy `trace` swaps in), 1 server, same rounds, ns per packet:\n\n| path | trace off | trace on | on / off |\n|---|---|---|---|"
+    );
+    for on in rows.iter().filter(|r| path(r).ends_with(", trace on")) {
+        let name = path(on).trim_end_matches(", trace on").to_owned();
+        let off = rows
+            .iter()
+            .find(|r| path(r) == format!("{name}, trace off"))
+            .map_or("–".into(), |r| spread(&r["ns"], 0));
+        let _ = writeln!(
+            md,
+            "| {name} | {off} | {} | {:.2} |",
+            spread(&on["ns"], 0),
+            num(&on["vs_off"])
         );
     }
     let _ = writeln!(
