@@ -2,7 +2,14 @@
 //! verdict through aya-log as a line of numbers; aya-log hands it to [`VerdictLog`], which
 //! names the numbers and emits a `tracing` event, or with `--json` prints one object per line.
 
-use std::{net::Ipv6Addr, sync::Mutex};
+use std::{
+    io::Write,
+    net::Ipv6Addr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
 
 use killswitch_common::{DropEvent, Reason};
 use nix::time::{clock_gettime, ClockId};
@@ -74,6 +81,8 @@ pub fn parse(message: &str) -> Option<DropEvent> {
 pub struct VerdictLog {
     json: bool,
     resolver: Mutex<Resolver>,
+    /// Set once stdout's reader went away: tracing should end.
+    reader_gone: Arc<AtomicBool>,
 }
 
 impl VerdictLog {
@@ -81,7 +90,13 @@ impl VerdictLog {
         VerdictLog {
             json,
             resolver: Mutex::new(resolver),
+            reader_gone: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Becomes true when the reader of `--json` output goes away (`trace --json | head`).
+    pub fn reader_gone(&self) -> Arc<AtomicBool> {
+        self.reader_gone.clone()
     }
 
     pub fn record(&self, mut event: DropEvent) -> Option<VerdictRecord> {
@@ -115,10 +130,10 @@ impl log::Log for VerdictLog {
             return;
         };
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string(&verdict).expect("records serialize")
-            );
+            let line = serde_json::to_string(&verdict).expect("records serialize");
+            if writeln!(std::io::stdout(), "{line}").is_err() {
+                self.reader_gone.store(true, Ordering::Relaxed);
+            }
         } else {
             tracing::info!(target: "killswitch::trace", "{verdict}");
         }

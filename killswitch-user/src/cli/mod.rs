@@ -230,6 +230,15 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    // A reader that goes away (`status | head`) ends a printing command quietly, as it does
+    // other tools; the long-running ones must clean up first and handle it themselves.
+    if !matches!(
+        cli.command,
+        Command::Daemon(_) | Command::Run(_) | Command::Trace(_)
+    ) {
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(error) => {

@@ -1,6 +1,11 @@
 //! `killswitch trace`
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use clap::Args;
 use tokio::{
@@ -47,12 +52,14 @@ pub(super) fn run(args: &TraceArgs) -> Result<ExitCode> {
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start the event loop: {e}")))?;
     let mut tracing = Tracing::start(&scope)?;
-    let logger = tracing.logger(VerdictLog::new(args.json, resolver))?;
+    let log = VerdictLog::new(args.json, resolver);
+    let reader_gone = log.reader_gone();
+    let logger = tracing.logger(log)?;
     eprintln!(
         "tracing every verdict of {} (Ctrl-C to stop; the untraced programs return then)",
         scope.display_cgroup()
     );
-    let ended = runtime.block_on(follow(logger, &tracing));
+    let ended = runtime.block_on(follow(logger, &tracing, &reader_gone));
     // Restored on every way out but SIGKILL (then the next `up` loads the untraced copy).
     tracing.stop()?;
     ended?;
@@ -60,7 +67,11 @@ pub(super) fn run(args: &TraceArgs) -> Result<ExitCode> {
 }
 
 /// Prints records until a signal, or until the scope stops running the traced copy.
-async fn follow(logger: aya_log::EbpfLogger<VerdictLog>, tracing: &Tracing) -> Result<()> {
+async fn follow(
+    logger: aya_log::EbpfLogger<VerdictLog>,
+    tracing: &Tracing,
+    reader_gone: &AtomicBool,
+) -> Result<()> {
     let failed = |e: std::io::Error| Error::Runtime(format!("cannot wait for records: {e}"));
     // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns the logger until
     // dropped.
@@ -76,6 +87,9 @@ async fn follow(logger: aya_log::EbpfLogger<VerdictLog>, tracing: &Tracing) -> R
                 let mut guard = ready.map_err(failed)?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+                if reader_gone.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
