@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod capture;
 pub mod cgroup;
+pub mod demo;
 pub mod dns;
 pub mod echo;
 pub mod lab;

@@ -254,6 +254,11 @@ fn daemon(scope: &Scope, policy: &Policy) -> Check {
         .collect();
     match daemon_pid(scope) {
         Some(pid) => Check::pass("daemon", format!("killswitch daemon running (pid {pid})")),
+        // nftables matches tunnels by name; the eBPF maps hold ifindexes.
+        None if hosts.is_empty() && !crate::ebpf::is_pinned(scope) => Check::pass(
+            "daemon",
+            "no daemon; none needed for names, and the table follows tunnels by name",
+        ),
         None if hosts.is_empty() => Check::pass(
             "daemon",
             "no daemon; none needed for names (without it, a tunnel that comes back with a new ifindex stays blocked until `killswitch up`)",
