@@ -182,11 +182,15 @@ impl Story {
         seen.dropped_while_down = self.dropped().saturating_sub(before);
         seen.leaked = self.lab.stop_capture(&format!("dst host {WEB_HOST}"));
         say(&format!(
-            "VPN client SIGKILLed, tun0 gone. app -> {WEB_HOST}:{APP_PORT}: {}; {} packets dropped; \
-             the router saw {} packets to the web host in the clear",
-            if seen.after_kill_reached { "REACHED (leak!)" } else { "refused" },
-            seen.dropped_while_down,
-            seen.leaked.len()
+            "VPN client SIGKILLed, tun0 gone. app -> {WEB_HOST}:{APP_PORT}: {}; {} dropped; \
+             the router saw {} to the web host in the clear",
+            if seen.after_kill_reached {
+                "REACHED (leak!)"
+            } else {
+                "refused"
+            },
+            crate::demo::count(seen.dropped_while_down as usize, "packet"),
+            crate::demo::count(seen.leaked.len(), "packet")
         ));
         seen.status_table = String::from_utf8_lossy(&self.killswitch(&["status"]).stdout).into();
 
@@ -196,9 +200,9 @@ impl Story {
             .lab
             .stop_capture(&format!("dst host {WEB_HOST} and dst port {OUTSIDE_PORT}"));
         say(&format!(
-            "for contrast, a process outside the scope: {} -- the router saw {} of its packets in the clear",
+            "for contrast, a process outside the scope: {} -- the router saw {} in the clear",
             ok(outside),
-            seen.outside_clear.len()
+            crate::demo::count(seen.outside_clear.len(), "packet")
         ));
 
         self.lab.connect();

@@ -44,6 +44,46 @@ fn log_calls(id: u64) -> usize {
         .count()
 }
 
+/// The program ids in the scope's `ICMP_ERRORS` slots (bpftool reads the pinned array).
+fn icmp_slots(net: &TestNet, pins: &PinRoot, cgroup: &Cgroup) -> Vec<u64> {
+    let json: Value = serde_json::from_str(&killswitch_ok(
+        &net.client,
+        pins,
+        &["status", "--json", "--cgroup", &cgroup.relative],
+    ))
+    .unwrap();
+    let pin_dir = json["scopes"][0]["pin_dir"].as_str().unwrap().to_owned();
+    let out = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &format!("{pin_dir}/ICMP_ERRORS"),
+        ])
+        .output()
+        .expect("bpftool runs");
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ids: Vec<u64> = dump
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| match &entry["value"] {
+            Value::Number(n) => n.as_u64(),
+            // Bytes as "0x.." strings, little-endian.
+            Value::Array(bytes) => Some(bytes.iter().rev().fold(0, |id, b| {
+                id << 8
+                    | b.as_str()
+                        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+                        .unwrap_or(0)
+            })),
+            _ => None,
+        })
+        .collect();
+    assert!(!ids.is_empty(), "no ICMP-error program: {dump}");
+    ids
+}
+
 /// Waits (bounded) until `done` holds.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -65,18 +105,24 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
         &config,
         &format!("tunnels = [\"tun0\"]\n[[server]]\naddress = \"{SERVER_V4}\"\n"),
     );
-    killswitch_ok(
-        &net.client,
-        &pins,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "up",
-            "--cgroup",
-            &cgroup.relative,
-        ],
-    );
+    let up = || {
+        let config = config.to_str().unwrap();
+        killswitch_ok(
+            &net.client,
+            &pins,
+            &["--config", config, "up", "--cgroup", &cgroup.relative],
+        )
+    };
+    up();
+    let trace = || {
+        killswitch_command(
+            &net.client,
+            &pins,
+            &["trace", "--cgroup", &cgroup.relative, "--json"],
+        )
+    };
     let untraced = attached(&net, &pins, &cgroup);
+    let icmp_untraced = icmp_slots(&net, &pins, &cgroup);
     for id in &untraced {
         assert_eq!(
             log_calls(*id),
@@ -85,16 +131,20 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
         );
     }
 
-    let mut tracer = Background::start(killswitch_command(
-        &net.client,
-        &pins,
-        &["trace", "--cgroup", &cgroup.relative, "--json"],
-    ));
+    let mut tracer = Background::start(trace());
     wait_for("trace did not swap the programs in", || {
         attached(&net, &pins, &cgroup) != untraced
     });
     let traced = attached(&net, &pins, &cgroup);
     assert!(traced.iter().all(|id| log_calls(*id) > 0), "{traced:?}");
+    let icmp_traced = icmp_slots(&net, &pins, &cgroup);
+    assert_ne!(
+        icmp_traced, icmp_untraced,
+        "the ICMP-error program was not swapped"
+    );
+    // One trace at a time: a second one finds programs `up` did not attach.
+    let second = trace().output().unwrap();
+    assert!(!second.status.success(), "a second trace started");
 
     // One packet the policy drops, one it allows (the tunnel), from the scope.
     let dropped = output_in(
@@ -141,6 +191,7 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
     wait_for("trace did not end on SIGTERM", || tracer.exited().is_some());
     assert!(tracer.exited().unwrap().success());
     assert_eq!(attached(&net, &pins, &cgroup), untraced);
+    assert_eq!(icmp_slots(&net, &pins, &cgroup), icmp_untraced);
     let dropped = output_in(
         &net.client,
         Some(&cgroup),
@@ -148,6 +199,24 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
         &["tcp", &format!("{OTHER_V4}:8080"), "500"],
     );
     assert!(!dropped.status.success(), "dropped after trace too");
+
+    // A trace killed outright leaves its copy in force (the same policy); the next `up`
+    // loads the untraced programs again.
+    let mut killed = Background::start(trace());
+    wait_for("the second trace did not swap the programs in", || {
+        attached(&net, &pins, &cgroup) != untraced
+    });
+    let group = nix::unistd::Pid::from_raw(killed.pid() as i32);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for("trace did not die", || killed.exited().is_some());
+    let left = attached(&net, &pins, &cgroup);
+    assert!(left.iter().all(|id| log_calls(*id) > 0), "{left:?}");
+    up();
+    let again = attached(&net, &pins, &cgroup);
+    assert!(again.iter().all(|id| log_calls(*id) == 0), "{again:?}");
+    assert!(icmp_slots(&net, &pins, &cgroup)
+        .iter()
+        .all(|id| log_calls(*id) == 0));
 
     killswitch_ok(&net.client, &pins, &["down", "--cgroup", &cgroup.relative]);
     let _ = std::fs::remove_dir_all(&dir);

@@ -230,11 +230,12 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
-    // A reader that goes away (`status | head`) ends a printing command quietly, as it does
-    // other tools; the long-running ones must clean up first and handle it themselves.
-    if !matches!(
+    // A reader that goes away (`status | head`) ends a command that only reads and prints
+    // quietly, as it does other tools. Every other command keeps SIGPIPE ignored: killed half
+    // way (a pipe to nft or to a log reader closing), it could leave a scope unenforced.
+    if matches!(
         cli.command,
-        Command::Daemon(_) | Command::Run(_) | Command::Trace(_)
+        Command::Status(_) | Command::Check | Command::Render(_)
     ) {
         // SAFETY: restoring a signal's default disposition before any thread is started.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };

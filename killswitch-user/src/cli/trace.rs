@@ -51,19 +51,38 @@ pub(super) fn run(args: &TraceArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start the event loop: {e}")))?;
-    let mut tracing = Tracing::start(&scope)?;
-    let log = VerdictLog::new(args.json, resolver);
-    let reader_gone = log.reader_gone();
-    let logger = tracing.logger(log)?;
-    eprintln!(
-        "tracing every verdict of {} (Ctrl-C to stop; the untraced programs return then)",
-        scope.display_cgroup()
-    );
-    let ended = runtime.block_on(follow(logger, &tracing, &reader_gone));
-    // Restored on every way out but SIGKILL (then the next `up` loads the untraced copy).
-    tracing.stop()?;
-    ended?;
+    runtime.block_on(async {
+        // Before anything changes: a signal from here on ends the trace, it does not kill it.
+        let signals = Signals::new()?;
+        let mut tracing = Tracing::start(&scope)?;
+        let log = VerdictLog::new(args.json, resolver);
+        let reader_gone = log.reader_gone();
+        let logger = tracing.logger(log)?;
+        eprintln!(
+            "tracing every verdict of {} (Ctrl-C to stop; the untraced programs return then)",
+            scope.display_cgroup()
+        );
+        let ended = follow(logger, &tracing, &reader_gone, signals).await;
+        // Restored on every way out but SIGKILL (then the next `up` loads the untraced copy).
+        tracing.stop()?;
+        ended
+    })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT, SIGTERM and SIGHUP, each of which ends tracing.
+struct Signals([tokio::signal::unix::Signal; 3]);
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        let listen =
+            |kind| signal(kind).map_err(|e| Error::Runtime(format!("cannot handle signals: {e}")));
+        Ok(Signals([
+            listen(SignalKind::interrupt())?,
+            listen(SignalKind::terminate())?,
+            listen(SignalKind::hangup())?,
+        ]))
+    }
 }
 
 /// Prints records until a signal, or until the scope stops running the traced copy.
@@ -71,15 +90,14 @@ async fn follow(
     logger: aya_log::EbpfLogger<VerdictLog>,
     tracing: &Tracing,
     reader_gone: &AtomicBool,
+    signals: Signals,
 ) -> Result<()> {
     let failed = |e: std::io::Error| Error::Runtime(format!("cannot wait for records: {e}"));
     // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns the logger until
     // dropped.
     let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(|e| failed(e.into_parts().1))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(failed)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(failed)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(failed)?;
+    let [mut interrupt, mut terminate, mut hangup] = signals.0;
     let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

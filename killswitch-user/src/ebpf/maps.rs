@@ -69,8 +69,9 @@ pub struct PinnedMaps {
     inbound: HashMap<MapData, InboundKey, u8>,
     vpn_clients: HashMap<MapData, u64, u8>,
     event_limit: PerCpuArray<MapData, EventLimit>,
-    recent_drops: PerCpuArray<MapData, DropEvent>,
-    tunnels_changed: Array<MapData, u64>,
+    /// `None` in scopes an older version pinned, until the next `up` (status shows none).
+    recent_drops: Option<PerCpuArray<MapData, DropEvent>>,
+    tunnels_changed: Option<Array<MapData, u64>>,
 }
 
 fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
@@ -166,8 +167,8 @@ impl PinnedMaps {
             inbound: open(pin_dir, INBOUND)?,
             vpn_clients: open(pin_dir, VPN_CLIENTS)?,
             event_limit: open(pin_dir, EVENT_LIMIT)?,
-            recent_drops: open(pin_dir, RECENT_DROPS)?,
-            tunnels_changed: open(pin_dir, TUNNELS_CHANGED)?,
+            recent_drops: open(pin_dir, RECENT_DROPS).ok(),
+            tunnels_changed: open(pin_dir, TUNNELS_CHANGED).ok(),
         })
     }
 
@@ -304,29 +305,38 @@ impl PinnedMaps {
 
     /// Makes the tunnel map match `entries` and notes the time when that changed it.
     fn sync_tunnels(&mut self, entries: &MapEntries) -> Result<()> {
-        if sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)? {
+        let changed = sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
+        // Only for `status`: its failure must not fail (and roll back) a policy update.
+        if let (true, Some(map)) = (changed, self.tunnels_changed.as_mut()) {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
-            self.tunnels_changed
-                .set(0, now, 0)
-                .map_err(|e| Error::kernel("cannot record when the tunnels changed", e))?;
+            if let Err(e) = map.set(0, now, 0) {
+                tracing::warn!("cannot record when the tunnels changed: {e}");
+            }
         }
         Ok(())
     }
 
     /// When the tunnel entries last changed; `None` if never (or before this record existed).
     pub fn tunnels_changed(&self) -> Option<std::time::SystemTime> {
-        let ns = self.tunnels_changed.get(&0, 0).ok().filter(|ns| *ns != 0)?;
+        let ns = self
+            .tunnels_changed
+            .as_ref()?
+            .get(&0, 0)
+            .ok()
+            .filter(|ns| *ns != 0)?;
         Some(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
     }
 
     /// The newest drop events the CPUs kept, newest first, at most `count`.
     pub fn recent_drops(&self, count: usize) -> Result<Vec<DropEvent>> {
         let mut all = Vec::new();
+        let Some(recent_drops) = &self.recent_drops else {
+            return Ok(all);
+        };
         for slot in 0..RECENT_DROPS_PER_CPU {
-            let values = self
-                .recent_drops
+            let values = recent_drops
                 .get(&slot, 0)
                 .map_err(|e| Error::kernel("cannot read the recent drops map", e))?;
             all.extend(values.iter().copied().filter(|e| e.timestamp_ns != 0));

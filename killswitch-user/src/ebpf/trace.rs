@@ -11,7 +11,8 @@ use std::{
 use killswitch_common::Direction;
 
 use super::{
-    chain, kernel, link_pin, maps, pins, program_names, shapes, sys, NetnsSource, Pair, Programs,
+    chain, kernel, link_pin, maps, pins, program_names, reuse, shapes, sys, NetnsSource, Pair,
+    Programs,
 };
 use crate::{
     error::{Error, Result},
@@ -39,9 +40,13 @@ impl Tracing {
         };
         let _lock = pins::ScopeLock::existing(scope)?.ok_or_else(not_enforced)?;
         let pin_dir = pins::pin_dir(scope);
-        if !shapes::stale(&pin_dir)?.is_empty() {
+        shapes::check_not_staging(&pin_dir)?;
+        // Only a copy of exactly what runs, on exactly its maps: the programs an `up` of this
+        // build recorded, reading the pinned maps (not a lockdown, another version's programs,
+        // an unfinished upgrade, or another trace's copy).
+        if !shapes::stale(&pin_dir)?.is_empty() || !reuse::attached_are_ours(scope, &pin_dir) {
             return Err(Error::Runtime(format!(
-                "the maps of {} were made by another version; run `killswitch up` first",
+                "{} does not run the programs this version's `killswitch up` attached (lockdown,                  another version, an unfinished upgrade, or another trace); run `killswitch up`                  first",
                 scope.display_cgroup()
             )));
         }
@@ -112,25 +117,35 @@ impl Tracing {
             let Ok(link) = sys::obj_get(&link_pin(&self.pin_dir, direction)) else {
                 continue;
             };
-            let traced = self.traced_fd(direction)?;
+            let traced = match self.traced_fd(direction) {
+                Ok(traced) => traced,
+                Err(e) => {
+                    failed = Some(e);
+                    continue;
+                }
+            };
             match sys::link_replace_program(link.as_fd(), original.as_fd(), traced.as_fd()) {
-                // EPERM: the link runs neither copy now (someone loaded new programs).
                 Ok(()) => {}
+                // EPERM: the link no longer runs the traced copy (an `up` loaded new programs).
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
                 Err(e) => failed = Some(Error::kernel("cannot swap the programs back", e)),
             }
         }
         if let Some((slot, original)) = self.icmp.take() {
-            let slots = sys::obj_get(&self.pin_dir.join(maps::ICMP_ERRORS))
-                .map_err(|e| Error::kernel("cannot open the ICMP-error slots", e))?;
             let traced = self
                 .traced
                 .icmp_error_program()
                 .and_then(|p| p.info().ok())
                 .map(|i| i.id());
-            if sys::program_in_slot(slots.as_fd(), slot).ok() == traced {
-                sys::set_program_in_slot(slots.as_fd(), slot, original.as_fd())
-                    .map_err(|e| Error::kernel("cannot put the ICMP-error program back", e))?;
+            let restored = sys::obj_get(&self.pin_dir.join(maps::ICMP_ERRORS)).and_then(|slots| {
+                // Only where the traced copy still is: an `up` since then filled it anew.
+                match sys::program_in_slot(slots.as_fd(), slot).ok() == traced {
+                    true => sys::set_program_in_slot(slots.as_fd(), slot, original.as_fd()),
+                    false => Ok(()),
+                }
+            });
+            if let Err(e) = restored {
+                failed = Some(Error::kernel("cannot put the ICMP-error program back", e));
             }
         }
         failed.map_or(Ok(()), Err)

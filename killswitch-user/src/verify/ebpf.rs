@@ -448,7 +448,7 @@ fn maps_read(live: &ProgramInfo, built: &ProgramInfo, pin_dir: &Path) -> Vec<Str
                     "the attached program's {name} (map id {id}) differs from this build's"
                 ));
             }
-        } else {
+        } else if name != AYA_LOGS {
             problems.push(format!(
                 "the attached program reads map {name} (id {id}), which is not one of ours"
             ));
@@ -456,6 +456,10 @@ fn maps_read(live: &ProgramInfo, built: &ProgramInfo, pin_dir: &Path) -> Vec<Str
     }
     problems
 }
+
+/// aya-log's ring buffer, made with each load and never pinned: the programs only write to it
+/// (and the enforcing ones never do: their logging is removed by the verifier).
+const AYA_LOGS: &str = "AYA_LOGS";
 
 /// A loader-made map of global variables (`.rodata`, `.data`, `.bss`).
 fn is_global_data(name: &str) -> bool {

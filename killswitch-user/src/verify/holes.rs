@@ -255,7 +255,7 @@ fn daemon(scope: &Scope, policy: &Policy) -> Check {
     match daemon_pid(scope) {
         Some(pid) => Check::pass("daemon", format!("killswitch daemon running (pid {pid})")),
         // nftables matches tunnels by name; the eBPF maps hold ifindexes.
-        None if hosts.is_empty() && !crate::ebpf::is_pinned(scope) => Check::pass(
+        None if hosts.is_empty() && crate::backend::Backend::Nftables.holds(scope) => Check::pass(
             "daemon",
             "no daemon; none needed for names, and the table follows tunnels by name",
         ),
