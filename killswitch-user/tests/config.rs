@@ -644,6 +644,7 @@ fn every_example_config_is_valid_and_says_what_its_comment_says() {
     assert_eq!(
         names,
         [
+            "from-a-script.toml",
             "inbound-port.toml",
             "ipv6-block.toml",
             "lan-and-ntp.toml",
@@ -654,6 +655,13 @@ fn every_example_config_is_valid_and_says_what_its_comment_says() {
             "vpn-client.toml",
         ]
     );
+    // The script it replaces allowed the LAN wholesale; the config keeps DNS to it refused.
+    let script = load("from-a-script.toml");
+    assert_eq!(
+        (script.servers.len(), script.lan.networks.len(), script.lan.dns),
+        (1, 1, false)
+    );
+    assert_eq!(script.ipv6, Ipv6Mode::Tunnel);
     let one = load("openvpn-one-server.toml");
     assert_eq!(
         (one.servers.len(), one.dhcp, one.lan.networks.len()),

@@ -3,7 +3,7 @@
 //! a child cgroup, the verdict tables and the property test's packets against the model) and
 //! real-packet checks on veth namespaces: a process in the scope is refused, one outside is not;
 //! a process of the scope in another namespace on the tunnel's ifindex is refused; a bad config
-//! at the first `up` gives lockdown.
+//! at the first `up` gives lockdown; `trace` swaps in its copy, shows verdicts and swaps back.
 //! The running kernel gets all of that from the other test files.
 //!
 //! A third boot, Debian 12's kernel with `lockdown=confidentiality` (it refuses
@@ -57,7 +57,7 @@ struct Step {
     command: &'static str,
 }
 
-fn policy_steps() -> [Step; 3] {
+fn policy_steps() -> [Step; 4] {
     [
         // Its output names the mechanism and the verifier's work, for the report.
         Step {
@@ -75,6 +75,12 @@ fn policy_steps() -> [Step; 3] {
                       scope_allows_only_tunnel_loopback_and_servers_and_outlives_the_loader \
                       an_interface_of_another_namespace_with_the_tunnels_ifindex_is_not_the_tunnel \
                       a_bad_config_at_the_first_up_holds_the_scope_in_lockdown",
+        },
+        // The traced copy needs more of the stack budget the ICMP-error program shares with
+        // the ingress program that tail-calls it: the kernel must accept it too.
+        Step {
+            name: "trace",
+            command: "/ks/trace --test-threads=1",
         },
     ]
 }
@@ -104,6 +110,7 @@ fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
     let tests = test_binaries();
     initramfs.add_binary(&tests.verdicts, "/ks/verdicts");
     initramfs.add_binary(&tests.enforcement, "/ks/enforcement");
+    initramfs.add_binary(&tests.trace, "/ks/trace");
     initramfs.add_binary(&testbed::process::killswitch_bin(), "/ks/killswitch");
     // The tests find the probe at the path it was built to.
     let probe = env!("CARGO_BIN_EXE_ks-probe");
@@ -182,6 +189,7 @@ fn kernel_cache() -> PathBuf {
 struct TestBinaries {
     verdicts: PathBuf,
     enforcement: PathBuf,
+    trace: PathBuf,
 }
 
 /// The compiled verdict and enforcement tests, as cargo reports them (built already).
@@ -196,6 +204,8 @@ fn test_binaries() -> TestBinaries {
         "verdicts",
         "--test",
         "enforcement",
+        "--test",
+        "trace",
     ]);
     let find = |name: &str| {
         built
@@ -207,6 +217,7 @@ fn test_binaries() -> TestBinaries {
     TestBinaries {
         verdicts: find("verdicts"),
         enforcement: find("enforcement"),
+        trace: find("trace"),
     }
 }
 

@@ -46,7 +46,9 @@ impl Tracing {
         // an unfinished upgrade, or another trace's copy).
         if !shapes::stale(&pin_dir)?.is_empty() || !reuse::attached_are_ours(scope, &pin_dir) {
             return Err(Error::Runtime(format!(
-                "{} does not run the programs this version's `killswitch up` attached (lockdown,                  another version, an unfinished upgrade, or another trace); run `killswitch up`                  first",
+                "{} does not run the programs this version's `killswitch up` attached (lockdown, \
+                 another version, an unfinished upgrade, or another trace); run `killswitch up` \
+                 first",
                 scope.display_cgroup()
             )));
         }
