@@ -658,7 +658,11 @@ fn every_example_config_is_valid_and_says_what_its_comment_says() {
     // The script it replaces allowed the LAN wholesale; the config keeps DNS to it refused.
     let script = load("from-a-script.toml");
     assert_eq!(
-        (script.servers.len(), script.lan.networks.len(), script.lan.dns),
+        (
+            script.servers.len(),
+            script.lan.networks.len(),
+            script.lan.dns
+        ),
         (1, 1, false)
     );
     assert_eq!(script.ipv6, Ipv6Mode::Tunnel);
