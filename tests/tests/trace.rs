@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 use testbed::{
     net::{TestNet, OTHER_V4, SERVER_V4, TUNNEL_PEER_V4},
-    process::{killswitch_command, killswitch_ok, output_in, Background},
+    process::{killswitch_bin, killswitch_ok, output_in, Background},
     require_root, Cgroup, PinRoot,
 };
 
@@ -85,12 +85,23 @@ fn icmp_slots(net: &TestNet, pins: &PinRoot, cgroup: &Cgroup) -> Vec<u64> {
 }
 
 /// Waits (bounded) until `done` holds.
+/// Generous: under the kernels test's emulated CPU a load of the traced copy takes seconds.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(start.elapsed() < Duration::from_secs(90), "{what}");
+        std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Waits until trace has swapped its copy in; fails at once if trace ended instead.
+fn wait_swapped(tracer: &mut Background, swapped: impl Fn() -> bool) {
+    wait_for("trace did not swap the programs in", || {
+        if let Some(status) = tracer.exited() {
+            panic!("trace ended ({status}) before swapping its copy in");
+        }
+        swapped()
+    });
 }
 
 #[test]
@@ -114,12 +125,19 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
         )
     };
     up();
+    // `killswitch_command`'s 20 s are too few for loading the traced copy under the kernels
+    // test's emulated CPU (about three times the work of an `up`).
     let trace = || {
-        killswitch_command(
-            &net.client,
-            &pins,
-            &["trace", "--cgroup", &cgroup.relative, "--json"],
-        )
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", net.client.path().display()))
+            .args(["--", "timeout", "300"])
+            .arg(killswitch_bin())
+            .args(["trace", "--cgroup", &cgroup.relative, "--json"])
+            .env("KILLSWITCH_PIN_ROOT", &pins.path)
+            .env("KILLSWITCH_STATE_DIR", &pins.state)
+            .env_remove("KILLSWITCH_LOG");
+        command
     };
     let untraced = attached(&net, &pins, &cgroup);
     let icmp_untraced = icmp_slots(&net, &pins, &cgroup);
@@ -132,9 +150,7 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
     }
 
     let mut tracer = Background::start(trace());
-    wait_for("trace did not swap the programs in", || {
-        attached(&net, &pins, &cgroup) != untraced
-    });
+    wait_swapped(&mut tracer, || attached(&net, &pins, &cgroup) != untraced);
     let traced = attached(&net, &pins, &cgroup);
     assert!(traced.iter().all(|id| log_calls(*id) > 0), "{traced:?}");
     let icmp_traced = icmp_slots(&net, &pins, &cgroup);
@@ -203,9 +219,7 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
     // A trace killed outright leaves its copy in force (the same policy); the next `up`
     // loads the untraced programs again.
     let mut killed = Background::start(trace());
-    wait_for("the second trace did not swap the programs in", || {
-        attached(&net, &pins, &cgroup) != untraced
-    });
+    wait_swapped(&mut killed, || attached(&net, &pins, &cgroup) != untraced);
     let group = nix::unistd::Pid::from_raw(killed.pid() as i32);
     nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_for("trace did not die", || killed.exited().is_some());
