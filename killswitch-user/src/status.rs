@@ -43,6 +43,10 @@ pub struct ScopeStatus {
     pub namespace_from: Option<&'static str>,
     /// The eBPF backend's cgroup links, one per direction.
     pub links: Vec<LinkStatus>,
+    /// eBPF policy: whether the attached programs are the ones this version's `up` attached;
+    /// false while `trace` runs (or after one was killed) or when another version attached
+    /// them (`up` loads this version's). `None` in lockdown and for nftables.
+    pub attached_by_up: Option<bool>,
     /// The tunnel interfaces the scope trusts now.
     pub tunnels: Vec<InterfaceStatus>,
     /// nftables: the names (`wg*` patterns) its rules match; `tunnels` are those present now.
@@ -203,6 +207,7 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
             .flatten(),
         namespace_from,
         links,
+        attached_by_up: (mode == "policy").then(|| ebpf::runs_what_up_attached(scope)),
         tunnels: describe(maps.tunnels()?),
         tunnel_names: None,
         uplinks: uplinks.map(describe),
@@ -328,6 +333,7 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
         lockdown_reason,
         namespace_from: None,
         links: Vec::new(),
+        attached_by_up: None,
         tunnels: matching(&tunnel_names),
         tunnel_names: Some(tunnel_names),
         uplinks,

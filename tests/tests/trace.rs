@@ -152,6 +152,12 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
     let mut tracer = Background::start(trace());
     wait_swapped(&mut tracer, || attached(&net, &pins, &cgroup) != untraced);
     let traced = attached(&net, &pins, &cgroup);
+    let status = killswitch_ok(
+        &net.client,
+        &pins,
+        &["status", "--cgroup", &cgroup.relative],
+    );
+    assert!(status.contains("a `killswitch trace` runs"), "{status}");
     assert!(traced.iter().all(|id| log_calls(*id) > 0), "{traced:?}");
     let icmp_traced = icmp_slots(&net, &pins, &cgroup);
     assert_ne!(
@@ -208,6 +214,12 @@ fn trace_shows_each_verdict_with_its_step_and_reason_and_then_swaps_back() {
     assert!(tracer.exited().unwrap().success());
     assert_eq!(attached(&net, &pins, &cgroup), untraced);
     assert_eq!(icmp_slots(&net, &pins, &cgroup), icmp_untraced);
+    let status = killswitch_ok(
+        &net.client,
+        &pins,
+        &["status", "--cgroup", &cgroup.relative],
+    );
+    assert!(!status.contains("killswitch trace"), "{status}");
     let dropped = output_in(
         &net.client,
         Some(&cgroup),

@@ -117,6 +117,13 @@ fn print_table(s: &ScopeStatus) {
             links.join(", ")
         }
     );
+    if s.attached_by_up == Some(false) {
+        println!(
+            "note     these are not the programs `killswitch up` attached: a `killswitch trace` \
+             runs (or was killed), or another version attached them; `killswitch up` loads \
+             this version's"
+        );
+    }
     if s.mode == "lockdown" {
         // The maps may still hold an older policy; none of it is in force.
         println!(

@@ -459,6 +459,12 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSkb> 
 }
 
 /// Whether the scope has pinned links (it was brought `up` and not taken `down`).
+/// Whether the scope runs the programs this version's `up` attached and recorded (not a
+/// `trace` copy, another version's or lockdown); for `status`, without the lock.
+pub fn runs_what_up_attached(scope: &Scope) -> bool {
+    reuse::attached_are_ours(scope, &pins::pin_dir(scope))
+}
+
 pub fn is_pinned(scope: &Scope) -> bool {
     Direction::ALL
         .iter()
