@@ -170,7 +170,6 @@ fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
         }
     };
     count(direction, reason);
-    trace::verdict(ctx, || 0, direction, reason);
     if reason.allows() {
         ALLOW
     } else {

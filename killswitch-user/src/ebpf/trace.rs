@@ -172,7 +172,8 @@ impl Drop for Tracing {
     }
 }
 
-/// The pair the scope runs, from its programs' names (both directions must agree).
+/// The policy pair the scope runs, from its programs' names (both directions must agree; a
+/// scope in lockdown never gets this far: `up` records no lockdown pair).
 fn pair_of(names: &[String]) -> Result<Pair> {
     let pair = match names {
         [egress, ingress] if egress == "egress" && ingress == "ingress" => {
@@ -187,9 +188,6 @@ fn pair_of(names: &[String]) -> Result<Pair> {
                     ))
                 }
             }
-        }
-        [egress, ingress] if egress == "egress_locked" && ingress == "ingress_locked" => {
-            Pair::Lockdown
         }
         _ => {
             return Err(Error::Runtime(format!(
