@@ -122,6 +122,11 @@ pub struct Settings {
     /// empty list costs a lookup; a bit set for a list with entries would drop what they allow,
     /// so writers clear bits before adding entries and set them after removing.
     pub empty_lists: u32,
+    /// `[guard]` is on: the uplink guard judges every frame on the uplinks, so a packet of a
+    /// socket in another network namespace (a container's) is passed here and judged there,
+    /// once the host forwards it.
+    pub guard: u32,
+    pub _pad: u32,
     /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
     /// interfaces, never on a container's.
     pub netns_cookie: u64,
@@ -300,6 +305,13 @@ pub enum Reason {
     SourceRoute = 15,
     /// Dropped: to a VPN server, from a socket that is not the `[vpn_client]`'s.
     NotVpnClient = 16,
+    /// Allowed (with `[guard]`): a packet of another network namespace's socket; if the host
+    /// forwards it to an uplink, the guard judges it there.
+    OtherNamespace = 17,
+    /// Allowed by the guard: ARP or EAPOL (802.1X, WPA keys), which carry no IP.
+    LinkControl = 18,
+    /// Dropped by the guard: a frame of another non-IP protocol.
+    NotIp = 19,
 }
 
 /// Counter slots reserved per direction; more than the reasons so new ones keep the map layout.
@@ -308,8 +320,9 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_ENTRIES: u32 = REASON_SLOTS * 2;
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 20] = [
         Reason::Loopback,
+        Reason::OtherNamespace,
         Reason::Tunnel,
         Reason::Server,
         Reason::Dhcp,
@@ -318,6 +331,7 @@ impl Reason {
         Reason::Lan,
         Reason::NeighbourDiscovery,
         Reason::IcmpError,
+        Reason::LinkControl,
         Reason::NotUplink,
         Reason::NotVpnClient,
         Reason::LanDns,
@@ -326,6 +340,7 @@ impl Reason {
         Reason::Default,
         Reason::Malformed,
         Reason::SourceRoute,
+        Reason::NotIp,
     ];
 
     /// The verdict this reason carries: `true` = allow.
@@ -341,6 +356,8 @@ impl Reason {
                 | Reason::Lan
                 | Reason::NeighbourDiscovery
                 | Reason::IcmpError
+                | Reason::OtherNamespace
+                | Reason::LinkControl
         )
     }
 
@@ -364,6 +381,9 @@ impl Reason {
             Reason::Ipv6Blocked => "ipv6-blocked",
             Reason::InboundRefused => "inbound-refused",
             Reason::IcmpError => "icmp-error",
+            Reason::OtherNamespace => "other-namespace",
+            Reason::LinkControl => "link-control",
+            Reason::NotIp => "not-ip",
         }
     }
 
@@ -371,7 +391,7 @@ impl Reason {
     /// step's packet, such as the tunnel's inbound ports, carry its number).
     pub const fn step(self) -> u8 {
         match self {
-            Reason::Loopback => 1,
+            Reason::Loopback | Reason::OtherNamespace => 1,
             Reason::Tunnel | Reason::Ipv6Blocked | Reason::InboundRefused => 2,
             Reason::NotUplink => 3,
             Reason::Server | Reason::NotVpnClient => 4,
@@ -379,8 +399,8 @@ impl Reason {
             Reason::Ntp => 6,
             Reason::Dns => 7,
             Reason::Lan | Reason::LanDns => 8,
-            Reason::NeighbourDiscovery | Reason::IcmpError => 9,
-            Reason::Default | Reason::Malformed | Reason::SourceRoute => 10,
+            Reason::NeighbourDiscovery | Reason::IcmpError | Reason::LinkControl => 9,
+            Reason::Default | Reason::Malformed | Reason::SourceRoute | Reason::NotIp => 10,
         }
     }
 

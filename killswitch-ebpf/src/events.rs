@@ -11,7 +11,7 @@ use killswitch_common::{
     ipv4_mapped, Direction, DropEvent, EventLimit, Reason, Settings, RECENT_DROPS_PER_CPU,
 };
 
-use crate::packet::{Packet, ETH_P_IP, ETH_P_IPV6};
+use crate::packet::{Frame, Packet, ETH_P_IP, ETH_P_IPV6};
 
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(killswitch_common::EVENT_RING_BYTES, 0);
@@ -109,7 +109,7 @@ pub(crate) fn describe(
         }
         _ => {}
     }
-    if let Some(packet) = Packet::parse(ctx, Direction::Egress) {
+    if let Some(packet) = Packet::parse(&Frame::network(&ctx.skb), Direction::Egress) {
         event.protocol = packet.protocol;
         // Parsed as egress: "local" is the source, "remote" the destination.
         if let Some(ports) = packet.ports() {

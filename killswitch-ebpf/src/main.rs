@@ -7,6 +7,7 @@
 #![no_main]
 
 mod events;
+mod guard;
 mod netns;
 mod packet;
 mod trace;
@@ -14,7 +15,7 @@ mod trace;
 use aya_ebpf::{
     macros::{cgroup_skb, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
-    programs::SkBuffContext,
+    programs::{sk_buff::SkBuff, SkBuffContext},
 };
 use killswitch_common::{
     lists, Direction, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey, Settings,
@@ -23,7 +24,7 @@ use killswitch_common::{
     MAX_SERVERS, MAX_VPN_CLIENTS, MAX_VPN_CLIENT_LEVEL,
 };
 use netns::{Helper, NetnsSource, Socket};
-use packet::{Address, Packet, Ports, ETH_P_IPV6};
+use packet::{Address, Frame, Packet, Ports, ETH_P_IPV6};
 
 const ALLOW: i32 = 1;
 const DROP: i32 = 0;
@@ -114,7 +115,8 @@ pub fn icmp_error_sock(ctx: SkBuffContext) -> i32 {
 fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
     let settings = settings();
     let own_netns = N::cookie(ctx) == settings.netns_cookie;
-    let quoted = Packet::parse(ctx, Direction::Ingress).and_then(|packet| packet.quoted(ctx));
+    let frame = Frame::network(&ctx.skb);
+    let quoted = Packet::parse(&frame, Direction::Ingress).and_then(|packet| packet.quoted(&frame));
     let reason = match quoted {
         Some(quoted)
             if !quoted.source_route
@@ -156,7 +158,7 @@ fn lockdown(ctx: &SkBuffContext, direction: Direction) -> i32 {
     let reason = if ifindex(ctx) == LOOPBACK_IFINDEX {
         Reason::Loopback
     } else {
-        match Packet::parse(ctx, direction) {
+        match Packet::parse(&Frame::network(&ctx.skb), direction) {
             // Lockdown has no LAN: its v4 requests go to the broadcast address only.
             Some(packet)
                 if is_dhcp(&packet, direction)
@@ -226,10 +228,22 @@ fn classify<N: NetnsSource>(
     }
     // Only packets that are not on loopback pay for learning the namespace.
     let interface = InterfaceKey::new(N::cookie(ctx), ifindex);
+    // A container's own interfaces lead only to the host, which forwards what they send
+    // through the tunnel or past the guard on an uplink. Cookie 0 (unknown) is never another
+    // namespace.
+    if settings.guard != 0
+        && interface.netns_cookie != settings.netns_cookie
+        && interface.netns_cookie != 0
+    {
+        return Some(Reason::OtherNamespace);
+    }
     if TUNNELS.get_ptr(&interface).is_some() {
         return Some(match direction {
             Direction::Egress => Reason::Tunnel,
-            Direction::Ingress => tunnel_ingress(ctx, settings.empty_lists & lists::INBOUND == 0),
+            Direction::Ingress => tunnel_ingress(
+                &Frame::network(&ctx.skb),
+                settings.empty_lists & lists::INBOUND == 0,
+            ),
         });
     }
     if settings.uplinks_restricted != 0 && UPLINKS.get_ptr(&interface).is_none() {
@@ -239,9 +253,10 @@ fn classify<N: NetnsSource>(
     // Asked before the parse, so the verifier walks its loop for a handful of states rather
     // than once for every way of parsing a packet (on 6.18: 28,000 processed instructions for
     // egress instead of 59,000).
-    let client =
-        direction == Direction::Ingress || settings.vpn_client == 0 || is_vpn_client(ctx, settings);
-    let Some(packet) = Packet::parse(ctx, direction) else {
+    let client = direction == Direction::Ingress
+        || settings.vpn_client == 0
+        || is_vpn_client(&ctx.skb, settings);
+    let Some(packet) = Packet::parse(&Frame::network(&ctx.skb), direction) else {
         return Some(Reason::Malformed);
     };
     if packet.source_route {
@@ -283,9 +298,9 @@ fn exception(
 /// Step 4's condition under `[vpn_client]`: the packet carries the client's mark, or its
 /// socket's cgroup is a client's or below one.
 #[inline(always)]
-fn is_vpn_client(ctx: &SkBuffContext, settings: &Settings) -> bool {
+fn is_vpn_client(skb: &SkBuff, settings: &Settings) -> bool {
     // SAFETY: the context pointer is valid for the whole program run.
-    let mark = unsafe { (*ctx.skb.skb).mark };
+    let mark = unsafe { (*skb.skb).mark };
     if settings.vpn_client_mark != 0 && mark == settings.vpn_client_mark {
         return true;
     }
@@ -298,7 +313,7 @@ fn is_vpn_client(ctx: &SkBuffContext, settings: &Settings) -> bool {
         if settings.vpn_client_levels & (1 << level) != 0 {
             // SAFETY: a helper call on this program's own context; 0 when there is no socket.
             let id =
-                unsafe { aya_ebpf::helpers::bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+                unsafe { aya_ebpf::helpers::bpf_skb_ancestor_cgroup_id(skb.skb, level as i32) };
             if id != 0 && VPN_CLIENTS.get_ptr(&id).is_some() {
                 return true;
             }
@@ -338,8 +353,8 @@ fn later_exception(
 
 /// On the tunnel, unsolicited TCP (SYN without ACK) is accepted only for `[[inbound]]` ports.
 #[inline(always)]
-fn tunnel_ingress(ctx: &SkBuffContext, inbound_listed: bool) -> Reason {
-    let Some(packet) = Packet::parse(ctx, Direction::Ingress) else {
+fn tunnel_ingress(frame: &Frame, inbound_listed: bool) -> Reason {
+    let Some(packet) = Packet::parse(frame, Direction::Ingress) else {
         return Reason::Tunnel;
     };
     if !packet.may_be_tcp() {
@@ -349,7 +364,7 @@ fn tunnel_ingress(ctx: &SkBuffContext, inbound_listed: bool) -> Reason {
     let Some(ports) = packet.ports() else {
         return Reason::InboundRefused;
     };
-    match packet.tcp_flags(ctx) {
+    match packet.tcp_flags(frame) {
         Some(flags) if flags & (TCP_SYN | TCP_ACK) != TCP_SYN => Reason::Tunnel,
         Some(_) if inbound_listed && inbound_allowed(&packet, ports.local) => Reason::Tunnel,
         _ => Reason::InboundRefused,
@@ -504,6 +519,8 @@ fn settings() -> Settings {
         vpn_client_levels: 0,
         // Every lookup.
         empty_lists: 0,
+        guard: 0,
+        _pad: 0,
         netns_cookie: 0,
         event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
         event_burst_ns: killswitch_common::EVENT_BURST_NS,

@@ -1,7 +1,7 @@
 //! Reading the parts of a packet the policy looks at. Every read goes through
 //! `bpf_skb_load_bytes`, which checks bounds at run time; anything unreadable is `None`.
 
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::{cty::c_long, programs::sk_buff::SkBuff};
 use killswitch_common::{
     Direction, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_EXTENSION_HEADERS,
 };
@@ -41,6 +41,43 @@ fn upper_layer(protocol: u8, ipv6: bool) -> u8 {
         PROTOCOL_UNKNOWN
     } else {
         protocol
+    }
+}
+
+/// Where a packet's bytes are read: a socket buffer whose IP header starts `base` bytes in (0 in
+/// a cgroup program; the link-layer header's length on a device the guard watches), and the
+/// ethertype of what starts there.
+#[derive(Clone, Copy)]
+pub struct Frame<'a> {
+    skb: &'a SkBuff,
+    base: usize,
+    pub protocol: u32,
+}
+
+impl<'a> Frame<'a> {
+    /// A cgroup program's packet: the IP header is at the start.
+    #[inline(always)]
+    pub fn network(skb: &'a SkBuff) -> Frame<'a> {
+        Frame {
+            skb,
+            base: 0,
+            protocol: skb.protocol(),
+        }
+    }
+
+    /// A frame whose IP header (of ethertype `protocol`, network order) starts at `base`.
+    #[inline(always)]
+    pub fn at(skb: &'a SkBuff, base: usize, protocol: u32) -> Frame<'a> {
+        Frame {
+            skb,
+            base,
+            protocol,
+        }
+    }
+
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
+        self.skb.load(self.base + offset)
     }
 }
 
@@ -172,8 +209,8 @@ impl Next {
 
 /// The header at `offset` and the 4 bytes after it when the packet has them.
 #[inline(always)]
-fn load_start<H: Copy>(ctx: &SkBuffContext, offset: usize) -> Option<(H, Next)> {
-    match ctx.load::<Start<H>>(offset) {
+fn load_start<H: Copy>(frame: &Frame, offset: usize) -> Option<(H, Next)> {
+    match frame.load::<Start<H>>(offset) {
         Ok(start) => Some((
             start.header,
             Next {
@@ -181,7 +218,7 @@ fn load_start<H: Copy>(ctx: &SkBuffContext, offset: usize) -> Option<(H, Next)> 
                 bytes: start.next,
             },
         )),
-        Err(_) => Some((ctx.load::<H>(offset).ok()?, Next::UNKNOWN)),
+        Err(_) => Some((frame.load::<H>(offset).ok()?, Next::UNKNOWN)),
     }
 }
 
@@ -196,10 +233,10 @@ impl Packet {
 
     /// `None` when the IP header itself is unreadable or inconsistent.
     #[inline(always)]
-    pub fn parse(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
-        match ctx.skb.protocol() {
-            ETH_P_IP => Self::parse_v4(ctx, 0, direction),
-            ETH_P_IPV6 => Self::parse_v6(ctx, 0, direction),
+    pub fn parse(frame: &Frame, direction: Direction) -> Option<Packet> {
+        match frame.protocol {
+            ETH_P_IP => Self::parse_v4(frame, 0, direction),
+            ETH_P_IPV6 => Self::parse_v6(frame, 0, direction),
             _ => None,
         }
     }
@@ -221,16 +258,16 @@ impl Packet {
 
     /// The packet an ICMP error quotes, as this host sent it; `None` for anything else.
     #[inline(always)]
-    pub fn quoted(&self, ctx: &SkBuffContext) -> Option<Packet> {
+    pub fn quoted(&self, frame: &Frame) -> Option<Packet> {
         if !self.is_icmp_error() {
             return None;
         }
         // The quoted packet follows the 8-byte ICMP header and has the outer packet's family.
         let offset = self.transport_offset + 8;
         if self.ipv6 {
-            Self::parse_v6(ctx, offset, Direction::Egress)
+            Self::parse_v6(frame, offset, Direction::Egress)
         } else {
-            Self::parse_v4(ctx, offset, Direction::Egress)
+            Self::parse_v4(frame, offset, Direction::Egress)
         }
     }
 
@@ -252,8 +289,8 @@ impl Packet {
     }
 
     #[inline(always)]
-    fn parse_v4(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
-        let (ip, next) = load_start::<Ipv4Header>(ctx, offset)?;
+    fn parse_v4(frame: &Frame, offset: usize, direction: Direction) -> Option<Packet> {
+        let (ip, next) = load_start::<Ipv4Header>(frame, offset)?;
         let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
         if ip.version_ihl >> 4 != 4 || header_len < 20 {
             return None;
@@ -277,14 +314,14 @@ impl Packet {
             return Some(packet);
         }
         if first_fragment {
-            packet.read_transport(ctx, direction, next);
+            packet.read_transport(frame, direction, next);
         }
         Some(packet)
     }
 
     #[inline(always)]
-    fn parse_v6(ctx: &SkBuffContext, offset: usize, direction: Direction) -> Option<Packet> {
-        let (ip, mut next_bytes) = load_start::<Ipv6Header>(ctx, offset)?;
+    fn parse_v6(frame: &Frame, offset: usize, direction: Direction) -> Option<Packet> {
+        let (ip, mut next_bytes) = load_start::<Ipv6Header>(frame, offset)?;
         if ip.version_class_flow[0] >> 4 != 6 {
             return None;
         }
@@ -300,7 +337,7 @@ impl Packet {
                     let header = if next_bytes.known {
                         next_bytes.bytes
                     } else {
-                        let Ok(header) = ctx.load::<[u8; 4]>(packet.transport_offset) else {
+                        let Ok(header) = frame.load::<[u8; 4]>(packet.transport_offset) else {
                             return Some(packet);
                         };
                         header
@@ -319,7 +356,7 @@ impl Packet {
                     // Any fragment: the protocol is known, the ports are not dependable.
                     if next_bytes.known {
                         packet.protocol = upper_layer(next_bytes.bytes[0], true);
-                    } else if let Ok(header) = ctx.load::<[u8; 2]>(packet.transport_offset) {
+                    } else if let Ok(header) = frame.load::<[u8; 2]>(packet.transport_offset) {
                         packet.protocol = upper_layer(header[0], true);
                     }
                     return Some(packet);
@@ -332,19 +369,19 @@ impl Packet {
             return Some(packet);
         }
         packet.protocol = upper_layer(next, true);
-        packet.read_transport(ctx, direction, next_bytes);
+        packet.read_transport(frame, direction, next_bytes);
         Some(packet)
     }
 
     #[inline(always)]
     /// `next`: the transport's first 4 bytes, when they were read with the IP header.
-    fn read_transport(&mut self, ctx: &SkBuffContext, direction: Direction, next: Next) {
+    fn read_transport(&mut self, frame: &Frame, direction: Direction, next: Next) {
         match self.protocol {
             IPPROTO_TCP | IPPROTO_UDP => {
                 let ports = if next.known {
                     Ok(next.bytes)
                 } else {
-                    ctx.load::<[u8; 4]>(self.transport_offset)
+                    frame.load::<[u8; 4]>(self.transport_offset)
                 };
                 if let Ok(ports) = ports {
                     let src = u16::from_be_bytes([ports[0], ports[1]]);
@@ -360,7 +397,7 @@ impl Packet {
                 let icmp_type = if next.known {
                     Ok(next.bytes[0])
                 } else {
-                    ctx.load::<u8>(self.transport_offset)
+                    frame.load::<u8>(self.transport_offset)
                 };
                 if let Ok(icmp_type) = icmp_type {
                     self.icmp_type = icmp_type;
@@ -409,10 +446,10 @@ impl Packet {
 
     /// The TCP flags byte, when this is TCP with a readable header.
     #[inline(always)]
-    pub fn tcp_flags(&self, ctx: &SkBuffContext) -> Option<u8> {
+    pub fn tcp_flags(&self, frame: &Frame) -> Option<u8> {
         if self.protocol != IPPROTO_TCP || !self.ports_known {
             return None;
         }
-        ctx.load::<u8>(self.transport_offset + 13).ok()
+        frame.load::<u8>(self.transport_offset + 13).ok()
     }
 }

@@ -71,6 +71,70 @@ pub fn not_tunnel_like(all: &[Interface], patterns: &[InterfacePattern]) -> Vec<
         .collect()
 }
 
+/// Drivers of devices that lead back into this host or into a tunnel, never onto a wire: the
+/// guard watches the device their frames leave by instead (or the tunnel carries them).
+const INTERNAL_DRIVERS: [&str; 8] = [
+    "veth",
+    "bridge",
+    "tun",
+    "openvswitch",
+    "dummy",
+    "vxlan",
+    "geneve",
+    "wireguard",
+];
+
+/// ARPHRD types of IP-in-IP tunnels (ipip, ip6tnl, sit, gre, ip6gre): what they carry leaves
+/// encapsulated, by a device the guard watches.
+const TUNNEL_TYPES: [u16; 5] = [768, 769, 776, 778, 823];
+const ARPHRD_RAWIP: u16 = 519;
+
+/// What the guard gets for a device it cannot read: every frame dropped.
+pub const UNREADABLE_HEADER: u8 = u8::MAX;
+
+/// The devices the uplink guard watches, each with the length of its link-layer header: the
+/// ones `uplinks` names (that are not tunnels) or, with `uplinks` unset, every interface but
+/// loopback, the tunnels and the internal kinds (veth, bridge, tun/tap, IP tunnels, ...).
+pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interface, u8)> {
+    if !policy.guarded() {
+        return Vec::new();
+    }
+    let tunnels = matching(all, &policy.tunnels);
+    let candidates = match &policy.uplinks {
+        Some(uplinks) => matching(all, uplinks),
+        None => all
+            .iter()
+            .filter(|i| i.index != killswitch_common::LOOPBACK_IFINDEX)
+            .filter(|i| {
+                let internal = driver(&i.name)
+                    .is_some_and(|d| INTERNAL_DRIVERS.contains(&d.as_str()))
+                    || device_type(&i.name).is_some_and(|t| TUNNEL_TYPES.contains(&t));
+                !internal
+            })
+            .cloned()
+            .collect(),
+    };
+    candidates
+        .into_iter()
+        .filter(|i| !tunnels.contains(i))
+        .map(|i| {
+            let header = match device_type(&i.name) {
+                Some(libc::ARPHRD_ETHER) => 14,
+                Some(libc::ARPHRD_NONE | libc::ARPHRD_PPP | ARPHRD_RAWIP) => 0,
+                Some(t) if TUNNEL_TYPES.contains(&t) => 0,
+                other => {
+                    tracing::warn!(
+                        "the uplink guard cannot read frames of {} (device type {other:?}): it drops them all",
+                        i.name
+                    );
+                    UNREADABLE_HEADER
+                }
+            };
+            (i, header)
+        })
+        .collect()
+}
+
 /// `struct ifreq` with room for the union the two requests below use.
 #[repr(C)]
 struct IfReq {

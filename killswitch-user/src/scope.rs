@@ -82,6 +82,11 @@ impl Scope {
         Ok(meta.ino())
     }
 
+    /// The cgroup2 root: the whole machine.
+    pub fn is_system_wide(&self) -> bool {
+        self.relative.as_os_str().is_empty()
+    }
+
     pub fn display_cgroup(&self) -> String {
         if self.relative.as_os_str().is_empty() {
             format!("{} (system-wide)", self.cgroup.display())

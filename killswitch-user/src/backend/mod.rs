@@ -50,6 +50,15 @@ pub fn apply(
     policy: &Policy,
     servers: &mut ResolvedServers,
 ) -> Result<Applied> {
+    // `[guard]` unset means the scope's default (callers that loaded the policy for the scope
+    // have resolved it already).
+    let resolved;
+    let policy = if policy.guard.is_none() {
+        resolved = policy.clone().for_scope(scope.is_system_wide());
+        &resolved
+    } else {
+        policy
+    };
     let applied = match choice {
         Choice::Ebpf => with_ebpf(scope, policy, servers, true),
         Choice::Nftables => with_nftables(scope, policy, servers),
@@ -108,7 +117,8 @@ fn with_ebpf(
             interfaces::netns_cookie()?,
             &servers.endpoints(),
             &crate::vpn_client::current(policy),
-        );
+        )
+        .guard(interfaces::guarded(&list, policy));
         entries.server_names = servers.record_of_names();
         Ok(entries)
     };

@@ -163,6 +163,7 @@ pub fn lockdown_policy() -> Policy {
         ipv6: Ipv6Mode::Tunnel,
         inbound: Vec::new(),
         vpn_client: None,
+        guard: Some(false),
     }
 }
 

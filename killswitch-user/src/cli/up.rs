@@ -26,7 +26,7 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>, choice: Choice) -> Resul
         ebpf::warm_up();
     }
     let policy = match Policy::load(config) {
-        Ok(policy) => policy,
+        Ok(policy) => policy.for_scope(scope.is_system_wide()),
         // At boot a typo must not leave the machine open: lockdown, unless already enforced.
         Err(e) if privileged => return Err(backend::lock_down(choice, &scope, e.into())),
         Err(e) => return Err(e.into()),

@@ -68,7 +68,7 @@ async fn first_valid_policy(
     loop {
         let stamp = Stamp::of(config);
         match Policy::load(config) {
-            Ok(policy) => return Ok(Some((policy, stamp))),
+            Ok(policy) => return Ok(Some((policy.for_scope(scope.is_system_wide()), stamp))),
             Err(e) => {
                 let e = backend::lock_down(choice, scope, e.into());
                 tracing::error!("{e}; waiting for SIGHUP to read the config again");
@@ -132,7 +132,7 @@ impl Daemon {
     pub async fn start_for(config: PathBuf, scope: Scope, choice: Choice) -> Result<Daemon> {
         let stamp = Stamp::of(&config);
         let policy = match Policy::load(&config) {
-            Ok(policy) => policy,
+            Ok(policy) => policy.for_scope(scope.is_system_wide()),
             Err(e) => return Err(backend::lock_down(choice, &scope, e.into())),
         };
         if choice != Choice::Nftables {
@@ -182,13 +182,15 @@ impl Daemon {
     }
 
     fn entries(&self) -> Result<MapEntries> {
+        let list = interfaces::list()?;
         let mut entries = MapEntries::new(
             &self.policy,
-            &interfaces::list()?,
+            &list,
             self.netns_cookie,
             &self.servers.endpoints(),
             &vpn_client::current(&self.policy),
-        );
+        )
+        .guard(interfaces::guarded(&list, &self.policy));
         entries.server_names = self.servers.record_of_names();
         Ok(entries)
     }
@@ -315,6 +317,9 @@ impl Daemon {
             }
             let entries = self.entries()?;
             self.maps()?.write_interfaces(&entries)?;
+            if self.policy.guarded() {
+                ebpf::guard::attach(&pins::pin_dir(&self.scope), &entries.guarded)?;
+            }
             Ok(Some(entries))
         })();
         match result {
@@ -476,7 +481,7 @@ impl Daemon {
         // Seen, valid or not: an invalid file left what is in force untouched, `up` included.
         self.stamp = Stamp::of(&self.config);
         let policy = match Policy::load(&self.config) {
-            Ok(policy) => policy,
+            Ok(policy) => policy.for_scope(self.scope.is_system_wide()),
             Err(e) => {
                 tracing::error!("reload refused, the previous policy stays in force: {e}");
                 return;

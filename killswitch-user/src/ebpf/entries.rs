@@ -33,6 +33,8 @@ pub struct MapEntries {
     pub inbound: BTreeSet<InboundKey>,
     /// Cgroup ids of the `[vpn_client]`.
     pub vpn_clients: BTreeSet<u64>,
+    /// The devices the uplink guard watches (see [`MapEntries::guard`]).
+    pub guarded: super::guard::Guarded,
 }
 
 impl MapEntries {
@@ -62,6 +64,8 @@ impl MapEntries {
                 vpn_client_mark: policy.vpn_client.as_ref().and_then(|c| c.mark).unwrap_or(0),
                 vpn_client_levels: clients.iter().fold(0, |levels, c| levels | 1 << c.level),
                 empty_lists: 0,
+                guard: u32::from(policy.guarded()),
+                _pad: 0,
                 netns_cookie,
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
@@ -102,9 +106,19 @@ impl MapEntries {
                 })
                 .collect(),
             vpn_clients: clients.iter().map(|c| c.id).collect(),
+            guarded: Default::default(),
         };
         entries.settings.empty_lists = entries.empty_lists();
         entries
+    }
+
+    /// With the devices the guard is to watch now ([`interfaces::guarded`]).
+    pub fn guard(mut self, devices: Vec<(Interface, u8)>) -> MapEntries {
+        self.guarded = devices
+            .into_iter()
+            .map(|(i, header)| (i.index, (i.name, header)))
+            .collect();
+        self
     }
 
     /// The [`Settings::empty_lists`] bits for these entries: which lists, and which kinds of

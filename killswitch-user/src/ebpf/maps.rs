@@ -36,7 +36,11 @@ pub const ICMP_ERRORS: &str = "ICMP_ERRORS";
 pub const VPN_CLIENTS: &str = "VPN_CLIENTS";
 pub const RECENT_DROPS: &str = "RECENT_DROPS";
 pub const TUNNELS_CHANGED: &str = "TUNNELS_CHANGED";
-pub const ALL: [&str; 17] = [
+pub const GUARDED: &str = "GUARDED";
+pub const GUARD_COUNTERS: &str = "GUARD_COUNTERS";
+pub const ALL: [&str; 19] = [
+    GUARDED,
+    GUARD_COUNTERS,
     RECENT_DROPS,
     TUNNELS_CHANGED,
     VPN_CLIENTS,
@@ -72,6 +76,9 @@ pub struct PinnedMaps {
     /// `None` in scopes an older version pinned, until the next `up` (status shows none).
     recent_drops: Option<PerCpuArray<MapData, DropEvent>>,
     tunnels_changed: Option<Array<MapData, u64>>,
+    /// The guard's devices (ifindex -> link-layer header length) and counters; `None` as above.
+    guarded: Option<HashMap<MapData, u32, u8>>,
+    guard_counters: Option<PerCpuArray<MapData, u64>>,
 }
 
 fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
@@ -115,6 +122,8 @@ fn strictest(a: &Settings, b: &Settings) -> Settings {
         },
         netns_cookie: b.netns_cookie,
         lan_dns: a.lan_dns.min(b.lan_dns),
+        // Other namespaces pass only where the guard holds the uplinks under both.
+        guard: a.guard.min(b.guard),
         ipv6_block: a.ipv6_block.max(b.ipv6_block),
         // Lookups for every list either holds: while the lists change, each entry present is
         // looked up (a missing bit would drop what an entry allows; a spare one costs a lookup).
@@ -169,6 +178,8 @@ impl PinnedMaps {
             event_limit: open(pin_dir, EVENT_LIMIT)?,
             recent_drops: open(pin_dir, RECENT_DROPS).ok(),
             tunnels_changed: open(pin_dir, TUNNELS_CHANGED).ok(),
+            guarded: open(pin_dir, GUARDED).ok(),
+            guard_counters: open(pin_dir, GUARD_COUNTERS).ok(),
         })
     }
 
@@ -237,6 +248,7 @@ impl PinnedMaps {
         )?;
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
         self.sync_lan(&entries.lan)?;
+        self.sync_guarded(&entries.guarded)?;
         sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         if restricts.1 {
             sync(
@@ -270,7 +282,53 @@ impl PinnedMaps {
             lan: self.lan()?.into_iter().collect(),
             inbound: self.inbound()?.into_iter().collect(),
             vpn_clients: keys(&self.vpn_clients, VPN_CLIENTS)?.into_iter().collect(),
+            guarded: self.guarded()?,
         })
+    }
+
+    /// The guard's devices: ifindex -> (no name, link-layer header length).
+    pub fn guarded(&self) -> Result<super::guard::Guarded> {
+        let Some(map) = &self.guarded else {
+            return Ok(Default::default());
+        };
+        map.iter()
+            .map(|entry| entry.map(|(ifindex, header)| (ifindex, (String::new(), header))))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::kernel(format!("cannot read the {GUARDED} map"), e))
+    }
+
+    /// Makes the guard's device map hold exactly `wanted` (new entries first).
+    fn sync_guarded(&mut self, wanted: &super::guard::Guarded) -> Result<()> {
+        let current = self.guarded()?;
+        let Some(map) = self.guarded.as_mut() else {
+            return if wanted.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::kernel(
+                    format!("the {GUARDED} map is missing"),
+                    "run `killswitch down` and `up` again",
+                ))
+            };
+        };
+        let failed = |e| Error::kernel(format!("cannot update the {GUARDED} map"), e);
+        for (&ifindex, (_, header)) in wanted {
+            if current.get(&ifindex).map(|(_, h)| h) != Some(header) {
+                map.insert(ifindex, header, 0).map_err(failed)?;
+            }
+        }
+        for ifindex in current.keys().filter(|i| !wanted.contains_key(i)) {
+            map.remove(ifindex).map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    /// Sets only the guard switch (see [`crate::ebpf::apply`]: on once the guard runs).
+    pub fn set_guard(&mut self, on: bool) -> Result<()> {
+        let settings = Settings {
+            guard: u32::from(on),
+            ..self.settings()?
+        };
+        self.set_settings(&settings)
     }
 
     fn set_settings(&mut self, settings: &Settings) -> Result<()> {
@@ -297,9 +355,11 @@ impl PinnedMaps {
         self.set_settings(&wanted)
     }
 
-    /// Makes only the tunnel and uplink maps match `entries` (interfaces came or went).
+    /// Makes only the tunnel, uplink and guard device maps match `entries` (interfaces came or
+    /// went).
     pub fn write_interfaces(&mut self, entries: &MapEntries) -> Result<()> {
         sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
+        self.sync_guarded(&entries.guarded)?;
         self.sync_tunnels(entries)
     }
 
@@ -504,20 +564,31 @@ impl PinnedMaps {
 
     /// Packets counted per direction and reason, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Direction, Reason, u64)>> {
-        let mut out = Vec::new();
-        for direction in Direction::ALL {
-            for reason in Reason::ALL {
-                let index = reason.counter_index(direction);
-                debug_assert!(index < COUNTER_ENTRIES);
-                let values = self
-                    .counters
-                    .get(&index, 0)
-                    .map_err(|e| Error::kernel("cannot read the counters map", e))?;
-                out.push((direction, reason, values.iter().sum()));
-            }
-        }
-        Ok(out)
+        sums(&self.counters, COUNTERS)
     }
+
+    /// The guard's verdicts, as [`PinnedMaps::counters`]; none before the guard's map existed.
+    pub fn guard_counters(&self) -> Result<Vec<(Direction, Reason, u64)>> {
+        self.guard_counters
+            .as_ref()
+            .map_or(Ok(Vec::new()), |map| sums(map, GUARD_COUNTERS))
+    }
+}
+
+/// A counter map's values per direction and reason, summed over CPUs.
+fn sums(map: &PerCpuArray<MapData, u64>, name: &str) -> Result<Vec<(Direction, Reason, u64)>> {
+    let mut out = Vec::new();
+    for direction in Direction::ALL {
+        for reason in Reason::ALL {
+            let index = reason.counter_index(direction);
+            debug_assert!(index < COUNTER_ENTRIES);
+            let values = map
+                .get(&index, 0)
+                .map_err(|e| Error::kernel(format!("cannot read the {name} map"), e))?;
+            out.push((direction, reason, values.iter().sum()));
+        }
+    }
+    Ok(out)
 }
 
 fn keys<K: Pod + Ord>(map: &HashMap<MapData, K, u8>, name: &str) -> Result<Vec<K>> {
@@ -570,7 +641,7 @@ fn sync<K: Pod + Ord>(
 /// How many entries the map called `name` holds (the object declares the same; a test checks).
 pub fn capacity(name: &str) -> u32 {
     match name {
-        TUNNELS | UPLINKS => MAX_INTERFACES,
+        TUNNELS | UPLINKS | GUARDED => MAX_INTERFACES,
         SERVERS => MAX_SERVERS,
         // One more: the `servers` command's mark always fits.
         SERVER_NAMES => MAX_SERVERS + 1,

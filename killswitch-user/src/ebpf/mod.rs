@@ -2,6 +2,7 @@
 //! a scope's cgroup and pin the links so enforcement outlives every process of ours.
 
 pub mod entries;
+pub mod guard;
 pub mod kernel;
 pub mod maps;
 pub mod pins;
@@ -275,7 +276,7 @@ impl Programs {
 
 /// aya-log's levels (`aya_log_common::Level`): the programs that enforce log nothing; a
 /// traced copy logs each verdict at info.
-const LOG_OFF: u8 = 0;
+pub(crate) const LOG_OFF: u8 = 0;
 const LOG_INFO: u8 = 3;
 
 /// What a load needs that takes a while and no lock: the kernel's BTF (aya parses it in
@@ -381,9 +382,18 @@ const LOAD_ATTEMPTS: u32 = 5;
 
 /// Loads one program, trying again a bounded number of times when the verifier was interrupted.
 fn load_program(program: &mut CgroupSkb, name: &str) -> Result<()> {
+    load_with_retries(name, || program.load())
+}
+
+/// Runs `load` for the program `name`, again a bounded number of times when the verifier was
+/// interrupted (EAGAIN); a refusal is one line with the verifier's reason.
+fn load_with_retries(
+    name: &str,
+    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
+) -> Result<()> {
     let mut attempt = 1;
     loop {
-        match program.load() {
+        match load() {
             Ok(()) => return Ok(()),
             Err(ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
@@ -494,21 +504,40 @@ pub fn apply_with(
     let pin_dir = pins::pin_dir(scope);
     let result = (|| {
         let entries = build()?;
+        // Other namespaces pass the cgroup programs only once the guard holds the uplinks.
+        let guard_runs = !fresh
+            && PinnedMaps::open(&pin_dir)
+                .and_then(|maps| maps.settings())
+                .is_ok_and(|settings| settings.guard != 0);
+        let mut staged = entries.clone();
+        staged.settings.guard &= u32::from(guard_runs);
         // This build's programs already attached (an `up` of this boot recorded them): the
         // maps are the whole update, written without a moment wider than old or new.
         if !fresh && reuse::attached_are_ours(scope, &pin_dir) {
-            match PinnedMaps::open(&pin_dir).and_then(|mut maps| maps.write(&entries)) {
-                Ok(()) => return Ok(entries),
+            let written = PinnedMaps::open(&pin_dir).and_then(|mut maps| maps.write(&staged));
+            match written {
+                Ok(()) => {
+                    run_guard(&pin_dir, &pin_dir, &entries, false)?;
+                    if entries.settings.guard != staged.settings.guard {
+                        PinnedMaps::open(&pin_dir)?.set_guard(true)?;
+                    }
+                    return Ok(entries);
+                }
                 // The old policy is back in force (or the maps would not open): load afresh.
                 Err(e) => tracing::info!("writing the maps alone failed ({e}); loading again"),
             }
         }
         reuse::forget(&pin_dir);
         // Both programs verified before anything a running scope depends on changes.
-        let mut programs = Programs::load_filled(&pin_dir, &entries)?;
+        let mut programs = Programs::load_filled(&pin_dir, &staged)?;
+        // The guard first: no moment with the host held and its containers not.
+        run_guard(programs.map_dir(), &pin_dir, &entries, true)?;
         programs.attach_and_pin(&cgroup, &pin_dir)?;
         maps::set_lockdown_reason(&pin_dir, "")?;
         reuse::record(scope, &pin_dir, programs.pair());
+        if entries.settings.guard != staged.settings.guard {
+            PinnedMaps::open(&pin_dir)?.set_guard(true)?;
+        }
         Ok(entries)
     })();
     match result {
@@ -522,6 +551,20 @@ pub fn apply_with(
         // Already enforced: what is in force stays untouched.
         other => other,
     }
+}
+
+/// Puts the uplink guard where `entries` wants it: with the guard on, its programs loaded
+/// (again when `reload`, or when none are pinned yet) on the maps in `map_dir` and attached to
+/// exactly `entries.guarded`; with it off, none. The switch that lets other namespaces past
+/// the cgroup programs is the caller's, once this is done.
+fn run_guard(map_dir: &Path, pin_dir: &Path, entries: &MapEntries, reload: bool) -> Result<()> {
+    if entries.settings.guard == 0 {
+        return guard::remove(pin_dir);
+    }
+    if reload || !guard::loaded(pin_dir) {
+        guard::load(map_dir, pin_dir)?;
+    }
+    guard::attach(pin_dir, &entries.guarded)
 }
 
 /// Holds a scope that is not enforced yet in lockdown because the policy cannot be applied
@@ -650,6 +693,7 @@ pub fn remove(scope: &Scope) -> Result<bool> {
 }
 
 fn remove_pins(pin_dir: &Path) -> Result<()> {
+    guard::remove(pin_dir)?;
     for direction in Direction::ALL {
         for pin in [
             link_pin(pin_dir, direction),

@@ -196,3 +196,25 @@ pub fn set_program_in_slot(
     attr[2] = &value as *const u32 as u64;
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
+
+/// The device a TCX link is attached to; 0 once the device is gone.
+pub fn tcx_link_ifindex(link: &OwnedFd) -> std::io::Result<u32> {
+    // struct bpf_link_info: type, id, prog_id, then the union at offset 16 (tcx: ifindex first).
+    const BPF_LINK_TYPE_TCX: u64 = 11;
+    let mut info = [0u64; 16];
+    let mut attr = [0u64; 8];
+    attr[0] = link.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info[0] & 0xffff_ffff != BPF_LINK_TYPE_TCX {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    Ok(info[2] as u32)
+}
+
+/// Makes the link run `new` (BPF_LINK_UPDATE), in one step.
+pub fn link_update_program(link: BorrowedFd<'_>, new: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut attr = [0u64; 8];
+    attr[0] = link.as_raw_fd() as u32 as u64 | (new.as_raw_fd() as u32 as u64) << 32;
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}

@@ -138,6 +138,13 @@ struct RawConfig {
     #[serde(default)]
     inbound: Vec<Spanned<RawInbound>>,
     vpn_client: Option<RawVpnClient>,
+    guard: Option<RawGuard>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    enabled: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -452,6 +459,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Policy, ConfigError> {
         ipv6,
         inbound,
         vpn_client,
+        guard: raw.guard.and_then(|g| g.enabled),
     })
 }
 

@@ -29,6 +29,22 @@ pub struct Policy {
     pub inbound: Vec<Inbound>,
     /// When set, the server exception holds only for the VPN client's packets.
     pub vpn_client: Option<VpnClient>,
+    /// `[guard] enabled` as written; unset, the scope decides ([`Policy::for_scope`]).
+    pub guard: Option<bool>,
+}
+
+impl Policy {
+    /// The policy as a scope enforces it: `[guard]` defaults to on for the system-wide scope
+    /// (the cgroup2 root) and off for any other.
+    pub fn for_scope(mut self, system_wide: bool) -> Policy {
+        self.guard = Some(self.guard.unwrap_or(system_wide));
+        self
+    }
+
+    /// Whether the uplink guard runs (see [`Policy::for_scope`]).
+    pub fn guarded(&self) -> bool {
+        self.guard == Some(true)
+    }
 }
 
 /// `[vpn_client]`: who may talk to the servers outside the tunnel. Set with neither key, only

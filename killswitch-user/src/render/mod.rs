@@ -137,6 +137,9 @@ pub fn counter_name(direction: Direction, reason: Reason) -> String {
 pub fn step(reason: Reason) -> &'static str {
     match reason {
         Reason::Loopback => "1 loopback",
+        Reason::OtherNamespace => "1 another namespace",
+        Reason::LinkControl => "9 link control (ARP, EAPOL)",
+        Reason::NotIp => "10 not IP",
         Reason::Tunnel => "2 tunnel",
         Reason::Ipv6Blocked => "ipv6.mode block",
         Reason::NotUplink => "3 not an uplink",

@@ -127,7 +127,7 @@ pub struct Report {
 
 /// Verifies the scope against the policy in `config`.
 pub fn verify(config: &Path, scope: &Scope) -> Result<Report> {
-    let policy = Policy::load(config)?;
+    let policy = Policy::load(config)?.for_scope(scope.is_system_wide());
     let holding = Backend::holding(scope);
     let mut checks = Vec::new();
     let backend = match holding.as_slice() {
