@@ -2,9 +2,10 @@
 //! uplink part of the policy, whatever sent it: a forwarded container or VM, a raw packet
 //! socket, another namespace. The cgroup programs see only local sockets; this sees the wire.
 //!
-//! The verdict is the cgroup programs' steps 4-9 on the same pinned maps, after two checks of
-//! the link layer: ARP and EAPOL pass (they carry no IP, and a network without them is down),
-//! any other non-IP frame is dropped. A tunnel never has a guard: its path pays nothing.
+//! The verdict is the cgroup programs' steps 4-9 on the same pinned maps, after the link layer:
+//! ARP, EAPOL and PPPoE's and PPP's negotiation pass (they carry no user data, and a network
+//! without them is down); IP is read behind one VLAN tag and a PPPoE session header; any other
+//! frame is dropped. A tunnel never has a guard: its path pays nothing.
 
 use aya_ebpf::{
     macros::{classifier, map},
@@ -40,6 +41,15 @@ const ETH_EAPOL: u16 = 0x888e;
 const ETH_PREAUTH: u16 = 0x88c7;
 const ETH_VLAN: u16 = 0x8100;
 const ETH_QINQ: u16 = 0x88a8;
+/// PPPoE (DSL): discovery, and sessions, whose PPP header names what they carry.
+const ETH_PPPOE_DISCOVERY: u16 = 0x8863;
+const ETH_PPPOE_SESSION: u16 = 0x8864;
+const PPPOE_HEADER: usize = 6;
+const PPP_PROTOCOL: usize = 2;
+const PPP_IP: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
+/// PPP protocols from here up negotiate the link (LCP, authentication, IPCP, ...): no user data.
+const PPP_CONTROL: u16 = 0x8000;
 
 #[classifier]
 pub fn guard_egress(ctx: TcContext) -> i32 {
@@ -107,8 +117,9 @@ fn judge(ctx: &TcContext, direction: Direction, settings: &Settings) -> Reason {
     }
 }
 
-/// Where the frame's IP header is, behind a link-layer header of `header` bytes and at most
-/// one VLAN tag. `protocol` 0: ARP or EAPOL. `None`: another protocol.
+/// Where the frame's IP header is, behind a link-layer header of `header` bytes, at most one
+/// VLAN tag and a PPPoE session header. `protocol` 0: ARP, EAPOL, PPPoE discovery or PPP's own
+/// negotiation. `None`: another protocol.
 #[inline(always)]
 fn ip_frame(ctx: &TcContext, header: usize) -> Option<Frame<'_>> {
     if header == 0 {
@@ -124,9 +135,21 @@ fn ip_frame(ctx: &TcContext, header: usize) -> Option<Frame<'_>> {
         ethertype = read_ethertype(ctx, ETHERTYPE_OFFSET + VLAN_TAG)?;
         base += VLAN_TAG;
     }
+    if ethertype == ETH_PPPOE_SESSION {
+        let ppp = read_ethertype(ctx, base + PPPOE_HEADER)?;
+        base += PPPOE_HEADER + PPP_PROTOCOL;
+        ethertype = match ppp {
+            PPP_IP => ETH_IP,
+            PPP_IPV6 => ETH_IPV6,
+            control if control >= PPP_CONTROL => ETH_PPPOE_DISCOVERY,
+            _ => return None,
+        };
+    }
     match ethertype {
         ETH_IP | ETH_IPV6 => Some(Frame::at(&ctx.skb, base, u32::from(ethertype.to_be()))),
-        ETH_ARP | ETH_EAPOL | ETH_PREAUTH => Some(Frame::at(&ctx.skb, base, 0)),
+        ETH_ARP | ETH_EAPOL | ETH_PREAUTH | ETH_PPPOE_DISCOVERY => {
+            Some(Frame::at(&ctx.skb, base, 0))
+        }
         _ => None,
     }
 }

@@ -24,7 +24,8 @@ pub enum Interface {
     /// Neither a tunnel nor listed in `uplinks`.
     Other,
     /// An interface of another network namespace (a container's): never a tunnel or a listed
-    /// uplink; when `uplinks` is absent it is an uplink without DHCP.
+    /// uplink; when `uplinks` is absent it is an uplink without DHCP. With `[guard]` the
+    /// cgroup programs pass it: the guard judges it on the uplink if the host forwards it there.
     OtherNamespace,
 }
 
@@ -203,6 +204,9 @@ fn reason(policy: &Policy, p: &Packet) -> Reason {
     if ipv6 && policy.ipv6 == Ipv6Mode::Block {
         return Reason::Ipv6Blocked;
     }
+    if p.interface == Interface::OtherNamespace && policy.guarded() {
+        return Reason::OtherNamespace;
+    }
     if p.interface == Interface::Tunnel {
         return match p.direction {
             Direction::Egress => Reason::Tunnel,
@@ -353,6 +357,36 @@ fn tunnel_ingress(policy: &Policy, p: &Packet) -> Reason {
         Reason::Tunnel
     } else {
         Reason::InboundRefused
+    }
+}
+
+/// What comes over an uplink, as the uplink guard sees it: its link layer, and the IP packet
+/// when it is one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// An IP packet (behind an Ethernet header, or bare on a device without one), with or
+    /// without one VLAN tag.
+    Ip(Packet),
+    /// ARP, EAPOL (802.1X, WPA keys) or its pre-authentication.
+    LinkControl,
+    /// Any other ethertype (after at most one VLAN tag).
+    Other,
+}
+
+/// The uplink guard's verdict: the uplink part of the policy for every frame on an uplink,
+/// whoever sent it (a forwarded container or VM, a raw socket). An IP packet gets the verdict
+/// the cgroup programs give it on an uplink of the scope's own namespace.
+pub fn guard_verdict(policy: &Policy, frame: &Frame) -> (Verdict, Reason) {
+    match frame {
+        Frame::Ip(packet) => verdict(
+            policy,
+            &Packet {
+                interface: Interface::Uplink,
+                ..*packet
+            },
+        ),
+        Frame::LinkControl => (Verdict::Allow, Reason::LinkControl),
+        Frame::Other => (Verdict::Drop, Reason::NotIp),
     }
 }
 

@@ -84,6 +84,63 @@ pub fn skb_context_marked(ifindex: u32, mark: u32) -> Vec<u8> {
     ctx.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
+/// How an uplink may carry an IP packet: the uplink guard reads it behind each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carried {
+    Plain,
+    /// One 802.1Q tag.
+    Vlan,
+    /// A PPPoE session (DSL).
+    Pppoe,
+    /// Both (PPPoE on a VLAN, as some DSL lines have it).
+    VlanPppoe,
+}
+
+impl Carried {
+    pub const ALL: [Carried; 4] = [
+        Carried::Plain,
+        Carried::Vlan,
+        Carried::Pppoe,
+        Carried::VlanPppoe,
+    ];
+}
+
+const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_PPPOE_SESSION: u16 = 0x8864;
+
+/// The Ethernet frame `frame` (as [`frame`] makes it) carried as `how` says.
+pub fn carried(frame: &[u8], how: Carried) -> Vec<u8> {
+    let (addresses, ethertype, payload) = (&frame[..12], &frame[12..14], &frame[14..]);
+    let mut out = addresses.to_vec();
+    if matches!(how, Carried::Vlan | Carried::VlanPppoe) {
+        out.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+        out.extend_from_slice(&[0, 7]);
+    }
+    if matches!(how, Carried::Pppoe | Carried::VlanPppoe) {
+        let ppp: u16 = if ethertype == ETH_P_IP.to_be_bytes() {
+            0x0021
+        } else {
+            0x0057
+        };
+        out.extend_from_slice(&ETH_P_PPPOE_SESSION.to_be_bytes());
+        out.extend_from_slice(&pppoe(ppp, payload));
+    } else {
+        out.extend_from_slice(ethertype);
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A PPPoE session header and PPP protocol `ppp`, then `payload`.
+pub fn pppoe(ppp: u16, payload: &[u8]) -> Vec<u8> {
+    let length = (payload.len() + 2) as u16;
+    let mut out = vec![0x11, 0, 0x12, 0x34];
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&ppp.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
 /// A small deterministic generator (xorshift64*), so random tests are reproducible from a seed.
 pub struct Rng(u64);
 

@@ -101,6 +101,11 @@ pub fn random_policy(rng: &mut Rng, client: Option<&str>) -> String {
             text.push_str(&format!("sources = [\"{source}\"]\n"));
         }
     }
+    match rng.below(3) {
+        0 => text.push_str("[guard]\nenabled = true\n"),
+        1 => text.push_str("[guard]\nenabled = false\n"),
+        _ => {}
+    }
     if rng.below(3) == 0 {
         text.push_str("[vpn_client]\n");
         match (client, rng.below(3)) {
