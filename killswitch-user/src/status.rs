@@ -73,7 +73,48 @@ pub struct ScopeStatus {
     pub tunnels_changed: Option<String>,
     /// Seconds from `tunnels_changed` to now.
     pub tunnels_changed_seconds_ago: Option<u64>,
+    /// The uplink guard (eBPF, `[guard]` on): `None` when the scope has none.
+    pub guard: Option<GuardStatus>,
 }
+
+/// The uplink guard: where it runs and what it decided.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct GuardStatus {
+    /// The devices it watches.
+    pub devices: Vec<GuardDevice>,
+    /// Frames per direction and reason (every reason, as in `counters`).
+    pub counters: Vec<CounterStatus>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct GuardDevice {
+    pub ifindex: u32,
+    /// Its name in this namespace, if it still exists.
+    pub name: Option<String>,
+    /// Its guard is attached to the device now (a TCX link; before Linux 6.6 a clsact filter,
+    /// which has no pin: true whenever the device exists).
+    pub attached: bool,
+}
+
+/// The reasons the uplink guard can give, in the order `status` lists them.
+pub const GUARD_REASONS: [Reason; 16] = [
+    Reason::Server,
+    Reason::Dhcp,
+    Reason::Ntp,
+    Reason::Dns,
+    Reason::Lan,
+    Reason::NeighbourDiscovery,
+    Reason::IcmpError,
+    Reason::LinkControl,
+    Reason::NotUplink,
+    Reason::NotVpnClient,
+    Reason::LanDns,
+    Reason::Ipv6Blocked,
+    Reason::Default,
+    Reason::Malformed,
+    Reason::SourceRoute,
+    Reason::NotIp,
+];
 
 /// How many of the newest drop events `status` shows.
 pub const RECENT_DROPS_SHOWN: usize = 5;
@@ -251,7 +292,40 @@ pub fn read(scope: &Scope) -> Result<ScopeStatus> {
                 .duration_since(t)
                 .map_or(0, |d| d.as_secs())
         }),
+        guard: guard_status(scope, &maps, &settings)?,
     })
+}
+
+fn guard_status(
+    scope: &Scope,
+    maps: &PinnedMaps,
+    settings: &Settings,
+) -> Result<Option<GuardStatus>> {
+    let pin_dir = pins::pin_dir(scope);
+    if settings.guard == 0 && !ebpf::guard::loaded(&pin_dir) {
+        return Ok(None);
+    }
+    let devices = maps
+        .guarded()?
+        .into_keys()
+        .map(|ifindex| {
+            let name = interfaces::name_of(ifindex);
+            let pinned = sys::obj_get(&ebpf::guard::link_pin(&pin_dir, ifindex, Direction::Egress));
+            let attached = match pinned {
+                Ok(link) => sys::tcx_link_ifindex(&link).ok() == Some(ifindex),
+                Err(_) => name.is_some() && !ebpf::guard::uses_links(),
+            };
+            GuardDevice {
+                ifindex,
+                name,
+                attached,
+            }
+        })
+        .collect();
+    Ok(Some(GuardStatus {
+        devices,
+        counters: counters(maps.guard_counters()?),
+    }))
 }
 
 /// What an nftables table enforces, read back from the kernel.
@@ -373,6 +447,7 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
         recent_drops: Vec::new(),
         tunnels_changed: None,
         tunnels_changed_seconds_ago: None,
+        guard: None,
     })
 }
 

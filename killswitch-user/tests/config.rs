@@ -101,7 +101,7 @@ fn each_kind_of_bad_input_has_its_message() {
         ("", format!("{f}: tunnels: missing; list the VPN's interfaces, e.g. tunnels = [\"tun0\"]")),
         (
             "tunnels = [\"tun0\"]\nkill = true\n",
-            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`, `vpn_client`"),
+            format!("{f}:2: unknown field `kill`, expected one of `tunnels`, `uplinks`, `server`, `lan`, `dhcp`, `ntp`, `dns`, `ipv6`, `inbound`, `vpn_client`, `guard`"),
         ),
         (
             "tunnels = [\"tun0\"]\n\n[vpn_client]\nmark = 0\n",

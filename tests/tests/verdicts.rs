@@ -1911,7 +1911,12 @@ sources = ["203.0.113.7"]
                     packet.vpn_client = k.be_client(packet.vpn_client);
                     let how = Carried::ALL[rng.below(4) as usize];
                     let bytes = carried(&frame(&packet), how);
-                    (bytes, model::Frame::Ip(packet), packet.direction, packet.mark)
+                    (
+                        bytes,
+                        model::Frame::Ip(packet),
+                        packet.direction,
+                        packet.mark,
+                    )
                 };
                 let (allowed, reason) = k.guard_verdict(direction, &bytes, mark);
                 let (verdict, expected) = model::guard_verdict(&policy, &frame);

@@ -3,6 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Args;
+use killswitch_common::Reason;
 
 use crate::{
     backend::{nftables, Backend},
@@ -10,7 +11,7 @@ use crate::{
     error::{Error, Result},
     events::{EventReader, Resolver},
     scope::Scope,
-    status::{self, ScopeStatus},
+    status::{self, CounterStatus, ScopeStatus},
     verify::thousands,
 };
 
@@ -221,19 +222,40 @@ fn print_table(s: &ScopeStatus) {
 }
 
 fn print_counters(s: &ScopeStatus) {
-    println!(
-        "packets  {:<8} {:<20} {:>12} {:>12}",
-        "verdict", "reason", "egress", "ingress"
-    );
-    let half = s.counters.len() / 2;
-    for (egress, ingress) in s.counters[..half].iter().zip(&s.counters[half..]) {
+    // Only the guard reads the link layer.
+    let guard_only = [Reason::LinkControl.name(), Reason::NotIp.name()];
+    // Another namespace passes only where the guard runs.
+    let shown = |c: &&CounterStatus| {
+        !guard_only.contains(&c.reason)
+            && (s.guard.is_some() || c.reason != Reason::OtherNamespace.name())
+    };
+    print_counter_table("packets", &s.counters, shown);
+    if let Some(guard) = &s.guard {
+        let devices: Vec<String> = guard
+            .devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} (ifindex {}){}",
+                    d.name.as_deref().unwrap_or("gone"),
+                    d.ifindex,
+                    if d.attached { "" } else { ", NOT ATTACHED" }
+                )
+            })
+            .collect();
         println!(
-            "         {:<8} {:<20} {:>12} {:>12}",
-            egress.verdict,
-            egress.reason,
-            thousands(egress.packets),
-            thousands(ingress.packets)
+            "guard    {}",
+            if devices.is_empty() {
+                "on; no uplink to watch yet".to_owned()
+            } else {
+                format!("on {}", devices.join(", "))
+            }
         );
+        print_counter_table("frames", &guard.counters, |c| {
+            crate::status::GUARD_REASONS
+                .iter()
+                .any(|r| r.name() == c.reason)
+        });
     }
     if s.backend == "ebpf" {
         println!(
@@ -252,6 +274,32 @@ fn print_counters(s: &ScopeStatus) {
         }
     } else {
         println!("events   dropped packets are logged by the kernel, prefix \"killswitch drop\"");
+    }
+}
+
+/// A table of counters per reason, egress and ingress side by side, of the rows `shown` keeps.
+fn print_counter_table(
+    title: &str,
+    counters: &[CounterStatus],
+    shown: impl Fn(&&CounterStatus) -> bool,
+) {
+    println!(
+        "{title:<8} {:<8} {:<20} {:>12} {:>12}",
+        "verdict", "reason", "egress", "ingress"
+    );
+    let half = counters.len() / 2;
+    for (egress, ingress) in counters[..half]
+        .iter()
+        .zip(&counters[half..])
+        .filter(|(e, _)| shown(e))
+    {
+        println!(
+            "         {:<8} {:<20} {:>12} {:>12}",
+            egress.verdict,
+            egress.reason,
+            thousands(egress.packets),
+            thousands(ingress.packets)
+        );
     }
 }
 

@@ -55,6 +55,11 @@ pub fn link_pin(pin_dir: &Path, ifindex: u32, direction: Direction) -> PathBuf {
     pin_dir.join(format!("guard_{ifindex}_{}_link", direction.name()))
 }
 
+/// Whether guards are TCX links here (pinned) rather than clsact filters.
+pub fn uses_links() -> bool {
+    has_tcx()
+}
+
 /// TCX links came with Linux 6.6.
 fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))

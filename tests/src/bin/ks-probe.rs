@@ -9,6 +9,9 @@
 //! those the kernel refused.
 //! `ks-probe blast ADDR:PORT COUNT`: COUNT UDP datagrams back to back; prints ns per send and
 //! how many were refused.
+//! `ks-probe raw IFNAME SRC:PORT DST:PORT`: one IPv4 UDP datagram in an Ethernet frame (to the
+//! broadcast address) sent on IFNAME through an `AF_PACKET` socket, past the IP stack, as a DHCP
+//! client sends its discovery. Exit 0 when the device took it.
 //! `ks-probe stream ADDR:PORT MILLIS`: like flood, on a flow answered once first (conntrack holds
 //! it as established); prints "established" when the answer came.
 
@@ -38,6 +41,19 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if kind == "raw" {
+        let (Some(source), Some(destination)) = (args.get(3), args.get(4)) else {
+            eprintln!("usage: ks-probe raw IFNAME SRC:PORT DST:PORT");
+            return ExitCode::from(2);
+        };
+        return match raw(addr, parse_addr(source), parse_addr(destination)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(reason) => {
+                eprintln!("raw on {addr}: {reason}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if kind == "serve" {
         let port = addr.parse().expect("PORT");
         let millis = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000);
@@ -65,6 +81,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn raw(interface: &str, source: SocketAddr, destination: SocketAddr) -> Result<(), String> {
+    use killswitch::packets::{ethernet, ipv4, transport, ETH_P_IP};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (SocketAddr::V4(source), SocketAddr::V4(destination)) = (source, destination) else {
+        return Err("IPv4 only".into());
+    };
+    let mut udp = transport(17, source.port(), destination.port());
+    udp.extend_from_slice(b"ping");
+    let mut frame = ethernet(
+        ETH_P_IP,
+        &ipv4(17, *source.ip(), *destination.ip(), 0, &udp),
+    );
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    let name = std::ffi::CString::new(interface).map_err(|e| e.to_string())?;
+    // SAFETY: a plain C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(format!("no interface {interface}"));
+    }
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zero is a valid sockaddr_ll to start from.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_ifindex = ifindex as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: the frame and the address are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
 }
 
 fn tcp(addr: SocketAddr, timeout: Duration) -> Result<(), String> {

@@ -1,0 +1,240 @@
+//! The uplink guard end to end over a real OpenVPN tunnel: a container-like namespace routed
+//! through the client (forwarding on, masquerade as Docker sets it up) and frames sent on a raw
+//! packet socket, with the leak oracle on the router outside the client.
+
+use std::time::{Duration, Instant};
+
+use testbed::{
+    lab::{Lab, VPN_PORT, VPN_SERVER, WEB_HOST},
+    process::{killswitch, killswitch_command, nft_in, output_in, Background},
+    require_root, write_config, Cgroup, Netns, PinRoot,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_ks-probe");
+const WEB_PORT: u16 = 80;
+/// The container's network, behind the client (198.18.0.0/15 is the tunnel's too: another /24).
+const CONTAINER: &str = "198.19.9.2";
+const CONTAINER_GATEWAY: &str = "198.19.9.1";
+
+/// What leaves the client for the web host in the clear (the tunnel carries it otherwise).
+fn to_web_host() -> String {
+    format!("dst host {WEB_HOST}")
+}
+
+struct Bed {
+    lab: Lab,
+    container: Netns,
+    /// The scope (standing in for the cgroup2 root); the container's processes run in it, as a
+    /// container's do under the system-wide scope.
+    cgroup: Cgroup,
+    pins: PinRoot,
+    config: std::path::PathBuf,
+    backend: &'static str,
+}
+
+impl Bed {
+    fn new(backend: &'static str) -> Bed {
+        let lab = Lab::new(&[WEB_PORT]);
+        let container = Netns::new("ct");
+        container.veth("eth0", &lab.client, "vc0");
+        container.addr("eth0", &format!("{CONTAINER}/24"));
+        lab.client.addr("vc0", &format!("{CONTAINER_GATEWAY}/24"));
+        container.ip(&["route", "add", "default", "via", CONTAINER_GATEWAY]);
+        lab.client.sysctl("net.ipv4.ip_forward", "1");
+        // As Docker does: whatever leaves by another interface than the bridge is masqueraded.
+        let nat = nft_in(
+            &lab.client,
+            &["add table ip ctnat; \
+                 add chain ip ctnat post { type nat hook postrouting priority 100; }; \
+                 add rule ip ctnat post ip saddr 198.19.9.0/24 oifname != \"vc0\" masquerade"],
+        );
+        assert!(
+            nat.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&nat.stderr)
+        );
+        let config = lab.dir().join("killswitch.toml");
+        // The uplink is a veth here, which the guard skips unless `uplinks` names it.
+        write_config(
+            &config,
+            &format!(
+                "tunnels = [\"tun0\"]\nuplinks = [\"c0\"]\n\n[[server]]\naddress = \"{VPN_SERVER}\"\n\
+                 port = {VPN_PORT}\nprotocol = \"udp\"\n\n[guard]\nenabled = true\n"
+            ),
+        );
+        Bed {
+            lab,
+            container,
+            cgroup: Cgroup::new(),
+            pins: PinRoot::new(),
+            config,
+            backend,
+        }
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["--config", self.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--cgroup", &self.cgroup.relative]);
+        all
+    }
+
+    fn killswitch(&self, args: &[&str]) -> std::process::Output {
+        killswitch(&self.lab.client, &self.pins, &self.args(args))
+    }
+
+    fn daemon(&self) -> Background {
+        let args = self.args(&["daemon", "--backend", self.backend]);
+        let mut command = killswitch_command(&self.lab.client, &self.pins, &args);
+        let log = std::fs::File::create(self.lab.dir().join("daemon.log")).unwrap();
+        command.stderr(log);
+        let daemon = Background::start(command);
+        let started = Instant::now();
+        while !self.killswitch(&["status"]).status.success() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the daemon did not enforce the scope: {}",
+                self.lab.log("daemon.log")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// A TCP request from the container to the web host.
+    fn container_request(&self) -> bool {
+        let target = format!("{WEB_HOST}:{WEB_PORT}");
+        output_in(
+            &self.container,
+            Some(&self.cgroup),
+            PROBE,
+            &["tcp", &target, "700"],
+        )
+        .status
+        .success()
+    }
+
+    /// [`Bed::container_request`] until one succeeds, at most `limit`.
+    fn container_reaches(&self, limit: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if self.container_request() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A UDP datagram from the client on a raw packet socket on its uplink.
+    fn raw(&self, source: &str, destination: &str) -> bool {
+        output_in(
+            &self.lab.client,
+            None,
+            PROBE,
+            &["raw", "c0", source, destination],
+        )
+        .status
+        .success()
+    }
+}
+
+fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
+    let mut bed = Bed::new(backend);
+    bed.lab.connect();
+    let daemon = bed.daemon();
+    let status = String::from_utf8_lossy(&bed.killswitch(&["status"]).stdout).into_owned();
+    if backend == "ebpf" {
+        assert!(status.contains("guard    on c0"), "{status}");
+    }
+    assert!(
+        bed.container_reaches(Duration::from_secs(5)),
+        "the container did not reach the web host through the tunnel"
+    );
+
+    // The tunnel dies: the container's traffic now routes to the uplink.
+    bed.lab.start_capture();
+    bed.lab.kill_vpn_client();
+    let mut reached = 0;
+    for _ in 0..5 {
+        reached += usize::from(bed.container_request());
+    }
+    // A sender no cgroup hook sees (a VM's traffic comes from a tap device, not a socket).
+    let target = format!("{WEB_HOST}:{WEB_PORT}");
+    let unscoped = output_in(&bed.container, None, PROBE, &["tcp", &target, "700"]);
+    let web = format!("{WEB_HOST}:{WEB_PORT}");
+    let container_udp = output_in(
+        &bed.container,
+        Some(&bed.cgroup),
+        PROBE,
+        &["udp", &format!("{WEB_HOST}:53"), "300"],
+    );
+    let raw_sent = bed.raw("192.168.77.2:40000", &web);
+    let dhcp_sent = bed.raw("0.0.0.0:68", "255.255.255.255:67");
+    std::thread::sleep(Duration::from_millis(300));
+    let leaked = bed.lab.stop_capture(&to_web_host());
+    let dhcp_seen = bed.lab.captured("udp and dst port 67");
+    assert_eq!(
+        reached, 0,
+        "the container reached the web host with the tunnel dead"
+    );
+    assert!(!container_udp.status.success());
+    assert!(leaked.is_empty(), "leaked in the clear: {leaked:#?}");
+    assert!(!raw_sent, "the guard let a raw frame to the web host leave");
+    assert!(dhcp_sent, "a DHCP discovery on a packet socket was refused");
+    assert!(
+        !dhcp_seen.is_empty(),
+        "the DHCP discovery did not reach the router"
+    );
+    if backend == "ebpf" {
+        let status = String::from_utf8_lossy(&bed.killswitch(&["status"]).stdout).into_owned();
+        let dropped = status
+            .lines()
+            .skip_while(|l| !l.starts_with("frames"))
+            .find(|l| l.contains("default-drop"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            dropped.split_whitespace().nth(2).is_some_and(|n| n != "0"),
+            "the guard counted no drop:\n{status}"
+        );
+    }
+
+    // A reconnect under the daemon: the container is back through the new tunnel.
+    bed.lab.connect();
+    assert!(
+        bed.container_reaches(Duration::from_secs(10)),
+        "the container did not come back through the new tunnel: {}",
+        bed.lab.log("daemon.log")
+    );
+    drop(daemon);
+
+    // Without the kill switch the same traffic leaks: the oracle sees it, and `down` took the
+    // guard away with the rest.
+    let down = bed.killswitch(&["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    bed.lab.start_capture();
+    bed.lab.kill_vpn_client();
+    let reached_unguarded = bed.container_reaches(Duration::from_secs(5));
+    let raw_unguarded = bed.raw("192.168.77.2:40000", &web);
+    std::thread::sleep(Duration::from_millis(300));
+    let clear = bed.lab.stop_capture(&to_web_host());
+    assert!(
+        reached_unguarded,
+        "without the kill switch the container did not get out"
+    );
+    assert!(raw_unguarded);
+    assert!(
+        !clear.is_empty(),
+        "the leak oracle saw nothing without the kill switch"
+    );
+}
+
+#[test]
+fn the_guard_holds_a_containers_and_raw_frames_with_ebpf() {
+    require_root!();
+    guard_holds_forwarded_and_raw_traffic("ebpf");
+}
