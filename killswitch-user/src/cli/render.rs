@@ -39,6 +39,8 @@ pub(super) fn run(config: &Path, args: &RenderArgs) -> Result<ExitCode> {
         }
         None => None,
     };
+    // As `up` would put it in force: `[guard]` defaults to on for the whole machine.
+    let policy = policy.for_scope(cgroup.is_none());
     let (servers, unresolved) = ResolvedServers::resolve_now(&policy.servers);
     let ruleset = Ruleset {
         policy: &policy,

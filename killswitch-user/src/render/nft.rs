@@ -200,7 +200,16 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
             ),
         }
         c.end();
-        uplink(w, direction, policy, ruleset.lockdown.is_none());
+        uplink(
+            w,
+            direction,
+            policy,
+            ruleset.lockdown.is_none(),
+            (&uplink_chain, "vpn_client"),
+        );
+    }
+    if policy.guarded() && ruleset.lockdown.is_none() {
+        guard(w, policy, &tunnels, uplinks.as_deref(), &comment);
     }
     tunnel_ingress(w, policy);
     if let Some(client) = &policy.vpn_client {
@@ -440,13 +449,121 @@ impl<'w> Chain<'w> {
     }
 }
 
-/// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels).
+/// The uplink guard's part netfilter takes (docs/guard.md): what the host forwards out of or in
+/// from an uplink is held to the uplink chains, as the eBPF guard holds it. Raw-socket frames
+/// would need a netdev egress hook per device: not rendered.
+fn guard(
+    w: &mut String,
+    policy: &crate::policy::Policy,
+    tunnels: &[(String, bool)],
+    uplinks: Option<&[(String, bool)]>,
+    comment: &str,
+) {
+    writeln!(w, "\tchain forward {{").unwrap();
+    writeln!(
+        w,
+        "\t\ttype filter hook forward priority filter; policy accept;"
+    )
+    .unwrap();
+    if policy.ipv6 == Ipv6Mode::Block {
+        writeln!(
+            w,
+            "\t\tmeta nfproto ipv6 goto drop_{} comment \"{}\"",
+            counter_name(Direction::Egress, Reason::Ipv6Blocked),
+            step(Reason::Ipv6Blocked)
+        )
+        .unwrap();
+    }
+    writeln!(w, "\t\tjump forward_out comment \"{comment}\"").unwrap();
+    writeln!(w, "\t\tjump forward_in").unwrap();
+    writeln!(w, "\t}}").unwrap();
+    for direction in Direction::ALL {
+        let (chain, ifname, kind) = match direction {
+            Direction::Egress => ("forward_out", "oifname", "oifkind"),
+            Direction::Ingress => ("forward_in", "iifname", "iifkind"),
+        };
+        let mut uplink_chain = format!("{}_uplink", direction.name());
+        // `socket` cannot be asked in the forward hook: a forwarded packet has no socket, and
+        // only the client's mark can make it the VPN client's.
+        if let (Direction::Egress, Some(client)) = (direction, &policy.vpn_client) {
+            uplink_chain = format!("guard_{uplink_chain}");
+            uplink(
+                w,
+                direction,
+                policy,
+                true,
+                (&uplink_chain, "guard_vpn_client"),
+            );
+            let mut c = Chain::new(w, "guard_vpn_client");
+            if let Some(mark) = client.mark {
+                c.rule(
+                    &format!("meta mark {mark:#x}"),
+                    Allow(Direction::Egress, Reason::Server),
+                );
+            }
+            c.end();
+        }
+        let mut c = Chain::new(w, chain);
+        let quoted = |(name, wildcard): &(String, bool)| {
+            format!("\"{name}{}\"", if *wildcard { "*" } else { "" })
+        };
+        match uplinks {
+            Some(uplinks) => {
+                for uplink in uplinks {
+                    c.rule(
+                        &format!("{ifname} {}", quoted(uplink)),
+                        Goto(&uplink_chain, "guard: an uplink"),
+                    );
+                }
+            }
+            None => {
+                writeln!(c.w, "\t\t{ifname} \"lo\" return").unwrap();
+                for tunnel in tunnels {
+                    writeln!(c.w, "\t\t{ifname} {} return", quoted(tunnel)).unwrap();
+                }
+                writeln!(
+                    c.w,
+                    "\t\tmeta {kind} {{ {} }} return comment \"guard: leads back into this host or into a tunnel\"",
+                    INTERNAL_KINDS.map(|k| format!("\"{k}\"")).join(", ")
+                )
+                .unwrap();
+                c.rule(
+                    "",
+                    Goto(&uplink_chain, "guard: every other device is an uplink"),
+                );
+            }
+        }
+        c.end();
+    }
+}
+
+/// Link kinds (`ip -d link`) of devices that lead back into this host or into a tunnel rather
+/// than onto a wire, as `interfaces::guarded` skips them by driver; a NIC has no kind.
+const INTERNAL_KINDS: [&str; 13] = [
+    "veth",
+    "bridge",
+    "tun",
+    "openvswitch",
+    "dummy",
+    "vxlan",
+    "geneve",
+    "wireguard",
+    "ipip",
+    "sit",
+    "gre",
+    "ip6tnl",
+    "ip6gre",
+];
+
+/// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels), in the
+/// chain `name`; under `[vpn_client]` a server's packet asks the chain `client_chain`.
 /// `neighbour_discovery`: step 9 (lockdown has only loopback and DHCP).
 fn uplink(
     w: &mut String,
     direction: Direction,
     policy: &crate::policy::Policy,
     neighbour_discovery: bool,
+    (name, client_chain): (&str, &str),
 ) {
     let d = direction;
     let (addr, port, dhcp_ports_v4, dhcp_ports_v6) = match direction {
@@ -464,7 +581,7 @@ fn uplink(
         ),
     };
     let hidden = HIDDEN_NEXT_HEADERS.map(|n| n.to_string()).join(", ");
-    let mut c = Chain::new(w, &format!("{}_uplink", d.name()));
+    let mut c = Chain::new(w, name);
     // Transports the programs cannot read on an uplink: IPv4 options, a pending source route.
     c.rule("ip hdrlength != 5", Drop(d, Reason::SourceRoute));
     c.rule(
@@ -489,7 +606,7 @@ fn uplink(
         if restricted {
             c.rule(
                 server,
-                Jump("vpn_client", "4 server, if the VPN client sent it"),
+                Jump(client_chain, "4 server, if the VPN client sent it"),
             );
         } else {
             c.rule(server, Allow(d, Reason::Server));

@@ -229,6 +229,51 @@ impl Bench {
     }
 }
 
+/// The uplink guard's tc program on the uplink's paths, beside the cgroup program and the floor
+/// in the same rounds (1 server): what a frame pays on an uplink the guard watches, on top of
+/// the cgroup program when it comes from a local socket.
+fn guard(bench: &Bench, paths: &[VerdictPath], rounds: usize, repeat: u32) -> Result<Vec<Value>> {
+    use aya::programs::SchedClassifier;
+    use killswitch::ebpf::guard;
+    progress("per-packet cost of the uplink guard");
+    guard::load(&bench.pins.path, &bench.pins.path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut entries = bench.maps.entries().map_err(|e| anyhow::anyhow!("{e}"))?;
+    entries.guarded = [(bench.up0, ("up0".to_owned(), 14))].into();
+    PinnedMaps::open(&bench.pins.path)
+        .and_then(|mut maps| maps.write_interfaces(&entries))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let program =
+        SchedClassifier::from_pin(guard::program_pin(&bench.pins.path, Direction::Egress))?;
+    let uplink: Vec<&VerdictPath> = paths.iter().filter(|p| !p.on_tunnel).collect();
+    let mut measured = vec![(Vec::new(), Vec::new(), Vec::new()); uplink.len()];
+    for _ in 0..rounds {
+        for (path, (floor, cgroup, tc)) in uplink.iter().zip(&mut measured) {
+            floor.push(bench.once(bench.floor(), &path.frame, bench.up0, repeat)?);
+            cgroup.push(bench.path(path, repeat)?);
+            let ctx = skb_context(bench.up0);
+            let opts = TestRunOptions {
+                data_in: Some(&path.frame),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            };
+            tc.push(program.test_run(opts)?.duration.as_nanos() as f64);
+        }
+    }
+    Ok(uplink
+        .iter()
+        .zip(&measured)
+        .map(|(path, (floor, cgroup, tc))| {
+            json!({
+                "path": format!("{}, guard", path.name), "servers": 1, "lan_prefixes": 1,
+                "ns": stats(tc), "guard_vs_floor": median(tc) / median(floor),
+                "guard_vs_cgroup": median(tc) / median(cgroup),
+                "cgroup_ns": stats(cgroup), "floor_ns": stats(floor),
+            })
+        })
+        .collect())
+}
+
 pub fn run(netns: &Netns, options: Options) -> Result<Value> {
     let sizes = sizes(options);
     let mut bench = Bench::new(netns)?;
@@ -321,6 +366,7 @@ pub fn run(netns: &Netns, options: Options) -> Result<Value> {
     }
     drop(logs);
     drop(traced);
+    rows.extend(guard(&bench, &paths, sizes.rounds, sizes.repeat)?);
     let most = (
         *sizes.servers.last().expect("sizes"),
         *sizes.lan.last().expect("sizes"),

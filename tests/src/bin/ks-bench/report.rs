@@ -136,6 +136,22 @@ fn per_packet(md: &mut String, pp: &Value) {
     }
     let _ = writeln!(
         md,
+        "\nThe uplink guard (a tc program on the uplink; the tunnel has none), 1 server, same rounds, ns per frame:\n\n| path | floor | cgroup program | guard | guard / floor | guard / cgroup program |\n|---|---|---|---|---|---|"
+    );
+    for row in rows.iter().filter(|r| path(r).ends_with(", guard")) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.2} | {:.2} |",
+            path(row).trim_end_matches(", guard"),
+            spread(&row["floor_ns"], 0),
+            spread(&row["cgroup_ns"], 0),
+            spread(&row["ns"], 0),
+            num(&row["guard_vs_floor"]),
+            num(&row["guard_vs_cgroup"])
+        );
+    }
+    let _ = writeln!(
+        md,
         "\nTargets: tunnel ≤ 2.5× floor, server ≤ 5×, LAN ≤ 6×, default drop ≤ 6× at 100,000 servers and 1,000 LAN prefixes; every path at 100,000 servers within 1.1× of 1 server.\n"
     );
 }
