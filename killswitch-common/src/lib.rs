@@ -32,6 +32,12 @@ pub const LOCKDOWN_REASON_BYTES: usize = 512;
 /// Drop events each CPU keeps in `RECENT_DROPS` for `status` (the newest overwrite the oldest).
 pub const RECENT_DROPS_PER_CPU: u32 = 4;
 
+/// `GUARDED` values besides a link-layer header length: a device the guard watches that is not
+/// an uplink (`uplinks` does not name it: nothing passes), and one whose frames it cannot read
+/// (nothing passes either).
+pub const GUARD_NOT_AN_UPLINK: u8 = 254;
+pub const GUARD_UNREADABLE: u8 = 255;
+
 /// An interface the policy trusts, named by ifindex *and* network namespace: ifindexes are only
 /// unique inside one namespace, and a scope's programs also see its processes in other namespaces.
 #[repr(C)]

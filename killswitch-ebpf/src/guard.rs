@@ -12,7 +12,9 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::TcContext,
 };
-use killswitch_common::{Direction, Reason, Settings, COUNTER_ENTRIES, MAX_INTERFACES};
+use killswitch_common::{
+    Direction, Reason, Settings, COUNTER_ENTRIES, GUARD_NOT_AN_UPLINK, MAX_INTERFACES,
+};
 
 use crate::packet::{Frame, Packet, ETH_P_IPV6};
 
@@ -83,6 +85,9 @@ fn judge(ctx: &TcContext, direction: Direction, settings: &Settings) -> Reason {
     let Some(&header) = (unsafe { GUARDED.get(&ifindex) }) else {
         return Reason::NotUplink;
     };
+    if header == GUARD_NOT_AN_UPLINK {
+        return Reason::NotUplink;
+    }
     let Some(frame) = ip_frame(ctx, header as usize) else {
         return Reason::NotIp;
     };
@@ -123,8 +128,15 @@ fn judge(ctx: &TcContext, direction: Direction, settings: &Settings) -> Reason {
 #[inline(always)]
 fn ip_frame(ctx: &TcContext, header: usize) -> Option<Frame<'_>> {
     if header == 0 {
-        // Bare IP: the stack's word for what it is.
-        return Some(Frame::at(&ctx.skb, 0, ctx.skb.protocol()));
+        // Bare IP: what the receiver reads is the version in the first byte (a raw socket
+        // may send any `skb->protocol`, 0 included).
+        let version = ctx.skb.load::<u8>(0).ok()? >> 4;
+        let protocol = match version {
+            4 => ETH_IP,
+            6 => ETH_IPV6,
+            _ => return None,
+        };
+        return Some(Frame::at(&ctx.skb, 0, u32::from(protocol.to_be())));
     }
     if header != ETHERNET_HEADER {
         return None;

@@ -90,34 +90,34 @@ const TUNNEL_TYPES: [u16; 5] = [768, 769, 776, 778, 823];
 const ARPHRD_RAWIP: u16 = 519;
 
 /// What the guard gets for a device it cannot read: every frame dropped.
-pub const UNREADABLE_HEADER: u8 = u8::MAX;
+pub const UNREADABLE_HEADER: u8 = killswitch_common::GUARD_UNREADABLE;
 
-/// The devices the uplink guard watches, each with the length of its link-layer header: the
-/// ones `uplinks` names (that are not tunnels) or, with `uplinks` unset, every interface but
-/// loopback, the tunnels and the internal kinds (veth, bridge, tun/tap, IP tunnels, ...).
+/// The devices the uplink guard watches, each with the length of its link-layer header: every
+/// interface but loopback, the tunnels and the internal kinds (veth, bridge, tun/tap, IP
+/// tunnels, ...), and the ones `uplinks` names. With `uplinks` set, a device it does not name
+/// gets a guard that passes nothing ([`killswitch_common::GUARD_NOT_AN_UPLINK`]): what the host
+/// forwards must not leave by a device the policy's exceptions may not use.
 pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interface, u8)> {
     if !policy.guarded() {
         return Vec::new();
     }
     let tunnels = matching(all, &policy.tunnels);
-    let candidates = match &policy.uplinks {
-        Some(uplinks) => matching(all, uplinks),
-        None => all
-            .iter()
-            .filter(|i| i.index != killswitch_common::LOOPBACK_IFINDEX)
-            .filter(|i| {
-                let internal = driver(&i.name)
-                    .is_some_and(|d| INTERNAL_DRIVERS.contains(&d.as_str()))
-                    || device_type(&i.name).is_some_and(|t| TUNNEL_TYPES.contains(&t));
-                !internal
-            })
-            .cloned()
-            .collect(),
-    };
+    let listed = policy.uplinks.as_deref().map(|u| matching(all, u));
+    let wired = all.iter().filter(|i| {
+        let internal = driver(&i.name).is_some_and(|d| INTERNAL_DRIVERS.contains(&d.as_str()))
+            || device_type(&i.name).is_some_and(|t| TUNNEL_TYPES.contains(&t));
+        i.index != killswitch_common::LOOPBACK_IFINDEX && !internal
+    });
+    let mut candidates: Vec<Interface> = wired.chain(listed.iter().flatten()).cloned().collect();
+    candidates.sort();
+    candidates.dedup();
     candidates
         .into_iter()
         .filter(|i| !tunnels.contains(i))
         .map(|i| {
+            if listed.as_ref().is_some_and(|listed| !listed.contains(&i)) {
+                return (i, killswitch_common::GUARD_NOT_AN_UPLINK);
+            }
             let header = match device_type(&i.name) {
                 Some(libc::ARPHRD_ETHER) => 14,
                 Some(libc::ARPHRD_NONE | libc::ARPHRD_PPP | ARPHRD_RAWIP) => 0,

@@ -255,6 +255,9 @@ pub fn in_netns<T>(netns: &Netns, f: impl FnOnce() -> T) -> T {
 /// Runs `f` with this whole process inside `cgroup`, then moves it back where it was.
 /// Runs `f` with this whole process in `cgroup` (sockets made there belong to it).
 pub fn in_cgroup<T>(cgroup: &Cgroup, f: impl FnOnce() -> T) -> T {
+    // The whole process moves: two tests of one binary must not do it at once.
+    static MOVED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _moved = MOVED.lock().unwrap_or_else(|e| e.into_inner());
     let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
     let home = own
         .lines()

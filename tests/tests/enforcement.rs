@@ -445,6 +445,71 @@ fn a_bad_config_at_the_first_up_holds_the_scope_in_lockdown() {
 
 /// A process of the scope in another network namespace (a container) whose interface has the
 /// host tunnel's ifindex: the programs key interfaces by namespace too, so it is not the tunnel.
+/// Sends one UDP datagram in an Ethernet frame on the client's uplink through an `AF_PACKET`
+/// socket; whether the device took it (a tc drop fails the send with ENOBUFS).
+fn raw_frame_sent(f: &Fixture, source: &str, destination: &str) -> bool {
+    let out = output_in(
+        &f.net.client,
+        None,
+        PROBE,
+        &["raw", "up0", source, destination],
+    );
+    out.status.success()
+}
+
+#[test]
+fn the_uplink_guard_drops_raw_frames_but_not_a_raw_dhcp_discovery() {
+    require_root!();
+    let f = Fixture::new();
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    testbed::write_config(
+        &f.config,
+        &format!("uplinks = [\"up0\"]\n{text}\n[guard]\nenabled = true\n"),
+    );
+    let other = format!("{OTHER_V4}:{OTHER_PORT}");
+    assert!(
+        raw_frame_sent(&f, "192.0.2.2:40000", &other),
+        "a raw frame was refused before `up`"
+    );
+    f.up();
+    assert!(
+        !raw_frame_sent(&f, "192.0.2.2:40000", &other),
+        "the guard let a raw frame to an internet host leave"
+    );
+    assert!(
+        raw_frame_sent(&f, "0.0.0.0:68", "255.255.255.255:67"),
+        "the guard refused a raw DHCP discovery"
+    );
+    let status = f.status_json();
+    let guard = &status["scopes"][0]["guard"];
+    assert_eq!(guard["devices"][0]["name"], "up0", "{guard:#}");
+    assert_eq!(guard["devices"][0]["attached"], true, "{guard:#}");
+    let guard_counter = |reason: &str| {
+        guard["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["direction"] == "egress" && c["reason"] == reason)
+            .and_then(|c| c["packets"].as_u64())
+            .unwrap()
+    };
+    assert!(guard_counter("default-drop") >= 1, "{guard:#}");
+    assert!(guard_counter("dhcp") >= 1, "{guard:#}");
+    // The scope's own sockets still get through the guard where the policy allows them.
+    assert!(reaches(
+        &f.net,
+        Some(&f.cgroup),
+        Probe::Udp(SERVER_V4, SERVER_PORT)
+    ));
+    assert!(!reaches(&f.net, None, Probe::Tcp(OTHER_V4, OTHER_PORT)));
+    f.killswitch_ok(&["down", "--cgroup", &f.cgroup.relative]);
+    assert!(
+        raw_frame_sent(&f, "192.0.2.2:40000", &other),
+        "`down` left the guard on the uplink"
+    );
+    assert!(reaches(&f.net, None, Probe::Tcp(OTHER_V4, OTHER_PORT)));
+}
+
 #[test]
 fn an_interface_of_another_namespace_with_the_tunnels_ifindex_is_not_the_tunnel() {
     require_root!();

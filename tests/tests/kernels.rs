@@ -3,7 +3,8 @@
 //! a child cgroup, the verdict tables and the property test's packets against the model) and
 //! real-packet checks on veth namespaces: a process in the scope is refused, one outside is not;
 //! a process of the scope in another namespace on the tunnel's ifindex is refused; a bad config
-//! at the first `up` gives lockdown; on 6.12, `trace` swaps in its copy, shows verdicts and
+//! at the first `up` gives lockdown; the uplink guard drops a raw frame (a TCX link on 6.12, a
+//! clsact filter on 6.1) and `down` removes it; on 6.12, `trace` swaps in its copy, shows verdicts and
 //! swaps back.
 //! The running kernel gets all of that from the other test files.
 //!
@@ -77,7 +78,8 @@ fn policy_steps() -> [Step; 4] {
             command: "/ks/enforcement --test-threads=1 --exact \
                       scope_allows_only_tunnel_loopback_and_servers_and_outlives_the_loader \
                       an_interface_of_another_namespace_with_the_tunnels_ifindex_is_not_the_tunnel \
-                      a_bad_config_at_the_first_up_holds_the_scope_in_lockdown",
+                      a_bad_config_at_the_first_up_holds_the_scope_in_lockdown \
+                      the_uplink_guard_drops_raw_frames_but_not_a_raw_dhcp_discovery",
         },
         // The traced copy needs more of the stack budget the ICMP-error program shares with
         // the ingress program that tail-calls it: the kernel must accept it too.

@@ -84,6 +84,8 @@ fn renderings(
 ) -> Vec<(String, String)> {
     let servers = servers(policy);
     let clients = clients(policy, client);
+    // As `render` and `up` resolve it: the guard on for the whole machine.
+    let policy = &policy.clone().for_scope(cgroup.is_none());
     let ruleset = Ruleset {
         policy,
         servers: &servers,

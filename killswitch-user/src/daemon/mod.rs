@@ -124,6 +124,8 @@ pub struct Daemon {
     clients: Vec<ClientCgroup>,
     /// The set last failed to put in force (its error is logged once).
     clients_failed: Option<Vec<ClientCgroup>>,
+    /// `killswitch run`'s scope: never a guard ([`Policy::without_guard`]).
+    run: bool,
 }
 
 impl Daemon {
@@ -132,13 +134,15 @@ impl Daemon {
     pub async fn start_for(config: PathBuf, scope: Scope, choice: Choice) -> Result<Daemon> {
         let stamp = Stamp::of(&config);
         let policy = match Policy::load(&config) {
-            Ok(policy) => policy.for_scope(scope.is_system_wide()),
+            Ok(policy) => policy.without_guard(),
             Err(e) => return Err(backend::lock_down(choice, &scope, e.into())),
         };
         if choice != Choice::Nftables {
             ebpf::warm_up();
         }
-        Daemon::start(config, stamp, scope, policy, choice).await
+        let mut daemon = Daemon::start(config, stamp, scope, policy, choice).await?;
+        daemon.run = true;
+        Ok(daemon)
     }
 
     async fn start(
@@ -165,6 +169,7 @@ impl Daemon {
             links,
             clients: Vec::new(),
             clients_failed: None,
+            run: false,
         };
         daemon.clients = vpn_client::current(&daemon.policy);
         let applied = backend::apply(choice, &daemon.scope, &daemon.policy, &mut daemon.servers)?;
@@ -318,7 +323,7 @@ impl Daemon {
             let entries = self.entries()?;
             self.maps()?.write_interfaces(&entries)?;
             if self.policy.guarded() {
-                ebpf::guard::attach(&pins::pin_dir(&self.scope), &entries.guarded)?;
+                ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
             }
             Ok(Some(entries))
         })();
@@ -481,6 +486,7 @@ impl Daemon {
         // Seen, valid or not: an invalid file left what is in force untouched, `up` included.
         self.stamp = Stamp::of(&self.config);
         let policy = match Policy::load(&self.config) {
+            Ok(policy) if self.run => policy.without_guard(),
             Ok(policy) => policy.for_scope(self.scope.is_system_wide()),
             Err(e) => {
                 tracing::error!("reload refused, the previous policy stays in force: {e}");

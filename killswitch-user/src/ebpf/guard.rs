@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     programs::{
-        links::FdLink,
+        links::{FdLink, Link},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
@@ -29,9 +29,15 @@ use crate::error::{chain, Error, Result};
 /// A device the guard watches: its name and the length of its link-layer header.
 pub type Guarded = BTreeMap<u32, (String, u8)>;
 
-/// The clsact filter's priority and handle on kernels without TCX.
-const FILTER_PRIORITY: u16 = 1;
+/// The clsact filter's handle on kernels without TCX; its priority is the scope's own
+/// ([`filter_priority`]), so that two scopes' filters both run, as two TCX links do.
 const FILTER_HANDLE: u16 = 0x4b53;
+
+/// A scope's clsact filter priority, from its pin directory: 1 to 0xffff.
+fn filter_priority(pin_dir: &Path) -> u16 {
+    let tag = crate::servers::name_tag(&pin_dir.to_string_lossy());
+    1 + (tag % 0xffff) as u16
+}
 
 pub fn program_name(direction: Direction) -> &'static str {
     match direction {
@@ -103,9 +109,10 @@ pub fn load(map_dir: &Path, pin_dir: &Path) -> Result<()> {
 
 /// Runs the pinned guard programs on exactly the `guarded` devices: new devices get one,
 /// devices that have one run the pinned programs from now (swapped in one step), and devices no
-/// longer guarded lose theirs.
+/// longer guarded lose theirs. Every device is tried; the first failure is returned.
 pub fn attach(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
     let tcx = has_tcx();
+    let mut failed = None;
     for direction in Direction::ALL {
         let mut program = if guarded.is_empty() {
             None
@@ -120,15 +127,18 @@ pub fn attach(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
         };
         for (&ifindex, (name, _)) in guarded {
             let program = program.as_mut().expect("guarded is not empty");
-            if tcx {
-                attach_link(program, pin_dir, ifindex, name, direction)?;
+            let attached = if tcx {
+                attach_link(program, pin_dir, ifindex, name, direction)
             } else {
-                attach_filter(program, name, direction)?;
+                attach_filter(program, filter_priority(pin_dir), name, direction)
+            };
+            if let Err(e) = attached {
+                failed.get_or_insert(e);
             }
         }
         detach_others(pin_dir, guarded, direction, !tcx)?;
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// The TCX way: the pinned link gets the program, or a new link is made and pinned.
@@ -183,14 +193,19 @@ fn attach_link(
 }
 
 /// The clsact way (before Linux 6.6): a filter of fixed priority and handle, replaced in place.
-fn attach_filter(program: &mut SchedClassifier, name: &str, direction: Direction) -> Result<()> {
+fn attach_filter(
+    program: &mut SchedClassifier,
+    priority: u16,
+    name: &str,
+    direction: Direction,
+) -> Result<()> {
     let failed = |e: String| Error::kernel(format!("cannot attach the uplink guard to {name}"), e);
     if let Err(e) = tc::qdisc_add_clsact(name) {
         // It is there already (ours, or someone's): fine.
         tracing::debug!("clsact on {name}: {e}");
     }
     let options = || NlOptions {
-        priority: FILTER_PRIORITY,
+        priority,
         handle: TcHandle::new(0, FILTER_HANDLE),
         classid: None,
     };
@@ -206,7 +221,7 @@ fn attach_filter(program: &mut SchedClassifier, name: &str, direction: Direction
             let existing = SchedClassifierLink::attached(
                 name,
                 attach_type(direction),
-                FILTER_PRIORITY,
+                priority,
                 TcHandle::new(0, FILTER_HANDLE),
                 None,
             )
@@ -255,12 +270,16 @@ fn detach_others(
             if guarded.contains_key(&interface.index) {
                 continue;
             }
-            // NotFound: no guard there.
-            let _ = tc::qdisc_detach_program(
+            // This scope's filter only (its priority): no error when there is none.
+            if let Ok(filter) = SchedClassifierLink::attached(
                 &interface.name,
                 attach_type(direction),
-                program_name(direction),
-            );
+                filter_priority(pin_dir),
+                TcHandle::new(0, FILTER_HANDLE),
+                None,
+            ) {
+                let _ = filter.detach();
+            }
         }
     }
     Ok(())
@@ -269,8 +288,7 @@ fn detach_others(
 /// Removes every guard of the scope and its pinned programs (`down`).
 pub fn remove(pin_dir: &Path) -> Result<()> {
     let none = Guarded::new();
-    // Filters are found by name, not by scope: only a scope that pinned guard programs had any.
-    let filters = loaded(pin_dir) && !has_tcx();
+    let filters = !has_tcx();
     for direction in Direction::ALL {
         detach_others(pin_dir, &none, direction, filters)?;
         super::remove_if_present(&program_pin(pin_dir, direction))?;

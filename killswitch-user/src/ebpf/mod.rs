@@ -564,7 +564,20 @@ fn run_guard(map_dir: &Path, pin_dir: &Path, entries: &MapEntries, reload: bool)
     if reload || !guard::loaded(pin_dir) {
         guard::load(map_dir, pin_dir)?;
     }
-    guard::attach(pin_dir, &entries.guarded)
+    guard::attach(pin_dir, &entries.guarded).inspect_err(|_| {
+        // Nothing may leave by a device without its guard: other namespaces stop passing.
+        if let Ok(mut maps) = PinnedMaps::open(pin_dir) {
+            let _ = maps.set_guard(false);
+        }
+    })
+}
+
+/// The daemon's attach after a link event: the guard on exactly `guarded`, and other
+/// namespaces passing the cgroup programs only while that holds for every device.
+pub fn guard_uplinks(pin_dir: &Path, guarded: &guard::Guarded) -> Result<()> {
+    let attached = guard::attach(pin_dir, guarded);
+    let switched = PinnedMaps::open(pin_dir).and_then(|mut maps| maps.set_guard(attached.is_ok()));
+    attached.and(switched)
 }
 
 /// Holds a scope that is not enforced yet in lockdown because the policy cannot be applied
@@ -688,6 +701,10 @@ pub fn remove(scope: &Scope) -> Result<bool> {
         return Ok(false);
     };
     reuse::forget(&pins::pin_dir(scope));
+    // Other namespaces stop passing before the guard goes.
+    if let Ok(mut maps) = PinnedMaps::open(&pins::pin_dir(scope)) {
+        let _ = maps.set_guard(false);
+    }
     remove_pins(&pins::pin_dir(scope))?;
     Ok(true)
 }

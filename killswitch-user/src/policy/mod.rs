@@ -41,6 +41,13 @@ impl Policy {
         self
     }
 
+    /// The policy with no guard, whatever the config says: `killswitch run`'s scopes hold one
+    /// command, and a guard holds every frame on the uplinks, whoever sent it.
+    pub fn without_guard(mut self) -> Policy {
+        self.guard = Some(false);
+        self
+    }
+
     /// Whether the uplink guard runs (see [`Policy::for_scope`]).
     pub fn guarded(&self) -> bool {
         self.guard == Some(true)

@@ -370,9 +370,17 @@ pub fn servers_script(table: &str, servers: &[ServerEndpoint]) -> String {
 }
 
 /// Whether a ruleset has a counter for the reason (netfilter never judges an ICMP error by
-/// what it quotes, and has no malformed header of its own).
+/// what it quotes, has no malformed header of its own, sees no other namespace and no link
+/// layer).
 fn reachable(reason: Reason) -> bool {
-    !matches!(reason, Reason::IcmpError | Reason::Malformed)
+    !matches!(
+        reason,
+        Reason::IcmpError
+            | Reason::Malformed
+            | Reason::OtherNamespace
+            | Reason::LinkControl
+            | Reason::NotIp
+    )
 }
 
 fn set(
@@ -507,31 +515,29 @@ fn guard(
         let quoted = |(name, wildcard): &(String, bool)| {
             format!("\"{name}{}\"", if *wildcard { "*" } else { "" })
         };
+        for uplink in uplinks.unwrap_or_default() {
+            c.rule(
+                &format!("{ifname} {}", quoted(uplink)),
+                Goto(&uplink_chain, "guard: an uplink"),
+            );
+        }
+        writeln!(c.w, "\t\t{ifname} \"lo\" return").unwrap();
+        for tunnel in tunnels {
+            writeln!(c.w, "\t\t{ifname} {} return", quoted(tunnel)).unwrap();
+        }
+        writeln!(
+            c.w,
+            "\t\tmeta {kind} {{ {} }} return comment \"guard: leads back into this host or into a tunnel\"",
+            INTERNAL_KINDS.map(|k| format!("\"{k}\"")).join(", ")
+        )
+        .unwrap();
+        // A device onto a wire: an uplink, unless `uplinks` names others.
         match uplinks {
-            Some(uplinks) => {
-                for uplink in uplinks {
-                    c.rule(
-                        &format!("{ifname} {}", quoted(uplink)),
-                        Goto(&uplink_chain, "guard: an uplink"),
-                    );
-                }
-            }
-            None => {
-                writeln!(c.w, "\t\t{ifname} \"lo\" return").unwrap();
-                for tunnel in tunnels {
-                    writeln!(c.w, "\t\t{ifname} {} return", quoted(tunnel)).unwrap();
-                }
-                writeln!(
-                    c.w,
-                    "\t\tmeta {kind} {{ {} }} return comment \"guard: leads back into this host or into a tunnel\"",
-                    INTERNAL_KINDS.map(|k| format!("\"{k}\"")).join(", ")
-                )
-                .unwrap();
-                c.rule(
-                    "",
-                    Goto(&uplink_chain, "guard: every other device is an uplink"),
-                );
-            }
+            Some(_) => c.rule("", Drop(direction, Reason::NotUplink)),
+            None => c.rule(
+                "",
+                Goto(&uplink_chain, "guard: every other device is an uplink"),
+            ),
         }
         c.end();
     }
