@@ -185,6 +185,10 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
         "the container reached the web host with the tunnel dead"
     );
     assert!(!container_udp.status.success());
+    assert!(
+        !unscoped.status.success(),
+        "a sender outside the scope got out"
+    );
     assert!(leaked.is_empty(), "leaked in the clear: {leaked:#?}");
     if backend == "ebpf" {
         assert!(raw_leaked.is_empty(), "raw frames leaked: {raw_leaked:#?}");
@@ -219,6 +223,17 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
         "the container did not come back through the new tunnel: {}",
         bed.lab.log("daemon.log")
     );
+    let verify = bed.killswitch(&["verify"]);
+    let report = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(verify.status.success(), "verify failed:\n{report}");
+    if backend == "ebpf" {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains("guard") && l.contains("c0")),
+            "{report}"
+        );
+    }
     drop(daemon);
 
     // Without the kill switch the same traffic leaks: the oracle sees it, and `down` took the

@@ -120,7 +120,7 @@ fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
     // The tests find the probe at the path it was built to.
     let probe = env!("CARGO_BIN_EXE_ks-probe");
     initramfs.add_binary(Path::new(probe), probe);
-    for module in ["veth", "tun"] {
+    for module in ["veth", "tun", "sch_ingress", "cls_bpf"] {
         initramfs.add_module(&kernel.modules, module);
     }
     initramfs.add_script("/init", &init_script(steps));
@@ -167,7 +167,7 @@ fn init_script(steps: &[Step]) -> String {
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup; mount -t bpf bpffs /sys/fs/bpf\n\
          mkdir -p /run/netns; chmod 1777 /tmp\n\
-         insmod /ks/veth.ko; insmod /ks/tun.ko\n\
+         insmod /ks/veth.ko; insmod /ks/tun.ko; insmod /ks/sch_ingress.ko; insmod /ks/cls_bpf.ko\n\
          ip link set lo up\n\
          export KILLSWITCH_BIN=/ks/killswitch RUST_BACKTRACE=0\n\
          cd /tmp\n\

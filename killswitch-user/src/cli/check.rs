@@ -126,6 +126,14 @@ pub(super) fn run(config: &Path) -> Result<ExitCode> {
         })
         .collect();
     println!("inbound  {}", list(inbound));
+    println!(
+        "guard    {}",
+        match policy.guard {
+            Some(true) => "on: forwarded and raw-socket frames held on the uplinks",
+            Some(false) => "off",
+            None => "on for the system-wide scope, off for others (the default)",
+        }
+    );
     Ok(if print_kernel() {
         ExitCode::SUCCESS
     } else {

@@ -288,7 +288,11 @@ fn detach_others(
 /// Removes every guard of the scope and its pinned programs (`down`).
 pub fn remove(pin_dir: &Path) -> Result<()> {
     let none = Guarded::new();
-    let filters = !has_tcx();
+    // A filter is attached only once both programs are pinned (and unpinned only here).
+    let pinned = Direction::ALL
+        .iter()
+        .any(|&d| program_pin(pin_dir, d).exists());
+    let filters = pinned && !has_tcx();
     for direction in Direction::ALL {
         detach_others(pin_dir, &none, direction, filters)?;
         super::remove_if_present(&program_pin(pin_dir, direction))?;

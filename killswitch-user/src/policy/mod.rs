@@ -137,6 +137,12 @@ impl Policy {
 pub struct InterfacePattern(String);
 
 impl InterfacePattern {
+    /// The pattern that matches `name` alone (a name the config already checked, or one of
+    /// ours).
+    pub fn exact(name: &str) -> InterfacePattern {
+        InterfacePattern(name.to_owned())
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => name.starts_with(prefix),

@@ -112,6 +112,7 @@ pub(super) fn checks(scope: &Scope, policy: &Policy, answers: &super::Answers) -
         }
     };
     checks.extend(maps_checks(policy, &live, answers));
+    checks.push(guard_check(policy, &live, &pin_dir));
     let held_servers: Vec<_> = live.servers.iter().map(server_endpoint).collect();
     let judged_by = with_servers(policy, &held_servers);
     let snapshot = Snapshot {
@@ -550,6 +551,76 @@ fn maps_checks(policy: &Policy, live: &MapEntries, answers: &super::Answers) -> 
         checks.push(clients_check(live, &plan, &clients));
     }
     checks
+}
+
+/// `guard`: with `[guard]`, the guard's device map holds exactly the devices present now that
+/// should have one, and each has its TCX links in both directions (clsact filters, before
+/// Linux 6.6, have no pin to check); without, no guard is pinned.
+fn guard_check(policy: &Policy, live: &MapEntries, pin_dir: &Path) -> Check {
+    use crate::ebpf::guard;
+    const CHECK: &str = "guard";
+    if !policy.guarded() {
+        return if live.guarded.is_empty() && !guard::loaded(pin_dir) {
+            Check::pass(CHECK, "off, and none is attached")
+        } else {
+            Check::fail(
+                CHECK,
+                "the policy has no guard but one is pinned",
+                "run `killswitch up` to remove it",
+            )
+        };
+    }
+    let list = interfaces::list().unwrap_or_default();
+    let plan: BTreeMap<u32, u8> = interfaces::guarded(&list, policy)
+        .into_iter()
+        .map(|(i, header)| (i.index, header))
+        .collect();
+    let held: BTreeMap<u32, u8> = live.guarded.iter().map(|(&i, (_, h))| (i, *h)).collect();
+    let name = |ifindex: &u32| {
+        interfaces::name_of(*ifindex).map_or(format!("ifindex {ifindex} (gone)"), |n| {
+            format!("{n} (ifindex {ifindex})")
+        })
+    };
+    let mut problems = Vec::new();
+    if held != plan {
+        problems.push(format!(
+            "it watches [{}], the devices present now that need it are [{}]",
+            held.keys().map(name).collect::<Vec<_>>().join(", "),
+            plan.keys().map(name).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if live.settings.guard == 0 {
+        problems.push(
+            "other namespaces do not pass the cgroup programs: a guard failed to attach".into(),
+        );
+    }
+    if guard::uses_links() {
+        for ifindex in plan.keys() {
+            for direction in Direction::ALL {
+                let attached = sys::obj_get(&guard::link_pin(pin_dir, *ifindex, direction))
+                    .and_then(|link| sys::tcx_link_ifindex(&link))
+                    .is_ok_and(|at| at == *ifindex);
+                if !attached {
+                    problems.push(format!(
+                        "no {} guard on {}",
+                        direction.name(),
+                        name(ifindex)
+                    ));
+                }
+            }
+        }
+    }
+    let devices: Vec<String> = plan.keys().map(name).collect();
+    Check::from_problems(
+        CHECK,
+        if devices.is_empty() {
+            "on; no device to watch now".to_owned()
+        } else {
+            format!("on {}", devices.join(", "))
+        },
+        problems,
+        "run `killswitch up`; start `killswitch daemon`, which guards uplinks as they come",
+    )
 }
 
 /// `lists`: settings, NTP, DNS, LAN and inbound entries exactly as planned.

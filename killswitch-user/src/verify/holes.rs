@@ -519,13 +519,20 @@ fn forwarding(policy: &Policy) -> Check {
         })
         .collect();
     match (forwards, guests.is_empty()) {
+        (true, false) if policy.guarded() => Check::pass(
+            "forwarding",
+            format!(
+                "this host forwards packets and has interfaces of guests: {}; the uplink guard holds what it forwards to the policy (docs/guard.md)",
+                guests.join(", ")
+            ),
+        ),
         (true, false) => Check::warn(
             "forwarding",
             format!(
                 "this host forwards packets and has interfaces of guests: {}; containers and VMs behind them are forwarded, which cgroup programs never see, so they can leave through the uplink in the clear when the tunnel is down",
                 guests.join(", ")
             ),
-            "stop forwarding (sysctl net.ipv4.ip_forward=0) while it matters, or give those guests a kill switch of their own (docs/threat-model.md)",
+            "turn the uplink guard on (`[guard] enabled = true`, the default system-wide), stop forwarding (sysctl net.ipv4.ip_forward=0) while it matters, or give those guests a kill switch of their own (docs/guard.md)",
         ),
         (true, true) => Check::pass(
             "forwarding",

@@ -8,7 +8,7 @@ use crate::{
     backend::nftables,
     error::Result,
     model::{Filter, Packet},
-    policy::Policy,
+    policy::{InterfacePattern, Policy},
     scope::Scope,
 };
 
@@ -102,6 +102,14 @@ fn decide(
     servers: &[crate::policy::ServerEndpoint],
     set_by_command: bool,
 ) -> Check {
+    // The ruleset names interfaces: in the scratch namespace the tunnel and the uplink are its
+    // own (`tun0`, `up0`), as the generated packets' interfaces are.
+    let mut scratch_policy = policy.clone();
+    scratch_policy.tunnels = vec![InterfacePattern::exact(scratch::TUNNEL)];
+    if scratch_policy.uplinks.is_some() {
+        scratch_policy.uplinks = Some(vec![InterfacePattern::exact(scratch::UPLINK)]);
+    }
+    let policy = &scratch_policy;
     let result = scratch::run(|net| {
         let root = Scope::from_arg(None)?;
         let mut wire = wire::Wire::new(net)?;
