@@ -165,7 +165,7 @@ fn throughput(md: &mut String, tp: &Value) {
     );
     let _ = writeln!(
         md,
-        "| path | servers | test | no filter | floor program | eBPF | nftables | iptables |\n|---|---|---|---|---|---|---|---|"
+        "| path | servers | test | no filter | floor program | eBPF | eBPF + guard | nftables | iptables |\n|---|---|---|---|---|---|---|---|---|"
     );
     let rows = tp["rows"].as_array().cloned().unwrap_or_default();
     let mut keys: Vec<(String, u64, String)> = Vec::new();
@@ -200,7 +200,7 @@ fn throughput(md: &mut String, tp: &Value) {
         };
         let _ = writeln!(
             md,
-            "| {path} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {path} | {} | {} | {} | {} | {} | {} | {} | {} |",
             thousands(servers),
             if test == "tcp_gbits" {
                 "TCP Gbit/s"
@@ -210,6 +210,7 @@ fn throughput(md: &mut String, tp: &Value) {
             cell("none"),
             cell("floor"),
             cell("ebpf"),
+            cell("ebpf+guard"),
             cell("nftables"),
             cell("iptables")
         );

@@ -26,7 +26,15 @@ use testbed::{
 
 use crate::{median, progress, server, stats, timed, Options};
 
-const VARIANTS: [&str; 5] = ["none", "floor", "ebpf", "nftables", "iptables"];
+/// `ebpf+guard`: the eBPF backend with the uplink guard on `up0` too (the tunnel has none).
+const VARIANTS: [&str; 6] = [
+    "none",
+    "floor",
+    "ebpf",
+    "ebpf+guard",
+    "nftables",
+    "iptables",
+];
 const PORT: u16 = 5201;
 const TUNNEL_PEER: &str = "10.99.0.1";
 
@@ -134,6 +142,17 @@ impl Side {
                 args.extend(scope);
                 timed(&mut self.killswitch(bin, config, &args))?;
             }
+            "ebpf+guard" => {
+                let guarded = dir.join("guarded.toml");
+                let text = std::fs::read_to_string(config)?;
+                testbed::write_config(
+                    &guarded,
+                    &format!("uplinks = [\"up0\"]\n{text}\n[guard]\nenabled = true\n"),
+                );
+                let mut args = vec!["up", "--backend", "ebpf"];
+                args.extend(scope);
+                timed(&mut self.killswitch(bin, &guarded, &args))?;
+            }
             "iptables" => {
                 let out = self
                     .killswitch(bin, config, &["render", "iptables"])
@@ -236,7 +255,7 @@ pub fn run(bin: &Path, options: Options) -> Result<Value> {
 fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     let sizes = sizes(options);
     progress(
-        "throughput: namespaces and iperf3 servers for no filter, the floor, eBPF, nftables, iptables",
+        "throughput: namespaces and iperf3 servers for no filter, the floor, eBPF (and with the guard), nftables, iptables",
     );
     let sides: Vec<Side> = VARIANTS.iter().map(|v| Side::new(v, &sizes)).collect();
     // Let the iperf3 servers come up.
@@ -278,7 +297,7 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
         }
     }
     for side in &sides {
-        if side.variant == "ebpf" || side.variant == "nftables" {
+        if ["ebpf", "ebpf+guard", "nftables"].contains(&side.variant) {
             let _ = side
                 .killswitch(
                     bin,
