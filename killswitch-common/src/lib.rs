@@ -367,6 +367,15 @@ impl Reason {
         )
     }
 
+    /// Whether the uplink guard can give this reason (it never sees loopback, the tunnel or a
+    /// socket's namespace).
+    pub const fn guard_gives(self) -> bool {
+        !matches!(
+            self,
+            Reason::Loopback | Reason::Tunnel | Reason::InboundRefused | Reason::OtherNamespace
+        )
+    }
+
     /// Stable name used by `status`, logs and JSON.
     pub const fn name(self) -> &'static str {
         match self {

@@ -71,9 +71,11 @@ pub fn not_tunnel_like(all: &[Interface], patterns: &[InterfacePattern]) -> Vec<
         .collect()
 }
 
-/// Drivers of devices that lead back into this host or into a tunnel, never onto a wire: the
-/// guard watches the device their frames leave by instead (or the tunnel carries them).
-const INTERNAL_DRIVERS: [&str; 8] = [
+/// Kinds of devices (driver names, and `ip -d link`'s kinds) that lead back into this host or
+/// into a tunnel, never onto a wire: the guard watches the device their frames leave by
+/// instead (or a tunnel carries them). The last five are IP-in-IP tunnels, found here by their
+/// device type ([`TUNNEL_TYPES`]); nft matches them by kind.
+pub const INTERNAL_KINDS: [&str; 13] = [
     "veth",
     "bridge",
     "tun",
@@ -82,6 +84,11 @@ const INTERNAL_DRIVERS: [&str; 8] = [
     "vxlan",
     "geneve",
     "wireguard",
+    "ipip",
+    "sit",
+    "gre",
+    "ip6tnl",
+    "ip6gre",
 ];
 
 /// ARPHRD types of IP-in-IP tunnels (ipip, ip6tnl, sit, gre, ip6gre): what they carry leaves
@@ -104,7 +111,7 @@ pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interf
     let tunnels = matching(all, &policy.tunnels);
     let listed = policy.uplinks.as_deref().map(|u| matching(all, u));
     let wired = all.iter().filter(|i| {
-        let internal = driver(&i.name).is_some_and(|d| INTERNAL_DRIVERS.contains(&d.as_str()))
+        let internal = driver(&i.name).is_some_and(|d| INTERNAL_KINDS.contains(&d.as_str()))
             || device_type(&i.name).is_some_and(|t| TUNNEL_TYPES.contains(&t));
         i.index != killswitch_common::LOOPBACK_IFINDEX && !internal
     });

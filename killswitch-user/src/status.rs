@@ -96,26 +96,6 @@ pub struct GuardDevice {
     pub attached: bool,
 }
 
-/// The reasons the uplink guard can give, in the order `status` lists them.
-pub const GUARD_REASONS: [Reason; 16] = [
-    Reason::Server,
-    Reason::Dhcp,
-    Reason::Ntp,
-    Reason::Dns,
-    Reason::Lan,
-    Reason::NeighbourDiscovery,
-    Reason::IcmpError,
-    Reason::LinkControl,
-    Reason::NotUplink,
-    Reason::NotVpnClient,
-    Reason::LanDns,
-    Reason::Ipv6Blocked,
-    Reason::Default,
-    Reason::Malformed,
-    Reason::SourceRoute,
-    Reason::NotIp,
-];
-
 /// How many of the newest drop events `status` shows.
 pub const RECENT_DROPS_SHOWN: usize = 5;
 

@@ -38,6 +38,15 @@ address = "198.51.100.3"
 port = 51820
 "#;
 
+/// One run of `frame` with the context `ctx`.
+fn test_run_options<'a>(frame: &'a [u8], ctx: &'a [u8]) -> TestRunOptions<'a> {
+    TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(ctx),
+        ..Default::default()
+    }
+}
+
 /// This process's cgroup v2, unless it is the root.
 fn own_cgroup() -> Option<ClientCgroup> {
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -168,32 +177,38 @@ impl Kernel {
         }
         let program = SchedClassifier::from_pin(guard::program_pin(&self._pins.path, direction))
             .expect("the guard is pinned");
-        let before = self.maps.guard_counters().unwrap();
-        let ctx = skb_context_marked(self.up0, mark);
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        };
-        let result = program
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("test_run of {} bytes: {e:?}", frame.len()));
-        let after = self.maps.guard_counters().unwrap();
+        let (returned, reason) = self.counted(
+            || program.test_run(test_run_options(frame, &skb_context_marked(self.up0, mark))),
+            PinnedMaps::guard_counters,
+            direction,
+            frame,
+        );
+        // -1: on to the next program (allowed); 2: TC_ACT_SHOT.
+        assert!(matches!(returned as i32, -1 | 2), "{returned}");
+        (returned as i32 == -1, reason)
+    }
+
+    /// Runs one test run; returns its value and the one counter of `counters` it moved, which
+    /// must be in `direction`.
+    fn counted(
+        &self,
+        run: impl FnOnce() -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+        counters: fn(&PinnedMaps) -> killswitch::error::Result<Vec<(Direction, Reason, u64)>>,
+        direction: Direction,
+        frame: &[u8],
+    ) -> (u32, Reason) {
+        let before = counters(&self.maps).unwrap();
+        let result = run().unwrap_or_else(|e| panic!("test_run of {} bytes: {e:?}", frame.len()));
+        let after = counters(&self.maps).unwrap();
         let moved: Vec<_> = before
             .iter()
             .zip(&after)
             .filter(|(b, a)| a.2 != b.2)
             .map(|(_, a)| (a.0, a.1, a.2))
             .collect();
-        assert_eq!(moved.len(), 1, "exactly one counter per frame: {moved:?}");
+        assert_eq!(moved.len(), 1, "exactly one counter per packet: {moved:?}");
         assert_eq!(moved[0].0, direction, "counted in the wrong direction");
-        // -1: on to the next program (allowed); 2: TC_ACT_SHOT.
-        assert!(
-            matches!(result.return_value as i32, -1 | 2),
-            "{}",
-            result.return_value
-        );
-        (result.return_value as i32 == -1, moved[0].1)
+        (result.return_value, moved[0].1)
     }
 
     /// Runs one frame; returns whether it was allowed and the reason counter that moved.
@@ -229,27 +244,18 @@ impl Kernel {
         frame: &[u8],
         mark: u32,
     ) -> (bool, Reason) {
-        let before = self.maps.counters().unwrap();
-        let ctx = skb_context_marked(ifindex, mark);
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        };
-        let result = programs
-            .program(direction)
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("test_run of {} bytes: {e:?}", frame.len()));
-        let after = self.maps.counters().unwrap();
-        let moved: Vec<_> = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| a.2 != b.2)
-            .map(|(_, a)| (a.0, a.1, a.2))
-            .collect();
-        assert_eq!(moved.len(), 1, "exactly one counter per packet: {moved:?}");
-        assert_eq!(moved[0].0, direction, "counted in the wrong direction");
-        (result.return_value == 1, moved[0].1)
+        let (returned, reason) = self.counted(
+            || {
+                let ctx = skb_context_marked(ifindex, mark);
+                programs
+                    .program(direction)
+                    .test_run(test_run_options(frame, &ctx))
+            },
+            PinnedMaps::counters,
+            direction,
+            frame,
+        );
+        (returned == 1, reason)
     }
 }
 

@@ -252,9 +252,9 @@ fn print_counters(s: &ScopeStatus) {
             }
         );
         print_counter_table("frames", &guard.counters, |c| {
-            crate::status::GUARD_REASONS
+            Reason::ALL
                 .iter()
-                .any(|r| r.name() == c.reason)
+                .any(|r| r.guard_gives() && r.name() == c.reason)
         });
     }
     if s.backend == "ebpf" {

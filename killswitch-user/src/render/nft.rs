@@ -528,7 +528,7 @@ fn guard(
         writeln!(
             c.w,
             "\t\tmeta {kind} {{ {} }} return comment \"guard: leads back into this host or into a tunnel\"",
-            INTERNAL_KINDS.map(|k| format!("\"{k}\"")).join(", ")
+            crate::interfaces::INTERNAL_KINDS.map(|k| format!("\"{k}\"")).join(", ")
         )
         .unwrap();
         // A device onto a wire: an uplink, unless `uplinks` names others.
@@ -542,24 +542,6 @@ fn guard(
         c.end();
     }
 }
-
-/// Link kinds (`ip -d link`) of devices that lead back into this host or into a tunnel rather
-/// than onto a wire, as `interfaces::guarded` skips them by driver; a NIC has no kind.
-const INTERNAL_KINDS: [&str; 13] = [
-    "veth",
-    "bridge",
-    "tun",
-    "openvswitch",
-    "dummy",
-    "vxlan",
-    "geneve",
-    "wireguard",
-    "ipip",
-    "sit",
-    "gre",
-    "ip6tnl",
-    "ip6gre",
-];
 
 /// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels), in the
 /// chain `name`; under `[vpn_client]` a server's packet asks the chain `client_chain`.
