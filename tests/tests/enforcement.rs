@@ -495,6 +495,13 @@ fn the_uplink_guard_drops_raw_frames_but_not_a_raw_dhcp_discovery() {
     };
     assert!(guard_counter("default-drop") >= 1, "{guard:#}");
     assert!(guard_counter("dhcp") >= 1, "{guard:#}");
+    // `up` again puts its programs in the guard's place (a link update, or the filter
+    // replaced in place before TCX), with no gap and no second guard.
+    f.up();
+    assert!(
+        !raw_frame_sent(&f, "192.0.2.2:40000", &other),
+        "after a second `up` a raw frame left"
+    );
     // The scope's own sockets still get through the guard where the policy allows them.
     assert!(reaches(
         &f.net,

@@ -38,6 +38,9 @@ address = "198.51.100.3"
 port = 51820
 "#;
 
+/// How a test reads a counter map: the cgroup programs' or the guard's.
+type Counters = fn(&PinnedMaps) -> killswitch::error::Result<Vec<(Direction, Reason, u64)>>;
+
 /// One run of `frame` with the context `ctx`.
 fn test_run_options<'a>(frame: &'a [u8], ctx: &'a [u8]) -> TestRunOptions<'a> {
     TestRunOptions {
@@ -193,7 +196,7 @@ impl Kernel {
     fn counted(
         &self,
         run: impl FnOnce() -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
-        counters: fn(&PinnedMaps) -> killswitch::error::Result<Vec<(Direction, Reason, u64)>>,
+        counters: Counters,
         direction: Direction,
         frame: &[u8],
     ) -> (u32, Reason) {

@@ -339,7 +339,13 @@ impl Daemon {
                 );
                 self.log_tunnels(&entries);
             }
-            Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+            Err(e) => {
+                // A device may be left without its guard: other namespaces stop passing.
+                if self.policy.guarded() {
+                    ebpf::switch_off(&pins::pin_dir(&self.scope));
+                }
+                tracing::error!("cannot follow {change:?}: {e}");
+            }
         }
     }
 
@@ -508,7 +514,7 @@ impl Daemon {
             let _lock = self.lock()?;
             crate::servers::note_replaced_command_list(&pins::pin_dir(&self.scope));
             let entries = self.entries()?;
-            self.maps()?.write(&entries)?;
+            ebpf::write_policy(&pins::pin_dir(&self.scope), &entries)?;
             Ok(Some(entries))
         })();
         match result {

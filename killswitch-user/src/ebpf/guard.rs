@@ -29,14 +29,15 @@ use crate::error::{chain, Error, Result};
 /// A device the guard watches: its name and the length of its link-layer header.
 pub type Guarded = BTreeMap<u32, (String, u8)>;
 
-/// The clsact filter's handle on kernels without TCX; its priority is the scope's own
-/// ([`filter_priority`]), so that two scopes' filters both run, as two TCX links do.
-const FILTER_HANDLE: u16 = 0x4b53;
+/// The clsact filter's priority on kernels without TCX: first. Its handle is the scope's own
+/// ([`filter_handle`]): cls_bpf runs every filter of one priority in turn while they say
+/// "go on", so two scopes' guards both judge, as two TCX links do.
+const FILTER_PRIORITY: u16 = 1;
 
-/// A scope's clsact filter priority, from its pin directory: 1 to 0xffff.
-fn filter_priority(pin_dir: &Path) -> u16 {
+/// A scope's clsact filter handle, from its pin directory: 1 to 0xffff.
+fn filter_handle(pin_dir: &Path) -> TcHandle {
     let tag = crate::servers::name_tag(&pin_dir.to_string_lossy());
-    1 + (tag % 0xffff) as u16
+    TcHandle::new(0, 1 + (tag % 0xffff) as u16)
 }
 
 pub fn program_name(direction: Direction) -> &'static str {
@@ -130,7 +131,7 @@ pub fn attach(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
             let attached = if tcx {
                 attach_link(program, pin_dir, ifindex, name, direction)
             } else {
-                attach_filter(program, filter_priority(pin_dir), name, direction)
+                attach_filter(program, filter_handle(pin_dir), name, direction)
             };
             if let Err(e) = attached {
                 failed.get_or_insert(e);
@@ -195,7 +196,7 @@ fn attach_link(
 /// The clsact way (before Linux 6.6): a filter of fixed priority and handle, replaced in place.
 fn attach_filter(
     program: &mut SchedClassifier,
-    priority: u16,
+    handle: TcHandle,
     name: &str,
     direction: Direction,
 ) -> Result<()> {
@@ -205,8 +206,8 @@ fn attach_filter(
         tracing::debug!("clsact on {name}: {e}");
     }
     let options = || NlOptions {
-        priority,
-        handle: TcHandle::new(0, FILTER_HANDLE),
+        priority: FILTER_PRIORITY,
+        handle,
         classid: None,
     };
     let attached = program.attach_with_options(
@@ -214,15 +215,20 @@ fn attach_filter(
         attach_type(direction),
         TcAttachOptions::Netlink(options()),
     );
+    let exists = |e: &ProgramError| {
+        matches!(e, ProgramError::TcError(tc::TcError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::EEXIST))
+    };
     let id = match attached {
         Ok(id) => id,
+        Err(e) if !exists(&e) => return Err(failed(chain(&e))),
         Err(_) => {
-            // Our filter is there: replace its program.
+            // This scope's filter is there (its own handle): replace its program.
             let existing = SchedClassifierLink::attached(
                 name,
                 attach_type(direction),
-                priority,
-                TcHandle::new(0, FILTER_HANDLE),
+                FILTER_PRIORITY,
+                handle,
                 None,
             )
             .map_err(|e| failed(e.to_string()))?;
@@ -274,8 +280,8 @@ fn detach_others(
             if let Ok(filter) = SchedClassifierLink::attached(
                 &interface.name,
                 attach_type(direction),
-                filter_priority(pin_dir),
-                TcHandle::new(0, FILTER_HANDLE),
+                FILTER_PRIORITY,
+                filter_handle(pin_dir),
                 None,
             ) {
                 let _ = filter.detach();

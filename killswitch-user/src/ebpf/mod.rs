@@ -514,13 +514,9 @@ pub fn apply_with(
         // This build's programs already attached (an `up` of this boot recorded them): the
         // maps are the whole update, written without a moment wider than old or new.
         if !fresh && reuse::attached_are_ours(scope, &pin_dir) {
-            let written = PinnedMaps::open(&pin_dir).and_then(|mut maps| maps.write(&staged));
-            match written {
+            match PinnedMaps::open(&pin_dir).and_then(|mut maps| maps.write(&staged)) {
                 Ok(()) => {
-                    run_guard(&pin_dir, &pin_dir, &entries, false)?;
-                    if entries.settings.guard != staged.settings.guard {
-                        PinnedMaps::open(&pin_dir)?.set_guard(true)?;
-                    }
+                    guard_then_switch(&pin_dir, &entries)?;
                     return Ok(entries);
                 }
                 // The old policy is back in force (or the maps would not open): load afresh.
@@ -553,23 +549,60 @@ pub fn apply_with(
     }
 }
 
+/// Writes `entries` into the maps in force as [`apply`] does when the programs stay: the
+/// other-namespace switch no wider than it is now while the maps change, then the guard where
+/// `entries` wants it, then the switch (for the daemon's reload).
+pub fn write_policy(pin_dir: &Path, entries: &MapEntries) -> Result<()> {
+    let mut maps = PinnedMaps::open(pin_dir)?;
+    let mut staged = entries.clone();
+    staged.settings.guard &= maps.settings()?.guard;
+    maps.write(&staged)?;
+    guard_then_switch(pin_dir, entries)
+}
+
+/// The guard where `entries` wants it, then the other-namespace switch on if the policy has a
+/// guard; any failure leaves the switch off.
+fn guard_then_switch(pin_dir: &Path, entries: &MapEntries) -> Result<()> {
+    let result = run_guard(pin_dir, pin_dir, entries, false).and_then(|()| {
+        if entries.settings.guard != 0 {
+            PinnedMaps::open(pin_dir)?.set_guard(true)?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        switch_off(pin_dir);
+    }
+    result
+}
+
+/// Other namespaces stop passing the cgroup programs (best effort: on an error path).
+pub fn switch_off(pin_dir: &Path) {
+    if let Ok(mut maps) = PinnedMaps::open(pin_dir) {
+        let _ = maps.set_guard(false);
+    }
+}
+
 /// Puts the uplink guard where `entries` wants it: with the guard on, its programs loaded
 /// (again when `reload`, or when none are pinned yet) on the maps in `map_dir` and attached to
 /// exactly `entries.guarded`; with it off, none. The switch that lets other namespaces past
 /// the cgroup programs is the caller's, once this is done.
 fn run_guard(map_dir: &Path, pin_dir: &Path, entries: &MapEntries, reload: bool) -> Result<()> {
     if entries.settings.guard == 0 {
+        // The programs in force may still read the maps in `pin_dir` (a new set is staged).
+        switch_off(pin_dir);
         return guard::remove(pin_dir);
     }
-    if reload || !guard::loaded(pin_dir) {
-        guard::load(map_dir, pin_dir)?;
-    }
-    guard::attach(pin_dir, &entries.guarded).inspect_err(|_| {
-        // Nothing may leave by a device without its guard: other namespaces stop passing.
-        if let Ok(mut maps) = PinnedMaps::open(pin_dir) {
-            let _ = maps.set_guard(false);
+    let attached = (|| {
+        if reload || !guard::loaded(pin_dir) {
+            guard::load(map_dir, pin_dir)?;
         }
-    })
+        guard::attach(pin_dir, &entries.guarded)
+    })();
+    // Nothing may leave by a device without its guard: other namespaces stop passing.
+    if attached.is_err() {
+        switch_off(pin_dir);
+    }
+    attached
 }
 
 /// The daemon's attach after a link event: the guard on exactly `guarded`, and other
@@ -702,9 +735,7 @@ pub fn remove(scope: &Scope) -> Result<bool> {
     };
     reuse::forget(&pins::pin_dir(scope));
     // Other namespaces stop passing before the guard goes.
-    if let Ok(mut maps) = PinnedMaps::open(&pins::pin_dir(scope)) {
-        let _ = maps.set_guard(false);
-    }
+    switch_off(&pins::pin_dir(scope));
     remove_pins(&pins::pin_dir(scope))?;
     Ok(true)
 }
