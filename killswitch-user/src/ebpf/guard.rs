@@ -62,13 +62,8 @@ pub fn link_pin(pin_dir: &Path, ifindex: u32, direction: Direction) -> PathBuf {
     pin_dir.join(format!("guard_{ifindex}_{}_link", direction.name()))
 }
 
-/// Whether guards are TCX links here (pinned) rather than clsact filters.
+/// Whether guards are TCX links here (pinned; Linux 6.6) rather than clsact filters.
 pub fn uses_links() -> bool {
-    has_tcx()
-}
-
-/// TCX links came with Linux 6.6.
-fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
@@ -112,7 +107,7 @@ pub fn load(map_dir: &Path, pin_dir: &Path) -> Result<()> {
 /// devices that have one run the pinned programs from now (swapped in one step), and devices no
 /// longer guarded lose theirs. Every device is tried; the first failure is returned.
 pub fn attach(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
-    let tcx = has_tcx();
+    let tcx = uses_links();
     let mut failed = None;
     for direction in Direction::ALL {
         let mut program = if guarded.is_empty() {
@@ -298,7 +293,7 @@ pub fn remove(pin_dir: &Path) -> Result<()> {
     let pinned = Direction::ALL
         .iter()
         .any(|&d| program_pin(pin_dir, d).exists());
-    let filters = pinned && !has_tcx();
+    let filters = pinned && !uses_links();
     for direction in Direction::ALL {
         detach_others(pin_dir, &none, direction, filters)?;
         super::remove_if_present(&program_pin(pin_dir, direction))?;
