@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use killswitch::{
+    interfaces::Interface,
     policy::{Policy, ServerAddress, ServerEndpoint},
     render::{self, CgroupMatch, Ruleset},
     vpn_client::ClientCgroup,
@@ -92,6 +93,14 @@ fn renderings(
         cgroup: cgroup.map(|c| CgroupMatch::new(Path::new(c)).unwrap().unwrap()),
         lockdown: None,
         clients: &clients,
+        // A machine with one NIC, as `up` would list it.
+        guarded: &[(
+            Interface {
+                index: 2,
+                name: "eth0".into(),
+            },
+            14,
+        )],
     };
     vec![
         (format!("{name}.nft"), render::nft(&ruleset).unwrap()),
@@ -225,6 +234,7 @@ fn every_comment_fits_what_nft_keeps() {
                 }),
                 lockdown,
                 clients: &clients,
+                guarded: &[],
             };
             for comment in comments(&render::nft(&ruleset).unwrap()) {
                 assert!(
@@ -246,6 +256,7 @@ fn every_comment_fits_what_nft_keeps() {
         }),
         lockdown: None,
         clients: &[],
+        guarded: &[],
     };
     let refused = render::nft(&ruleset).unwrap_err().to_string();
     assert!(refused.contains("too long"), "{refused}");

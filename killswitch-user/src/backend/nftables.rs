@@ -102,12 +102,17 @@ fn write(
 ) -> Result<()> {
     let (table, cgroup) = table_of(scope)?;
     let clients = crate::vpn_client::current(policy);
+    let guarded = match lockdown {
+        None => guarded(policy)?,
+        Some(_) => Vec::new(),
+    };
     let script = render::nft(&Ruleset {
         policy,
         servers,
         cgroup: cgroup.clone(),
         lockdown,
         clients: &clients,
+        guarded: &guarded,
     })?;
     run_nft(
         &["-f", "-"],
@@ -125,6 +130,63 @@ fn write(
         ));
     }
     Ok(())
+}
+
+/// The devices whose frames the guard's netdev chains hold: the ones the eBPF guard would
+/// watch, now. None before Linux 5.16, which has no netdev egress hook (docs/guard.md).
+pub fn guarded(policy: &Policy) -> Result<Vec<(crate::interfaces::Interface, u8)>> {
+    if !policy.guarded() {
+        return Ok(Vec::new());
+    }
+    if !aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 16, 0))
+    {
+        tracing::warn!(
+            "this kernel has no netdev egress hook (Linux 5.16): the nftables guard holds what the \
+             host forwards, not raw-socket frames"
+        );
+        return Ok(Vec::new());
+    }
+    Ok(crate::interfaces::guarded(
+        &crate::interfaces::list()?,
+        policy,
+    ))
+}
+
+/// The devices the scope's netdev chains hook now, sorted (none without the table).
+pub fn frame_devices(scope: &Scope) -> Result<Vec<String>> {
+    let (table, _) = table_of(scope)?;
+    let Ok(json) = run_nft(&["-j", "list", "chains", "netdev"], None, false) else {
+        return Ok(Vec::new());
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))?;
+    let mut devices: Vec<String> = value["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("chain"))
+        .filter(|chain| chain["table"] == table.as_str())
+        // One device is a string, more are a list.
+        .flat_map(|chain| match &chain["dev"] {
+            serde_json::Value::String(one) => vec![one.clone()],
+            serde_json::Value::Array(many) => many
+                .iter()
+                .filter_map(|d| d.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    devices.sort();
+    Ok(devices)
+}
+
+/// Whether the guard's netdev table of this name is there (it holds copies of the server sets).
+fn holds_frames(table: &str) -> bool {
+    run_nft(&["list", "tables", "netdev"], None, false).is_ok_and(|out| {
+        out.lines()
+            .any(|l| l.trim() == format!("table netdev {table}"))
+    })
 }
 
 /// Adds a VPN client's cgroup to the scope's table, if the table holds the servers to its VPN
@@ -221,7 +283,7 @@ pub fn remove(scope: &Scope) -> Result<bool> {
     let (table, _) = table_of(scope)?;
     let mark = state_file(scope, "down")?;
     std::fs::write(&mark, "").map_err(|e| Error::io("cannot write", &mark, e))?;
-    run_nft(&["delete", "table", "inet", &table], None, false)
+    run_nft(&["-f", "-"], Some(&render::delete_script(&table)), false)
         .map_err(|e| Error::kernel("nft could not delete the table", e))?;
     Ok(true)
 }
@@ -451,7 +513,11 @@ pub fn set_servers(scope: &Scope, servers: &[ServerEndpoint]) -> Result<()> {
     let (table, _) = table_of(scope)?;
     run_nft(
         &["-f", "-"],
-        Some(&render::servers_script(&table, servers)),
+        Some(&render::servers_script(
+            &table,
+            servers,
+            holds_frames(&table),
+        )),
         false,
     )
     .map_err(|e| Error::kernel("nft refused the server list", e))?;
@@ -485,7 +551,7 @@ pub fn write_planned(
 /// Removes the scope's table from the current network namespace (a scratch one: `verify`).
 pub fn delete_table(scope: &Scope) -> Result<()> {
     let (table, _) = table_of(scope)?;
-    run_nft(&["delete", "table", "inet", &table], None, false)
+    run_nft(&["-f", "-"], Some(&render::delete_script(&table)), false)
         .map(|_| ())
         .map_err(|e| Error::kernel("nft could not delete the table", e))
 }

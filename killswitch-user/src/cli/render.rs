@@ -48,6 +48,8 @@ pub(super) fn run(config: &Path, args: &RenderArgs) -> Result<ExitCode> {
         cgroup,
         lockdown: None,
         clients: &crate::vpn_client::current(&policy),
+        // As `up` would list them on this machine now.
+        guarded: &crate::backend::nftables::guarded(&policy)?,
     };
     let text = match args.format {
         Format::Nft => render::nft(&ruleset)?,

@@ -307,11 +307,20 @@ impl Daemon {
         let started = Instant::now();
         let also = self.links.skip_queued();
         if self.backend == Backend::Nftables {
-            tracing::debug!(
-                ?change,
-                also,
-                "interfaces changed; the nft rules match names"
-            );
+            match self.follow_devices_nftables() {
+                Ok(Written::ConfigChanged) => self.reload_changed_config(),
+                Ok(Written::Changes) => tracing::info!(
+                    ?change,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "the guard's netdev chains now hook the devices there are"
+                ),
+                Ok(_) => tracing::debug!(
+                    ?change,
+                    also,
+                    "interfaces changed; the nft rules match names"
+                ),
+                Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+            }
             return;
         }
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
@@ -349,6 +358,39 @@ impl Daemon {
         }
     }
 
+    /// nftables: the guard's netdev chains hook devices by name, and only those there were:
+    /// a device that appeared (or one renamed) gets the table rendered anew.
+    fn follow_devices_nftables(&self) -> Result<Written> {
+        if !self.policy.guarded() {
+            return Ok(Written::Nothing);
+        }
+        let _lock = self.nftables_lock()?;
+        if self.config_changed() {
+            return Ok(Written::ConfigChanged);
+        }
+        let mut now: Vec<String> = nftables::guarded(&self.policy)?
+            .into_iter()
+            .map(|(device, _)| device.name)
+            .collect();
+        now.sort();
+        if now == nftables::frame_devices(&self.scope)? {
+            return Ok(Written::Nothing);
+        }
+        self.apply_nftables()?;
+        Ok(Written::Changes)
+    }
+
+    /// Renders the nftables table anew (one transaction); a server list set with `servers`
+    /// stays the table's. The caller holds the lock.
+    fn apply_nftables(&self) -> Result<()> {
+        let servers = if nftables::servers_set_by_command(&self.scope) {
+            nftables::read(&self.scope)?.servers()
+        } else {
+            self.servers.endpoints()
+        };
+        nftables::apply(&self.scope, &self.policy, &servers)
+    }
+
     /// The VPN client cgroups that exist now differ from those in force: the scope trusts
     /// exactly the new ones (a removed cgroup's id is dropped, a new one added).
     fn follow_clients(&mut self) {
@@ -369,13 +411,7 @@ impl Daemon {
                 if self.config_changed() {
                     return Ok(Written::ConfigChanged);
                 }
-                // One transaction; a list set with `servers` stays the table's.
-                let servers = if nftables::servers_set_by_command(&self.scope) {
-                    nftables::read(&self.scope)?.servers()
-                } else {
-                    self.servers.endpoints()
-                };
-                nftables::apply(&self.scope, &self.policy, &servers)?;
+                self.apply_nftables()?;
                 return Ok(Written::Changes);
             }
             let _lock = self.lock()?;

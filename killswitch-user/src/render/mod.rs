@@ -12,8 +12,8 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 pub use iptables::iptables;
 pub use nft::{
-    nft, servers_script, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY, INBOUND, SERVER_SETS,
-    SET_BY_COMMAND,
+    delete_script, nft, servers_script, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY, INBOUND,
+    SERVER_SETS, SET_BY_COMMAND,
 };
 
 use crate::{
@@ -38,6 +38,9 @@ pub struct Ruleset<'a> {
     pub lockdown: Option<String>,
     /// The `[vpn_client]` cgroups that exist now (see [`crate::vpn_client::current`]).
     pub clients: &'a [ClientCgroup],
+    /// The devices the uplink guard holds the frames of, as [`crate::interfaces::guarded`]
+    /// lists them (nft: a netdev egress chain on each; empty: none).
+    pub guarded: &'a [(crate::interfaces::Interface, u8)],
 }
 
 /// A scope's cgroup as netfilter matches a socket's: its path below the cgroup2 root.

@@ -75,59 +75,7 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
         }
     }
 
-    for (name, key, elements) in server_sets(&lists) {
-        set(w, name, key, false, elements.into_iter());
-    }
-    set(
-        w,
-        "lan4",
-        "ipv4_addr",
-        true,
-        lists
-            .lan
-            .iter()
-            .filter(|p| p.addr.is_ipv4())
-            .map(Prefix::to_string),
-    );
-    set(
-        w,
-        "lan6",
-        "ipv6_addr",
-        true,
-        lists
-            .lan
-            .iter()
-            .filter(|p| p.addr.is_ipv6())
-            .map(Prefix::to_string),
-    );
-    set(
-        w,
-        "ntp4",
-        "ipv4_addr",
-        false,
-        lists.ntp.iter().filter(|a| v4(a)).map(IpAddr::to_string),
-    );
-    set(
-        w,
-        "ntp6",
-        "ipv6_addr",
-        false,
-        lists.ntp.iter().filter(|a| !v4(a)).map(IpAddr::to_string),
-    );
-    set(
-        w,
-        "dns4",
-        "ipv4_addr",
-        false,
-        lists.dns.iter().filter(|a| v4(a)).map(IpAddr::to_string),
-    );
-    set(
-        w,
-        "dns6",
-        "ipv6_addr",
-        false,
-        lists.dns.iter().filter(|a| !v4(a)).map(IpAddr::to_string),
-    );
+    sets(w, &lists);
 
     // The hooks: everything (system-wide), or the scope's sockets only.
     for (hook, direction) in [("output", Direction::Egress), ("input", Direction::Ingress)] {
@@ -204,8 +152,12 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
             w,
             direction,
             policy,
-            ruleset.lockdown.is_none(),
-            (&uplink_chain, "vpn_client"),
+            &UplinkChain {
+                name: &uplink_chain,
+                client_chain: Some("vpn_client"),
+                neighbour_discovery: ruleset.lockdown.is_none(),
+                ipv6: INET_IPV6,
+            },
         );
     }
     if policy.guarded() && ruleset.lockdown.is_none() {
@@ -232,25 +184,96 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
     }
 
     for direction in Direction::ALL {
-        for reason in DROPS
-            .into_iter()
-            .filter(|r| drops_for(policy, direction, *r))
-        {
-            let name = counter_name(direction, reason);
-            writeln!(w, "\tchain drop_{name} {{").unwrap();
-            writeln!(
-                w,
-                "\t\tlimit rate 10/second burst 20 packets log prefix \"killswitch drop {} {}: \" level info",
-                direction.name(),
-                reason.name()
-            )
-            .unwrap();
-            writeln!(w, "\t\tcounter name \"{name}\" drop").unwrap();
-            writeln!(w, "\t}}").unwrap();
-        }
+        drop_chains(
+            w,
+            direction,
+            DROPS
+                .into_iter()
+                .filter(|r| drops_for(policy, direction, *r)),
+        );
     }
     writeln!(w, "}}").unwrap();
+    // The guard's frames (a netdev table: another family, so the same name is free).
+    writeln!(w, "table netdev {table}").unwrap();
+    writeln!(w, "delete table netdev {table}").unwrap();
+    if policy.guarded() && ruleset.lockdown.is_none() && !ruleset.guarded.is_empty() {
+        frames(w, ruleset, &lists, &table, &comment)?;
+    }
     Ok(out)
+}
+
+/// A chain per reason that logs (rate-limited) and counts what it drops.
+fn drop_chains(w: &mut String, direction: Direction, reasons: impl Iterator<Item = Reason>) {
+    for reason in reasons {
+        let name = counter_name(direction, reason);
+        writeln!(w, "\tchain drop_{name} {{").unwrap();
+        writeln!(
+            w,
+            "\t\tlimit rate 10/second burst 20 packets log prefix \"killswitch drop {} {}: \" level info",
+            direction.name(),
+            reason.name()
+        )
+        .unwrap();
+        writeln!(w, "\t\tcounter name \"{name}\" drop").unwrap();
+        writeln!(w, "\t}}").unwrap();
+    }
+}
+
+/// The named sets both tables look packets up in (a rule sees only its own table's sets).
+fn sets(w: &mut String, lists: &Lists) {
+    for (name, key, elements) in server_sets(lists) {
+        set(w, name, key, false, elements.into_iter());
+    }
+    set(
+        w,
+        "lan4",
+        "ipv4_addr",
+        true,
+        lists
+            .lan
+            .iter()
+            .filter(|p| p.addr.is_ipv4())
+            .map(Prefix::to_string),
+    );
+    set(
+        w,
+        "lan6",
+        "ipv6_addr",
+        true,
+        lists
+            .lan
+            .iter()
+            .filter(|p| p.addr.is_ipv6())
+            .map(Prefix::to_string),
+    );
+    set(
+        w,
+        "ntp4",
+        "ipv4_addr",
+        false,
+        lists.ntp.iter().filter(|a| v4(a)).map(IpAddr::to_string),
+    );
+    set(
+        w,
+        "ntp6",
+        "ipv6_addr",
+        false,
+        lists.ntp.iter().filter(|a| !v4(a)).map(IpAddr::to_string),
+    );
+    set(
+        w,
+        "dns4",
+        "ipv4_addr",
+        false,
+        lists.dns.iter().filter(|a| v4(a)).map(IpAddr::to_string),
+    );
+    set(
+        w,
+        "dns6",
+        "ipv6_addr",
+        false,
+        lists.dns.iter().filter(|a| !v4(a)).map(IpAddr::to_string),
+    );
 }
 
 /// nft keeps at most 128 bytes of a comment (a longer one fails the whole script).
@@ -350,23 +373,35 @@ pub const SERVER_SETS: [&str; 4] = [
 pub const SET_BY_COMMAND: &str = "servers_set_by_command";
 
 /// One transaction that replaces the server sets of `table` with `servers` and marks the list
-/// as the command's.
-pub fn servers_script(table: &str, servers: &[ServerEndpoint]) -> String {
+/// as the command's; `frames`: the guard's netdev table of the same name has them too.
+pub fn servers_script(table: &str, servers: &[ServerEndpoint], frames: bool) -> String {
     let lists = Lists::of_servers(servers);
     let mut out = String::new();
     writeln!(out, "add counter inet {table} {SET_BY_COMMAND}").unwrap();
-    for (name, _, elements) in server_sets(&lists) {
-        writeln!(out, "flush set inet {table} {name}").unwrap();
-        if !elements.is_empty() {
-            writeln!(
-                out,
-                "add element inet {table} {name} {{ {} }}",
-                elements.join(", ")
-            )
-            .unwrap();
+    let families: &[&str] = if frames {
+        &["inet", "netdev"]
+    } else {
+        &["inet"]
+    };
+    for family in families {
+        for (name, _, elements) in server_sets(&lists) {
+            writeln!(out, "flush set {family} {table} {name}").unwrap();
+            if !elements.is_empty() {
+                writeln!(
+                    out,
+                    "add element {family} {table} {name} {{ {} }}",
+                    elements.join(", ")
+                )
+                .unwrap();
+            }
         }
     }
     out
+}
+
+/// One transaction that removes the scope's tables (the guard's netdev one when it is there).
+pub fn delete_script(table: &str) -> String {
+    format!("delete table inet {table}\ntable netdev {table}\ndelete table netdev {table}\n")
 }
 
 /// Whether a ruleset has a counter for the reason (netfilter never judges an ICMP error by
@@ -499,8 +534,12 @@ fn guard(
                 w,
                 direction,
                 policy,
-                true,
-                (&uplink_chain, "guard_vpn_client"),
+                &UplinkChain {
+                    name: &uplink_chain,
+                    client_chain: Some("guard_vpn_client"),
+                    neighbour_discovery: true,
+                    ipv6: INET_IPV6,
+                },
             );
             let mut c = Chain::new(w, "guard_vpn_client");
             if let Some(mark) = client.mark {
@@ -543,15 +582,154 @@ fn guard(
     }
 }
 
-/// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels), in the
-/// chain `name`; under `[vpn_client]` a server's packet asks the chain `client_chain`.
-/// `neighbour_discovery`: step 9 (lockdown has only loopback and DHCP).
+/// How a rule says "an IPv6 packet" in an inet table.
+const INET_IPV6: &str = "meta nfproto ipv6";
+/// ... and in a netdev one (where the gate before has checked the frame says so too).
+const NETDEV_IPV6: &str = "meta protocol ip6";
+
+/// A chain of steps 4-10.
+struct UplinkChain<'a> {
+    name: &'a str,
+    /// Under `[vpn_client]`, what leaves for a server asks this chain; `None`: not restricted.
+    client_chain: Option<&'a str>,
+    /// Step 9 (lockdown has only loopback and DHCP).
+    neighbour_discovery: bool,
+    /// [`INET_IPV6`] or [`NETDEV_IPV6`].
+    ipv6: &'a str,
+}
+
+/// What the guard's frames can be judged for: the uplink chain's steps and the link layer.
+const FRAME_REASONS: [Reason; 13] = [
+    Reason::LinkControl,
+    Reason::NotIp,
+    Reason::NotUplink,
+    Reason::Ipv6Blocked,
+    Reason::SourceRoute,
+    Reason::Server,
+    Reason::Dhcp,
+    Reason::Ntp,
+    Reason::Dns,
+    Reason::Lan,
+    Reason::LanDns,
+    Reason::NeighbourDiscovery,
+    Reason::Default,
+];
+
+/// The guard's frame part (docs/guard.md): a netdev egress chain on every guarded device holds
+/// each frame leaving it, whatever sent it (a raw packet socket too), to the uplink steps. What
+/// the host's sockets and what it forwards send were held by the inet table before; the server
+/// exception is not held to the VPN client here (a netdev hook cannot ask a socket's cgroup).
+fn frames(
+    w: &mut String,
+    ruleset: &Ruleset,
+    lists: &Lists,
+    table: &str,
+    comment: &str,
+) -> Result<()> {
+    let policy = ruleset.policy;
+    let d = Direction::Egress;
+    writeln!(w, "table netdev {table} {{").unwrap();
+    writeln!(w, "\tcomment \"{comment}\"").unwrap();
+    for reason in FRAME_REASONS {
+        writeln!(w, "\tcounter {} {{ }}", counter_name(d, reason)).unwrap();
+    }
+    sets(w, lists);
+    // One base chain per way a device's frames read, hooked on those devices.
+    let kinds: [(u8, &str); 4] = [
+        (ETHERNET_HEADER, "frames_ethernet"),
+        (0, "frames_bare_ip"),
+        (killswitch_common::GUARD_NOT_AN_UPLINK, "frames_not_uplink"),
+        (killswitch_common::GUARD_UNREADABLE, "frames_unreadable"),
+    ];
+    for (header, name) in kinds {
+        let devices: Vec<String> = ruleset
+            .guarded
+            .iter()
+            .filter(|(_, h)| *h == header)
+            .map(|(i, _)| {
+                if i.name.chars().all(super::quotable) {
+                    Ok(format!("\"{}\"", i.name))
+                } else {
+                    Err(Error::Usage(format!(
+                        "the interface name {:?} cannot be written in a netfilter ruleset; \
+                         rename the interface or use the eBPF backend",
+                        i.name
+                    )))
+                }
+            })
+            .collect::<Result<_>>()?;
+        if devices.is_empty() {
+            continue;
+        }
+        let mut c = Chain::new(w, name);
+        writeln!(
+            c.w,
+            "\t\ttype filter hook egress devices = {{ {} }} priority filter; policy drop;",
+            devices.join(", ")
+        )
+        .unwrap();
+        // Both what the frame says and what the kernel was told (a raw sender sets the
+        // protocol itself), and the version in the IP header: nft reads IP fields at the
+        // network header the kernel recorded.
+        let (v4, v6) = match header {
+            ETHERNET_HEADER => {
+                c.rule(
+                    "ether type { arp, 0x888e, 0x88c7, 0x8863 }",
+                    Allow(d, Reason::LinkControl),
+                );
+                // PPP negotiation in a PPPoE session: the PPP protocol after the 6-byte
+                // PPPoE header (bit 160 of the frame).
+                c.rule(
+                    "ether type 0x8864 @ll,160,16 >= 0x8000",
+                    Allow(d, Reason::LinkControl),
+                );
+                ("ether type ip ip version 4", "ether type ip6 ip6 version 6")
+            }
+            0 => ("ip version 4", "ip6 version 6"),
+            killswitch_common::GUARD_NOT_AN_UPLINK => {
+                c.rule("", Drop(d, Reason::NotUplink));
+                c.end();
+                continue;
+            }
+            _ => {
+                c.rule("", Drop(d, Reason::NotIp));
+                c.end();
+                continue;
+            }
+        };
+        if policy.ipv6 == Ipv6Mode::Block {
+            c.rule(NETDEV_IPV6, Drop(d, Reason::Ipv6Blocked));
+        }
+        c.rule(v4, Goto("frames_uplink", "guard: an IPv4 frame"));
+        c.rule(v6, Goto("frames_uplink", "guard: an IPv6 frame"));
+        c.rule("", Drop(d, Reason::NotIp));
+        c.end();
+    }
+    uplink(
+        w,
+        d,
+        policy,
+        &UplinkChain {
+            name: "frames_uplink",
+            client_chain: None,
+            neighbour_discovery: true,
+            ipv6: NETDEV_IPV6,
+        },
+    );
+    drop_chains(w, d, FRAME_REASONS.into_iter().filter(|r| !r.allows()));
+    writeln!(w, "}}").unwrap();
+    Ok(())
+}
+
+/// The length of an Ethernet header: what the guard's device list says of an Ethernet device.
+const ETHERNET_HEADER: u8 = 14;
+
+/// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels).
 fn uplink(
     w: &mut String,
     direction: Direction,
     policy: &crate::policy::Policy,
-    neighbour_discovery: bool,
-    (name, client_chain): (&str, &str),
+    chain: &UplinkChain,
 ) {
     let d = direction;
     let (addr, port, dhcp_ports_v4, dhcp_ports_v6) = match direction {
@@ -569,11 +747,11 @@ fn uplink(
         ),
     };
     let hidden = HIDDEN_NEXT_HEADERS.map(|n| n.to_string()).join(", ");
-    let mut c = Chain::new(w, name);
+    let mut c = Chain::new(w, chain.name);
     // Transports the programs cannot read on an uplink: IPv4 options, a pending source route.
     c.rule("ip hdrlength != 5", Drop(d, Reason::SourceRoute));
     c.rule(
-        "meta nfproto ipv6 rt seg-left != 0",
+        &format!("{} rt seg-left != 0", chain.ipv6),
         Drop(d, Reason::SourceRoute),
     );
     c.rule(
@@ -589,9 +767,11 @@ fn uplink(
         format!("ip6 {addr} . ip6 nexthdr . th {port} @servers6_port"),
         format!("ip6 {addr} . ip6 nexthdr @servers6_any"),
     ];
-    let restricted = policy.vpn_client.is_some() && direction == Direction::Egress;
+    let client_chain = chain
+        .client_chain
+        .filter(|_| policy.vpn_client.is_some() && direction == Direction::Egress);
     for server in &servers {
-        if restricted {
+        if let Some(client_chain) = client_chain {
             c.rule(
                 server,
                 Jump(client_chain, "4 server, if the VPN client sent it"),
@@ -682,13 +862,13 @@ fn uplink(
         );
     }
     // 9. neighbour discovery, link-local or link-scope multicast only
-    if neighbour_discovery {
+    if chain.neighbour_discovery {
         c.rule(
             &format!("ip6 nexthdr icmpv6 icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }} ip6 {addr} {{ fe80::/10, ff02::/16 }}"),
             Allow(d, Reason::NeighbourDiscovery),
         );
     }
-    if restricted {
+    if client_chain.is_some() {
         for server in &servers {
             c.rule(server, Drop(d, Reason::NotVpnClient));
         }
