@@ -390,6 +390,26 @@ pub fn guard_verdict(policy: &Policy, frame: &Frame) -> (Verdict, Reason) {
     }
 }
 
+/// [`guard_verdict`] as `filter` gives it. Netfilter's guard (a netdev egress chain) does not
+/// hold the server exception to the VPN client: a netdev hook cannot ask a socket's cgroup,
+/// and the host's own sockets and what it forwards were held to it before (docs/guard.md).
+/// It reads only untagged frames: IP behind a VLAN tag or in a PPPoE session is
+/// [`Frame::Other`] to it.
+pub fn guard_verdict_of(filter: Filter, policy: &Policy, frame: &Frame) -> (Verdict, Reason) {
+    match (filter, frame) {
+        (Filter::Netfilter, Frame::Ip(packet)) => verdict_of(
+            filter,
+            policy,
+            &Packet {
+                interface: Interface::Uplink,
+                vpn_client: true,
+                ..*packet
+            },
+        ),
+        _ => guard_verdict(policy, frame),
+    }
+}
+
 /// Whose reading of a packet: the eBPF programs', or netfilter's, which is stricter where it
 /// cannot state a step the way the programs do (docs/backends.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -162,3 +162,31 @@ pub fn random_prefix(rng: &mut Rng, ipv6: bool) -> String {
         }
     }
 }
+
+/// A frame of another protocol than IP, with what the guard must say of it: link control
+/// (ARP, EAPOL, pre-authentication, PPPoE discovery, PPP negotiation in a session) or other
+/// (PPP data the guard cannot read, LLDP, Wake-on-LAN, an unknown type).
+pub fn other_frame(rng: &mut Rng) -> (Vec<u8>, killswitch::model::Frame) {
+    use killswitch::{
+        model::Frame,
+        packets::{ethernet, pppoe, ETH_P_PPPOE_SESSION},
+    };
+    let len = 28 + rng.below(40) as usize;
+    let payload = rng.bytes(len);
+    let (ethertype, body, expected) = match rng.below(9) {
+        0 => (0x0806, payload, Frame::LinkControl),
+        1 => (0x888e, payload, Frame::LinkControl),
+        2 => (0x88c7, payload, Frame::LinkControl),
+        3 => (0x8863, payload, Frame::LinkControl),
+        4 => (
+            ETH_P_PPPOE_SESSION,
+            pppoe(0xc021, &payload),
+            Frame::LinkControl,
+        ),
+        5 => (ETH_P_PPPOE_SESSION, pppoe(0x00fd, &payload), Frame::Other),
+        6 => (0x88cc, payload, Frame::Other),
+        7 => (0x0842, payload, Frame::Other),
+        _ => (0x1234, payload, Frame::Other),
+    };
+    (ethernet(ethertype, &body), expected)
+}

@@ -1870,29 +1870,6 @@ sources = ["203.0.113.7"]
         cgroup.wait_empty(Duration::from_secs(10));
     }
 
-    /// Frames of other protocols, with what the guard must say of them.
-    fn other_frames(rng: &mut Rng) -> (Vec<u8>, model::Frame) {
-        use killswitch::packets::{ethernet, pppoe, ETH_P_PPPOE_SESSION};
-        let len = 28 + rng.below(40) as usize;
-        let payload = rng.bytes(len);
-        let link = model::Frame::LinkControl;
-        let other = model::Frame::Other;
-        let (ethertype, body, expected) = match rng.below(9) {
-            0 => (0x0806, payload, link),
-            1 => (0x888e, payload, link),
-            2 => (0x88c7, payload, link),
-            3 => (0x8863, payload, link),
-            // LCP inside a PPPoE session; then data the guard cannot read.
-            4 => (ETH_P_PPPOE_SESSION, pppoe(0xc021, &payload), link),
-            5 => (ETH_P_PPPOE_SESSION, pppoe(0x00fd, &payload), other),
-            // LLDP, Wake-on-LAN, an unknown type.
-            6 => (0x88cc, payload, other),
-            7 => (0x0842, payload, other),
-            _ => (0x1234, payload, other),
-        };
-        (ethernet(ethertype, &body), expected)
-    }
-
     fn guard_random_policies(policies: usize) {
         use killswitch::{
             ebpf::guard,
@@ -1911,7 +1888,7 @@ sources = ["203.0.113.7"]
             let (v4, v6) = aimed(&policy);
             for i in 0..100 {
                 let (bytes, frame, direction, mark) = if rng.below(10) == 0 {
-                    let (bytes, expected) = other_frames(&mut rng);
+                    let (bytes, expected) = testbed::random::other_frame(&mut rng);
                     let direction = Direction::ALL[rng.below(2) as usize];
                     (bytes, expected, direction, 0)
                 } else {
