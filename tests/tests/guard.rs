@@ -241,15 +241,34 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
     let verify = bed.killswitch(&["verify"]);
     let report = String::from_utf8_lossy(&verify.stdout).into_owned();
     assert!(verify.status.success(), "verify failed:\n{report}");
-    if backend == "ebpf" {
+    assert!(
+        report
+            .lines()
+            .any(|l| l.contains("guard") && l.contains("c0")),
+        "{report}"
+    );
+    drop(daemon);
+    if backend == "nftables" {
+        // A rule slipped into the guard's netdev table is seen.
+        let tables = nft_in(&bed.lab.client, &["list tables netdev"]);
+        let table = String::from_utf8_lossy(&tables.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("table netdev "))
+            .expect("the guard's netdev table")
+            .trim()
+            .to_owned();
+        let edit = nft_in(
+            &bed.lab.client,
+            &[&format!("insert rule netdev {table} frames_uplink accept")],
+        );
+        assert!(edit.status.success());
+        let verify = bed.killswitch(&["verify"]);
+        let report = String::from_utf8_lossy(&verify.stdout).into_owned();
         assert!(
-            report
-                .lines()
-                .any(|l| l.contains("guard") && l.contains("c0")),
-            "{report}"
+            !verify.status.success() && report.contains("FAIL  table"),
+            "verify missed an edit of the netdev table:\n{report}"
         );
     }
-    drop(daemon);
 
     // Without the kill switch the same traffic leaks: the oracle sees it, and `down` took the
     // guard away with the rest.

@@ -91,7 +91,7 @@ pub fn taken_down(scope: &Scope) -> bool {
 /// Replaces the scope's table with the policy's in one transaction (no moment without it),
 /// then reads it back. The caller holds [`lock`].
 pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
-    write(scope, policy, servers, None)
+    write(scope, policy, servers, None, &guarded(policy)?)
 }
 
 fn write(
@@ -99,20 +99,17 @@ fn write(
     policy: &Policy,
     servers: &[ServerEndpoint],
     lockdown: Option<String>,
+    guarded: &[(crate::interfaces::Interface, u8)],
 ) -> Result<()> {
     let (table, cgroup) = table_of(scope)?;
     let clients = crate::vpn_client::current(policy);
-    let guarded = match lockdown {
-        None => guarded(policy)?,
-        Some(_) => Vec::new(),
-    };
     let script = render::nft(&Ruleset {
         policy,
         servers,
         cgroup: cgroup.clone(),
         lockdown,
         clients: &clients,
-        guarded: &guarded,
+        guarded,
     })?;
     run_nft(
         &["-f", "-"],
@@ -153,30 +150,38 @@ pub fn guarded(policy: &Policy) -> Result<Vec<(crate::interfaces::Interface, u8)
     ))
 }
 
-/// The devices the scope's netdev chains hook now, sorted (none without the table).
+/// The devices the scope's netdev chains hook now, sorted (none without the table). Read from
+/// nft's text listing: its JSON (1.0.6) leaves a chain's devices out.
 pub fn frame_devices(scope: &Scope) -> Result<Vec<String>> {
     let (table, _) = table_of(scope)?;
-    let Ok(json) = run_nft(&["-j", "list", "chains", "netdev"], None, false) else {
+    let Ok(text) = run_nft(&["list", "chains", "netdev"], None, false) else {
         return Ok(Vec::new());
     };
-    let value: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))?;
-    let mut devices: Vec<String> = value["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|item| item.get("chain"))
-        .filter(|chain| chain["table"] == table.as_str())
-        // One device is a string, more are a list.
-        .flat_map(|chain| match &chain["dev"] {
-            serde_json::Value::String(one) => vec![one.clone()],
-            serde_json::Value::Array(many) => many
-                .iter()
-                .filter_map(|d| d.as_str().map(str::to_owned))
-                .collect(),
-            _ => Vec::new(),
-        })
-        .collect();
+    let mut ours = false;
+    let mut devices = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("table netdev ") {
+            ours = name.trim_end_matches('{').trim() == table;
+            continue;
+        }
+        let Some((_, hooked)) = line.split_once("hook egress ").filter(|_| ours) else {
+            continue;
+        };
+        // `device "c0" priority ...` or `devices = { c0, e0 } priority ...`
+        let names = match hooked.strip_prefix("devices = {") {
+            Some(list) => list.split('}').next().unwrap_or_default(),
+            None => hooked
+                .strip_prefix("device ")
+                .and_then(|d| d.split_whitespace().next())
+                .unwrap_or_default(),
+        };
+        devices.extend(
+            names
+                .split(',')
+                .map(|n| n.trim().trim_matches('"').to_owned())
+                .filter(|n| !n.is_empty()),
+        );
+    }
     devices.sort();
     Ok(devices)
 }
@@ -235,7 +240,7 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
     if holds(scope) {
         return cause;
     }
-    match write(scope, &lockdown_policy(), &[], Some(cause.to_string())) {
+    match write(scope, &lockdown_policy(), &[], Some(cause.to_string()), &[]) {
         Ok(()) => Error::Lockdown(Box::new(cause)),
         Err(also) => Error::kernel(
             cause.to_string(),
@@ -526,22 +531,38 @@ pub fn set_servers(scope: &Scope, servers: &[ServerEndpoint]) -> Result<()> {
 
 /// The scope's table as `nft -j -s list table` prints it in this network namespace (stateless:
 /// no counter values).
+/// The guard's netdev table follows, when there is one.
 pub fn listing(scope: &Scope) -> Result<serde_json::Value> {
     let (table, _) = table_of(scope)?;
-    let json = run_nft(&["-j", "-s", "list", "table", "inet", &table], None, true)
-        .map_err(|e| Error::kernel("nft could not list the table", e))?;
-    serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))
+    let list = |family: &str| -> Result<serde_json::Value> {
+        let json = run_nft(&["-j", "-s", "list", "table", family, &table], None, true)
+            .map_err(|e| Error::kernel("nft could not list the table", e))?;
+        serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))
+    };
+    let mut listing = list("inet")?;
+    if holds_frames(&table) {
+        let frames = list("netdev")?;
+        if let (Some(all), Some(more)) = (
+            listing["nftables"].as_array_mut(),
+            frames["nftables"].as_array(),
+        ) {
+            all.extend(more.iter().cloned());
+        }
+    }
+    Ok(listing)
 }
 
 /// Writes the table `up` would write for `policy` with `servers` into the current network
-/// namespace (a scratch one: `verify`), as `servers set` leaves it when `set_by_command`.
+/// namespace (a scratch one: `verify`), as `servers set` leaves it when `set_by_command`, with
+/// the guard on `guarded` (devices of this namespace).
 pub fn write_planned(
     scope: &Scope,
     policy: &Policy,
     servers: &[ServerEndpoint],
     set_by_command: bool,
+    guarded: &[(crate::interfaces::Interface, u8)],
 ) -> Result<()> {
-    write(scope, policy, servers, None)?;
+    write(scope, policy, servers, None, guarded)?;
     if set_by_command {
         set_servers(scope, servers)?;
     }

@@ -68,6 +68,7 @@ pub(super) fn checks(scope: &Scope, policy: &Policy, answers: &super::Answers) -
     let planned = planned.unwrap_or_else(|| self::planned(scope, policy, &servers, set_by_command));
     let live = nftables::listing(scope).map(|l| items(&l));
     checks.push(table_check(&name, &live, planned));
+    checks.push(guard_check(scope, policy));
     checks.push(servers_check(
         policy,
         &servers,
@@ -119,7 +120,9 @@ fn decide(
                 nftables::delete_table(&root)?;
             }
             let unfiltered = wire.deliver(batch)?;
-            nftables::write_planned(&root, policy, servers, set_by_command)?;
+            // The packets leave by sockets: the inet table judges them (the netdev chains
+            // apply the same steps, `table` proves them equal to the plan).
+            nftables::write_planned(&root, policy, servers, set_by_command, &[])?;
             loaded = true;
             let filtered = wire.deliver(batch)?;
             Ok(unfiltered
@@ -148,18 +151,66 @@ fn decide(
     })
 }
 
-/// The table `up` would write now with these servers, listed as [`items`].
+/// The table `up` would write now with these servers, listed as [`items`]; the guard's netdev
+/// chains on the devices it would hook here, made in the scratch namespace by those names.
 fn planned(
     scope: &Scope,
     policy: &Policy,
     servers: &[crate::policy::ServerEndpoint],
     set_by_command: bool,
 ) -> Result<Vec<Value>> {
+    let guarded = nftables::guarded(policy)?;
     scratch::run(|_| {
-        nftables::write_planned(scope, policy, servers, set_by_command)?;
+        scratch::devices(
+            &guarded
+                .iter()
+                .map(|(d, _)| d.name.clone())
+                .collect::<Vec<_>>(),
+        )?;
+        nftables::write_planned(scope, policy, servers, set_by_command, &guarded)?;
         nftables::listing(scope)
     })
     .map(|l| items(&l))
+}
+
+/// `guard`: with `[guard]`, the netdev chains hook exactly the devices the guard holds now;
+/// without, there is no netdev table.
+fn guard_check(scope: &Scope, policy: &Policy) -> Check {
+    const CHECK: &str = "guard";
+    let (hooked, planned) = match (nftables::frame_devices(scope), nftables::guarded(policy)) {
+        (Ok(hooked), Ok(planned)) => (hooked, planned),
+        (Err(e), _) | (_, Err(e)) => {
+            return Check::fail(
+                CHECK,
+                format!("cannot list the devices: {e}"),
+                "run as root",
+            )
+        }
+    };
+    let mut planned: Vec<String> = planned.into_iter().map(|(d, _)| d.name).collect();
+    planned.sort();
+    if hooked == planned {
+        return Check::pass(
+            CHECK,
+            if planned.is_empty() {
+                "no netdev chain (no guard, or no device to guard)".into()
+            } else {
+                format!(
+                    "netdev egress chains hold the frames of {}",
+                    planned.join(", ")
+                )
+            },
+        );
+    }
+    Check::fail(
+        CHECK,
+        format!(
+            "the netdev chains hook [{}]; the guard holds [{}] now",
+            hooked.join(", "),
+            planned.join(", ")
+        ),
+        "run `killswitch up --backend nftables`; start `killswitch daemon`, which follows devices as they come",
+    )
 }
 
 /// `table`: the live table equals the one rendered now, item by item.

@@ -74,3 +74,32 @@ fn make_links() -> Result<Scratch> {
         })
     })
 }
+
+/// Makes a veth of each name that the scratch namespace lacks (its peer `ksgN`): the live
+/// scope's netdev chains hook devices by name, and a kernel before 6.16 refuses a chain on a
+/// device that does not exist.
+pub fn devices(names: &[String]) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| Error::kernel("cannot start a netlink runtime", e))?;
+    runtime.block_on(async {
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::kernel("cannot make a scratch device", e.to_string())
+        };
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| failed(&e))?;
+        tokio::spawn(connection);
+        for (i, name) in names.iter().enumerate() {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_ok() {
+                continue;
+            }
+            handle
+                .link()
+                .add(rtnetlink::LinkVeth::new(name, &format!("ksg{i}")).build())
+                .execute()
+                .await
+                .map_err(|e| failed(&format!("{name}: {e}")))?;
+        }
+        Ok(())
+    })
+}
