@@ -427,8 +427,34 @@ pub fn read_nft(scope: &Scope) -> Result<ScopeStatus> {
         recent_drops: Vec::new(),
         tunnels_changed: None,
         tunnels_changed_seconds_ago: None,
-        guard: None,
+        guard: nft_guard_status(scope, &present)?,
     })
+}
+
+/// The guard's netdev chains: the devices they hook (attached: hooked by name now) and their
+/// counters (egress only: they have no ingress chain).
+fn nft_guard_status(
+    scope: &Scope,
+    present: &[interfaces::Interface],
+) -> Result<Option<GuardStatus>> {
+    let Some(counted) = nftables::frame_counters(scope)? else {
+        return Ok(None);
+    };
+    let devices = nftables::frame_devices(scope)?
+        .into_iter()
+        .map(|name| {
+            let index = present.iter().find(|i| i.name == name).map(|i| i.index);
+            GuardDevice {
+                ifindex: index.unwrap_or(0),
+                attached: index.is_some(),
+                name: Some(name),
+            }
+        })
+        .collect();
+    Ok(Some(GuardStatus {
+        devices,
+        counters: counters(counted),
+    }))
 }
 
 /// The comment of the rules that send an uplink's packets on.

@@ -143,9 +143,7 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
     bed.lab.connect();
     let daemon = bed.daemon();
     let status = String::from_utf8_lossy(&bed.killswitch(&["status"]).stdout).into_owned();
-    if backend == "ebpf" {
-        assert!(status.contains("guard    on c0"), "{status}");
-    }
+    assert!(status.contains("guard    on c0"), "{status}");
     assert!(
         bed.container_reaches(Duration::from_secs(5)),
         "the container did not reach the web host through the tunnel"
@@ -217,7 +215,7 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
         !dhcp_seen.is_empty(),
         "the DHCP discovery did not reach the router"
     );
-    if backend == "ebpf" {
+    {
         let status = String::from_utf8_lossy(&bed.killswitch(&["status"]).stdout).into_owned();
         let dropped = status
             .lines()

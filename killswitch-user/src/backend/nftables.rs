@@ -186,6 +186,36 @@ pub fn frame_devices(scope: &Scope) -> Result<Vec<String>> {
     Ok(devices)
 }
 
+/// The guard's netdev table's counters, every direction and reason (zero where it has none);
+/// `None` without the table.
+pub fn frame_counters(scope: &Scope) -> Result<Option<Vec<(Direction, Reason, u64)>>> {
+    let (table, _) = table_of(scope)?;
+    if !holds_frames(&table) {
+        return Ok(None);
+    }
+    let json = run_nft(
+        &["-j", "list", "counters", "table", "netdev", &table],
+        None,
+        false,
+    )
+    .map_err(|e| Error::kernel("nft could not list the guard's counters", e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| Error::kernel("nft printed unreadable JSON", e))?;
+    let mut counters = Table::default();
+    for counter in value["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("counter"))
+    {
+        if let (Some(name), Some(packets)) = (counter["name"].as_str(), counter["packets"].as_u64())
+        {
+            counters.counters.insert(name.to_owned(), packets);
+        }
+    }
+    Ok(Some(counters.counters()))
+}
+
 /// Whether the guard's netdev table of this name is there (it holds copies of the server sets).
 fn holds_frames(table: &str) -> bool {
     run_nft(&["list", "tables", "netdev"], None, false).is_ok_and(|out| {
