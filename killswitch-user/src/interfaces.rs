@@ -118,11 +118,19 @@ pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interf
     let mut candidates: Vec<Interface> = wired.chain(listed.iter().flatten()).cloned().collect();
     candidates.sort();
     candidates.dedup();
+    // What a listed bridge, bond, VLAN or macvlan sends leaves through the devices below it.
+    let carriers = listed.as_ref().map(|listed| carriers_of(listed));
     candidates
         .into_iter()
         .filter(|i| !tunnels.contains(i))
         .map(|i| {
-            if listed.as_ref().is_some_and(|listed| !listed.contains(&i)) {
+            let uplink = match (&listed, &carriers) {
+                (Some(listed), Some(carriers)) => {
+                    listed.contains(&i) || carriers.contains(&i.index)
+                }
+                _ => true,
+            };
+            if !uplink {
                 return (i, killswitch_common::GUARD_NOT_AN_UPLINK);
             }
             let header = match device_type(&i.name) {
@@ -140,6 +148,103 @@ pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interf
             (i, header)
         })
         .collect()
+}
+
+/// The devices below `listed` ones, by index, as deep as devices stack: the ports of a listed
+/// bridge or bond (their controller is it), and the device a listed VLAN or macvlan sends
+/// through (its link). None when the kernel cannot be asked (the guard then drops their
+/// frames: it fails closed).
+fn carriers_of(listed: &[Interface]) -> Vec<u32> {
+    let stacking = match stacking() {
+        Ok(stacking) => stacking,
+        Err(e) => {
+            tracing::warn!("cannot read which devices carry the listed uplinks: {e}");
+            return Vec::new();
+        }
+    };
+    let mut above: Vec<u32> = listed.iter().map(|i| i.index).collect();
+    let mut carriers: Vec<u32> = Vec::new();
+    // Each round goes one layer down (a VLAN on a bond on two NICs is three rounds).
+    for _ in 0..8 {
+        let below: Vec<u32> = stacking
+            .iter()
+            .filter(|(index, controller, _)| {
+                !carriers.contains(index)
+                    && !above.contains(index)
+                    && controller.is_some_and(|c| above.contains(&c))
+            })
+            .map(|(index, _, _)| *index)
+            .chain(stacking.iter().filter_map(|(index, _, link)| {
+                link.filter(|l| above.contains(index) && *l != *index && !carriers.contains(l))
+            }))
+            .collect();
+        if below.is_empty() {
+            break;
+        }
+        carriers.extend(&below);
+        above = below;
+    }
+    carriers
+}
+
+/// Every device's index, controller (`IFLA_MASTER`) and link (`IFLA_LINK`), from one
+/// RTM_GETLINK dump of the current network namespace.
+fn stacking() -> std::io::Result<Vec<(u32, Option<u32>, Option<u32>)>> {
+    use rtnetlink::{
+        packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
+        packet_route::{
+            link::{LinkAttribute, LinkMessage},
+            RouteNetlinkMessage,
+        },
+        sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
+    };
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    request.finalize();
+    let mut buffer = vec![0; request.buffer_len()];
+    request.serialize(&mut buffer);
+    socket.send(&buffer, 0)?;
+    let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let mut out = Vec::new();
+    // A dump of a few thousand devices is a few hundred datagrams.
+    for _ in 0..100_000 {
+        let (datagram, _) = socket.recv_from_full()?;
+        let mut rest = &datagram[..];
+        while !rest.is_empty() {
+            let message =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest).map_err(|e| bad(&e))?;
+            let length = (message.header.length as usize).max(1).min(rest.len());
+            rest = &rest[length..];
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => return Err(bad(&format!("{e:?}"))),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    let mut controller = None;
+                    let mut lower = None;
+                    let mut elsewhere = false;
+                    for attribute in &link.attributes {
+                        match attribute {
+                            LinkAttribute::Controller(c) => controller = Some(*c),
+                            LinkAttribute::Link(l) => lower = Some(*l),
+                            // A veth's peer in another namespace: its index means nothing here.
+                            LinkAttribute::LinkNetNsId(_) => elsewhere = true,
+                            _ => {}
+                        }
+                    }
+                    out.push((link.header.index, controller, lower.filter(|_| !elsewhere)));
+                }
+                _ => {}
+            }
+        }
+    }
+    Err(bad(&"the device dump did not end"))
 }
 
 /// `struct ifreq` with room for the union the two requests below use.

@@ -442,7 +442,7 @@ fn nft_guard_status(
     };
     let devices = nftables::frame_devices(scope)?
         .into_iter()
-        .map(|name| {
+        .map(|(name, _)| {
             let index = present.iter().find(|i| i.name == name).map(|i| i.index);
             GuardDevice {
                 ifindex: index.unwrap_or(0),

@@ -246,7 +246,19 @@ fn the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames() {
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
     });
     // Sent with `protocol` 0: the kernel takes the frame's own type.
-    let send = |frame: &[u8], protocol: u16| -> bool {
+    let send = |frame: &[u8], protocol: u16, mark: u32| -> bool {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        // SAFETY: SO_MARK takes an int, given by pointer and size.
+        let marked = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&raw const mark).cast(),
+                std::mem::size_of::<u32>() as u32,
+            )
+        };
+        assert_eq!(marked, 0, "{}", std::io::Error::last_os_error());
         // SAFETY: all-zero is a valid sockaddr_ll; the fields set below address the frame.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
@@ -294,10 +306,10 @@ fn the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames() {
         );
         let (v4, v6) = aimed(&policy);
         for i in 0..100 {
-            let (bytes, protocol, expected) = if rng.below(10) == 0 {
+            let (bytes, protocol, mark, expected) = if rng.below(10) == 0 {
                 let (bytes, frame) = other_frame(&mut rng);
                 let expected = model::guard_verdict_of(Filter::Netfilter, &policy, &frame);
-                (bytes, 0, expected)
+                (bytes, 0, 0, expected)
             } else {
                 let mut packet = steered_packet(&mut rng, &policy, &v4, &v6);
                 packet.direction = model::Direction::Egress;
@@ -307,9 +319,25 @@ fn the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames() {
                     0..3 => Carried::Plain,
                     k => Carried::ALL[k as usize - 2],
                 };
-                let bytes = carried(&testbed::random::frame(&packet), how);
+                let mut bytes = carried(&testbed::random::frame(&packet), how);
                 // A raw sender may tell the kernel another protocol than the frame's.
                 let lie = rng.below(10) == 0;
+                if lie && !packet.remote.is_ipv4() && how == Carried::Plain {
+                    // An IPv6 header that reads as an allowed IPv4 one (header length 5,
+                    // protocol ICMP, destination from its source address) to rules that go by
+                    // the protocol the kernel was told.
+                    let ip = &mut bytes[14..];
+                    ip[0] = 0x65;
+                    ip[9] = 1;
+                    let lan = policy.lan.networks.iter().map(|p| p.addr);
+                    let target = lan.chain(v4.iter().copied()).find_map(|a| match a {
+                        std::net::IpAddr::V4(a) => Some(a),
+                        std::net::IpAddr::V6(_) => None,
+                    });
+                    if let Some(target) = target {
+                        ip[16..20].copy_from_slice(&target.octets());
+                    }
+                }
                 let protocol = match (lie, packet.remote.is_ipv4()) {
                     (false, _) => 0,
                     (true, true) => 0x86dd,
@@ -320,9 +348,9 @@ fn the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames() {
                 } else {
                     (model::Verdict::Drop, model::Reason::NotIp)
                 };
-                (bytes, protocol, expected)
+                (bytes, protocol, packet.mark, expected)
             };
-            let allowed = send(&bytes, protocol);
+            let allowed = send(&bytes, protocol, mark);
             assert_eq!(
                 allowed,
                 expected.0 == model::Verdict::Allow,

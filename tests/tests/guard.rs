@@ -413,3 +413,53 @@ fn a_dhcp_client_on_packet_sockets_gets_its_lease_through_the_guard_with_nftable
     require_root!();
     dhcp_exchange_through_the_guard("nftables");
 }
+
+/// With `uplinks` naming a bridge, the devices that carry its frames (its ports) are guarded
+/// as uplinks, not as devices nothing may leave by; a wired device beside it is.
+#[test]
+fn a_listed_bridges_ports_are_guarded_as_uplinks() {
+    require_root!();
+    let net = Netns::new("br");
+    let far = Netns::new("bf");
+    net.veth("p0", &far, "p1");
+    for args in [
+        &[
+            "link", "add", "link", "p0", "name", "nic0", "type", "macvlan",
+        ][..],
+        &[
+            "link", "add", "link", "p0", "name", "nic1", "type", "macvlan",
+        ],
+        &["link", "add", "br0", "type", "bridge"],
+        &["link", "set", "nic0", "master", "br0"],
+    ] {
+        net.ip(args);
+    }
+    let dir = testbed::private_dir("ksbridge");
+    let config = dir.join("killswitch.toml");
+    write_config(
+        &config,
+        "tunnels = [\"tun0\"]\nuplinks = [\"br0\"]\n\n[guard]\nenabled = true\n",
+    );
+    let pins = PinRoot::new();
+    let rendered = killswitch(
+        &net,
+        &pins,
+        &["--config", config.to_str().unwrap(), "render", "nft"],
+    );
+    let script = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    let hooked = |chain: &str| {
+        script
+            .split(&format!("chain {chain} {{"))
+            .nth(1)
+            .and_then(|rest| rest.lines().nth(1))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        hooked("frames_ethernet").contains("\"nic0\"")
+            && hooked("frames_ethernet").contains("\"br0\""),
+        "{script}"
+    );
+    assert!(hooked("frames_not_uplink").contains("\"nic1\""), "{script}");
+}

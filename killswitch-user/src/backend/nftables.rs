@@ -91,7 +91,27 @@ pub fn taken_down(scope: &Scope) -> bool {
 /// Replaces the scope's table with the policy's in one transaction (no moment without it),
 /// then reads it back. The caller holds [`lock`].
 pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
-    write(scope, policy, servers, None, &guarded(policy)?)
+    let devices = guarded(policy)?;
+    let Err(refused) = write(scope, policy, servers, None, &devices) else {
+        return Ok(());
+    };
+    if devices.is_empty() {
+        return Err(refused);
+    }
+    // A device that went away between the listing and the load (before Linux 6.16 a chain on
+    // a missing device fails the transaction): once more with the devices there are now.
+    let now = guarded(policy)?;
+    if now != devices && write(scope, policy, servers, None, &now).is_ok() {
+        return Ok(());
+    }
+    // A kernel without the netdev egress hook (CONFIG_NETFILTER_EGRESS off): the rest of the
+    // policy rather than none, and a line that says what is not held.
+    write(scope, policy, servers, None, &[])?;
+    tracing::warn!(
+        "nft refused the guard's netdev chains ({refused}): raw-socket frames are not held on \
+         the uplinks; what the host forwards still is"
+    );
+    Ok(())
 }
 
 fn write(
@@ -150,21 +170,32 @@ pub fn guarded(policy: &Policy) -> Result<Vec<(crate::interfaces::Interface, u8)
     ))
 }
 
-/// The devices the scope's netdev chains hook now, sorted (none without the table). Read from
-/// nft's text listing: its JSON (1.0.6) leaves a chain's devices out.
-pub fn frame_devices(scope: &Scope) -> Result<Vec<String>> {
+/// The devices the scope's netdev chains hook now, each with what its chain says of it (as
+/// [`crate::interfaces::guarded`] does), sorted; none without the table. Read from nft's text
+/// listing: its JSON (1.0.6) leaves a chain's devices out.
+pub fn frame_devices(scope: &Scope) -> Result<Vec<(String, u8)>> {
     let (table, _) = table_of(scope)?;
     let Ok(text) = run_nft(&["list", "chains", "netdev"], None, false) else {
         return Ok(Vec::new());
     };
     let mut ours = false;
+    let mut kind = None;
     let mut devices = Vec::new();
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("table netdev ") {
             ours = name.trim_end_matches('{').trim() == table;
             continue;
         }
-        let Some((_, hooked)) = line.split_once("hook egress ").filter(|_| ours) else {
+        if let Some(chain) = line.strip_prefix("chain ") {
+            let chain = chain.trim_end_matches('{').trim();
+            kind = render::FRAME_CHAINS
+                .iter()
+                .find(|(_, name)| *name == chain)
+                .map(|(header, _)| *header);
+            continue;
+        }
+        let (Some((_, hooked)), Some(header), true) = (line.split_once("hook egress "), kind, ours)
+        else {
             continue;
         };
         // `device "c0" priority ...` or `devices = { c0, e0 } priority ...`
@@ -179,7 +210,8 @@ pub fn frame_devices(scope: &Scope) -> Result<Vec<String>> {
             names
                 .split(',')
                 .map(|n| n.trim().trim_matches('"').to_owned())
-                .filter(|n| !n.is_empty()),
+                .filter(|n| !n.is_empty())
+                .map(|n| (n, header)),
         );
     }
     devices.sort();
@@ -311,7 +343,8 @@ pub fn servers_set_by_command(scope: &Scope) -> bool {
 /// Removes the scope's table, and marks it taken down (so a daemon stops instead of putting it
 /// back). Returns false when there was none.
 pub fn remove(scope: &Scope) -> Result<bool> {
-    if !holds(scope) {
+    // The guard's table too, when it outlived the inet one (deleted by hand).
+    if !holds(scope) && !holds_frames(&table_of(scope)?.0) {
         return Ok(false);
     }
     let _lock = lock(scope)?;

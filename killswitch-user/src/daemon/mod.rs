@@ -359,7 +359,8 @@ impl Daemon {
     }
 
     /// nftables: the guard's netdev chains hook devices by name, and only those there were:
-    /// a device that appeared (or one renamed) gets the table rendered anew.
+    /// a device that appeared, one renamed, or one that joined a listed bridge gets the table
+    /// rendered anew.
     fn follow_devices_nftables(&self) -> Result<Written> {
         if !self.policy.guarded() {
             return Ok(Written::Nothing);
@@ -368,9 +369,9 @@ impl Daemon {
         if self.config_changed() {
             return Ok(Written::ConfigChanged);
         }
-        let mut now: Vec<String> = nftables::guarded(&self.policy)?
+        let mut now: Vec<(String, u8)> = nftables::guarded(&self.policy)?
             .into_iter()
-            .map(|(device, _)| device.name)
+            .map(|(device, header)| (device.name, header))
             .collect();
         now.sort();
         if now == nftables::frame_devices(&self.scope)? {
@@ -383,12 +384,13 @@ impl Daemon {
     /// Renders the nftables table anew (one transaction); a server list set with `servers`
     /// stays the table's. The caller holds the lock.
     fn apply_nftables(&self) -> Result<()> {
-        let servers = if nftables::servers_set_by_command(&self.scope) {
-            nftables::read(&self.scope)?.servers()
-        } else {
-            self.servers.endpoints()
-        };
-        nftables::apply(&self.scope, &self.policy, &servers)
+        if !nftables::servers_set_by_command(&self.scope) {
+            return nftables::apply(&self.scope, &self.policy, &self.servers.endpoints());
+        }
+        let servers = nftables::read(&self.scope)?.servers();
+        nftables::apply(&self.scope, &self.policy, &servers)?;
+        // The mark that the list is the command's goes with the table: put it back.
+        nftables::set_servers(&self.scope, &servers)
     }
 
     /// The VPN client cgroups that exist now differ from those in force: the scope trusts

@@ -57,7 +57,7 @@ pub fn nft(ruleset: &Ruleset) -> Result<String> {
     .unwrap();
     writeln!(
         w,
-        "# it replaces table inet {table} in one transaction. No connection tracking: each verdict"
+        "# it replaces table inet {table} (and the guard's table netdev {table}) in one\n# transaction. No connection tracking: each verdict"
     )
     .unwrap();
     writeln!(w, "# depends on the packet alone.").unwrap();
@@ -401,7 +401,10 @@ pub fn servers_script(table: &str, servers: &[ServerEndpoint], frames: bool) -> 
 
 /// One transaction that removes the scope's tables (the guard's netdev one when it is there).
 pub fn delete_script(table: &str) -> String {
-    format!("delete table inet {table}\ntable netdev {table}\ndelete table netdev {table}\n")
+    // `table` first: deleting a table that is not there would fail the whole transaction.
+    format!(
+        "table inet {table}\ndelete table inet {table}\ntable netdev {table}\ndelete table netdev {table}\n"
+    )
 }
 
 /// Whether a ruleset has a counter for the reason (netfilter never judges an ICMP error by
@@ -599,8 +602,9 @@ struct UplinkChain<'a> {
 }
 
 /// What the guard's frames can be judged for: the uplink chain's steps and the link layer.
-const FRAME_REASONS: [Reason; 13] = [
+const FRAME_REASONS: [Reason; 14] = [
     Reason::LinkControl,
+    Reason::NotVpnClient,
     Reason::NotIp,
     Reason::NotUplink,
     Reason::Ipv6Blocked,
@@ -635,19 +639,17 @@ fn frames(
     }
     sets(w, lists);
     // One base chain per way a device's frames read, hooked on those devices.
-    let kinds: [(u8, &str); 4] = [
-        (ETHERNET_HEADER, "frames_ethernet"),
-        (0, "frames_bare_ip"),
-        (killswitch_common::GUARD_NOT_AN_UPLINK, "frames_not_uplink"),
-        (killswitch_common::GUARD_UNREADABLE, "frames_unreadable"),
-    ];
-    for (header, name) in kinds {
+    for (header, name) in FRAME_CHAINS {
         let devices: Vec<String> = ruleset
             .guarded
             .iter()
             .filter(|(_, h)| *h == header)
             .map(|(i, _)| {
-                if i.name.chars().all(super::quotable) {
+                // A comma or brace would split nft's device list when it is read back.
+                if i.name
+                    .chars()
+                    .all(|c| super::quotable(c) && !",{}".contains(c))
+                {
                     Ok(format!("\"{}\"", i.name))
                 } else {
                     Err(Error::Usage(format!(
@@ -668,9 +670,9 @@ fn frames(
             devices.join(", ")
         )
         .unwrap();
-        // Both what the frame says and what the kernel was told (a raw sender sets the
-        // protocol itself), and the version in the IP header: nft reads IP fields at the
-        // network header the kernel recorded.
+        // What the kernel was told (a raw sender sets the protocol itself, and the rules
+        // after read by it), what the frame says, and the version in the IP header must all
+        // agree: each stated, as nft drops a dependency it thinks another match implies.
         let (v4, v6) = match header {
             ETHERNET_HEADER => {
                 c.rule(
@@ -683,9 +685,15 @@ fn frames(
                     "ether type 0x8864 @ll,160,16 >= 0x8000",
                     Allow(d, Reason::LinkControl),
                 );
-                ("ether type ip ip version 4", "ether type ip6 ip6 version 6")
+                (
+                    "meta protocol ip ether type ip ip version 4",
+                    "meta protocol ip6 ether type ip6 ip6 version 6",
+                )
             }
-            0 => ("ip version 4", "ip6 version 6"),
+            0 => (
+                "meta protocol ip ip version 4",
+                "meta protocol ip6 ip6 version 6",
+            ),
             killswitch_common::GUARD_NOT_AN_UPLINK => {
                 c.rule("", Drop(d, Reason::NotUplink));
                 c.end();
@@ -699,23 +707,38 @@ fn frames(
         };
         if policy.ipv6 == Ipv6Mode::Block {
             c.rule(NETDEV_IPV6, Drop(d, Reason::Ipv6Blocked));
+            if header == ETHERNET_HEADER {
+                c.rule("ether type ip6", Drop(d, Reason::Ipv6Blocked));
+            }
         }
         c.rule(v4, Goto("frames_uplink", "guard: an IPv4 frame"));
         c.rule(v6, Goto("frames_uplink", "guard: an IPv6 frame"));
         c.rule("", Drop(d, Reason::NotIp));
         c.end();
     }
+    // A client known by its mark alone: the mark is on every packet it sends, here too. One
+    // known by its cgroup cannot be asked for here (no socket lookup in a netdev hook).
+    let mark_only = policy
+        .vpn_client
+        .as_ref()
+        .filter(|c| c.cgroup.is_none())
+        .and_then(|c| c.mark);
     uplink(
         w,
         d,
         policy,
         &UplinkChain {
             name: "frames_uplink",
-            client_chain: None,
+            client_chain: mark_only.map(|_| "frames_vpn_client"),
             neighbour_discovery: true,
             ipv6: NETDEV_IPV6,
         },
     );
+    if let Some(mark) = mark_only {
+        let mut c = Chain::new(w, "frames_vpn_client");
+        c.rule(&format!("meta mark {mark:#x}"), Allow(d, Reason::Server));
+        c.end();
+    }
     drop_chains(w, d, FRAME_REASONS.into_iter().filter(|r| !r.allows()));
     writeln!(w, "}}").unwrap();
     Ok(())
@@ -723,6 +746,14 @@ fn frames(
 
 /// The length of an Ethernet header: what the guard's device list says of an Ethernet device.
 const ETHERNET_HEADER: u8 = 14;
+
+/// The guard's netdev base chains, by what [`crate::interfaces::guarded`] says of a device.
+pub const FRAME_CHAINS: [(u8, &str); 4] = [
+    (ETHERNET_HEADER, "frames_ethernet"),
+    (0, "frames_bare_ip"),
+    (killswitch_common::GUARD_NOT_AN_UPLINK, "frames_not_uplink"),
+    (killswitch_common::GUARD_UNREADABLE, "frames_unreadable"),
+];
 
 /// Steps 4-10 for a packet on an uplink (any interface but loopback and the tunnels).
 fn uplink(

@@ -187,8 +187,12 @@ fn guard_check(scope: &Scope, policy: &Policy) -> Check {
             )
         }
     };
-    let mut planned: Vec<String> = planned.into_iter().map(|(d, _)| d.name).collect();
+    let mut planned: Vec<(String, u8)> = planned.into_iter().map(|(d, h)| (d.name, h)).collect();
     planned.sort();
+    let names = |list: &[(String, u8)]| -> Vec<String> {
+        list.iter().map(|(name, _)| name.clone()).collect()
+    };
+    let (hooked_names, planned_names) = (names(&hooked), names(&planned));
     if hooked == planned {
         return Check::pass(
             CHECK,
@@ -197,7 +201,7 @@ fn guard_check(scope: &Scope, policy: &Policy) -> Check {
             } else {
                 format!(
                     "netdev egress chains hold the frames of {}",
-                    planned.join(", ")
+                    planned_names.join(", ")
                 )
             },
         );
@@ -205,9 +209,14 @@ fn guard_check(scope: &Scope, policy: &Policy) -> Check {
     Check::fail(
         CHECK,
         format!(
-            "the netdev chains hook [{}]; the guard holds [{}] now",
-            hooked.join(", "),
-            planned.join(", ")
+            "the netdev chains hook [{}]; the guard holds [{}] now{}",
+            hooked_names.join(", "),
+            planned_names.join(", "),
+            if hooked_names == planned_names {
+                " (some by another chain: a device joined or left a listed uplink)"
+            } else {
+                ""
+            }
         ),
         "run `killswitch up --backend nftables`; start `killswitch daemon`, which follows devices as they come",
     )
