@@ -187,9 +187,12 @@ fn carriers_of(listed: &[Interface]) -> Vec<u32> {
     carriers
 }
 
-/// Every device's index, controller (`IFLA_MASTER`) and link (`IFLA_LINK`), from one
-/// RTM_GETLINK dump of the current network namespace.
-fn stacking() -> std::io::Result<Vec<(u32, Option<u32>, Option<u32>)>> {
+/// A device's index, its controller (`IFLA_MASTER`) and its link (`IFLA_LINK`, in this
+/// namespace).
+type Stacked = (u32, Option<u32>, Option<u32>);
+
+/// Every device as [`Stacked`], from one RTM_GETLINK dump of the current network namespace.
+fn stacking() -> std::io::Result<Vec<Stacked>> {
     use rtnetlink::{
         packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
         packet_route::{
