@@ -160,13 +160,8 @@ fn planned(
     set_by_command: bool,
 ) -> Result<Vec<Value>> {
     let guarded = nftables::guarded(policy)?;
-    scratch::run(|_| {
-        scratch::devices(
-            &guarded
-                .iter()
-                .map(|(d, _)| d.name.clone())
-                .collect::<Vec<_>>(),
-        )?;
+    let names: Vec<String> = guarded.iter().map(|(d, _)| d.name.clone()).collect();
+    scratch::run_with_devices(&names, |_| {
         nftables::write_planned(scope, policy, servers, set_by_command, &guarded)?;
         nftables::listing(scope)
     })

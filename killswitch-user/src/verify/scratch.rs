@@ -19,12 +19,22 @@ pub struct Scratch {
 /// (`tun0`, `up0`, `other0`, and their peers `tun0p`, ..., all up). The namespace goes when the thread and the processes it
 /// started have ended.
 pub fn run<T: Send>(f: impl FnOnce(&Scratch) -> Result<T> + Send) -> Result<T> {
+    run_with_devices(&[], f)
+}
+
+/// [`run`], with a veth of each of `names` that the namespace lacks besides (its peer `ksgN`):
+/// the live scope's netdev chains hook devices by name, and a kernel before 6.16 refuses a
+/// chain on a device that does not exist.
+pub fn run_with_devices<T: Send>(
+    names: &[String],
+    f: impl FnOnce(&Scratch) -> Result<T> + Send,
+) -> Result<T> {
     std::thread::scope(|threads| {
         threads
             .spawn(|| {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| Error::kernel("cannot make a scratch network namespace", e))?;
-                let scratch = make_links()?;
+                let scratch = make_links(names)?;
                 f(&scratch)
             })
             .join()
@@ -36,7 +46,7 @@ pub fn run<T: Send>(f: impl FnOnce(&Scratch) -> Result<T> + Send) -> Result<T> {
     })
 }
 
-fn make_links() -> Result<Scratch> {
+fn make_links(extra: &[String]) -> Result<Scratch> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -67,29 +77,7 @@ fn make_links() -> Result<Scratch> {
                 .map_err(|e| failed(&e))?;
             up(index(&peer)?).await.map_err(|e| failed(&e))?;
         }
-        Ok(Scratch {
-            tunnel: index(TUNNEL)?,
-            uplink: index(UPLINK)?,
-            other: index(OTHER)?,
-        })
-    })
-}
-
-/// Makes a veth of each name that the scratch namespace lacks (its peer `ksgN`): the live
-/// scope's netdev chains hook devices by name, and a kernel before 6.16 refuses a chain on a
-/// device that does not exist.
-pub fn devices(names: &[String]) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| Error::kernel("cannot start a netlink runtime", e))?;
-    runtime.block_on(async {
-        let failed = |e: &dyn std::fmt::Display| {
-            Error::kernel("cannot make a scratch device", e.to_string())
-        };
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| failed(&e))?;
-        tokio::spawn(connection);
-        for (i, name) in names.iter().enumerate() {
+        for (i, name) in extra.iter().enumerate() {
             if nix::net::if_::if_nametoindex(name.as_str()).is_ok() {
                 continue;
             }
@@ -100,6 +88,10 @@ pub fn devices(names: &[String]) -> Result<()> {
                 .await
                 .map_err(|e| failed(&format!("{name}: {e}")))?;
         }
-        Ok(())
+        Ok(Scratch {
+            tunnel: index(TUNNEL)?,
+            uplink: index(UPLINK)?,
+            other: index(OTHER)?,
+        })
     })
 }
