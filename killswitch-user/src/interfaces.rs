@@ -152,7 +152,7 @@ pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interf
 
 /// The devices below `listed` ones, by index, as deep as devices stack: the ports of a listed
 /// bridge or bond (their controller is it), and the device a listed VLAN or macvlan sends
-/// through (its link). None when the kernel cannot be asked (the guard then drops their
+/// through (its link). Empty when the kernel cannot be asked (the guard then drops their
 /// frames: it fails closed).
 fn carriers_of(listed: &[Interface]) -> Vec<u32> {
     let stacking = match stacking() {
@@ -220,11 +220,17 @@ fn stacking() -> std::io::Result<Vec<Stacked>> {
     for _ in 0..100_000 {
         let (datagram, _) = socket.recv_from_full()?;
         let mut rest = &datagram[..];
-        while !rest.is_empty() {
-            let message =
-                NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest).map_err(|e| bad(&e))?;
-            let length = (message.header.length as usize).max(1).min(rest.len());
+        while rest.len() >= 16 {
+            // Each message says its length first; aligned to 4 bytes.
+            let length = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let length = length.div_ceil(4).saturating_mul(4).clamp(16, rest.len());
+            let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..length]);
             rest = &rest[length..];
+            // A device whose message this crate cannot read is left out (it stays what
+            // `uplinks` says it is), not the whole list.
+            let Ok(message) = parsed else {
+                continue;
+            };
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(out),
                 NetlinkPayload::Error(e) => return Err(bad(&format!("{e:?}"))),

@@ -391,15 +391,18 @@ pub fn guard_verdict(policy: &Policy, frame: &Frame) -> (Verdict, Reason) {
 }
 
 /// [`guard_verdict`] as `filter` gives it. Netfilter's guard (a netdev egress chain) holds
-/// the server exception to a VPN client known by its mark alone (the packet's mark); one known
-/// by its cgroup cannot be asked for in a netdev hook, and the host's own sockets and what it
+/// the server exception to a VPN client known by its mark alone (the packet's mark; and no
+/// cgroup registered by `run --vpn-client`, which the model does not see); one known by a
+/// cgroup cannot be asked for in a netdev hook, and the host's own sockets and what it
 /// routes were held to it before (docs/guard.md). It reads only untagged frames: IP behind a
 /// VLAN tag or in a PPPoE session is [`Frame::Other`] to it.
 pub fn guard_verdict_of(filter: Filter, policy: &Policy, frame: &Frame) -> (Verdict, Reason) {
     match (filter, frame) {
         (Filter::Netfilter, Frame::Ip(packet)) => {
             let vpn_client = match &policy.vpn_client {
-                Some(client) if client.cgroup.is_none() => client.mark == Some(packet.mark),
+                Some(client) if client.cgroup.is_none() && client.mark.is_some() => {
+                    client.mark == Some(packet.mark)
+                }
                 _ => true,
             };
             verdict_of(

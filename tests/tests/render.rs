@@ -261,3 +261,46 @@ fn every_comment_fits_what_nft_keeps() {
     let refused = render::nft(&ruleset).unwrap_err().to_string();
     assert!(refused.contains("too long"), "{refused}");
 }
+
+/// The guard's netdev chain holds servers' frames to a VPN client known by its mark alone, and
+/// not once a client is known by a cgroup (`run --vpn-client`), which a netdev hook cannot ask
+/// for: that client's own packets carry no mark.
+#[test]
+fn the_netdev_chain_holds_servers_to_a_mark_only_while_no_cgroup_is_the_client() {
+    let policy = Policy::from_toml(
+        "tunnels = [\"tun0\"]\n\n[[server]]\naddress = \"198.51.100.1\"\nport = 1194\n\
+         protocol = \"udp\"\n\n[vpn_client]\nmark = 0xca6c\n\n[guard]\nenabled = true\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let servers = servers(&policy);
+    let guarded = [(
+        Interface {
+            index: 2,
+            name: "eth0".into(),
+        },
+        14,
+    )];
+    let render = |clients: &[ClientCgroup]| {
+        render::nft(&Ruleset {
+            policy: &policy,
+            servers: &servers,
+            cgroup: None,
+            lockdown: None,
+            clients,
+            guarded: &guarded,
+        })
+        .unwrap()
+    };
+    let mark_only = render(&[]);
+    assert!(
+        mark_only.contains("chain frames_vpn_client {") && mark_only.contains("meta mark 0xca6c"),
+        "{mark_only}"
+    );
+    let started = render(&[ClientCgroup {
+        path: "killswitch/openvpn".into(),
+        level: 2,
+        id: 0,
+    }]);
+    assert!(!started.contains("frames_vpn_client"), "{started}");
+}

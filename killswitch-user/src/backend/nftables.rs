@@ -91,27 +91,38 @@ pub fn taken_down(scope: &Scope) -> bool {
 /// Replaces the scope's table with the policy's in one transaction (no moment without it),
 /// then reads it back. The caller holds [`lock`].
 pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
-    let devices = guarded(policy)?;
-    let Err(refused) = write(scope, policy, servers, None, &devices) else {
-        return Ok(());
-    };
-    if devices.is_empty() {
+    let mut refused = None;
+    // A device that goes away between the listing and the load fails the transaction (before
+    // Linux 6.16 a chain on a missing device is refused): again with the devices there are.
+    for _ in 0..3 {
+        let devices = guarded(policy)?;
+        match write(scope, policy, servers, None, &devices) {
+            Ok(()) => return Ok(()),
+            Err(e) if devices.is_empty() || !matches!(e, Error::Kernel { .. }) => return Err(e),
+            Err(e) => refused = Some(e),
+        }
+    }
+    let refused = refused.expect("tried");
+    // Only a kernel that has no netdev egress hook (built without CONFIG_NETFILTER_EGRESS)
+    // gets the rest of the policy without the guard's chains, and a line that says so.
+    if egress_hook() {
         return Err(refused);
     }
-    // A device that went away between the listing and the load (before Linux 6.16 a chain on
-    // a missing device fails the transaction): once more with the devices there are now.
-    let now = guarded(policy)?;
-    if now != devices && write(scope, policy, servers, None, &now).is_ok() {
-        return Ok(());
-    }
-    // A kernel without the netdev egress hook (CONFIG_NETFILTER_EGRESS off): the rest of the
-    // policy rather than none, and a line that says what is not held.
     write(scope, policy, servers, None, &[])?;
     tracing::warn!(
-        "nft refused the guard's netdev chains ({refused}): raw-socket frames are not held on \
+        "this kernel has no netdev egress hook ({refused}): raw-socket frames are not held on \
          the uplinks; what the host forwards still is"
     );
     Ok(())
+}
+
+/// Whether nft can hook a netdev chain on egress here, tried in a scratch namespace.
+fn egress_hook() -> bool {
+    const PROBE: &str = "table netdev killswitch_probe {\n\tchain egress {\n\t\ttype filter hook egress device \"lo\" priority filter; policy accept;\n\t}\n}\n";
+    crate::verify::scratch::run(|_| {
+        run_nft(&["-f", "-"], Some(PROBE), false).map_err(|e| Error::kernel("probe", e))
+    })
+    .is_ok()
 }
 
 fn write(
@@ -248,6 +259,11 @@ pub fn frame_counters(scope: &Scope) -> Result<Option<Vec<(Direction, Reason, u6
     Ok(Some(counters.counters()))
 }
 
+/// Whether the guard's netdev table of this name has `chain`.
+fn frames_chain(table: &str, chain: &str) -> bool {
+    run_nft(&["list", "chain", "netdev", table, chain], None, false).is_ok()
+}
+
 /// Whether the guard's netdev table of this name is there (it holds copies of the server sets).
 fn holds_frames(table: &str) -> bool {
     run_nft(&["list", "tables", "netdev"], None, false).is_ok_and(|out| {
@@ -265,11 +281,20 @@ pub fn add_vpn_client(scope: &Scope, client: &crate::vpn_client::ClientCgroup) -
     let Some((path, level)) = render::client_rule(client) else {
         return Ok(false);
     };
-    let script = format!(
+    let mut script = format!(
         "add rule inet {table} vpn_client socket cgroupv2 level {level} \"{path}\" counter name \"{}\" accept comment \"{}\"\n",
         render::counter_name(Direction::Egress, Reason::Server),
         render::step(Reason::Server)
     );
+    // The guard's netdev chain cannot ask a cgroup: a client known by its mark alone there
+    // until now, from here on no longer held to it (the next render says the same).
+    if frames_chain(&table, render::FRAMES_VPN_CLIENT) {
+        script.push_str(&format!(
+            "add rule netdev {table} {} counter name \"{}\" accept\n",
+            render::FRAMES_VPN_CLIENT,
+            render::counter_name(Direction::Egress, Reason::Server),
+        ));
+    }
     match run_nft(&["-f", "-"], Some(&script), true) {
         Ok(_) => Ok(true),
         // No such table or chain: the scope does not hold the servers to its VPN client.

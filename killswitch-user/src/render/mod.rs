@@ -12,8 +12,8 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 pub use iptables::iptables;
 pub use nft::{
-    delete_script, nft, servers_script, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY, FRAME_CHAINS,
-    INBOUND, SERVER_SETS, SET_BY_COMMAND,
+    delete_script, nft, servers_script, table_name, COMMENT_LOCKDOWN, COMMENT_POLICY,
+    FRAMES_VPN_CLIENT, FRAME_CHAINS, INBOUND, SERVER_SETS, SET_BY_COMMAND,
 };
 
 use crate::{

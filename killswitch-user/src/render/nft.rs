@@ -717,11 +717,12 @@ fn frames(
         c.end();
     }
     // A client known by its mark alone: the mark is on every packet it sends, here too. One
-    // known by its cgroup cannot be asked for here (no socket lookup in a netdev hook).
+    // known by a cgroup (configured, or one `run --vpn-client` made) cannot be asked for here
+    // (no socket lookup in a netdev hook).
     let mark_only = policy
         .vpn_client
         .as_ref()
-        .filter(|c| c.cgroup.is_none())
+        .filter(|c| c.cgroup.is_none() && ruleset.clients.is_empty())
         .and_then(|c| c.mark);
     uplink(
         w,
@@ -729,13 +730,13 @@ fn frames(
         policy,
         &UplinkChain {
             name: "frames_uplink",
-            client_chain: mark_only.map(|_| "frames_vpn_client"),
+            client_chain: mark_only.map(|_| FRAMES_VPN_CLIENT),
             neighbour_discovery: true,
             ipv6: NETDEV_IPV6,
         },
     );
     if let Some(mark) = mark_only {
-        let mut c = Chain::new(w, "frames_vpn_client");
+        let mut c = Chain::new(w, FRAMES_VPN_CLIENT);
         c.rule(&format!("meta mark {mark:#x}"), Allow(d, Reason::Server));
         c.end();
     }
@@ -746,6 +747,9 @@ fn frames(
 
 /// The length of an Ethernet header: what the guard's device list says of an Ethernet device.
 const ETHERNET_HEADER: u8 = 14;
+
+/// The netdev chain that holds servers' frames to a VPN client known by its mark alone.
+pub const FRAMES_VPN_CLIENT: &str = "frames_vpn_client";
 
 /// The guard's netdev base chains, by what [`crate::interfaces::guarded`] says of a device.
 pub const FRAME_CHAINS: [(u8, &str); 4] = [
