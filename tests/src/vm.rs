@@ -244,16 +244,21 @@ impl Initramfs {
 
     /// A kernel module from `modules` (decompressed: busybox's insmod reads plain .ko files).
     pub fn add_module(&mut self, modules: &Path, name: &str) {
+        assert!(self.add_module_if_built(modules, name), "no {name}.ko");
+    }
+
+    /// [`Initramfs::add_module`] for a module this kernel may have built in instead: false
+    /// when there is no such module file.
+    pub fn add_module_if_built(&mut self, modules: &Path, name: &str) -> bool {
         let out = Command::new("find")
             .arg(modules)
             .args(["-name", &format!("{name}.ko*")])
             .output()
             .unwrap();
         let found = String::from_utf8_lossy(&out.stdout);
-        let source = found
-            .lines()
-            .next()
-            .unwrap_or_else(|| panic!("no {name}.ko"));
+        let Some(source) = found.lines().next() else {
+            return false;
+        };
         let target = self.path(&format!("/ks/{name}.ko"));
         if source.ends_with(".xz") {
             let plain = Command::new("xz").args(["-dc", source]).output().unwrap();
@@ -262,6 +267,7 @@ impl Initramfs {
         } else {
             std::fs::copy(source, &target).unwrap();
         }
+        true
     }
 
     pub fn add_script(&mut self, at: &str, text: &str) {

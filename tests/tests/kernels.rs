@@ -33,7 +33,13 @@ const TRIXIE_KERNEL: &str = r"^linux-image-6\.12\.[0-9]+\+deb13-amd64$";
 fn debian_12_kernel_runs_the_whole_policy() {
     // Not `trace`: on 6.1 its copy's verification (the enforcing egress alone is 99,000
     // processed instructions there) did not finish within 90 s under emulation.
-    run_in_guest("bookworm", BOOKWORM_KERNEL, "", &policy_steps()[..3]);
+    let steps = policy_steps();
+    run_in_guest(
+        "bookworm",
+        BOOKWORM_KERNEL,
+        "",
+        &[&steps[..3], &steps[4..]].concat(),
+    );
 }
 
 #[test]
@@ -56,12 +62,13 @@ fn a_kernel_that_refuses_the_programs_gets_lockdown() {
     );
 }
 
+#[derive(Clone)]
 struct Step {
     name: &'static str,
     command: &'static str,
 }
 
-fn policy_steps() -> [Step; 4] {
+fn policy_steps() -> [Step; 5] {
     [
         // Its output names the mechanism and the verifier's work, for the report.
         Step {
@@ -87,6 +94,12 @@ fn policy_steps() -> [Step; 4] {
             name: "trace",
             command: "/ks/trace --test-threads=1",
         },
+        // The nftables guard's netdev egress chains: on 6.1 a chain needs its devices to exist.
+        Step {
+            name: "nft-guard",
+            command: "/ks/backends --test-threads=1 --exact \
+                      the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames",
+        },
     ]
 }
 
@@ -108,7 +121,9 @@ fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
     };
 
     let mut initramfs = Initramfs::new();
-    for tool in ["ip", "nsenter", "timeout", "ping", "bpftool"] {
+    for tool in [
+        "ip", "nsenter", "timeout", "ping", "bpftool", "nft", "unshare",
+    ] {
         // All in /usr/bin, ahead of busybox's applets on the guest's PATH.
         initramfs.add_binary(&which(tool), &format!("/usr/bin/{tool}"));
     }
@@ -116,12 +131,34 @@ fn run_in_guest(suite: &str, package: &str, append: &str, steps: &[Step]) {
     initramfs.add_binary(&tests.verdicts, "/ks/verdicts");
     initramfs.add_binary(&tests.enforcement, "/ks/enforcement");
     initramfs.add_binary(&tests.trace, "/ks/trace");
+    initramfs.add_binary(&tests.backends, "/ks/backends");
     initramfs.add_binary(&testbed::process::killswitch_bin(), "/ks/killswitch");
     // The tests find the probe at the path it was built to.
     let probe = env!("CARGO_BIN_EXE_ks-probe");
     initramfs.add_binary(Path::new(probe), probe);
-    for module in ["veth", "tun", "sch_ingress", "cls_bpf"] {
-        initramfs.add_module(&kernel.modules, module);
+    // nf_tables and what its rules use, in the order insmod needs them.
+    for module in [
+        "veth",
+        "tun",
+        "sch_ingress",
+        "cls_bpf",
+        "crc32c_generic",
+        "libcrc32c",
+        "nfnetlink",
+        "nf_tables",
+        "nft_objref",
+        "nft_limit",
+        "nft_log",
+        "nf_log_syslog",
+    ] {
+        // nft_objref is part of nf_tables from 6.x on.
+        if !initramfs.add_module_if_built(&kernel.modules, module) && module != "nft_objref" {
+            panic!("no {module}.ko for {}", kernel.release);
+        }
+    }
+    // nft reads protocol and service names from these.
+    for file in ["/etc/protocols", "/etc/services"] {
+        initramfs.add_script(file, &std::fs::read_to_string(file).unwrap_or_default());
     }
     initramfs.add_script("/init", &init_script(steps));
     let run = boot(&kernel, initramfs.pack(), append, BOOT_LIMIT);
@@ -167,7 +204,8 @@ fn init_script(steps: &[Step]) -> String {
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup; mount -t bpf bpffs /sys/fs/bpf\n\
          mkdir -p /run/netns; chmod 1777 /tmp\n\
-         insmod /ks/veth.ko; insmod /ks/tun.ko; insmod /ks/sch_ingress.ko; insmod /ks/cls_bpf.ko\n\
+         for m in veth tun sch_ingress cls_bpf crc32c_generic libcrc32c nfnetlink nf_tables \
+         nft_objref nft_limit nft_log nf_log_syslog; do insmod /ks/$m.ko; done\n\
          ip link set lo up\n\
          export KILLSWITCH_BIN=/ks/killswitch RUST_BACKTRACE=0\n\
          cd /tmp\n\
@@ -195,6 +233,7 @@ struct TestBinaries {
     verdicts: PathBuf,
     enforcement: PathBuf,
     trace: PathBuf,
+    backends: PathBuf,
 }
 
 /// The compiled verdict and enforcement tests, as cargo reports them (built already).
@@ -211,6 +250,8 @@ fn test_binaries() -> TestBinaries {
         "enforcement",
         "--test",
         "trace",
+        "--test",
+        "backends",
     ]);
     let find = |name: &str| {
         built
@@ -223,6 +264,7 @@ fn test_binaries() -> TestBinaries {
         verdicts: find("verdicts"),
         enforcement: find("enforcement"),
         trace: find("trace"),
+        backends: find("backends"),
     }
 }
 
