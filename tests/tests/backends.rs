@@ -237,7 +237,15 @@ fn the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames() {
         index: net.ifindex("up0"),
         name: "up0".into(),
     };
-    let dir = testbed::private_dir("ksguard");
+    // Removed on success, failure and panic.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(testbed::private_dir("ksguard"));
+    let dir = &dir.0;
     let socket = testbed::wire::in_netns(&net, || {
         // SAFETY: plain socket(2); the descriptor is owned below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
@@ -360,7 +368,6 @@ fn the_nft_guard_agrees_with_the_netfilter_model_on_raw_frames() {
             *reasons.entry(expected.1).or_insert(0usize) += 1;
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("{policies} policies x 100 frames agree; reasons {reasons:?}");
     assert!(reasons.len() >= 12, "too few reasons reached: {reasons:?}");
 }
