@@ -2,14 +2,12 @@
 //! flood costs at most a fixed number of events a second. What the limit holds back is counted.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes},
     macros::map,
     maps::{PerCpuArray, RingBuf},
     programs::SkBuffContext,
 };
-use killswitch_common::{
-    ipv4_mapped, Direction, DropEvent, EventLimit, Reason, Settings, RECENT_DROPS_PER_CPU,
-};
+use killswitch_common::{Direction, DropEvent, EventLimit, Reason, Settings, RECENT_DROPS_PER_CPU};
 
 use crate::packet::{Frame, Packet, ETH_P_IP, ETH_P_IPV6};
 
@@ -53,16 +51,19 @@ pub fn report(
         return;
     }
     limit.next_ns = next + settings.event_interval_ns;
-    let mut event = describe(ctx, netns(), direction, reason);
+    let slot = (limit.reported % RECENT_DROPS_PER_CPU as u64) as u32;
+    let Some(recent) = RECENT_DROPS.get_ptr_mut(slot) else {
+        return;
+    };
+    limit.reported += 1;
+    // Written in place and sent from there: a copy of the event is a byte loop the verifier
+    // walks once for every way of reaching a drop.
+    // SAFETY: per-CPU slot, as above.
+    let event = unsafe { &mut *recent };
+    describe_into(event, ctx, netns(), direction, reason);
     event.timestamp_ns = now;
     event.suppressed = limit.suppressed;
-    let slot = (limit.reported % RECENT_DROPS_PER_CPU as u64) as u32;
-    limit.reported += 1;
-    if let Some(recent) = RECENT_DROPS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, as above.
-        unsafe { *recent = event };
-    }
-    if EVENTS.output::<DropEvent>(&event, 0).is_ok() {
+    if EVENTS.output::<DropEvent>(event, 0).is_ok() {
         limit.suppressed = 0;
     } else {
         // The ring buffer is full: nobody is reading, or not fast enough.
@@ -71,7 +72,7 @@ pub fn report(
     }
 }
 
-/// The packet's addresses, ports, interface and cgroup (for drop events and `trace`).
+/// The packet's addresses, ports, interface and cgroup (for `trace`).
 #[inline(always)]
 pub(crate) fn describe(
     ctx: &SkBuffContext,
@@ -79,35 +80,55 @@ pub(crate) fn describe(
     direction: Direction,
     reason: Reason,
 ) -> DropEvent {
-    let mut event = DropEvent {
-        reason: reason as u8,
-        direction: direction as u8,
-        ifindex: crate::ifindex(ctx),
-        netns_cookie: netns,
-        // SAFETY: the helper only reads the context it is given.
-        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
-        ..DropEvent::default()
-    };
-    match ctx.skb.protocol() {
+    let mut event = DropEvent::default();
+    describe_into(&mut event, ctx, netns, direction, reason);
+    event
+}
+
+/// Writes every field of `event` but the time and the suppressed count: the packet's
+/// addresses, ports, interface and cgroup.
+#[inline(always)]
+fn describe_into(
+    event: &mut DropEvent,
+    ctx: &SkBuffContext,
+    netns: u64,
+    direction: Direction,
+    reason: Reason,
+) {
+    event.reason = reason as u8;
+    event.direction = direction as u8;
+    event.ifindex = crate::ifindex(ctx);
+    event.netns_cookie = netns;
+    // SAFETY: the helper only reads the context it is given.
+    event.cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    event.family = 0;
+    event.source = [0; 16];
+    event.destination = [0; 16];
+    event.protocol = 0;
+    event.ports_known = 0;
+    event.source_port = 0;
+    event.destination_port = 0;
+    event._pad = [0; 11];
+    // Read straight into the event: copies through the stack would not fit beside the rest.
+    let (family, read) = match ctx.skb.protocol() {
         ETH_P_IP => {
-            if let (Ok(source), Ok(destination)) =
-                (ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16))
-            {
-                event.family = 4;
-                event.source = ipv4_mapped(source);
-                event.destination = ipv4_mapped(destination);
-            }
+            event.source[10..12].copy_from_slice(&[0xff, 0xff]);
+            event.destination[10..12].copy_from_slice(&[0xff, 0xff]);
+            let read = load_into(ctx, 12, &mut event.source[12..])
+                && load_into(ctx, 16, &mut event.destination[12..]);
+            (4, read)
         }
-        ETH_P_IPV6 => {
-            if let (Ok(source), Ok(destination)) =
-                (ctx.load::<[u8; 16]>(8), ctx.load::<[u8; 16]>(24))
-            {
-                event.family = 6;
-                event.source = source;
-                event.destination = destination;
-            }
-        }
-        _ => {}
+        ETH_P_IPV6 => (
+            6,
+            load_into(ctx, 8, &mut event.source) && load_into(ctx, 24, &mut event.destination),
+        ),
+        _ => (0, false),
+    };
+    if read {
+        event.family = family;
+    } else {
+        event.source = [0; 16];
+        event.destination = [0; 16];
     }
     if let Some(packet) = Packet::parse(&Frame::network(&ctx.skb), Direction::Egress) {
         event.protocol = packet.protocol;
@@ -118,5 +139,19 @@ pub(crate) fn describe(
             event.destination_port = ports.remote;
         }
     }
-    event
+}
+
+/// Reads `dst.len()` bytes of the packet at `offset` into `dst`; false (and `dst` unspecified)
+/// when the packet is shorter.
+#[inline(always)]
+fn load_into(ctx: &SkBuffContext, offset: u32, dst: &mut [u8]) -> bool {
+    // SAFETY: the helper writes exactly `dst.len()` bytes into `dst`, or fails.
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset,
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+        ) == 0
+    }
 }

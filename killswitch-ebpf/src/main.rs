@@ -58,6 +58,10 @@ static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS +
 /// [`judge_icmp_error`]).
 #[map]
 static ICMP_ERRORS: ProgramArray = ProgramArray::pinned(2, 0);
+/// Where `judge_icmp_error` puts the quoted packet (see [`Packet::forgotten`]); not pinned:
+/// it holds nothing between packets.
+#[map]
+static QUOTED: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 /// The `[vpn_client]`'s cgroups by id: with `Settings::vpn_client`, only their sockets (and
 /// their descendants') get the server exception.
 #[map]
@@ -118,12 +122,18 @@ fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
     let frame = Frame::network(&ctx.skb);
     let quoted = Packet::parse(&frame, Direction::Ingress).and_then(|packet| packet.quoted(&frame));
     let reason = match quoted {
-        Some(quoted)
-            if !quoted.source_route
-                && exception(&quoted, Direction::Egress, &settings, own_netns, true).allows() =>
-        {
-            Reason::IcmpError
-        }
+        Some(quoted) if !quoted.source_route => match QUOTED.get_ptr_mut(0) {
+            Some(slot) => {
+                // SAFETY: the slot is this CPU's value of a map of packets.
+                let quoted = unsafe { quoted.forgotten(slot) };
+                if exception(&quoted, Direction::Egress, &settings, own_netns, true).allows() {
+                    Reason::IcmpError
+                } else {
+                    Reason::Default
+                }
+            }
+            None => Reason::Default,
+        },
         _ => Reason::Default,
     };
     verdict::<N>(ctx, Direction::Ingress, reason, &settings)

@@ -231,6 +231,50 @@ impl Packet {
         self.ipv6 && self.remote.is_v4_mapped()
     }
 
+    /// The same packet, as the verifier knows nothing of it: written to `slot` (map memory)
+    /// and read back, every field once, so that the many ways a parse can end reach the next
+    /// step as one. For a rarely taken path whose verification dominates (the ICMP-error
+    /// program); it costs a few loads and stores.
+    ///
+    /// # Safety
+    /// `slot` is valid for reads and writes of a `Packet` (a map value of this program).
+    #[inline(always)]
+    pub unsafe fn forgotten(&self, slot: *mut Packet) -> Packet {
+        use core::ptr::{addr_of, addr_of_mut, read_volatile as get, write_volatile as put};
+        put(addr_of_mut!((*slot).ipv6), self.ipv6);
+        put(addr_of_mut!((*slot).source_route), self.source_route);
+        put(addr_of_mut!((*slot).protocol), self.protocol);
+        for (i, word) in self.remote.0.iter().enumerate() {
+            put(addr_of_mut!((*slot).remote.0[i]), *word);
+        }
+        put(addr_of_mut!((*slot).ports_known), self.ports_known);
+        put(addr_of_mut!((*slot).local_port), self.local_port);
+        put(addr_of_mut!((*slot).remote_port), self.remote_port);
+        put(addr_of_mut!((*slot).icmp_known), self.icmp_known);
+        put(addr_of_mut!((*slot).icmp_type), self.icmp_type);
+        put(
+            addr_of_mut!((*slot).transport_offset),
+            self.transport_offset,
+        );
+        Packet {
+            ipv6: get(addr_of!((*slot).ipv6)),
+            source_route: get(addr_of!((*slot).source_route)),
+            protocol: get(addr_of!((*slot).protocol)),
+            remote: Address([
+                get(addr_of!((*slot).remote.0[0])),
+                get(addr_of!((*slot).remote.0[1])),
+                get(addr_of!((*slot).remote.0[2])),
+                get(addr_of!((*slot).remote.0[3])),
+            ]),
+            ports_known: get(addr_of!((*slot).ports_known)),
+            local_port: get(addr_of!((*slot).local_port)),
+            remote_port: get(addr_of!((*slot).remote_port)),
+            icmp_known: get(addr_of!((*slot).icmp_known)),
+            icmp_type: get(addr_of!((*slot).icmp_type)),
+            transport_offset: get(addr_of!((*slot).transport_offset)),
+        }
+    }
+
     /// `None` when the IP header itself is unreadable or inconsistent.
     #[inline(always)]
     pub fn parse(frame: &Frame, direction: Direction) -> Option<Packet> {

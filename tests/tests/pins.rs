@@ -159,6 +159,97 @@ fn a_re_up_writes_the_maps_and_keeps_the_programs_unless_they_were_replaced() {
     assert!(bed.run(&["down"]).status.success());
 }
 
+/// A cold `up` loads and verifies the programs while it reads the config, on maps in a private
+/// directory of the pin root (`=load-<pid>`), and moves those maps into the scope's directory
+/// once it holds the scope's lock. Nothing of it stays: not after an `up`, not after a config
+/// that fails (lockdown), not from a process that died (its directory goes at the next `up`);
+/// and a scope whose maps are pinned already keeps them (the maps made ahead are dropped).
+#[test]
+fn a_cold_up_verifies_ahead_and_leaves_no_private_directory() {
+    require_root!();
+    let bed = Bed::new("tunnels = [\"tun0\"]\n");
+    let private = || -> Vec<String> {
+        std::fs::read_dir(&bed.pins.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("=load-"))
+            .collect()
+    };
+    // Left by a process that died (a pid that ran and ended).
+    let dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    let mut dead = dead;
+    dead.wait().unwrap();
+    std::fs::create_dir_all(bed.pins.path.join(format!("=load-{dead_pid}"))).unwrap();
+    assert_eq!(private().len(), 1);
+
+    let out = bed.run(&["up"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(private(), Vec::<String>::new(), "nothing private left");
+    let status = bed.run(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["scopes"].as_array().unwrap().len(), 1, "{json:#}");
+    let links = json["scopes"][0]["links"].as_array().unwrap().clone();
+    assert_eq!(links.len(), 2, "{json:#}");
+    // The programs in force read the maps pinned in the scope's directory.
+    let servers = map_id(&bed.scope_dir().join("SERVERS"));
+    for link in &links {
+        let program = link["program_id"].as_u64().unwrap();
+        assert!(program_maps(program).contains(&servers), "{link}");
+    }
+
+    // The links go, the maps stay: the next `up` is cold, but keeps the pinned maps.
+    for link in ["egress_link", "ingress_link"] {
+        std::fs::remove_file(bed.scope_dir().join(link)).unwrap();
+    }
+    let out = bed.run(&["up"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(private(), Vec::<String>::new());
+    assert_eq!(
+        map_id(&bed.scope_dir().join("SERVERS")),
+        servers,
+        "the maps were kept"
+    );
+    assert!(bed.run(&["down"]).status.success());
+
+    // A config that fails at a cold `up`: lockdown, and no private directory either.
+    testbed::write_config(&bed.config, "tunnels = [\"tun0\"\n");
+    let out = bed.run(&["up"]);
+    assert!(!out.status.success());
+    assert_eq!(private(), Vec::<String>::new());
+    assert!(bed.run(&["down"]).status.success());
+}
+
+/// The id of the map pinned at `path`.
+fn map_id(path: &std::path::Path) -> u64 {
+    let out = testbed::run(
+        "bpftool",
+        &["-j", "map", "show", "pinned", path.to_str().unwrap()],
+    );
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["id"].as_u64().unwrap()
+}
+
+/// The ids of the maps program `id` uses.
+fn program_maps(id: u64) -> Vec<u64> {
+    let out = testbed::run("bpftool", &["-j", "prog", "show", "id", &id.to_string()]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["map_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap())
+        .collect()
+}
+
 /// Removes the directory on drop, also when the test fails.
 struct Removed(std::path::PathBuf);
 

@@ -2,6 +2,7 @@
 //! nftables table in the network namespace ([`nftables`]). `up` picks one; `down` and `status`
 //! look at both, so a scope moved from one to the other is never left half-held.
 
+mod nft_tables;
 pub mod nftables;
 
 use serde::Serialize;

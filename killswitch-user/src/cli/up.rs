@@ -22,9 +22,7 @@ pub(super) fn run(config: &Path, cgroup: Option<&Path>, choice: Choice) -> Resul
         Err(e) => return Err(e),
     };
     let privileged = super::require_privileges().is_ok();
-    if privileged && choice != Choice::Nftables {
-        ebpf::warm_up();
-    }
+    let _warming = (privileged && choice != Choice::Nftables).then(|| ebpf::warm_up_for(&scope));
     let policy = match Policy::load(config) {
         Ok(policy) => policy.for_scope(scope.is_system_wide()),
         // At boot a typo must not leave the machine open: lockdown, unless already enforced.

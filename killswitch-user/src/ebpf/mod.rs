@@ -14,7 +14,10 @@ pub mod trace;
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender},
+    },
 };
 
 use aya::{
@@ -96,34 +99,56 @@ impl Programs {
 
     fn load_policy(pin_dir: &Path, fill: Option<&MapEntries>) -> Result<Programs> {
         let _signals = SignalsHeld::new();
-        let (loader, netns) = match warmed() {
-            Some(Warm { loader, netns }) => (loader, netns),
-            None => (EbpfLoader::new(), kernel::netns_source()),
+        let (loader, netns, prepared, filled) = match warmed(fill) {
+            Some((
+                Warm {
+                    loader,
+                    netns,
+                    prepared,
+                },
+                filled,
+            )) => (loader, netns, prepared, filled),
+            None => (None, kernel::netns_source(), None, false),
         };
         let netns = netns.map_err(|reason| {
             Error::kernel("this kernel cannot run the killswitch programs", reason)
         })?;
-        Programs::load_with(loader, pin_dir, Pair::Policy(netns), fill, LOG_OFF)
+        let pair = Pair::Policy(netns);
+        if let Some(prepared) = prepared.filter(|p| p.pair() == Some(pair)) {
+            match prepared.adopt(pin_dir) {
+                Ok(programs) => {
+                    if let Some(entries) = fill.filter(|_| !filled) {
+                        PinnedMaps::open(pin_dir)?.write(entries)?;
+                    }
+                    return Ok(programs);
+                }
+                Err(e) => tracing::debug!("the programs verified ahead are not used: {e}"),
+            }
+        }
+        let loader = loader.unwrap_or_else(EbpfLoader::new);
+        Programs::load_with(loader, pin_dir, pair, fill, LOG_OFF, None)
     }
 
     /// Loads one pair of the object and, with `fill`, writes it into the maps (the tests load
     /// both policy pairs where the kernel can).
     pub fn load_pair(pin_dir: &Path, pair: Pair, fill: Option<&MapEntries>) -> Result<Programs> {
-        Programs::load_with(EbpfLoader::new(), pin_dir, pair, fill, LOG_OFF)
+        Programs::load_with(EbpfLoader::new(), pin_dir, pair, fill, LOG_OFF, None)
     }
 
     /// Loads `pair` on the scope's pinned maps with every verdict logged through aya-log, for
     /// `trace` to swap in (see [`trace`](crate::trace)).
     pub fn load_traced(pin_dir: &Path, pair: Pair) -> Result<Programs> {
-        Programs::load_with(EbpfLoader::new(), pin_dir, pair, None, LOG_INFO)
+        Programs::load_with(EbpfLoader::new(), pin_dir, pair, None, LOG_INFO, None)
     }
 
+    /// `maps_made` hears where the maps are as soon as they are, before the verifier's work.
     fn load_with(
         loader: EbpfLoader<'static>,
         pin_dir: &Path,
         pair: Pair,
         fill: Option<&MapEntries>,
         log_level: u8,
+        maps_made: Option<&SyncSender<PathBuf>>,
     ) -> Result<Programs> {
         // The verifier gives up with EAGAIN when a signal is pending for this thread; keep
         // signals for after the load (they are delivered when the mask is restored).
@@ -156,6 +181,9 @@ impl Programs {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::kernel("the kernel refused the killswitch maps", chain(&e)))?;
+        if let Some(made) = maps_made {
+            let _ = made.send(map_dir.clone());
+        }
         // Maps no attached program reads may be written before the verifier has said yes.
         let fill_while_verifying = fill.filter(|_| !in_use || map_dir != pin_dir);
         // The verifier's work is most of a load: every program at once, one thread each (a new
@@ -280,31 +308,150 @@ pub(crate) const LOG_OFF: u8 = 0;
 const LOG_INFO: u8 = 3;
 
 /// What a load needs that takes a while and no lock: the kernel's BTF (aya parses it in
-/// `EbpfLoader::new`) and the probe for the namespace source.
+/// `EbpfLoader::new`) and the probe for the namespace source; for a cold `up`, the programs
+/// themselves.
 struct Warm {
-    loader: EbpfLoader<'static>,
+    loader: Option<EbpfLoader<'static>>,
     netns: std::result::Result<NetnsSource, String>,
+    prepared: Option<Prepared>,
 }
 
-static WARMING: std::sync::Mutex<Option<std::thread::JoinHandle<Warm>>> =
-    std::sync::Mutex::new(None);
+/// The thread working on [`Warm`], and where it says that the maps of its programs are made.
+struct WarmingThread {
+    handle: std::thread::JoinHandle<Warm>,
+    maps_made: Receiver<PathBuf>,
+}
+
+static WARMING: std::sync::Mutex<Option<WarmingThread>> = std::sync::Mutex::new(None);
 
 /// Starts the slow, lock-free part of the next policy load on a thread, so that it runs while
 /// the caller reads its config (about 15 ms of a cold `up`).
 pub fn warm_up() {
+    start_warming(false);
+}
+
+/// [`warm_up`] for an `up` of `scope`: when nothing enforces it yet, the programs are loaded
+/// and verified too, on maps of their own, while the config is read (the verifier is most of a
+/// cold `up`). What the load does not use is removed when the returned value is dropped.
+pub fn warm_up_for(scope: &Scope) -> Warming {
+    start_warming(!is_pinned(scope) && pins::bpffs_mounted());
+    Warming
+}
+
+fn start_warming(cold: bool) {
+    let (made, maps_made) = std::sync::mpsc::sync_channel(1);
     // Without a thread the load simply does this itself.
-    let started = std::thread::Builder::new().spawn(|| Warm {
-        loader: EbpfLoader::new(),
-        netns: kernel::netns_source(),
+    let started = std::thread::Builder::new().spawn(move || {
+        let netns = kernel::netns_source();
+        match (cold, &netns) {
+            (true, Ok(source)) => Warm {
+                loader: None,
+                prepared: prepare(*source, &made)
+                    .map_err(|e| tracing::debug!("no programs verified ahead: {e}"))
+                    .ok(),
+                netns,
+            },
+            _ => Warm {
+                loader: Some(EbpfLoader::new()),
+                netns,
+                prepared: None,
+            },
+        }
     });
-    *WARMING.lock().unwrap_or_else(|e| e.into_inner()) = started.ok();
+    *WARMING.lock().unwrap_or_else(|e| e.into_inner()) = started
+        .ok()
+        .map(|handle| WarmingThread { handle, maps_made });
+}
+
+/// Drops what [`warm_up_for`] prepared and no load took (its maps' private directory too).
+pub struct Warming;
+
+impl Drop for Warming {
+    fn drop(&mut self) {
+        let thread = WARMING.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(thread.map(|t| t.handle.join()));
+    }
+}
+
+/// The policy programs of a cold `up`, loaded and verified before the policy is known, on new
+/// maps pinned in a private directory (`pins::private_load_dir`). The scope's first load
+/// adopts them when it has no maps pinned yet; anything else drops them, directory and all.
+struct Prepared {
+    programs: Option<Programs>,
+    dir: PathBuf,
+}
+
+fn prepare(netns: NetnsSource, maps_made: &SyncSender<PathBuf>) -> Result<Prepared> {
+    let _signals = SignalsHeld::new();
+    let mut prepared = Prepared {
+        programs: None,
+        dir: pins::private_load_dir()?,
+    };
+    prepared.programs = Some(Programs::load_with(
+        EbpfLoader::new(),
+        &prepared.dir,
+        Pair::Policy(netns),
+        None,
+        LOG_OFF,
+        Some(maps_made),
+    )?);
+    Ok(prepared)
+}
+
+impl Prepared {
+    fn pair(&self) -> Option<Pair> {
+        self.programs.as_ref().map(Programs::pair)
+    }
+
+    /// Moves the maps into `pin_dir`, which must hold none of them (nothing to reuse there).
+    fn adopt(mut self, pin_dir: &Path) -> Result<Programs> {
+        pins::check_pinned(pin_dir)?;
+        if let Some(name) = shapes::expected()
+            .keys()
+            .find(|name| std::fs::symlink_metadata(pin_dir.join(name)).is_ok())
+        {
+            return Err(Error::Runtime(format!("{name} is pinned already")));
+        }
+        shapes::remove_staging(pin_dir)?;
+        let mut programs = self
+            .programs
+            .take()
+            .ok_or_else(|| Error::Runtime("nothing prepared".into()))?;
+        for name in shapes::expected().keys() {
+            let from = self.dir.join(name);
+            std::fs::rename(&from, pin_dir.join(name))
+                .map_err(|e| Error::io("cannot move the new map into place", &from, e))?;
+        }
+        programs.map_dir = pin_dir.to_path_buf();
+        Ok(programs)
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// What [`warm_up`] prepared; a failed probe is not kept (it may have been transient, and a
 /// daemon may load long after it started).
-fn warmed() -> Option<Warm> {
-    let handle = WARMING.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-    handle.join().ok().filter(|warm| warm.netns.is_ok())
+fn warmed(fill: Option<&MapEntries>) -> Option<(Warm, bool)> {
+    let thread = WARMING.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    // Programs prepared ahead have their maps before the verifier is done: with `fill`, they are
+    // filled meanwhile. Whether they were is the second value.
+    let filled = match (fill, thread.maps_made.recv()) {
+        (Some(entries), Ok(dir)) => PinnedMaps::open(&dir)
+            .and_then(|mut maps| maps.write(entries))
+            .map_err(|e| tracing::debug!("the maps prepared ahead are not filled: {e}"))
+            .is_ok(),
+        _ => false,
+    };
+    let warm = thread
+        .handle
+        .join()
+        .ok()
+        .filter(|warm| warm.netns.is_ok())?;
+    Some((warm, filled))
 }
 
 /// Where a load pins its maps: the scope's directory, or a fresh staging directory when a map

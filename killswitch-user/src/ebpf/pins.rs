@@ -31,6 +31,33 @@ pub fn pin_dir(scope: &Scope) -> PathBuf {
     pin_root().join(&scope.name)
 }
 
+/// Where this process verifies the programs of a cold `up` before it knows the policy (see
+/// `ebpf::prepare`): a root-only directory beside the scopes, never one (its name has a `=`).
+pub fn private_load_dir() -> Result<PathBuf> {
+    let root = pin_root();
+    // Left by a process that died before it could move or remove them.
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(PRIVATE_LOAD));
+            if let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) {
+                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH)
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    let dir = root.join(format!("{PRIVATE_LOAD}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    make_pin_dir(&dir)?;
+    Ok(dir)
+}
+
+/// The name of a [`private_load_dir`], before the process id.
+const PRIVATE_LOAD: &str = "=load-";
+
 /// Every scope with a pin directory.
 pub fn scopes() -> Result<Vec<Scope>> {
     let root = pin_root();
@@ -42,19 +69,21 @@ pub fn scopes() -> Result<Vec<Scope>> {
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        // Refused directories moved aside are no scope.
+        // Refused directories moved aside and private loads are no scope.
         .filter(|name| !name.contains('='))
         .collect();
     names.sort();
     names.iter().map(|name| Scope::from_name(name)).collect()
 }
 
+/// Whether bpffs is mounted on /sys/fs/bpf.
+pub fn bpffs_mounted() -> bool {
+    nix::sys::statfs::statfs(BPFFS_MOUNT).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet.
 pub fn ensure_bpffs() -> Result<()> {
-    let mounted = nix::sys::statfs::statfs(BPFFS_MOUNT)
-        .map(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false);
-    if mounted {
+    if bpffs_mounted() {
         return Ok(());
     }
     std::fs::create_dir_all(BPFFS_MOUNT).map_err(|e| Error::io("cannot create", BPFFS_MOUNT, e))?;
