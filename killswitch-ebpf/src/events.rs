@@ -53,6 +53,9 @@ pub fn report(
     limit.next_ns = next + settings.event_interval_ns;
     let slot = (limit.reported % RECENT_DROPS_PER_CPU as u64) as u32;
     let Some(recent) = RECENT_DROPS.get_ptr_mut(slot) else {
+        // Never (the slot is in range), but counted like any event not sent.
+        limit.suppressed += 1;
+        limit.suppressed_total += 1;
         return;
     };
     limit.reported += 1;

@@ -123,15 +123,16 @@ fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
     let quoted = Packet::parse(&frame, Direction::Ingress).and_then(|packet| packet.quoted(&frame));
     let reason = match quoted {
         Some(quoted) if !quoted.source_route => match QUOTED.get_ptr_mut(0) {
-            Some(slot) => {
-                // SAFETY: the slot is this CPU's value of a map of packets.
-                let quoted = unsafe { quoted.forgotten(slot) };
-                if exception(&quoted, Direction::Egress, &settings, own_netns, true).allows() {
+            // SAFETY: the slot is this CPU's value of a map of packets.
+            Some(slot) => match unsafe { quoted.forgotten(slot) } {
+                Some(quoted)
+                    if exception(&quoted, Direction::Egress, &settings, own_netns, true)
+                        .allows() =>
+                {
                     Reason::IcmpError
-                } else {
-                    Reason::Default
                 }
-            }
+                _ => Reason::Default,
+            },
             None => Reason::Default,
         },
         _ => Reason::Default,

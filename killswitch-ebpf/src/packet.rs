@@ -234,12 +234,41 @@ impl Packet {
     /// The same packet, as the verifier knows nothing of it: written to `slot` (map memory)
     /// and read back, every field once, so that the many ways a parse can end reach the next
     /// step as one. For a rarely taken path whose verification dominates (the ICMP-error
-    /// program); it costs a few loads and stores.
+    /// program); it costs a few loads and stores. `None` when what came back differs in any
+    /// field (another run on this CPU wrote the slot in between, as a preemptible kernel might
+    /// allow): the caller drops. The check tells the verifier only that a combination of the
+    /// fields is zero, nothing of any one field.
     ///
     /// # Safety
     /// `slot` is valid for reads and writes of a `Packet` (a map value of this program).
     #[inline(always)]
-    pub unsafe fn forgotten(&self, slot: *mut Packet) -> Packet {
+    pub unsafe fn forgotten(&self, slot: *mut Packet) -> Option<Packet> {
+        let copy = self.through(slot);
+        let words = |p: &Packet| {
+            [
+                u64::from(p.ipv6) | u64::from(p.source_route) << 8 | u64::from(p.protocol) << 16,
+                u64::from(p.remote.0[0]) | u64::from(p.remote.0[1]) << 32,
+                u64::from(p.remote.0[2]) | u64::from(p.remote.0[3]) << 32,
+                u64::from(p.ports_known)
+                    | u64::from(p.local_port) << 8
+                    | u64::from(p.remote_port) << 24
+                    | u64::from(p.icmp_known) << 40
+                    | u64::from(p.icmp_type) << 48,
+                p.transport_offset as u64,
+            ]
+        };
+        let (a, b) = (words(self), words(&copy));
+        let mut differ = 0;
+        for i in 0..a.len() {
+            differ |= a[i] ^ b[i];
+        }
+        (differ == 0).then_some(copy)
+    }
+
+    /// Writes every field to `slot` and reads each back, with volatile accesses the compiler
+    /// cannot fold into the values it already has.
+    #[inline(always)]
+    unsafe fn through(&self, slot: *mut Packet) -> Packet {
         use core::ptr::{addr_of, addr_of_mut, read_volatile as get, write_volatile as put};
         put(addr_of_mut!((*slot).ipv6), self.ipv6);
         put(addr_of_mut!((*slot).source_route), self.source_route);

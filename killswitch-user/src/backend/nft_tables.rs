@@ -54,12 +54,23 @@ impl NetlinkDeserializable for Table {
     }
 }
 
-/// Whether table `name` of `family` exists in this network namespace; an error when the kernel
-/// could not say (no nf_tables, no permission).
+/// `struct nlmsghdr`: every message starts with one.
+const HEADER_LEN: usize = 16;
+/// Replies read at most: the table, then the acknowledgement (or one error).
+const REPLIES: usize = 8;
+
+/// Whether table `name` of `family` exists in this network namespace; `false` where there is no
+/// nf_tables at all (nothing can be held by it), an error when the kernel could not say (no
+/// permission, no answer within a second).
 pub fn exists(family: Family, name: &str) -> io::Result<bool> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    let mut socket = match Socket::new(NETLINK_NETFILTER) {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => return Ok(false),
+        Err(e) => return Err(e),
+    };
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    socket2::SockRef::from(&socket).set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
     let mut value = name.as_bytes().to_vec();
     value.push(0);
     let mut header = NetlinkHeader::default();
@@ -77,13 +88,21 @@ pub fn exists(family: Family, name: &str) -> io::Result<bool> {
     request.serialize(&mut buffer);
     socket.send(&buffer, 0)?;
     let mut found = false;
-    // The table, then the acknowledgement; or one error.
-    for _ in 0..8 {
-        let (datagram, _) = socket.recv_from_full()?;
+    let mut replies = 0;
+    while replies < REPLIES {
+        let datagram = match socket.recv_from_full() {
+            Ok((datagram, _)) => datagram,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         let mut rest = &datagram[..];
-        while rest.len() >= 16 {
+        while rest.len() >= HEADER_LEN {
+            replies += 1;
             let length = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let length = length.div_ceil(4).saturating_mul(4).clamp(16, rest.len());
+            let length = length
+                .div_ceil(4)
+                .saturating_mul(4)
+                .clamp(HEADER_LEN, rest.len());
             let message = NetlinkMessage::<Table>::deserialize(&rest[..length])
                 .map_err(|e| io::Error::other(e.to_string()))?;
             rest = &rest[length..];
@@ -92,7 +111,8 @@ pub fn exists(family: Family, name: &str) -> io::Result<bool> {
                 NetlinkPayload::Error(e) => {
                     return match e.code.map(|c| -c.get()) {
                         None => Ok(found),
-                        Some(libc::ENOENT) => Ok(false),
+                        // No such table; no nf_tables in this kernel.
+                        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::EAFNOSUPPORT) => Ok(false),
                         Some(code) => Err(io::Error::from_raw_os_error(code)),
                     };
                 }

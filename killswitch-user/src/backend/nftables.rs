@@ -265,8 +265,10 @@ fn frames_chain(table: &str, chain: &str) -> bool {
 }
 
 /// Whether the guard's netdev table of this name is there (it holds copies of the server sets).
+/// When the kernel cannot say, it is taken to be there: the caller's nft command then fails
+/// with its own error rather than leave the guard's copy of a list unchanged.
 fn holds_frames(table: &str) -> bool {
-    super::nft_tables::exists(super::nft_tables::Family::Netdev, table).unwrap_or(false)
+    super::nft_tables::exists(super::nft_tables::Family::Netdev, table).unwrap_or(true)
 }
 
 /// Adds a VPN client's cgroup to the scope's table, if the table holds the servers to its VPN
@@ -340,7 +342,10 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
 /// say, as when there is none).
 pub fn holds(scope: &Scope) -> bool {
     table_of(scope).is_ok_and(|(table, _)| {
-        super::nft_tables::exists(super::nft_tables::Family::Inet, &table).unwrap_or(false)
+        super::nft_tables::exists(super::nft_tables::Family::Inet, &table).unwrap_or_else(|e| {
+            tracing::warn!("cannot tell whether nftables holds {table}: {e}");
+            false
+        })
     })
 }
 

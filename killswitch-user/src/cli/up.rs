@@ -12,17 +12,18 @@ use crate::{
 };
 
 pub(super) fn run(config: &Path, cgroup: Option<&Path>, choice: Choice) -> Result<ExitCode> {
-    let scope = match Scope::from_arg(cgroup) {
-        Ok(scope) => scope,
+    let (scope, cgroup2) = match Scope::from_arg(cgroup) {
+        Ok(scope) => (scope, true),
         // No cgroup2 at all: the whole machine can still be held by nftables.
         Err(e) if cgroup.is_none() && choice != Choice::Ebpf => {
             tracing::debug!("{e}");
-            Scope::without_cgroup2()
+            (Scope::without_cgroup2(), false)
         }
         Err(e) => return Err(e),
     };
     let privileged = super::require_privileges().is_ok();
-    let _warming = (privileged && choice != Choice::Nftables).then(|| ebpf::warm_up_for(&scope));
+    let _warming =
+        (privileged && cgroup2 && choice != Choice::Nftables).then(|| ebpf::warm_up_for(&scope));
     let policy = match Policy::load(config) {
         Ok(policy) => policy.for_scope(scope.is_system_wide()),
         // At boot a typo must not leave the machine open: lockdown, unless already enforced.

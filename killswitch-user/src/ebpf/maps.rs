@@ -38,6 +38,9 @@ pub const RECENT_DROPS: &str = "RECENT_DROPS";
 pub const TUNNELS_CHANGED: &str = "TUNNELS_CHANGED";
 pub const GUARDED: &str = "GUARDED";
 pub const GUARD_COUNTERS: &str = "GUARD_COUNTERS";
+/// The ICMP-error program's scratch slot for the quoted packet: made with each load, never
+/// pinned, holding nothing between packets.
+pub const QUOTED: &str = "QUOTED";
 pub const ALL: [&str; 19] = [
     GUARDED,
     GUARD_COUNTERS,

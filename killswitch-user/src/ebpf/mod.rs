@@ -374,28 +374,30 @@ impl Drop for Warming {
 }
 
 /// The policy programs of a cold `up`, loaded and verified before the policy is known, on new
-/// maps pinned in a private directory (`pins::private_load_dir`). The scope's first load
-/// adopts them when it has no maps pinned yet; anything else drops them, directory and all.
+/// maps pinned in a private directory of the pin root. The scope's first load adopts them when
+/// it has no maps pinned yet; anything else drops them, directory and all.
 struct Prepared {
+    /// `None` once adopted (the directory is then empty).
     programs: Option<Programs>,
-    dir: PathBuf,
+    dir: pins::PrivateDir,
 }
 
 fn prepare(netns: NetnsSource, maps_made: &SyncSender<PathBuf>) -> Result<Prepared> {
     let _signals = SignalsHeld::new();
-    let mut prepared = Prepared {
-        programs: None,
-        dir: pins::private_load_dir()?,
-    };
-    prepared.programs = Some(Programs::load_with(
+    // Made (or repaired) only by the main thread, under its checks: here it must exist.
+    let dir = pins::PrivateDir::make("load")?;
+    let programs = Programs::load_with(
         EbpfLoader::new(),
-        &prepared.dir,
+        dir.path(),
         Pair::Policy(netns),
         None,
         LOG_OFF,
         Some(maps_made),
-    )?);
-    Ok(prepared)
+    )?;
+    Ok(Prepared {
+        programs: Some(programs),
+        dir,
+    })
 }
 
 impl Prepared {
@@ -418,18 +420,12 @@ impl Prepared {
             .take()
             .ok_or_else(|| Error::Runtime("nothing prepared".into()))?;
         for name in shapes::expected().keys() {
-            let from = self.dir.join(name);
+            let from = self.dir.path().join(name);
             std::fs::rename(&from, pin_dir.join(name))
                 .map_err(|e| Error::io("cannot move the new map into place", &from, e))?;
         }
         programs.map_dir = pin_dir.to_path_buf();
         Ok(programs)
-    }
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

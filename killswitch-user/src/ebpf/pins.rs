@@ -31,32 +31,68 @@ pub fn pin_dir(scope: &Scope) -> PathBuf {
     pin_root().join(&scope.name)
 }
 
-/// Where this process verifies the programs of a cold `up` before it knows the policy (see
-/// `ebpf::prepare`): a root-only directory beside the scopes, never one (its name has a `=`).
-pub fn private_load_dir() -> Result<PathBuf> {
-    let root = pin_root();
-    // Left by a process that died before it could move or remove them.
-    if let Ok(entries) = std::fs::read_dir(&root) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let pid = name.to_str().and_then(|n| n.strip_prefix(PRIVATE_LOAD));
-            if let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) {
-                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                    == Err(nix::errno::Errno::ESRCH)
-                {
+/// A directory of the pin root that is this process's alone (never a scope: its name has a
+/// `=`), locked while in use and removed on drop. One whose lock is free was left by a process
+/// that died (in any pid namespace: the lock, not the pid, says so) and goes when the next one
+/// of its kind is made.
+pub struct PrivateDir {
+    path: PathBuf,
+    _in_use: Flock<File>,
+}
+
+impl PrivateDir {
+    /// A new one named `<kind>=<pid>-<ns>` (the time too: a process in another pid namespace
+    /// may have the same pid) in the pin root, which must exist.
+    pub fn make(kind: &str) -> Result<PrivateDir> {
+        let root = pin_root();
+        check_pinned(&root)?;
+        let prefix = format!("{kind}=");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let ours = entry.file_name().to_string_lossy().starts_with(&prefix);
+                if ours && lock_free(&entry.path()) {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
         }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = root.join(format!("{prefix}{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| Error::io("cannot make", &path, e))?;
+        let locked = File::open(&path).and_then(|file| {
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e.into())
+        });
+        match locked {
+            Ok(lock) => Ok(PrivateDir {
+                path,
+                _in_use: lock,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&path);
+                Err(Error::io("cannot lock", &path, e))
+            }
+        }
     }
-    let dir = root.join(format!("{PRIVATE_LOAD}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    make_pin_dir(&dir)?;
-    Ok(dir)
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
-/// The name of a [`private_load_dir`], before the process id.
-const PRIVATE_LOAD: &str = "=load-";
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Whether nobody holds the lock of the directory at `path`.
+fn lock_free(path: &Path) -> bool {
+    File::open(path).is_ok_and(|file| Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok())
+}
 
 /// Every scope with a pin directory.
 pub fn scopes() -> Result<Vec<Scope>> {
@@ -69,7 +105,7 @@ pub fn scopes() -> Result<Vec<Scope>> {
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        // Refused directories moved aside and private loads are no scope.
+        // Refused directories moved aside and private directories are no scope.
         .filter(|name| !name.contains('='))
         .collect();
     names.sort();

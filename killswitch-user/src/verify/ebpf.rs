@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     os::fd::AsFd,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::{
@@ -449,7 +449,7 @@ fn maps_read(live: &ProgramInfo, built: &ProgramInfo, pin_dir: &Path) -> Vec<Str
                     "the attached program's {name} (map id {id}) differs from this build's"
                 ));
             }
-        } else if name != AYA_LOGS {
+        } else if name != AYA_LOGS && name != maps::QUOTED {
             problems.push(format!(
                 "the attached program reads map {name} (id {id}), which is not one of ours"
             ));
@@ -736,53 +736,19 @@ fn clients_check(live: &MapEntries, plan: &MapEntries, clients: &[ClientCgroup])
 struct Copy {
     pair: Pair,
     programs: Programs,
-    dir: PathBuf,
-    /// Held while the copy is in use: a copy whose lock is free was left by a killed `verify`
-    /// (in any pid namespace).
-    _in_use: nix::fcntl::Flock<File>,
+    dir: pins::PrivateDir,
 }
 
 impl Copy {
     fn load(pair: Pair) -> Result<Copy> {
         pins::ensure_bpffs()?;
-        let root = pins::pin_root();
-        crate::state::make_dir(&root)?;
-        remove_stale_copies(&root);
-        // The time too: a `verify` in another pid namespace may have the same pid (no dot: bpffs
-        // refuses names with one).
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = root.join(format!("verify={}-{nanos}", std::process::id()));
-        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-            .create(&dir)
-            .map_err(|e| Error::io("cannot make", &dir, e))?;
-        let in_use = File::open(&dir)
-            .map_err(|e| Error::io("cannot open", &dir, e))
-            .and_then(|file| {
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                    .map_err(|(_, e)| Error::io("cannot lock", &dir, e.into()))
-            });
-        let in_use = match in_use {
-            Ok(lock) => lock,
-            Err(e) => {
-                let _ = remove_dir(&dir);
-                return Err(e);
-            }
-        };
-        let copy = Copy {
+        crate::state::make_dir(&pins::pin_root())?;
+        let dir = pins::PrivateDir::make("verify")?;
+        Ok(Copy {
             pair,
-            _in_use: in_use,
-            programs: match Programs::load_pair(&dir, pair, None) {
-                Ok(programs) => programs,
-                Err(e) => {
-                    let _ = remove_dir(&dir);
-                    return Err(e);
-                }
-            },
+            programs: Programs::load_pair(dir.path(), pair, None)?,
             dir,
-        };
-        Ok(copy)
+        })
     }
 
     /// `decisions`: generated packets through the copy in a scratch namespace whose `tun0` and
@@ -802,7 +768,7 @@ impl Copy {
             let clients = live.settings.vpn_client != 0 && own.is_some();
             entries.settings.vpn_client_levels = own.as_ref().map_or(0, |c| 1 << c.level);
             entries.vpn_clients = BTreeSet::new();
-            let mut maps = PinnedMaps::open(&self.dir)?;
+            let mut maps = PinnedMaps::open(self.dir.path())?;
             maps.write(&entries)?;
             let mut listed = false;
             let mut judge = |p: &Packet| -> Result<decisions::Judged> {
@@ -866,34 +832,6 @@ impl Copy {
             several => decisions::Counted::Not(several.len()),
         };
         Ok((result.return_value == 1, counted))
-    }
-}
-
-impl Drop for Copy {
-    fn drop(&mut self) {
-        let _ = remove_dir(&self.dir);
-    }
-}
-
-fn remove_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::remove_dir_all(dir)
-}
-
-/// Copies left by a `verify` that was killed: their lock is free.
-fn remove_stale_copies(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with("verify=") {
-            continue;
-        }
-        let free = File::open(entry.path()).is_ok_and(|file| {
-            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
-        });
-        if free {
-            let _ = remove_dir(&entry.path());
-        }
     }
 }
 
