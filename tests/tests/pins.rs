@@ -217,6 +217,37 @@ fn a_cold_up_verifies_ahead_and_leaves_no_private_directory() {
     );
     assert!(bed.run(&["down"]).status.success());
 
+    // Two cold `up`s at once: one adopts its maps, the other finds them pinned and drops its
+    // own; both end enforced, with one set of maps and nothing private left.
+    let config = bed.config.to_str().unwrap();
+    let args = ["--config", config, "up", "--cgroup", &bed.cgroup.relative];
+    let racing: Vec<_> = (0..2)
+        .map(|_| {
+            testbed::process::killswitch_command(&bed.netns, &bed.pins, &args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for up in racing {
+        let out = up.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(private(), Vec::<String>::new());
+    let status = bed.run(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let servers = map_id(&bed.scope_dir().join("SERVERS"));
+    for link in json["scopes"][0]["links"].as_array().unwrap() {
+        let program = link["program_id"].as_u64().unwrap();
+        assert!(program_maps(program).contains(&servers), "{link}");
+    }
+    assert!(bed.run(&["down"]).status.success());
+
     // A config that fails at a cold `up`: lockdown, and no private directory either.
     testbed::write_config(&bed.config, "tunnels = [\"tun0\"\n");
     let out = bed.run(&["up"]);
