@@ -114,7 +114,8 @@ impl Programs {
             Error::kernel("this kernel cannot run the killswitch programs", reason)
         })?;
         let pair = Pair::Policy(netns);
-        if let Some(prepared) = prepared.filter(|p| p.pair() == Some(pair)) {
+        // Prepared with this same probe's answer: of this pair.
+        if let Some(prepared) = prepared {
             match prepared.adopt(pin_dir) {
                 Ok(programs) => {
                     if let Some(entries) = fill.filter(|_| !filled) {
@@ -377,8 +378,7 @@ impl Drop for Warming {
 /// maps pinned in a private directory of the pin root. The scope's first load adopts them when
 /// it has no maps pinned yet; anything else drops them, directory and all.
 struct Prepared {
-    /// `None` once adopted (the directory is then empty).
-    programs: Option<Programs>,
+    programs: Programs,
     dir: pins::PrivateDir,
 }
 
@@ -394,19 +394,13 @@ fn prepare(netns: NetnsSource, maps_made: &SyncSender<PathBuf>) -> Result<Prepar
         LOG_OFF,
         Some(maps_made),
     )?;
-    Ok(Prepared {
-        programs: Some(programs),
-        dir,
-    })
+    Ok(Prepared { programs, dir })
 }
 
 impl Prepared {
-    fn pair(&self) -> Option<Pair> {
-        self.programs.as_ref().map(Programs::pair)
-    }
-
     /// Moves the maps into `pin_dir`, which must hold none of them (nothing to reuse there).
-    fn adopt(mut self, pin_dir: &Path) -> Result<Programs> {
+    fn adopt(self, pin_dir: &Path) -> Result<Programs> {
+        let Prepared { mut programs, dir } = self;
         pins::check_pinned(pin_dir)?;
         if let Some(name) = shapes::expected()
             .keys()
@@ -415,12 +409,8 @@ impl Prepared {
             return Err(Error::Runtime(format!("{name} is pinned already")));
         }
         shapes::remove_staging(pin_dir)?;
-        let mut programs = self
-            .programs
-            .take()
-            .ok_or_else(|| Error::Runtime("nothing prepared".into()))?;
         for name in shapes::expected().keys() {
-            let from = self.dir.path().join(name);
+            let from = dir.path().join(name);
             std::fs::rename(&from, pin_dir.join(name))
                 .map_err(|e| Error::io("cannot move the new map into place", &from, e))?;
         }
