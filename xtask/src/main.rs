@@ -44,6 +44,9 @@ enum Task {
         /// A one-minute smoke run: small sizes, few rounds (what CI runs)
         #[arg(long)]
         quick: bool,
+        /// Measure one part only (per-packet, throughput, control or daemon), for working on it
+        #[arg(long, value_parser = ["per-packet", "throughput", "control", "daemon"])]
+        only: Option<String>,
     },
     /// Build the Debian package (release binary, man pages, completions, systemd units, the
     /// example config as a conffile) into target/dist/
@@ -57,7 +60,7 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::E2e => setup::run().and_then(|()| e2e()),
-        Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
+        Task::Bench { quick, only } => setup::run().and_then(|()| bench(quick, only.as_deref())),
         Task::Dist => setup::run().and_then(|()| dist()),
     };
     match result {
@@ -209,7 +212,7 @@ fn dist() -> Result<()> {
 }
 
 /// The benchmark drives the release `killswitch` for the daemon's timings.
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     require_root("the benchmark loads BPF programs in a namespace")?;
     eprintln!("bench: building the release binary and the benchmark");
     let release = build(true, &["killswitch-user"])?;
@@ -218,6 +221,9 @@ fn bench(quick: bool) -> Result<()> {
     let mut args: Vec<&Path> = vec![&binary];
     if quick {
         args.push(Path::new("--quick"));
+    }
+    if let Some(part) = only {
+        args.extend([Path::new("--only"), Path::new(part)]);
     }
     run(&debug.join("ks-bench"), &args)
 }

@@ -5,6 +5,7 @@
 //! to its nftables equivalent. Every comparison is interleaved (A B A B ...) and reported as
 //! medians with min–max. Writes `target/bench/report.{json,md,svg}` under the current
 //! directory. `--quick`: a one-minute smoke run of the same code with fewer sizes and rounds.
+//! `--only PART` (per-packet, throughput, control, daemon): that part alone, for working on it.
 //!
 //! The whole run happens in a network namespace of its own, entered at the start: nothing of
 //! it touches the machine's own namespace.
@@ -26,20 +27,35 @@ pub struct Options {
     pub quick: bool,
 }
 
+/// The parts of the run, by the name `--only` takes.
+const PARTS: [&str; 4] = ["per-packet", "throughput", "control", "daemon"];
+
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let Some(release_bin) = args.next().map(PathBuf::from) else {
         eprintln!("usage: ks-bench RELEASE_KILLSWITCH [--quick] (run by `cargo xtask bench`)");
         return ExitCode::from(2);
     };
+    let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
     let options = Options {
-        quick: args.any(|a| a == "--quick"),
+        quick: args.iter().any(|a| a == "--quick"),
     };
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|at| args.get(at + 1).map(String::as_str).unwrap_or(""));
+    if let Some(part) = only.filter(|part| !PARTS.contains(part)) {
+        eprintln!(
+            "ks-bench: --only takes one of {}, not {part:?}",
+            PARTS.join(", ")
+        );
+        return ExitCode::from(2);
+    }
     if !testbed::privileged() {
         eprintln!("ks-bench: run as root: the benchmark loads BPF programs in a namespace");
         return ExitCode::from(2);
     }
-    match run(&release_bin, options) {
+    match run(&release_bin, options, only) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("ks-bench: {error:#}");
@@ -48,14 +64,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(bin: &std::path::Path, options: Options) -> anyhow::Result<()> {
+fn run(bin: &std::path::Path, options: Options, only: Option<&str>) -> anyhow::Result<()> {
     let started = Instant::now();
     // Everything below runs in this namespace (or in ones of its own it makes).
     let netns = testbed::Netns::entered_with_links("b", &["tun0", "up0"]);
-    let per_packet = per_packet::run(&netns, options)?;
-    let throughput = throughput::run(bin, options)?;
-    let control = control::run(bin, options)?;
-    let daemon = daemon::run(bin, options)?;
+    let wanted = |part: &str| only.is_none_or(|only| only == part);
+    let skipped = serde_json::Value::Null;
+    let per_packet = match wanted("per-packet") {
+        true => on_one_cpu(|| per_packet::run(&netns, options))?,
+        false => skipped.clone(),
+    };
+    let throughput = match wanted("throughput") {
+        true => throughput::run(bin, options)?,
+        false => skipped.clone(),
+    };
+    let control = match wanted("control") {
+        true => control::run(bin, options)?,
+        false => skipped.clone(),
+    };
+    let daemon = match wanted("daemon") {
+        true => daemon::run(bin, options)?,
+        false => skipped,
+    };
     let report = json!({
         "machine": machine(),
         "quick": options.quick,
@@ -101,6 +131,35 @@ fn machine() -> serde_json::Value {
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "memory_gib": memory_kib / (1024 * 1024),
     })
+}
+
+/// The CPUs this process may run on, in order.
+pub fn cpus() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Runs `f` with this thread held on one CPU (the last allowed), then lets it run anywhere it
+/// could before. A measurement that moves between CPUs mixes theirs: on a VM's shared cores
+/// that made the per-packet rounds bimodal (medians 1.4x apart for the same program).
+pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
+    use nix::{sched, unistd::Pid};
+    let before = sched::sched_getaffinity(Pid::from_raw(0)).ok();
+    if let Some(&last) = cpus().last() {
+        let mut one = sched::CpuSet::new();
+        if one.set(last).is_ok() {
+            let _ = sched::sched_setaffinity(Pid::from_raw(0), &one);
+        }
+    }
+    let result = f();
+    if let Some(before) = before {
+        let _ = sched::sched_setaffinity(Pid::from_raw(0), &before);
+    }
+    result
 }
 
 /// A progress line on stderr: the run takes minutes.

@@ -159,7 +159,7 @@ fn per_packet(md: &mut String, pp: &Value) {
 fn throughput(md: &mut String, tp: &Value) {
     let _ = writeln!(
         md,
-        "## Throughput\n\niperf3 through a veth pair between two namespaces, the client in the scope's cgroup, {} s per run, median of {} rounds (min–max) and × no filter. UDP: 64-byte datagrams received per second; TCP: Gbit/s. The server path goes to the last server added.\n",
+        "## Throughput\n\niperf3 through a veth pair between two namespaces, the client in the scope's cgroup, {} s per run, the sender and the receiver each on a CPU of its own; median of {} rounds (min–max), and × no filter: the median of each round's ratio to the no-filter run of the same round. UDP: 64-byte datagrams received per second; TCP: Gbit/s. The server path goes to the last server added.\n",
         tp["seconds_per_run"].as_str().unwrap_or("?"),
         tp["rounds"]
     );

@@ -53,7 +53,7 @@ fn sizes(options: Options) -> Sizes {
         }
     } else {
         Sizes {
-            rounds: 5,
+            rounds: 7,
             seconds: "1",
             servers: &[1, 1_000, 100_000],
         }
@@ -176,9 +176,12 @@ impl Side {
 
     /// One iperf3 run from inside the scope: TCP Gbit/s, or UDP 64-byte packets received per
     /// second.
-    fn iperf(&self, target: &str, udp: bool, seconds: &str) -> Result<f64> {
+    fn iperf(&self, target: &str, udp: bool, seconds: &str, affinity: &str) -> Result<f64> {
         let port = PORT.to_string();
         let mut args = vec!["-c", target, "-p", &port, "-t", seconds, "-J"];
+        if !affinity.is_empty() {
+            args.extend(["-A", affinity]);
+        }
         if udp {
             args.extend(["-u", "-l", "64", "-b", "0"]);
         }
@@ -260,6 +263,12 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     let sides: Vec<Side> = VARIANTS.iter().map(|v| Side::new(v, &sizes)).collect();
     // Let the iperf3 servers come up.
     std::thread::sleep(std::time::Duration::from_millis(300));
+    // The sender on one CPU, the receiver on another, in every run: left to the scheduler,
+    // they sometimes shared one and sometimes not, and runs of the same filter were 1.3x apart.
+    let affinity = match crate::cpus()[..] {
+        [receiver, .., sender] => format!("{sender},{receiver}"),
+        _ => String::new(),
+    };
     let mut rows = Vec::new();
     for &count in sizes.servers {
         let config = config(dir, count)?;
@@ -281,16 +290,24 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
                 let mut values: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
                 for _ in 0..sizes.rounds {
                     for (side, into) in sides.iter().zip(&mut values) {
-                        into.push(side.iperf(target, udp, sizes.seconds)?);
+                        into.push(side.iperf(target, udp, sizes.seconds, &affinity)?);
                     }
                 }
-                let unfiltered = median(&values[0]);
-                for (side, values) in sides.iter().zip(&values) {
+                let unfiltered = &values[0];
+                for (side, measured) in sides.iter().zip(&values) {
+                    // Each round's runs follow one another within seconds, so the round's ratio
+                    // leaves out how fast the machine was in that round.
+                    let ratios: Vec<f64> = measured
+                        .iter()
+                        .zip(unfiltered)
+                        .map(|(v, n)| v / n)
+                        .collect();
                     rows.push(json!({
                         "variant": side.variant, "path": path, "servers": count,
                         "test": if udp { "udp64_pps" } else { "tcp_gbits" },
-                        "value": stats(values),
-                        "vs_no_filter": median(values) / unfiltered,
+                        "value": stats(measured),
+                        "vs_no_filter": median(&ratios),
+                        "vs_no_filter_rounds": stats(&ratios),
                     }));
                 }
             }
