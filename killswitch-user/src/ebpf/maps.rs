@@ -540,12 +540,17 @@ impl PinnedMaps {
 
     /// LAN prefixes as (length in the 128-bit key space, key), sorted.
     pub fn lan(&self) -> Result<Vec<(u32, [u8; 16])>> {
-        let mut prefixes = self
-            .lan
-            .keys()
-            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::kernel("cannot read the LAN map", e))?;
+        let failed = |e| Error::kernel("cannot read the LAN map", e);
+        let batch = sys::map_keys_batch::<Key<[u8; 16]>, u8>(self.lan.map().fd().as_fd());
+        let keys = match batch.map_err(failed)? {
+            Some(keys) => keys,
+            None => self
+                .lan
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::kernel("cannot read the LAN map", e))?,
+        };
+        let mut prefixes: Vec<_> = keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
         prefixes.sort();
         Ok(prefixes)
     }
@@ -595,10 +600,14 @@ fn sums(map: &PerCpuArray<MapData, u64>, name: &str) -> Result<Vec<(Direction, R
 }
 
 fn keys<K: Pod + Ord>(map: &HashMap<MapData, K, u8>, name: &str) -> Result<Vec<K>> {
-    let mut keys = map
-        .keys()
-        .collect::<Result<Vec<K>, _>>()
-        .map_err(|e| Error::kernel(format!("cannot read the {name} map"), e))?;
+    let failed = |e| Error::kernel(format!("cannot read the {name} map"), e);
+    let mut keys = match sys::map_keys_batch::<K, u8>(map.map().fd().as_fd()).map_err(failed)? {
+        Some(keys) => keys,
+        None => map
+            .keys()
+            .collect::<Result<Vec<K>, _>>()
+            .map_err(|e| Error::kernel(format!("cannot read the {name} map"), e))?,
+    };
     keys.sort();
     Ok(keys)
 }

@@ -13,7 +13,7 @@ use killswitch_common::Direction;
 
 use aya::{maps::MapInfo, programs::loaded_programs};
 
-use super::{kernel::NetnsSource, link_pin, maps, pins, shapes, sys, Pair, OBJECT};
+use super::{kernel::NetnsSource, link_pin, maps, pins, shapes, sys, Pair};
 use crate::scope::Scope;
 
 /// What an `up` attached: this build and pair, in this boot, as these programs on this cgroup.
@@ -71,11 +71,16 @@ fn build(pair: Pair) -> Option<u64> {
         Pair::Lockdown => return None,
     };
     let version = env!("CARGO_PKG_VERSION").as_bytes();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in OBJECT.iter().chain(version).chain(kind) {
+    // The object's part was hashed when it was built.
+    let mut hash: u64 = object_fnv::OBJECT_FNV;
+    for byte in version.iter().chain(kind) {
         hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     Some(hash)
+}
+
+mod object_fnv {
+    include!(concat!(env!("OUT_DIR"), "/object_fnv.rs"));
 }
 
 /// [`build`] of either policy pair: in one boot, this build always chooses the same one.
@@ -205,6 +210,15 @@ pub fn forget(pin_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::Record;
+
+    #[test]
+    fn the_object_hash_made_at_build_time_is_the_embedded_objects() {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in super::super::OBJECT {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        assert_eq!(hash, super::object_fnv::OBJECT_FNV);
+    }
 
     #[test]
     fn a_record_reads_back_and_nothing_else_parses() {

@@ -122,6 +122,59 @@ fn batch<K: Copy>(
     }
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Keys read per call: far more than a hash bucket holds (a bucket larger than this is ENOSPC).
+const LOOKUP_CHUNK: usize = 4096;
+
+/// Every key of a map of `K` → `V` (aya checked both sizes when it opened the map), a chunk
+/// per call (BPF_MAP_LOOKUP_BATCH, Linux 5.6): 10,000 server entries take 3 syscalls where
+/// walking them with BPF_MAP_GET_NEXT_KEY took 10,000. `None` when the kernel has no batch
+/// lookup for this kind of map: the caller walks the keys.
+pub fn map_keys_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+) -> std::io::Result<Option<Vec<K>>> {
+    let mut all = Vec::new();
+    // SAFETY: a `Pod` type is valid for any bytes, all zeros too.
+    let mut keys = vec![unsafe { std::mem::zeroed::<K>() }; LOOKUP_CHUNK];
+    let mut values = vec![0u8; LOOKUP_CHUNK * std::mem::size_of::<V>()];
+    // The position tokens: a bucket index for hash maps, a key for other kinds.
+    let token = std::mem::size_of::<K>().max(8);
+    let (mut from, mut to) = (vec![0u8; token], vec![0u8; token]);
+    let mut first = true;
+    loop {
+        // union bpf_attr's `batch`: in_batch, out_batch, keys, values, count | map_fd << 32.
+        let mut attr = [0u64; 8];
+        attr[0] = if first { 0 } else { from.as_ptr() as u64 };
+        attr[1] = to.as_mut_ptr() as u64;
+        attr[2] = keys.as_mut_ptr() as u64;
+        attr[3] = values.as_mut_ptr() as u64;
+        attr[4] = LOOKUP_CHUNK as u64 | (map.as_raw_fd() as u64) << 32;
+        let done = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let count = (attr[4] as u32 as usize).min(LOOKUP_CHUNK);
+        match done {
+            Ok(_) => all.extend_from_slice(&keys[..count]),
+            // The end of the map, with the last chunk.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                all.extend_from_slice(&keys[..count]);
+                return Ok(Some(all));
+            }
+            Err(e) if first && unsupported(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        std::mem::swap(&mut from, &mut to);
+        first = false;
+    }
+}
+
+/// EINVAL (no such command before 5.6), EOPNOTSUPP and the kernel's ENOTSUPP (524): the map
+/// type has no batch lookup.
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_QUERY: libc::c_long = 16;
 

@@ -27,7 +27,8 @@ fn sizes(options: Options) -> Sizes {
         }
     } else {
         Sizes {
-            rounds: 5,
+            // Each round takes about a second; more of them steady the medians on a shared VM.
+            rounds: 9,
             servers: 10_000,
             lan: 4_000,
         }

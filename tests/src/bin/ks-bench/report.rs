@@ -26,7 +26,7 @@ pub fn markdown(report: &Value) -> String {
     let m = &report["machine"];
     let _ = writeln!(
         md,
-        "# killswitch benchmark{}\n\nMeasured on Linux {}, {} ({} cores, {} GiB), in {:.0} s. Medians of interleaved rounds, with min–max; ratios are of medians from the same run.\n",
+        "# killswitch benchmark{}\n\nMeasured on Linux {}, {} ({} cores, {} GiB), in {:.0} s. Medians of interleaved rounds, with min–max; ratios are of medians from the same run (of throughput: medians of each round's ratio).\n",
         if report["quick"] == true { " (quick smoke run: small sizes, few rounds; not for comparison)" } else { "" },
         m["kernel"].as_str().unwrap_or("?"),
         m["cpu"].as_str().unwrap_or("?"),
@@ -34,9 +34,16 @@ pub fn markdown(report: &Value) -> String {
         m["memory_gib"],
         num(&report["seconds"]),
     );
-    per_packet(&mut md, &report["per_packet"]);
-    throughput(&mut md, &report["throughput"]);
-    control(&mut md, &report["control"], &report["daemon"]);
+    // A part left out by `--only` is null.
+    if !report["per_packet"].is_null() {
+        per_packet(&mut md, &report["per_packet"]);
+    }
+    if !report["throughput"].is_null() {
+        throughput(&mut md, &report["throughput"]);
+    }
+    if !report["control"].is_null() || !report["daemon"].is_null() {
+        control(&mut md, &report["control"], &report["daemon"]);
+    }
     md
 }
 
