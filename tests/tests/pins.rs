@@ -159,6 +159,61 @@ fn a_re_up_writes_the_maps_and_keeps_the_programs_unless_they_were_replaced() {
     assert!(bed.run(&["down"]).status.success());
 }
 
+/// A re-`up` that changes long lists leaves exactly the new ones in the maps. It reads the old
+/// entries back (in chunks of 4,096) to know what to remove: an entry the read missed would stay,
+/// and keep a server reachable that the config no longer names.
+#[test]
+fn a_re_up_of_long_lists_leaves_exactly_the_new_ones() {
+    require_root!();
+    let server = |i: u32| std::net::Ipv4Addr::from(0xc612_0000u32 + i);
+    let lan = |i: u32| format!("2001:db8:{i:x}::/48");
+    let config = |servers: std::ops::Range<u32>, prefixes: std::ops::Range<u32>| {
+        let mut text = String::from("tunnels = [\"tun0\"]\n[lan]\nnetworks = [");
+        let quoted: Vec<String> = prefixes.map(|i| format!("\"{}\"", lan(i))).collect();
+        text += &quoted.join(", ");
+        text += "]\n";
+        for i in servers {
+            text += &format!(
+                "[[server]]\naddress = \"{}\"\nport = 1194\nprotocol = \"udp\"\n",
+                server(i)
+            );
+        }
+        text
+    };
+    let bed = Bed::new(&config(0..5_000, 0..300));
+    assert!(bed.run(&["up"]).status.success());
+    testbed::write_config(&bed.config, &config(2_500..7_500, 150..450));
+    let up = bed.run(&["up"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+
+    let list = bed.run(&["servers", "list"]);
+    let held: std::collections::BTreeSet<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let wanted: std::collections::BTreeSet<String> = (2_500..7_500)
+        .map(|i| format!("{}:1194/udp", server(i)))
+        .collect();
+    assert_eq!(held.len(), wanted.len(), "servers held after the re-up");
+    assert_eq!(held, wanted);
+
+    let status = bed.run(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let held: std::collections::BTreeSet<String> = json["scopes"][0]["exceptions"]["lan"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no LAN list in {json}"))
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    let wanted: std::collections::BTreeSet<String> = (150..450).map(lan).collect();
+    assert_eq!(held, wanted, "LAN prefixes held after the re-up");
+    assert!(bed.run(&["down"]).status.success());
+}
+
 /// A cold `up` loads and verifies the programs while it reads the config, on maps in a private
 /// directory of the pin root (`load=<pid>-<ns>`, locked while in use), and moves those maps
 /// into the scope's directory once it holds the scope's lock. Nothing of it stays: not after an
