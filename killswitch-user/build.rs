@@ -65,16 +65,16 @@ fn main() {
         exit(1);
     }
     let object = target_dir.join("bpfel-unknown-none/release/killswitch");
-    std::fs::copy(&object, out_dir.join("killswitch.bpf.o")).unwrap_or_else(|error| {
-        eprintln!("error: cannot copy {}: {error}", object.display());
-        exit(1);
-    });
-    // The object's FNV-1a state, for `reuse::build`: hashing its 2 MB at every `up` cost
-    // milliseconds and a page fault per 4 KiB.
     let bytes = std::fs::read(&object).unwrap_or_else(|error| {
         eprintln!("error: cannot read {}: {error}", object.display());
         exit(1);
     });
+    std::fs::write(out_dir.join("killswitch.bpf.o"), &bytes).unwrap_or_else(|error| {
+        eprintln!("error: cannot copy {}: {error}", object.display());
+        exit(1);
+    });
+    // The FNV-1a state of the bytes just written, for `reuse::build`: hashing its 2 MB at
+    // every `up` cost milliseconds and a page fault per 4 KiB.
     let fnv = fnv(0xcbf2_9ce4_8422_2325, &bytes);
     std::fs::write(
         out_dir.join("object_fnv.rs"),

@@ -161,7 +161,7 @@ fn a_re_up_writes_the_maps_and_keeps_the_programs_unless_they_were_replaced() {
 
 /// A re-`up` that changes long lists leaves exactly the new ones in the maps. It reads the old
 /// entries back (in chunks of 4,096) to know what to remove: an entry the read missed would stay,
-/// and keep a server reachable that the config no longer names.
+/// and keep a server reachable that the config no longer names. Half of each list is replaced.
 #[test]
 fn a_re_up_of_long_lists_leaves_exactly_the_new_ones() {
     require_root!();
@@ -180,9 +180,10 @@ fn a_re_up_of_long_lists_leaves_exactly_the_new_ones() {
         }
         text
     };
-    let bed = Bed::new(&config(0..5_000, 0..300));
+    // 5,000 servers take two chunks; 4,096 prefixes fill one, and the end comes in a second.
+    let bed = Bed::new(&config(0..5_000, 0..4_096));
     assert!(bed.run(&["up"]).status.success());
-    testbed::write_config(&bed.config, &config(2_500..7_500, 150..450));
+    testbed::write_config(&bed.config, &config(2_500..7_500, 2_048..6_144));
     let up = bed.run(&["up"]);
     assert!(
         up.status.success(),
@@ -200,6 +201,23 @@ fn a_re_up_of_long_lists_leaves_exactly_the_new_ones() {
         .collect();
     assert_eq!(held.len(), wanted.len(), "servers held after the re-up");
     assert_eq!(held, wanted);
+    // Counted by another reader too: `servers list` reads the map the same way `up` does.
+    let dump = testbed::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            bed.scope_dir().join("SERVERS").to_str().unwrap(),
+        ],
+    );
+    let entries: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(
+        entries.as_array().map(Vec::len),
+        Some(5_000),
+        "SERVERS entries"
+    );
 
     let status = bed.run(&["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -209,7 +227,7 @@ fn a_re_up_of_long_lists_leaves_exactly_the_new_ones() {
         .iter()
         .map(|p| p.as_str().unwrap().to_owned())
         .collect();
-    let wanted: std::collections::BTreeSet<String> = (150..450).map(lan).collect();
+    let wanted: std::collections::BTreeSet<String> = (2_048..6_144).map(lan).collect();
     assert_eq!(held, wanted, "LAN prefixes held after the re-up");
     assert!(bed.run(&["down"]).status.success());
 }

@@ -491,7 +491,7 @@ impl PinnedMaps {
     fn sync_lan(&mut self, desired: &BTreeSet<(u32, [u8; 16])>) -> Result<()> {
         let failed = |e: aya::maps::MapError| Error::kernel("cannot update the LAN map", e);
         let current: BTreeSet<(u32, [u8; 16])> = self.lan()?.into_iter().collect();
-        // The LPM trie has no batch operations: one key at a time.
+        // The LPM trie has no batch writes: one key at a time.
         let lan = std::cell::RefCell::new(&mut self.lan);
         apply_difference(
             &current,

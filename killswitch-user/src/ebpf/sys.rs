@@ -44,6 +44,16 @@ pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The first 128 bytes of what BPF_OBJ_GET_INFO_BY_FD says of a link, map or program.
+fn object_info(fd: std::os::fd::RawFd) -> std::io::Result<[u64; 16]> {
+    let mut info = [0u64; 16];
+    let mut attr = [0u64; 8];
+    attr[0] = fd as u32 as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
 /// Detaches a link from its cgroup even if other file descriptors still refer to it.
 pub fn link_detach(link: &OwnedFd) -> std::io::Result<()> {
     let mut attr = [0u64; 8];
@@ -62,11 +72,7 @@ pub struct CgroupLinkInfo {
 
 pub fn cgroup_link_info(link: &OwnedFd) -> std::io::Result<CgroupLinkInfo> {
     // struct bpf_link_info: type, id, prog_id, then the union at offset 16 (cgroup_id first).
-    let mut info = [0u64; 16];
-    let mut attr = [0u64; 8];
-    attr[0] = link.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let info = object_info(link.as_raw_fd())?;
     Ok(CgroupLinkInfo {
         link_id: (info[0] >> 32) as u32,
         program_id: info[1] as u32,
@@ -126,25 +132,56 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Keys read per call: far more than a hash bucket holds (a bucket larger than this is ENOSPC).
 const LOOKUP_CHUNK: usize = 4096;
 
-/// Every key of a map of `K` → `V` (aya checked both sizes when it opened the map), a chunk
-/// per call (BPF_MAP_LOOKUP_BATCH, Linux 5.6): 10,000 server entries take 3 syscalls where
-/// walking them with BPF_MAP_GET_NEXT_KEY took 10,000. `None` when the kernel has no batch
-/// lookup for this kind of map: the caller walks the keys.
+/// Every key of a map of `K` → `V`, a chunk per call (BPF_MAP_LOOKUP_BATCH, Linux 5.6): 10,000
+/// server entries take 3 syscalls where walking them with BPF_MAP_GET_NEXT_KEY took 10,000.
+/// Only for a hash or LPM-trie map whose key and value sizes are those of `K` and `V` (checked
+/// first: the kernel writes what the map holds into buffers sized by the types). `None` when
+/// the kernel has no batch lookup for this kind of map: the caller walks the keys.
 pub fn map_keys_batch<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
+) -> std::io::Result<Option<Vec<K>>> {
+    let info = map_info(map)?;
+    let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    if ![BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE].contains(&info.map_type)
+        || info.key_size as usize != key_size
+        || info.value_size as usize != value_size
+    {
+        return Err(std::io::Error::other(format!(
+            "map of type {} with {}-byte keys and {}-byte values, not a list of {key_size}-byte keys",
+            info.map_type, info.key_size, info.value_size
+        )));
+    }
+    // A trie gives up with EINTR when keys vanish under a read that keeps restarting; the
+    // scope lock makes that all but impossible, and a read that keeps failing fails the update.
+    for _ in 0..3 {
+        match keys_in_chunks::<K>(map, value_size, info.max_entries) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            other => return other,
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::EINTR))
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+
+fn keys_in_chunks<K: aya::Pod>(
+    map: BorrowedFd<'_>,
+    value_size: usize,
+    max_entries: u32,
 ) -> std::io::Result<Option<Vec<K>>> {
     let mut all = Vec::new();
     // SAFETY: a `Pod` type is valid for any bytes, all zeros too.
     let mut keys = vec![unsafe { std::mem::zeroed::<K>() }; LOOKUP_CHUNK];
-    let mut values = vec![0u8; LOOKUP_CHUNK * std::mem::size_of::<V>()];
-    // The position tokens: a bucket index for hash maps, a key for other kinds.
+    let mut values = vec![0u8; LOOKUP_CHUNK * value_size];
+    // The position tokens: a bucket index for hash maps, a key for a trie.
     let token = std::mem::size_of::<K>().max(8);
     let (mut from, mut to) = (vec![0u8; token], vec![0u8; token]);
-    let mut first = true;
-    loop {
+    // Every call but the last returns keys: a map of n entries takes at most n / chunk + 1.
+    for call in 0..=max_entries as usize / LOOKUP_CHUNK + 1 {
         // union bpf_attr's `batch`: in_batch, out_batch, keys, values, count | map_fd << 32.
         let mut attr = [0u64; 8];
-        attr[0] = if first { 0 } else { from.as_ptr() as u64 };
+        attr[0] = if call == 0 { 0 } else { from.as_ptr() as u64 };
         attr[1] = to.as_mut_ptr() as u64;
         attr[2] = keys.as_mut_ptr() as u64;
         attr[3] = values.as_mut_ptr() as u64;
@@ -152,18 +189,40 @@ pub fn map_keys_batch<K: aya::Pod, V: aya::Pod>(
         let done = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let count = (attr[4] as u32 as usize).min(LOOKUP_CHUNK);
         match done {
-            Ok(_) => all.extend_from_slice(&keys[..count]),
+            Ok(_) if count > 0 => all.extend_from_slice(&keys[..count]),
+            Ok(_) => break,
             // The end of the map, with the last chunk.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 all.extend_from_slice(&keys[..count]);
                 return Ok(Some(all));
             }
-            Err(e) if first && unsupported(&e) => return Ok(None),
+            Err(e) if call == 0 && unsupported(&e) => return Ok(None),
             Err(e) => return Err(e),
         }
         std::mem::swap(&mut from, &mut to);
-        first = false;
     }
+    Err(std::io::Error::other(
+        "the map's keys did not come to an end",
+    ))
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` says of a map.
+struct MapInfo {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+fn map_info(map: BorrowedFd<'_>) -> std::io::Result<MapInfo> {
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, ...
+    let info = object_info(map.as_raw_fd())?;
+    Ok(MapInfo {
+        map_type: info[0] as u32,
+        key_size: info[1] as u32,
+        value_size: (info[1] >> 32) as u32,
+        max_entries: info[2] as u32,
+    })
 }
 
 /// EINVAL (no such command before 5.6), EOPNOTSUPP and the kernel's ENOTSUPP (524): the map
@@ -254,11 +313,7 @@ pub fn set_program_in_slot(
 pub fn tcx_link_ifindex(link: &OwnedFd) -> std::io::Result<u32> {
     // struct bpf_link_info: type, id, prog_id, then the union at offset 16 (tcx: ifindex first).
     const BPF_LINK_TYPE_TCX: u64 = 11;
-    let mut info = [0u64; 16];
-    let mut attr = [0u64; 8];
-    attr[0] = link.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let info = object_info(link.as_raw_fd())?;
     if info[0] & 0xffff_ffff != BPF_LINK_TYPE_TCX {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     }

@@ -148,18 +148,28 @@ pub fn cpus() -> Vec<usize> {
 /// that made the per-packet rounds bimodal (medians 1.4x apart for the same program).
 pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
     use nix::{sched, unistd::Pid};
-    let before = sched::sched_getaffinity(Pid::from_raw(0)).ok();
-    if let Some(&last) = cpus().last() {
-        let mut one = sched::CpuSet::new();
-        if one.set(last).is_ok() {
-            let _ = sched::sched_setaffinity(Pid::from_raw(0), &one);
+    /// Gives the thread back the CPUs it had, however `f` ends.
+    struct Restore(Option<sched::CpuSet>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(before) = &self.0 {
+                let _ = sched::sched_setaffinity(Pid::from_raw(0), before);
+            }
         }
     }
-    let result = f();
-    if let Some(before) = before {
-        let _ = sched::sched_setaffinity(Pid::from_raw(0), &before);
+    let _restore = Restore(sched::sched_getaffinity(Pid::from_raw(0)).ok());
+    if let Some(&last) = cpus().last() {
+        let mut one = sched::CpuSet::new();
+        let held = one
+            .set(last)
+            .and_then(|()| sched::sched_setaffinity(Pid::from_raw(0), &one));
+        if let Err(e) = held {
+            progress(&format!(
+                "cannot hold the measurement on CPU {last} ({e}): it may move"
+            ));
+        }
     }
-    result
+    f()
 }
 
 /// A progress line on stderr: the run takes minutes.

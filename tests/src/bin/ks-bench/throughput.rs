@@ -300,6 +300,7 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
                     let ratios: Vec<f64> = measured
                         .iter()
                         .zip(unfiltered)
+                        .filter(|&(_, &n)| n > 0.0)
                         .map(|(v, n)| v / n)
                         .collect();
                     rows.push(json!({
