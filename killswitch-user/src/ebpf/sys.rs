@@ -177,8 +177,10 @@ fn keys_in_chunks<K: aya::Pod>(
     // The position tokens: a bucket index for hash maps, a key for a trie.
     let token = std::mem::size_of::<K>().max(8);
     let (mut from, mut to) = (vec![0u8; token], vec![0u8; token]);
-    // Every call but the last returns keys: a map of n entries takes at most n / chunk + 1.
-    for call in 0..=max_entries as usize / LOOKUP_CHUNK + 1 {
+    // A hash map's call stops short at a bucket that does not fit in what is left of the
+    // chunk, so two calls in a row return more than a chunk: a map of n entries takes at most
+    // 2n / chunk + 3 calls.
+    for call in 0..2 * max_entries as usize / LOOKUP_CHUNK + 3 {
         // union bpf_attr's `batch`: in_batch, out_batch, keys, values, count | map_fd << 32.
         let mut attr = [0u64; 8];
         attr[0] = if call == 0 { 0 } else { from.as_ptr() as u64 };
@@ -202,7 +204,7 @@ fn keys_in_chunks<K: aya::Pod>(
         std::mem::swap(&mut from, &mut to);
     }
     Err(std::io::Error::other(
-        "the map's keys did not come to an end",
+        "the map's keys did not come to an end (or a read returned none)",
     ))
 }
 
