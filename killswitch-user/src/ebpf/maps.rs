@@ -540,16 +540,7 @@ impl PinnedMaps {
 
     /// LAN prefixes as (length in the 128-bit key space, key), sorted.
     pub fn lan(&self) -> Result<Vec<(u32, [u8; 16])>> {
-        let failed = |e| Error::kernel("cannot read the LAN map", e);
-        let batch = sys::map_keys_batch::<Key<[u8; 16]>, u8>(self.lan.map().fd().as_fd());
-        let keys = match batch.map_err(failed)? {
-            Some(keys) => keys,
-            None => self
-                .lan
-                .keys()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Error::kernel("cannot read the LAN map", e))?,
-        };
+        let keys = all_keys::<Key<[u8; 16]>>(self.lan.map(), self.lan.keys(), "LAN")?;
         let mut prefixes: Vec<_> = keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
         prefixes.sort();
         Ok(prefixes)
@@ -600,16 +591,26 @@ fn sums(map: &PerCpuArray<MapData, u64>, name: &str) -> Result<Vec<(Direction, R
 }
 
 fn keys<K: Pod + Ord>(map: &HashMap<MapData, K, u8>, name: &str) -> Result<Vec<K>> {
-    let failed = |e| Error::kernel(format!("cannot read the {name} map"), e);
-    let mut keys = match sys::map_keys_batch::<K, u8>(map.map().fd().as_fd()).map_err(failed)? {
-        Some(keys) => keys,
-        None => map
-            .keys()
-            .collect::<Result<Vec<K>, _>>()
-            .map_err(|e| Error::kernel(format!("cannot read the {name} map"), e))?,
-    };
+    let mut keys = all_keys(map.map(), map.keys(), name)?;
     keys.sort();
     Ok(keys)
+}
+
+/// Every key of a map of `K` → u8, in batches where the kernel can (see
+/// [`sys::map_keys_batch`]), else by `walk` (aya's key iterator: nothing is read until used).
+fn all_keys<K: Pod>(
+    map: &MapData,
+    walk: impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>,
+    name: &str,
+) -> Result<Vec<K>> {
+    let what = format!("cannot read the {name} map");
+    match sys::map_keys_batch::<K, u8>(map.fd().as_fd()) {
+        Ok(Some(keys)) => Ok(keys),
+        Ok(None) => walk
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::kernel(what, e)),
+        Err(e) => Err(Error::kernel(what, e)),
+    }
 }
 
 /// Removes every key that is not in `keep` (adds nothing).

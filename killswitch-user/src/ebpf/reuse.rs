@@ -72,11 +72,15 @@ fn build(pair: Pair) -> Option<u64> {
     };
     let version = env!("CARGO_PKG_VERSION").as_bytes();
     // The object's part was hashed when it was built.
-    let mut hash: u64 = object_fnv::OBJECT_FNV;
-    for byte in version.iter().chain(kind) {
+    Some(fnv(fnv(object_fnv::OBJECT_FNV, version), kind))
+}
+
+/// FNV-1a (64 bits) of `bytes`, continuing from `hash` (build.rs starts the object's).
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
         hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    Some(hash)
+    hash
 }
 
 mod object_fnv {
@@ -213,10 +217,7 @@ mod tests {
 
     #[test]
     fn the_object_hash_made_at_build_time_is_the_embedded_objects() {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in super::super::OBJECT {
-            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        let hash = super::fnv(0xcbf2_9ce4_8422_2325, super::super::OBJECT);
         assert_eq!(hash, super::object_fnv::OBJECT_FNV);
     }
 

@@ -68,24 +68,19 @@ fn run(bin: &std::path::Path, options: Options, only: Option<&str>) -> anyhow::R
     let started = Instant::now();
     // Everything below runs in this namespace (or in ones of its own it makes).
     let netns = testbed::Netns::entered_with_links("b", &["tun0", "up0"]);
-    let wanted = |part: &str| only.is_none_or(|only| only == part);
-    let skipped = serde_json::Value::Null;
-    let per_packet = match wanted("per-packet") {
-        true => on_one_cpu(|| per_packet::run(&netns, options))?,
-        false => skipped.clone(),
+    // A part `--only` leaves out is null in the report.
+    let part = |name: &str, measure: &dyn Fn() -> anyhow::Result<serde_json::Value>| match only
+        .is_none_or(|only| only == name)
+    {
+        true => measure(),
+        false => Ok(serde_json::Value::Null),
     };
-    let throughput = match wanted("throughput") {
-        true => throughput::run(bin, options)?,
-        false => skipped.clone(),
-    };
-    let control = match wanted("control") {
-        true => control::run(bin, options)?,
-        false => skipped.clone(),
-    };
-    let daemon = match wanted("daemon") {
-        true => daemon::run(bin, options)?,
-        false => skipped,
-    };
+    let per_packet = part("per-packet", &|| {
+        on_one_cpu(|| per_packet::run(&netns, options))
+    })?;
+    let throughput = part("throughput", &|| throughput::run(bin, options))?;
+    let control = part("control", &|| control::run(bin, options))?;
+    let daemon = part("daemon", &|| daemon::run(bin, options))?;
     let report = json!({
         "machine": machine(),
         "quick": options.quick,
