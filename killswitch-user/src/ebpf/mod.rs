@@ -4,6 +4,7 @@
 pub mod entries;
 pub mod guard;
 pub mod kernel;
+mod loader;
 pub mod maps;
 pub mod pins;
 mod reuse;
@@ -387,7 +388,7 @@ fn prepare(netns: NetnsSource, maps_made: &SyncSender<PathBuf>) -> Result<Prepar
     // Made (or repaired) only by the main thread, under its checks: here it must exist.
     let dir = pins::PrivateDir::make("load")?;
     let programs = Programs::load_with(
-        EbpfLoader::new(),
+        loader::without_kernel_btf(dir.path())?,
         dir.path(),
         Pair::Policy(netns),
         None,
