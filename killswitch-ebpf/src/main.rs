@@ -315,23 +315,35 @@ fn is_vpn_client(skb: &SkBuff, settings: &Settings) -> bool {
     if settings.vpn_client_mark != 0 && mark == settings.vpn_client_mark {
         return true;
     }
+    settings.vpn_client_levels != 0
+        && killswitch_vpn_client_ancestor(skb.skb, settings.vpn_client_levels) != 0
+}
+
+/// Whether one of the socket's cgroup's ancestors at `levels` (bit n: level n) is a VPN client.
+/// A global function: the verifier checks its 31-level walk once, from the argument types, not
+/// once for every way a packet reaches step 4.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn killswitch_vpn_client_ancestor(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    levels: u32,
+) -> i32 {
     let mut level = 1;
     while level <= MAX_VPN_CLIENT_LEVEL {
         // Every packet that leaves by an uplink comes here: stop after the deepest level.
-        if settings.vpn_client_levels >> level == 0 {
+        if levels >> level == 0 {
             break;
         }
-        if settings.vpn_client_levels & (1 << level) != 0 {
+        if levels & (1 << level) != 0 {
             // SAFETY: a helper call on this program's own context; 0 when there is no socket.
-            let id =
-                unsafe { aya_ebpf::helpers::bpf_skb_ancestor_cgroup_id(skb.skb, level as i32) };
+            let id = unsafe { aya_ebpf::helpers::bpf_skb_ancestor_cgroup_id(skb, level as i32) };
             if id != 0 && VPN_CLIENTS.get_ptr(&id).is_some() {
-                return true;
+                return 1;
             }
         }
         level += 1;
     }
-    false
+    0
 }
 
 /// Steps 5-9.
