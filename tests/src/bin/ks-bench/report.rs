@@ -232,9 +232,9 @@ fn control(md: &mut String, cp: &Value, daemon: &Value) {
     let _ = writeln!(
         md,
         "## Control plane\n\nRelease build, {} servers and {} LAN prefixes, ms, median of {} rounds (min–max), each next to its nftables equivalent in the same rounds.\n",
-        thousands(cp["servers"].as_u64().unwrap_or(0)),
+        thousands(cp["servers"].as_u64().or(daemon["servers"].as_u64()).unwrap_or(0)),
         thousands(cp["lan_prefixes"].as_u64().unwrap_or(0)),
-        cp["rounds"]
+        cp["rounds"].as_u64().or(daemon["rounds"].as_u64()).unwrap_or(0)
     );
     let rows = cp["rows"].as_array().cloned().unwrap_or_default();
     let ms = |what: &str| {
@@ -251,29 +251,36 @@ fn control(md: &mut String, cp: &Value, daemon: &Value) {
         md,
         "| operation | killswitch, eBPF | killswitch, nftables backend | nft | eBPF × nft |\n|---|---|---|---|---|"
     );
-    let _ = writeln!(
-        md,
-        "| validate (`check` / `nft -c -f`) | {} | | {} | {:.2} |",
-        ms("check"),
-        ms("nft -c -f"),
-        median("check") / median("nft -c -f")
-    );
-    let _ = writeln!(
-        md,
-        "| cold `up` / `nft -f` of a new table | {} | {} | {} | {:.2} |",
-        ms("cold up, eBPF"),
-        ms("cold up, nftables backend"),
-        ms("nft -f, new table"),
-        median("cold up, eBPF") / median("nft -f, new table")
-    );
-    let _ = writeln!(
-        md,
-        "| re-`up` / `nft -f` replacing the table | {} | {} | {} | {:.2} |",
-        ms("re-up, eBPF"),
-        ms("re-up, nftables backend"),
-        ms("nft -f, table replaced"),
-        median("re-up, eBPF") / median("nft -f, table replaced")
-    );
+    if !cp.is_null() {
+        let _ = writeln!(
+            md,
+            "| validate (`check` / `nft -c -f`) | {} | | {} | {:.2} |",
+            ms("check"),
+            ms("nft -c -f"),
+            median("check") / median("nft -c -f")
+        );
+        let _ = writeln!(
+            md,
+            "| cold `up` / `nft -f` of a new table | {} | {} | {} | {:.2} |",
+            ms("cold up, eBPF"),
+            ms("cold up, nftables backend"),
+            ms("nft -f, new table"),
+            median("cold up, eBPF") / median("nft -f, new table")
+        );
+        let _ = writeln!(
+            md,
+            "| re-`up` / `nft -f` replacing the table | {} | {} | {} | {:.2} |",
+            ms("re-up, eBPF"),
+            ms("re-up, nftables backend"),
+            ms("nft -f, table replaced"),
+            median("re-up, eBPF") / median("nft -f, table replaced")
+        );
+    }
+    // A run of one part (`--only control` or `--only daemon`) has only its own rows.
+    if daemon.is_null() {
+        let _ = writeln!(md, "\n{TARGETS}");
+        return;
+    }
     let set = &daemon["servers_set_ms"];
     let _ = writeln!(
         md,
@@ -292,8 +299,10 @@ fn control(md: &mut String, cp: &Value, daemon: &Value) {
     );
     let _ = writeln!(
         md,
-        "\nThe daemon's resident memory with {} servers: {} KiB.\n\nTargets: cold `up` and `servers set` of 10,000 at or below `nft -f` of the same sets; link event → map update median ≤ 2 ms.",
+        "\nThe daemon's resident memory with {} servers: {} KiB.\n\n{TARGETS}",
         thousands(daemon["servers"].as_u64().unwrap_or(0)),
         thousands(daemon["daemon_rss_kib"].as_u64().unwrap_or(0))
     );
 }
+
+const TARGETS: &str = "Targets: cold `up` and `servers set` of 10,000 at or below `nft -f` of the same sets; link event → map update median ≤ 2 ms.";
