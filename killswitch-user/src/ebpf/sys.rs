@@ -83,7 +83,8 @@ pub fn cgroup_link_info(link: &OwnedFd) -> std::io::Result<CgroupLinkInfo> {
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
-/// Writes `keys[i]` → `values[i]` in one call (BPF_MAP_UPDATE_BATCH, hash maps, Linux 5.6):
+/// Writes `keys[i]` → `values[i]` in one call (BPF_MAP_UPDATE_BATCH, Linux 5.6; hash maps, and
+/// LPM tries on kernels that have it):
 /// 10,000 server entries cost one syscall instead of 10,000. `values` holds one value per key,
 /// each `value_size` bytes.
 pub fn map_update_batch<K: Copy>(
@@ -228,8 +229,8 @@ fn map_info(map: BorrowedFd<'_>) -> std::io::Result<MapInfo> {
 }
 
 /// EINVAL (no such command before 5.6), EOPNOTSUPP and the kernel's ENOTSUPP (524): the map
-/// type has no batch lookup.
-fn unsupported(e: &std::io::Error) -> bool {
+/// type has no batch command of this kind.
+pub fn unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
