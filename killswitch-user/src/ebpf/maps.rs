@@ -210,6 +210,12 @@ impl PinnedMaps {
         }
     }
 
+    /// [`PinnedMaps::write`] for maps this process made a moment ago and no program reads yet:
+    /// nothing to read back first, nothing to go back to.
+    pub fn fill_new(&mut self, entries: &MapEntries) -> Result<()> {
+        self.change_to(entries)
+    }
+
     fn change_to(&mut self, entries: &MapEntries) -> Result<()> {
         let old = self.settings()?;
         // The list bits follow what is written, whoever built the entries.

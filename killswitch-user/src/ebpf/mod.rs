@@ -428,7 +428,7 @@ fn warmed(fill: Option<&MapEntries>) -> Option<(Warm, bool)> {
     // filled meanwhile. Whether they were is the second value.
     let filled = match (fill, thread.maps_made.recv()) {
         (Some(entries), Ok(dir)) => PinnedMaps::open(&dir)
-            .and_then(|mut maps| maps.write(entries))
+            .and_then(|mut maps| maps.fill_new(entries))
             .map_err(|e| tracing::debug!("the maps prepared ahead are not filled: {e}"))
             .is_ok(),
         _ => false,
