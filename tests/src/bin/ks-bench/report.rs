@@ -231,9 +231,11 @@ fn throughput(md: &mut String, tp: &Value) {
 fn control(md: &mut String, cp: &Value, daemon: &Value) {
     let _ = writeln!(
         md,
-        "## Control plane\n\nRelease build, {} servers and {} LAN prefixes, ms, median of {} rounds (min–max), each next to its nftables equivalent in the same rounds.\n",
+        "## Control plane\n\nRelease build, {} servers{}, ms, median of {} rounds (min–max), each next to its nftables equivalent in the same rounds.\n",
         thousands(cp["servers"].as_u64().or(daemon["servers"].as_u64()).unwrap_or(0)),
-        thousands(cp["lan_prefixes"].as_u64().unwrap_or(0)),
+        cp["lan_prefixes"]
+            .as_u64()
+            .map_or(String::new(), |n| format!(" and {} LAN prefixes", thousands(n))),
         cp["rounds"].as_u64().or(daemon["rounds"].as_u64()).unwrap_or(0)
     );
     let rows = cp["rows"].as_array().cloned().unwrap_or_default();
