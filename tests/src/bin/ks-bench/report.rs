@@ -261,22 +261,29 @@ fn control(md: &mut String, cp: &Value, daemon: &Value) {
             ms("nft -c -f"),
             median("check") / median("nft -c -f")
         );
-        let _ = writeln!(
-            md,
-            "| cold `up` / `nft -f` of a new table | {} | {} | {} | {:.2} |",
-            ms("cold up, eBPF"),
-            ms("cold up, nftables backend"),
-            ms("nft -f, new table"),
-            median("cold up, eBPF") / median("nft -f, new table")
-        );
-        let _ = writeln!(
-            md,
-            "| re-`up` / `nft -f` replacing the table | {} | {} | {} | {:.2} |",
-            ms("re-up, eBPF"),
-            ms("re-up, nftables backend"),
-            ms("nft -f, table replaced"),
-            median("re-up, eBPF") / median("nft -f, table replaced")
-        );
+        for (label, ebpf, backend, nft) in [
+            (
+                "cold `up` / `nft -f` of a new table",
+                "cold up, eBPF",
+                "cold up, nftables backend",
+                "nft -f, new table",
+            ),
+            (
+                "re-`up` / `nft -f` replacing the table",
+                "re-up, eBPF",
+                "re-up, nftables backend",
+                "nft -f, table replaced",
+            ),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} | {:.2} |",
+                ms(ebpf),
+                ms(backend),
+                ms(nft),
+                median(ebpf) / median(nft)
+            );
+        }
     }
     // A run of one part (`--only control` or `--only daemon`) has only its own rows.
     if daemon.is_null() {
