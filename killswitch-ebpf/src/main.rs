@@ -319,8 +319,8 @@ fn is_vpn_client(skb: &SkBuff, settings: &Settings) -> bool {
 }
 
 /// Whether one of the socket's cgroup's ancestors at `levels` (bit n: level n) is a VPN client.
-/// A BPF subprogram, not inlined: inlined, the verifier walked its 31 levels for every state
-/// that reached step 4 and carried each way out of the loop into the rest of the program
+/// A BPF subprogram, not inlined: inlined, each way out of the loop went on through the rest
+/// of the program as a verifier state of its own; a subprogram hands back only its answer
 /// (egress on 6.18: 26,037 processed instructions, 18,122 this way). Not a global function,
 /// which would be checked once but needs the kernel's BTF to take the context as an argument.
 #[inline(never)]
