@@ -2,9 +2,9 @@
 //!
 //! aya 0.14's `EbpfLoader::new` always reads and parses `/sys/kernel/btf/vmlinux` (5 MB on
 //! 6.18; about 20 ms of CPU and 13 MB of memory), which aya uses only for CO-RE relocations;
-//! this object has none (a test below holds that). aya offers no way to skip the parse (0.15 reads it when needed, but needs
-//! a newer Rust), so the loader is made on a thread that looks from an empty directory for
-//! the moment: the file is not there, and aya goes without.
+//! this object has none (a test below holds that). aya offers no way to skip the parse (0.15
+//! reads it when needed, but needs a newer Rust), so the loader is made on a thread that looks
+//! from an empty directory for the moment: the file is not there, and aya goes without.
 
 use std::{
     fs::File,
