@@ -21,9 +21,14 @@ const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 pub fn pin_root() -> PathBuf {
-    std::env::var_os("KILLSWITCH_PIN_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT))
+    root_from(std::env::var_os("KILLSWITCH_PIN_ROOT"))
+}
+
+/// Absolute, so that the early load's thread, which changes its root for a moment, names the
+/// same directory as the main thread.
+fn root_from(value: Option<std::ffi::OsString>) -> PathBuf {
+    let root = value.map_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT), PathBuf::from);
+    std::path::absolute(&root).unwrap_or(root)
 }
 
 /// The scope's pin directory.
@@ -252,5 +257,22 @@ impl ScopeLock {
             "cannot lock {}: it keeps being removed and re-created",
             dir.display()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_root_is_absolute() {
+        assert_eq!(root_from(None), PathBuf::from(DEFAULT_PIN_ROOT));
+        assert_eq!(
+            root_from(Some("/sys/fs/bpf/t".into())),
+            PathBuf::from("/sys/fs/bpf/t")
+        );
+        let relative = root_from(Some("pins/t".into()));
+        assert!(relative.is_absolute(), "{}", relative.display());
+        assert!(relative.ends_with("pins/t"));
     }
 }
