@@ -419,9 +419,32 @@ impl Reason {
         }
     }
 
-    /// The reason with this numeric value, as carried by a [`DropEvent`].
-    pub fn from_value(value: u32) -> Option<Reason> {
-        Reason::ALL.into_iter().find(|r| *r as u32 == value)
+    /// The reason with this numeric value, as carried by a [`DropEvent`] or returned by the
+    /// programs' global function. A match, not a search: in a BPF program it is one range check.
+    pub const fn from_value(value: u32) -> Option<Reason> {
+        Some(match value {
+            0 => Reason::Loopback,
+            1 => Reason::Tunnel,
+            2 => Reason::Server,
+            3 => Reason::NotUplink,
+            4 => Reason::Default,
+            5 => Reason::Malformed,
+            6 => Reason::Dhcp,
+            7 => Reason::Ntp,
+            8 => Reason::Dns,
+            9 => Reason::Lan,
+            10 => Reason::NeighbourDiscovery,
+            11 => Reason::LanDns,
+            12 => Reason::Ipv6Blocked,
+            13 => Reason::InboundRefused,
+            14 => Reason::IcmpError,
+            15 => Reason::SourceRoute,
+            16 => Reason::NotVpnClient,
+            17 => Reason::OtherNamespace,
+            18 => Reason::LinkControl,
+            19 => Reason::NotIp,
+            _ => return None,
+        })
     }
 
     pub const fn counter_index(self, direction: Direction) -> u32 {
@@ -452,4 +475,21 @@ mod pod {
     unsafe impl aya::Pod for super::InboundKey {}
     unsafe impl aya::Pod for super::EventLimit {}
     unsafe impl aya::Pod for super::DropEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_comes_back_from_its_value() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::from_value(reason as u32), Some(reason));
+        }
+        let known = (0..REASON_SLOTS)
+            .filter(|&v| Reason::from_value(v).is_some())
+            .count();
+        assert_eq!(known, Reason::ALL.len());
+        assert_eq!(Reason::from_value(u32::MAX), None);
+    }
 }

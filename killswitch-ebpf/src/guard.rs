@@ -107,14 +107,15 @@ fn judge(ctx: &TcContext, direction: Direction, settings: &Settings) -> Reason {
     if packet.source_route {
         return Reason::SourceRoute;
     }
-    let reason = crate::exception(&packet, direction, settings, true, client);
+    let reason = crate::exception_once(&packet, direction, settings, true, client);
     if reason != Reason::Default || direction == Direction::Egress {
         return reason;
     }
     match packet.quoted(&frame) {
         Some(quoted)
             if !quoted.source_route
-                && crate::exception(&quoted, Direction::Egress, settings, true, true).allows() =>
+                && crate::exception_once(&quoted, Direction::Egress, settings, true, true)
+                    .allows() =>
         {
             Reason::IcmpError
         }

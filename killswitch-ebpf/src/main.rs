@@ -58,10 +58,6 @@ static SERVER_NAMES: HashMap<NamedServerKey, u8> = HashMap::pinned(MAX_SERVERS +
 /// [`judge_icmp_error`]).
 #[map]
 static ICMP_ERRORS: ProgramArray = ProgramArray::pinned(2, 0);
-/// Where `judge_icmp_error` puts the quoted packet (see [`Packet::forgotten`]); not pinned:
-/// it holds nothing between packets.
-#[map]
-static QUOTED: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 /// The `[vpn_client]`'s cgroups by id: with `Settings::vpn_client`, only their sockets (and
 /// their descendants') get the server exception.
 #[map]
@@ -122,19 +118,13 @@ fn judge_icmp_error<N: NetnsSource>(ctx: &SkBuffContext) -> i32 {
     let frame = Frame::network(&ctx.skb);
     let quoted = Packet::parse(&frame, Direction::Ingress).and_then(|packet| packet.quoted(&frame));
     let reason = match quoted {
-        Some(quoted) if !quoted.source_route => match QUOTED.get_ptr_mut(0) {
-            // SAFETY: the slot is this CPU's value of a map of packets.
-            Some(slot) => match unsafe { quoted.forgotten(slot) } {
-                Some(quoted)
-                    if exception(&quoted, Direction::Egress, &settings, own_netns, true)
-                        .allows() =>
-                {
-                    Reason::IcmpError
-                }
-                _ => Reason::Default,
-            },
-            None => Reason::Default,
-        },
+        Some(quoted)
+            if !quoted.source_route
+                && exception_once(&quoted, Direction::Egress, &settings, own_netns, true)
+                    .allows() =>
+        {
+            Reason::IcmpError
+        }
         _ => Reason::Default,
     };
     verdict::<N>(ctx, Direction::Ingress, reason, &settings)
@@ -275,7 +265,7 @@ fn classify<N: NetnsSource>(
     }
     // DHCP only on the scope's own namespace's interfaces, never on a container's.
     let own_netns = interface.netns_cookie == settings.netns_cookie;
-    let reason = exception(&packet, direction, settings, own_netns, client);
+    let reason = exception_once(&packet, direction, settings, own_netns, client);
     if reason != Reason::Default || direction == Direction::Egress || !packet.is_icmp_error() {
         return Some(reason);
     }
@@ -304,6 +294,52 @@ fn exception(
         return Reason::NotVpnClient;
     }
     reason
+}
+
+/// [`exception`] through [`killswitch_exception`], which the verifier checks once for any
+/// packet rather than once for every way a parse can end (on 6.18, processed instructions:
+/// egress 18,122 -> 10,771, ingress 12,406 -> 9,024, ICMP error 21,072 -> 7,330).
+#[inline(always)]
+fn exception_once(
+    packet: &Packet,
+    direction: Direction,
+    settings: &Settings,
+    own_netns: bool,
+    client: bool,
+) -> Reason {
+    let reason = killswitch_exception(
+        packet,
+        settings,
+        direction as u32,
+        u32::from(own_netns),
+        u32::from(client),
+    );
+    // The verifier knows only that a global function returns a number.
+    Reason::from_value(reason).unwrap_or(Reason::Default)
+}
+
+/// Steps 4-9 as a global BPF function (exported: global linkage in the object's BTF). It takes
+/// no context, so it needs no kernel BTF; its pointers may be null as far as the verifier knows.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn killswitch_exception(
+    packet: *const Packet,
+    settings: *const Settings,
+    direction: u32,
+    own_netns: u32,
+    client: u32,
+) -> u32 {
+    // SAFETY: the verifier holds each to memory of its type's size, or null.
+    let (Some(packet), Some(settings)) = (unsafe { packet.as_ref() }, unsafe { settings.as_ref() })
+    else {
+        return Reason::Default as u32;
+    };
+    let direction = if direction == Direction::Ingress as u32 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    exception(packet, direction, settings, own_netns != 0, client != 0) as u32
 }
 
 /// Step 4's condition under `[vpn_client]`: the packet carries the client's mark, or its
@@ -484,14 +520,23 @@ fn in_lan(address: Address) -> bool {
 #[inline(always)]
 fn is_ntp(packet: &Packet) -> bool {
     packet.udp_ports().is_some_and(|p| p.remote == 123)
-        && NTP_SERVERS.get_ptr(&packet.remote).is_some()
+        && NTP_SERVERS.get_ptr(&own_copy(&packet.remote)).is_some()
 }
 
 /// Step 7: DNS (53, DNS over TLS 853; UDP or TCP) with a DNS server.
 #[inline(always)]
 fn is_dns_server(packet: &Packet) -> bool {
     packet.ports().is_some_and(|p| is_dns_port(p.remote))
-        && DNS_SERVERS.get_ptr(&packet.remote).is_some()
+        && DNS_SERVERS.get_ptr(&own_copy(&packet.remote)).is_some()
+}
+
+/// A copy of `address` to use as a map key: before 6.12 a key may not point into memory a global
+/// function was given (its packet). Volatile, so the compiler cannot hand over the original.
+#[inline(always)]
+fn own_copy(address: &Address) -> Address {
+    // SAFETY: a reference is valid for reads; word by word, as `Address` is read elsewhere.
+    let word = |i: usize| unsafe { core::ptr::read_volatile(&address.0[i]) };
+    Address([word(0), word(1), word(2), word(3)])
 }
 
 #[inline(always)]

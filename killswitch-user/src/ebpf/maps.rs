@@ -38,8 +38,8 @@ pub const RECENT_DROPS: &str = "RECENT_DROPS";
 pub const TUNNELS_CHANGED: &str = "TUNNELS_CHANGED";
 pub const GUARDED: &str = "GUARDED";
 pub const GUARD_COUNTERS: &str = "GUARD_COUNTERS";
-/// The ICMP-error program's scratch slot for the quoted packet: made with each load, never
-/// pinned, holding nothing between packets.
+/// The scratch slot of an older build's ICMP-error program (made with each load, never pinned,
+/// holding nothing between packets): `verify` takes it for ours until the next `up` replaces it.
 pub const QUOTED: &str = "QUOTED";
 pub const ALL: [&str; 19] = [
     GUARDED,
