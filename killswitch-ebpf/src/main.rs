@@ -275,30 +275,65 @@ fn classify<N: NetnsSource>(
 /// Steps 4-9: the exceptions that let a packet use an uplink. `client`: whether the packet may
 /// use the server exception.
 #[inline(always)]
-fn exception(
-    packet: &Packet,
-    direction: Direction,
-    settings: &Settings,
-    own_netns: bool,
-    client: bool,
-) -> Reason {
+fn exception(packet: &Packet, asked: Asked) -> Reason {
     if packet.remote_is_v4_mapped() {
         return Reason::Default;
     }
-    let server = is_server(packet, settings.empty_lists);
-    if server && client {
+    let server = is_server(packet, asked.empty_lists);
+    if server && asked.client {
         return Reason::Server;
     }
-    let reason = later_exception(packet, direction, settings, own_netns);
+    let reason = later_exception(packet, asked);
     if server && reason == Reason::Default {
         return Reason::NotVpnClient;
     }
     reason
 }
 
+/// What steps 4-9 read besides the packet: three of the settings, the direction, whether the
+/// interface is the scope's own namespace's (DHCP) and whether the socket may use the server
+/// exception. All of it fits in one number for [`killswitch_exception`].
+#[derive(Clone, Copy)]
+struct Asked {
+    empty_lists: u32,
+    dhcp: bool,
+    lan_dns: bool,
+    direction: Direction,
+    own_netns: bool,
+    client: bool,
+}
+
+impl Asked {
+    #[inline(always)]
+    fn to_word(self) -> u64 {
+        u64::from(self.empty_lists)
+            | u64::from(self.dhcp) << 32
+            | u64::from(self.lan_dns) << 33
+            | u64::from(self.direction == Direction::Ingress) << 34
+            | u64::from(self.own_netns) << 35
+            | u64::from(self.client) << 36
+    }
+
+    #[inline(always)]
+    fn from_word(word: u64) -> Asked {
+        let bit = |n: u32| word >> n & 1 != 0;
+        Asked {
+            empty_lists: word as u32,
+            dhcp: bit(32),
+            lan_dns: bit(33),
+            direction: if bit(34) {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            },
+            own_netns: bit(35),
+            client: bit(36),
+        }
+    }
+}
+
 /// [`exception`] through [`killswitch_exception`], which the verifier checks once for any
-/// packet rather than once for every way a parse can end (on 6.18, processed instructions:
-/// egress 18,122 -> 10,771, ingress 12,406 -> 9,024, ICMP error 21,072 -> 7,330).
+/// packet rather than once for every way a parse can end.
 #[inline(always)]
 fn exception_once(
     packet: &Packet,
@@ -307,39 +342,33 @@ fn exception_once(
     own_netns: bool,
     client: bool,
 ) -> Reason {
-    let reason = killswitch_exception(
-        packet,
-        settings,
-        direction as u32,
-        u32::from(own_netns),
-        u32::from(client),
-    );
+    let asked = Asked {
+        empty_lists: settings.empty_lists,
+        dhcp: settings.dhcp != 0,
+        lan_dns: settings.lan_dns != 0,
+        direction,
+        own_netns,
+        client,
+    };
+    let [remote_high, remote_low, transport] = packet.to_words();
+    let reason = killswitch_exception(remote_high, remote_low, transport, asked.to_word());
     // The verifier knows only that a global function returns a number.
     Reason::from_value(reason).unwrap_or(Reason::Default)
 }
 
-/// Steps 4-9 as a global BPF function (exported: global linkage in the object's BTF). It takes
-/// no context, so it needs no kernel BTF; its pointers may be null as far as the verifier knows.
+/// Steps 4-9 as a global BPF function (exported: global linkage in the object's BTF). Numbers
+/// only: no pointer the verifier would hold to a caller's stack or let be null, and no context,
+/// so no need for the kernel's BTF.
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn killswitch_exception(
-    packet: *const Packet,
-    settings: *const Settings,
-    direction: u32,
-    own_netns: u32,
-    client: u32,
+    remote_high: u64,
+    remote_low: u64,
+    transport: u64,
+    asked: u64,
 ) -> u32 {
-    // SAFETY: the verifier holds each to memory of its type's size, or null.
-    let (Some(packet), Some(settings)) = (unsafe { packet.as_ref() }, unsafe { settings.as_ref() })
-    else {
-        return Reason::Default as u32;
-    };
-    let direction = if direction == Direction::Ingress as u32 {
-        Direction::Ingress
-    } else {
-        Direction::Egress
-    };
-    exception(packet, direction, settings, own_netns != 0, client != 0) as u32
+    let packet = Packet::from_words([remote_high, remote_low, transport]);
+    exception(&packet, Asked::from_word(asked)) as u32
 }
 
 /// Step 4's condition under `[vpn_client]`: the packet carries the client's mark, or its
@@ -381,23 +410,18 @@ fn vpn_client_ancestor(skb: *mut aya_ebpf::bindings::__sk_buff, levels: u32) -> 
 
 /// Steps 5-9.
 #[inline(always)]
-fn later_exception(
-    packet: &Packet,
-    direction: Direction,
-    settings: &Settings,
-    own_netns: bool,
-) -> Reason {
-    if settings.dhcp != 0 && own_netns && is_dhcp(packet, direction) {
+fn later_exception(packet: &Packet, asked: Asked) -> Reason {
+    if asked.dhcp && asked.own_netns && is_dhcp(packet, asked.direction) {
         return Reason::Dhcp;
     }
-    if settings.empty_lists & lists::NTP == 0 && is_ntp(packet) {
+    if asked.empty_lists & lists::NTP == 0 && is_ntp(packet) {
         return Reason::Ntp;
     }
-    if settings.empty_lists & lists::DNS == 0 && is_dns_server(packet) {
+    if asked.empty_lists & lists::DNS == 0 && is_dns_server(packet) {
         return Reason::Dns;
     }
-    if settings.empty_lists & lists::LAN == 0 {
-        if let Some(reason) = lan(packet, settings.lan_dns != 0) {
+    if asked.empty_lists & lists::LAN == 0 {
+        if let Some(reason) = lan(packet, asked.lan_dns) {
             return reason;
         }
     }
@@ -520,23 +544,14 @@ fn in_lan(address: Address) -> bool {
 #[inline(always)]
 fn is_ntp(packet: &Packet) -> bool {
     packet.udp_ports().is_some_and(|p| p.remote == 123)
-        && NTP_SERVERS.get_ptr(&own_copy(&packet.remote)).is_some()
+        && NTP_SERVERS.get_ptr(&packet.remote).is_some()
 }
 
 /// Step 7: DNS (53, DNS over TLS 853; UDP or TCP) with a DNS server.
 #[inline(always)]
 fn is_dns_server(packet: &Packet) -> bool {
     packet.ports().is_some_and(|p| is_dns_port(p.remote))
-        && DNS_SERVERS.get_ptr(&own_copy(&packet.remote)).is_some()
-}
-
-/// A copy of `address` to use as a map key: before 6.12 a key may not point into memory a global
-/// function was given (its packet). Volatile, so the compiler cannot hand over the original.
-#[inline(always)]
-fn own_copy(address: &Address) -> Address {
-    // SAFETY: a reference is valid for reads; word by word, as `Address` is read elsewhere.
-    let word = |i: usize| unsafe { core::ptr::read_volatile(&address.0[i]) };
-    Address([word(0), word(1), word(2), word(3)])
+        && DNS_SERVERS.get_ptr(&packet.remote).is_some()
 }
 
 #[inline(always)]

@@ -231,6 +231,50 @@ impl Packet {
         self.ipv6 && self.remote.is_v4_mapped()
     }
 
+    /// Everything but the transport's offset as three numbers, for a call of the global
+    /// function of steps 4-9 (which takes numbers only).
+    #[inline(always)]
+    pub fn to_words(&self) -> [u64; 3] {
+        let pair = |a: u32, b: u32| u64::from(a) | u64::from(b) << 32;
+        let Address([a, b, c, d]) = self.remote;
+        [
+            pair(a, b),
+            pair(c, d),
+            u64::from(self.ipv6)
+                | u64::from(self.source_route) << 1
+                | u64::from(self.ports_known) << 2
+                | u64::from(self.icmp_known) << 3
+                | u64::from(self.protocol) << 8
+                | u64::from(self.icmp_type) << 16
+                | u64::from(self.local_port) << 24
+                | u64::from(self.remote_port) << 40,
+        ]
+    }
+
+    /// The packet [`Packet::to_words`] gave, at transport offset 0: steps 4-9 read nothing more
+    /// of the frame, and the global function has none to read.
+    #[inline(always)]
+    pub fn from_words([high, low, transport]: [u64; 3]) -> Packet {
+        let bit = |n: u32| transport >> n & 1 != 0;
+        Packet {
+            ipv6: bit(0),
+            source_route: bit(1),
+            protocol: (transport >> 8) as u8,
+            remote: Address([
+                high as u32,
+                (high >> 32) as u32,
+                low as u32,
+                (low >> 32) as u32,
+            ]),
+            ports_known: bit(2),
+            local_port: (transport >> 24) as u16,
+            remote_port: (transport >> 40) as u16,
+            icmp_known: bit(3),
+            icmp_type: (transport >> 16) as u8,
+            transport_offset: 0,
+        }
+    }
+
     /// `None` when the IP header itself is unreadable or inconsistent.
     #[inline(always)]
     pub fn parse(frame: &Frame, direction: Direction) -> Option<Packet> {
