@@ -272,8 +272,8 @@ fn classify<N: NetnsSource>(
     None
 }
 
-/// Steps 4-9: the exceptions that let a packet use an uplink. `client`: whether the packet may
-/// use the server exception.
+/// Steps 4-9: the exceptions that let a packet use an uplink. `asked.client`: whether the
+/// packet may use the server exception.
 #[inline(always)]
 fn exception(packet: &Packet, asked: Asked) -> Reason {
     if packet.remote_is_v4_mapped() {
