@@ -174,7 +174,7 @@ impl Kernel {
         use aya::programs::SchedClassifier;
         use killswitch::ebpf::guard;
         if self.maps.guarded().unwrap().is_empty() {
-            let mut entries = self.maps.entries().unwrap();
+            let mut entries = self.maps.entries().unwrap().interfaces;
             entries.guarded = [(self.up0, ("up0".to_owned(), 14))].into();
             self.maps.write_interfaces(&entries).unwrap();
         }

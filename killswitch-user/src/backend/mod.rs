@@ -127,6 +127,7 @@ fn with_ebpf(
     Ok(Applied {
         backend: Backend::Ebpf,
         tunnels: entries
+            .interfaces
             .tunnels
             .iter()
             .map(|(k, name)| format!("{name} (ifindex {})", k.ifindex))

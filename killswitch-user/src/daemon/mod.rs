@@ -23,7 +23,7 @@ use crate::{
     backend::{self, nftables, Backend, Choice},
     ebpf::pins,
     ebpf::pins::ScopeLock,
-    ebpf::{self, MapEntries, PinnedMaps},
+    ebpf::{self, InterfaceEntries, MapEntries, PinnedMaps},
     error::{Error, Result},
     events::{EventReader, Resolver},
     interfaces,
@@ -175,7 +175,7 @@ impl Daemon {
         let applied = backend::apply(choice, &daemon.scope, &daemon.policy, &mut daemon.servers)?;
         daemon.backend = applied.backend;
         if let Some(entries) = &applied.entries {
-            daemon.log_tunnels(entries);
+            daemon.log_tunnels(&entries.interfaces.tunnels);
         }
         tracing::info!(
             scope = %daemon.scope.name,
@@ -324,12 +324,14 @@ impl Daemon {
             return;
         }
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
-        let result: Result<Option<MapEntries>> = (|| {
+        let result: Result<Option<InterfaceEntries>> = (|| {
             let _lock = self.lock()?;
             if self.config_changed() {
                 return Ok(None);
             }
-            let entries = self.entries()?;
+            let list = interfaces::list()?;
+            let entries = InterfaceEntries::new(&self.policy, &list, self.netns_cookie)
+                .guard(interfaces::guarded(&list, &self.policy));
             self.maps()?.write_interfaces(&entries)?;
             if self.policy.guarded() {
                 ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
@@ -346,7 +348,7 @@ impl Daemon {
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "interfaces synced"
                 );
-                self.log_tunnels(&entries);
+                self.log_tunnels(&entries.tunnels);
             }
             Err(e) => {
                 // A device may be left without its guard: other namespaces stop passing.
@@ -510,18 +512,18 @@ impl Daemon {
     }
 
     /// One line per tunnel that came or went since the last call.
-    fn log_tunnels(&mut self, entries: &MapEntries) {
-        for (key, name) in &entries.tunnels {
+    fn log_tunnels(&mut self, tunnels: &BTreeMap<InterfaceKey, String>) {
+        for (key, name) in tunnels {
             if !self.tunnels.contains_key(key) {
                 tracing::info!(tunnel = %name, ifindex = key.ifindex, "tunnel up: {name} (ifindex {})", key.ifindex);
             }
         }
         for (key, name) in &self.tunnels {
-            if !entries.tunnels.contains_key(key) {
+            if !tunnels.contains_key(key) {
                 tracing::info!(tunnel = %name, ifindex = key.ifindex, "tunnel gone: {name} (ifindex {})", key.ifindex);
             }
         }
-        self.tunnels = entries.tunnels.clone();
+        self.tunnels = tunnels.clone();
     }
 
     /// SIGHUP: a valid config replaces the policy (maps updated, additions first); an invalid
@@ -563,7 +565,7 @@ impl Daemon {
                     self.config.display()
                 );
                 if let Some(entries) = entries {
-                    self.log_tunnels(&entries);
+                    self.log_tunnels(&entries.interfaces.tunnels);
                 }
             }
             Err(e) => {

@@ -20,9 +20,7 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapEntries {
     pub settings: Settings,
-    /// Interface key -> name, for messages.
-    pub tunnels: BTreeMap<InterfaceKey, String>,
-    pub uplinks: BTreeMap<InterfaceKey, String>,
+    pub interfaces: InterfaceEntries,
     pub servers: BTreeSet<ServerKey>,
     /// Which hostname gave which of `servers` (empty unless the caller records names).
     pub server_names: BTreeSet<NamedServerKey>,
@@ -33,8 +31,50 @@ pub struct MapEntries {
     pub inbound: BTreeSet<InboundKey>,
     /// Cgroup ids of the `[vpn_client]`.
     pub vpn_clients: BTreeSet<u64>,
-    /// The devices the uplink guard watches (see [`MapEntries::guard`]).
+}
+
+/// What the interface maps hold: all that a link appearing or going away can change, built
+/// without the lists (a link event must not wait for 10,000 server keys).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceEntries {
+    /// Interface key -> name, for messages.
+    pub tunnels: BTreeMap<InterfaceKey, String>,
+    pub uplinks: BTreeMap<InterfaceKey, String>,
+    /// The devices the uplink guard watches (see [`InterfaceEntries::guard`]).
     pub guarded: super::guard::Guarded,
+}
+
+impl InterfaceEntries {
+    /// The tunnels and uplinks of `policy` among `interfaces`, in the namespace whose cookie
+    /// is `netns_cookie`; no guarded devices yet.
+    pub fn new(policy: &Policy, interfaces: &[Interface], netns_cookie: u64) -> InterfaceEntries {
+        let keyed = |found: Vec<Interface>| {
+            found
+                .into_iter()
+                .map(|i| (InterfaceKey::new(netns_cookie, i.index), i.name))
+                .collect()
+        };
+        InterfaceEntries {
+            tunnels: keyed(interfaces::matching(interfaces, &policy.tunnels)),
+            uplinks: keyed(
+                policy
+                    .uplinks
+                    .as_deref()
+                    .map(|u| interfaces::matching(interfaces, u))
+                    .unwrap_or_default(),
+            ),
+            guarded: Default::default(),
+        }
+    }
+
+    /// With the devices the guard is to watch now ([`interfaces::guarded`]).
+    pub fn guard(mut self, devices: Vec<(Interface, u8)>) -> InterfaceEntries {
+        self.guarded = devices
+            .into_iter()
+            .map(|(i, header)| (i.index, (i.name, header)))
+            .collect();
+        self
+    }
 }
 
 impl MapEntries {
@@ -48,12 +88,6 @@ impl MapEntries {
         servers: &[ServerEndpoint],
         clients: &[ClientCgroup],
     ) -> MapEntries {
-        let keyed = |found: Vec<Interface>| {
-            found
-                .into_iter()
-                .map(|i| (InterfaceKey::new(netns_cookie, i.index), i.name))
-                .collect()
-        };
         let mut entries = MapEntries {
             settings: Settings {
                 uplinks_restricted: u32::from(policy.uplinks.is_some()),
@@ -70,14 +104,7 @@ impl MapEntries {
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
             },
-            tunnels: keyed(interfaces::matching(interfaces, &policy.tunnels)),
-            uplinks: keyed(
-                policy
-                    .uplinks
-                    .as_deref()
-                    .map(|u| interfaces::matching(interfaces, u))
-                    .unwrap_or_default(),
-            ),
+            interfaces: InterfaceEntries::new(policy, interfaces, netns_cookie),
             servers: servers.iter().map(server_key).collect(),
             server_names: BTreeSet::new(),
             ntp_servers: policy
@@ -106,7 +133,6 @@ impl MapEntries {
                 })
                 .collect(),
             vpn_clients: clients.iter().map(|c| c.id).collect(),
-            guarded: Default::default(),
         };
         entries.settings.empty_lists = entries.empty_lists();
         entries
@@ -114,10 +140,7 @@ impl MapEntries {
 
     /// With the devices the guard is to watch now ([`interfaces::guarded`]).
     pub fn guard(mut self, devices: Vec<(Interface, u8)>) -> MapEntries {
-        self.guarded = devices
-            .into_iter()
-            .map(|(i, header)| (i.index, (i.name, header)))
-            .collect();
+        self.interfaces = self.interfaces.guard(devices);
         self
     }
 

@@ -16,7 +16,10 @@ use killswitch_common::{
     MAX_PREFIXES, MAX_SERVERS, MAX_VPN_CLIENTS, RECENT_DROPS_PER_CPU,
 };
 
-use super::{entries::MapEntries, sys};
+use super::{
+    entries::{InterfaceEntries, MapEntries},
+    sys,
+};
 use crate::error::{Error, Result};
 
 pub const TUNNELS: &str = "TUNNELS";
@@ -224,7 +227,7 @@ impl PinnedMaps {
             ..entries.settings
         };
         self.set_settings(&strictest(&old, &settings))?;
-        let uplinks: BTreeSet<InterfaceKey> = entries.uplinks.keys().copied().collect();
+        let uplinks: BTreeSet<InterfaceKey> = entries.interfaces.uplinks.keys().copied().collect();
         shrink(&mut self.uplinks, &uplinks, UPLINKS)?;
         // While the servers change, the VPN clients both policies trust: where both hold the
         // servers to their clients, only the ones both list (the new ones come last); where
@@ -242,7 +245,7 @@ impl PinnedMaps {
             }
             (true, false) => {}
         }
-        self.sync_tunnels(entries)?;
+        self.sync_tunnels(&entries.interfaces)?;
         sync(&mut self.servers, entries.servers.iter().copied(), SERVERS)?;
         self.set_server_names(&entries.server_names)?;
         sync(
@@ -257,7 +260,7 @@ impl PinnedMaps {
         )?;
         sync(&mut self.inbound, entries.inbound.iter().copied(), INBOUND)?;
         self.sync_lan(&entries.lan)?;
-        self.sync_guarded(&entries.guarded)?;
+        self.sync_guarded(&entries.interfaces.guarded)?;
         sync(&mut self.uplinks, uplinks.into_iter(), UPLINKS)?;
         if restricts.1 {
             sync(
@@ -282,8 +285,11 @@ impl PinnedMaps {
             |keys: Vec<InterfaceKey>| keys.into_iter().map(|k| (k, String::new())).collect();
         Ok(MapEntries {
             settings: self.settings()?,
-            tunnels: unnamed(self.tunnels()?),
-            uplinks: unnamed(self.uplinks()?),
+            interfaces: InterfaceEntries {
+                tunnels: unnamed(self.tunnels()?),
+                uplinks: unnamed(self.uplinks()?),
+                guarded: self.guarded()?,
+            },
             servers: self.servers()?.into_iter().collect(),
             server_names: self.server_names()?.into_iter().collect(),
             ntp_servers: self.ntp_servers()?.into_iter().collect(),
@@ -291,7 +297,6 @@ impl PinnedMaps {
             lan: self.lan()?.into_iter().collect(),
             inbound: self.inbound()?.into_iter().collect(),
             vpn_clients: keys(&self.vpn_clients, VPN_CLIENTS)?.into_iter().collect(),
-            guarded: self.guarded()?,
         })
     }
 
@@ -366,14 +371,14 @@ impl PinnedMaps {
 
     /// Makes only the tunnel, uplink and guard device maps match `entries` (interfaces came or
     /// went).
-    pub fn write_interfaces(&mut self, entries: &MapEntries) -> Result<()> {
+    pub fn write_interfaces(&mut self, entries: &InterfaceEntries) -> Result<()> {
         sync(&mut self.uplinks, entries.uplinks.keys().copied(), UPLINKS)?;
         self.sync_guarded(&entries.guarded)?;
         self.sync_tunnels(entries)
     }
 
     /// Makes the tunnel map match `entries` and notes the time when that changed it.
-    fn sync_tunnels(&mut self, entries: &MapEntries) -> Result<()> {
+    fn sync_tunnels(&mut self, entries: &InterfaceEntries) -> Result<()> {
         let changed = sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
         // Only for `status`: its failure must not fail (and roll back) a policy update.
         if let (true, Some(map)) = (changed, self.tunnels_changed.as_mut()) {

@@ -31,7 +31,7 @@ use aya::{
 use killswitch_common::Direction;
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 
-pub use entries::MapEntries;
+pub use entries::{InterfaceEntries, MapEntries};
 pub use kernel::{NetnsSource, Pair};
 pub use maps::PinnedMaps;
 
@@ -730,7 +730,7 @@ fn run_guard(map_dir: &Path, pin_dir: &Path, entries: &MapEntries, reload: bool)
         if reload || !guard::loaded(pin_dir) {
             guard::load(map_dir, pin_dir)?;
         }
-        guard::attach(pin_dir, &entries.guarded)
+        guard::attach(pin_dir, &entries.interfaces.guarded)
     })();
     // Nothing may leave by a device without its guard: other namespaces stop passing.
     if attached.is_err() {

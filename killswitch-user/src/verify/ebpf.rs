@@ -526,9 +526,17 @@ fn maps_checks(policy: &Policy, live: &MapEntries, answers: &super::Answers) -> 
             )
         }
     };
-    let mut checks = vec![interface_check("tunnels", &live.tunnels, &plan.tunnels)];
+    let mut checks = vec![interface_check(
+        "tunnels",
+        &live.interfaces.tunnels,
+        &plan.interfaces.tunnels,
+    )];
     if policy.uplinks.is_some() {
-        checks.push(interface_check("uplinks", &live.uplinks, &plan.uplinks));
+        checks.push(interface_check(
+            "uplinks",
+            &live.interfaces.uplinks,
+            &plan.interfaces.uplinks,
+        ));
     }
     let held: Vec<_> = live.servers.iter().map(server_endpoint).collect();
     let named_servers: Vec<(u64, _)> = live
@@ -560,7 +568,7 @@ fn guard_check(policy: &Policy, live: &MapEntries, pin_dir: &Path) -> Check {
     use crate::ebpf::guard;
     const CHECK: &str = "guard";
     if !policy.guarded() {
-        return if live.guarded.is_empty() && !guard::loaded(pin_dir) {
+        return if live.interfaces.guarded.is_empty() && !guard::loaded(pin_dir) {
             Check::pass(CHECK, "off, and none is attached")
         } else {
             Check::fail(
@@ -575,7 +583,12 @@ fn guard_check(policy: &Policy, live: &MapEntries, pin_dir: &Path) -> Check {
         .into_iter()
         .map(|(i, header)| (i.index, header))
         .collect();
-    let held: BTreeMap<u32, u8> = live.guarded.iter().map(|(&i, (_, h))| (i, *h)).collect();
+    let held: BTreeMap<u32, u8> = live
+        .interfaces
+        .guarded
+        .iter()
+        .map(|(&i, (_, h))| (i, *h))
+        .collect();
     let name = |ifindex: &u32| {
         interfaces::name_of(*ifindex).map_or(format!("ifindex {ifindex} (gone)"), |n| {
             format!("{n} (ifindex {ifindex})")
@@ -759,8 +772,9 @@ impl Copy {
             let cookie = interfaces::netns_cookie()?;
             let mut entries = live.clone();
             entries.settings.netns_cookie = cookie;
-            entries.tunnels = [(InterfaceKey::new(cookie, net.tunnel), String::new())].into();
-            entries.uplinks = if live.settings.uplinks_restricted != 0 {
+            entries.interfaces.tunnels =
+                [(InterfaceKey::new(cookie, net.tunnel), String::new())].into();
+            entries.interfaces.uplinks = if live.settings.uplinks_restricted != 0 {
                 [(InterfaceKey::new(cookie, net.uplink), String::new())].into()
             } else {
                 BTreeMap::new()

@@ -237,7 +237,11 @@ fn guard(bench: &Bench, paths: &[VerdictPath], rounds: usize, repeat: u32) -> Re
     use killswitch::ebpf::guard;
     progress("per-packet cost of the uplink guard");
     guard::load(&bench.pins.path, &bench.pins.path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut entries = bench.maps.entries().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut entries = bench
+        .maps
+        .entries()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .interfaces;
     entries.guarded = [(bench.up0, ("up0".to_owned(), 14))].into();
     PinnedMaps::open(&bench.pins.path)
         .and_then(|mut maps| maps.write_interfaces(&entries))
