@@ -14,6 +14,17 @@ pub const COMMAND_TIMEOUT_SECS: &str = "20";
 /// A command that joins `cgroup` (before entering the namespace: `ip netns exec` would hide
 /// /sys/fs/cgroup), then enters only the network namespace of `netns`.
 pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
+    command_in_for(netns, cgroup, COMMAND_TIMEOUT_SECS, program, args)
+}
+
+/// [`command_in`], killed after `seconds` instead: for a benchmark's long-lived helper.
+pub fn command_in_for(
+    netns: &Netns,
+    cgroup: Option<&Cgroup>,
+    seconds: &str,
+    program: &str,
+    args: &[&str],
+) -> Command {
     let procs = cgroup
         .map(|c| c.procs().display().to_string())
         .unwrap_or_default();
@@ -23,7 +34,7 @@ pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &
         .arg("sh")
         .arg(procs)
         .arg(netns.path())
-        .arg(COMMAND_TIMEOUT_SECS)
+        .arg(seconds)
         .arg(program)
         .args(args);
     cmd

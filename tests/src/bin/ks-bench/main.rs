@@ -15,6 +15,7 @@ mod daemon;
 mod per_packet;
 mod plot;
 mod report;
+mod slices;
 mod throughput;
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
@@ -32,6 +33,20 @@ const PARTS: [&str; 4] = ["per-packet", "throughput", "control", "daemon"];
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
+    let all: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Some(mode @ (slices::SENDER | slices::RECEIVER)) = all.first().map(String::as_str) {
+        // A helper of the UDP slices, started by this program itself.
+        return match slices::helper(mode, &all[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ks-bench {mode}: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let Some(release_bin) = args.next().map(PathBuf::from) else {
         eprintln!("usage: ks-bench RELEASE_KILLSWITCH [--quick] (run by `cargo xtask bench`)");
         return ExitCode::from(2);

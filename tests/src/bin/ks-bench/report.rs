@@ -174,7 +174,12 @@ fn throughput(md: &mut String, tp: &Value) {
         md,
         "| path | servers | test | no filter | floor program | eBPF | eBPF + guard | nftables | iptables |\n|---|---|---|---|---|---|---|---|---|"
     );
-    let rows = tp["rows"].as_array().cloned().unwrap_or_default();
+    let (slices, rows): (Vec<Value>, Vec<Value>) = tp["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .partition(|r| r["test"] == "udp64_slices");
     let mut keys: Vec<(String, u64, String)> = Vec::new();
     for r in &rows {
         let key = (
@@ -222,9 +227,76 @@ fn throughput(md: &mut String, tp: &Value) {
             cell("iptables")
         );
     }
+    udp_slices(md, tp, &slices);
     let _ = writeln!(
         md,
         "\nTargets: eBPF ≥ 0.97 of no filter (UDP 64-byte pps, median) on both paths and above nftables in the same run; TCP within noise of no filter.\n"
+    );
+}
+
+/// The UDP rows measured in interleaved slices: × no filter and × the floor program, each the
+/// median of the rounds' ratios with the middle half of the rounds.
+fn udp_slices(md: &mut String, tp: &Value, rows: &[Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nUDP 64-byte datagrams in interleaved slices: one sender per variant, each sending for {} ms in turn, {} rounds; the sender's datagrams per second (the side a filter slows). × no filter and × floor program: the median of each round's ratio, with the middle half of the rounds (q1–q3).\n",
+        tp["slice_ms"], tp["slice_rounds"]
+    );
+    let _ = writeln!(
+        md,
+        "| path | servers | no filter, pps | floor program | eBPF | eBPF + guard | nftables | iptables | eBPF × floor |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let mut keys: Vec<(String, u64)> = Vec::new();
+    for r in rows {
+        let key = (
+            r["path"].as_str().unwrap_or("?").to_owned(),
+            r["servers"].as_u64().unwrap_or(0),
+        );
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let quartiles = |q: &Value| {
+        format!(
+            "{:.3} ({:.3}–{:.3})",
+            num(&q["median"]),
+            num(&q["q1"]),
+            num(&q["q3"])
+        )
+    };
+    let mut arrived = f64::INFINITY;
+    for (path, servers) in keys {
+        let row = |variant: &str| {
+            rows.iter().find(|r| {
+                r["path"] == path.as_str() && r["servers"] == servers && r["variant"] == variant
+            })
+        };
+        let cell = |variant: &str| {
+            row(variant).map_or("–".into(), |r| quartiles(&r["vs_no_filter_quartiles"]))
+        };
+        for r in rows.iter().filter(|r| r["path"] == path.as_str()) {
+            arrived = arrived.min(num(&r["arrived"]));
+        }
+        let _ = writeln!(
+            md,
+            "| {path} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            thousands(servers),
+            row("none").map_or("–".into(), |r| spread(&r["value"], 0)),
+            cell("floor"),
+            cell("ebpf"),
+            cell("ebpf+guard"),
+            cell("nftables"),
+            cell("iptables"),
+            row("ebpf").map_or("–".into(), |r| quartiles(&r["vs_floor_quartiles"])),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nOf the datagrams sent, at least {:.1} % arrived at the receiver in every variant and row.",
+        arrived * 100.0
     );
 }
 

@@ -24,7 +24,7 @@ use testbed::{
     Cgroup, Netns, PinRoot,
 };
 
-use crate::{median, progress, server, stats, timed, Options};
+use crate::{median, progress, server, slices, stats, timed, Options};
 
 /// `ebpf+guard`: the eBPF backend with the uplink guard on `up0` too (the tunnel has none).
 const VARIANTS: [&str; 6] = [
@@ -42,6 +42,9 @@ struct Sizes {
     rounds: usize,
     seconds: &'static str,
     servers: &'static [u32],
+    /// UDP in interleaved slices ([`crate::slices`]): rounds, and ms per slice.
+    slice_rounds: usize,
+    slice_ms: u64,
 }
 
 fn sizes(options: Options) -> Sizes {
@@ -50,12 +53,16 @@ fn sizes(options: Options) -> Sizes {
             rounds: 1,
             seconds: "1",
             servers: &[1],
+            slice_rounds: 5,
+            slice_ms: 20,
         }
     } else {
         Sizes {
             rounds: 7,
             seconds: "1",
             servers: &[1, 1_000, 100_000],
+            slice_rounds: 100,
+            slice_ms: 20,
         }
     }
 }
@@ -265,10 +272,19 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     // The sender on one CPU, the receiver on another, in every run: left to the scheduler,
     // they sometimes shared one and sometimes not, and runs of the same filter were 1.3x apart.
-    let affinity = match crate::cpus()[..] {
-        [receiver, .., sender] => format!("{sender},{receiver}"),
-        _ => String::new(),
+    let cpus = match crate::cpus()[..] {
+        [receiver, .., sender] => Some((sender, receiver)),
+        _ => None,
     };
+    let affinity = cpus.map_or(String::new(), |(s, r)| format!("{s},{r}"));
+    let places: Vec<slices::Place> = sides
+        .iter()
+        .map(|side| slices::Place {
+            client: &side.client,
+            cgroup: &side.cgroup,
+            server: &side._server,
+        })
+        .collect();
     let mut rows = Vec::new();
     for &count in sizes.servers {
         let config = config(dir, count)?;
@@ -312,6 +328,37 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
                     }));
                 }
             }
+            progress(&format!(
+                "throughput: {count} servers, {path} path, UDP 64-byte in {} rounds of {} ms slices",
+                sizes.slice_rounds, sizes.slice_ms
+            ));
+            let to = std::net::SocketAddr::new(target.parse()?, PORT);
+            let measured = slices::measure(
+                &places,
+                to,
+                sizes.slice_rounds,
+                sizes.slice_ms,
+                cpus.unwrap_or((0, 0)),
+            )?;
+            // Each round's ratio to the no-filter slice and to the floor program's slice
+            // (`VARIANTS`: no filter first, the floor second).
+            let ratios_to = |of: &[f64], to: &[f64]| -> Vec<f64> {
+                of.iter().zip(to).map(|(v, n)| v / n).collect()
+            };
+            for (side, measured_side) in sides.iter().zip(&measured) {
+                let ratios = ratios_to(&measured_side.rates, &measured[0].rates);
+                let to_floor = ratios_to(&measured_side.rates, &measured[1].rates);
+                rows.push(json!({
+                    "variant": side.variant, "path": path, "servers": count,
+                    "test": "udp64_slices",
+                    "value": stats(&measured_side.rates),
+                    "vs_no_filter": median(&ratios),
+                    "vs_no_filter_rounds": stats(&ratios),
+                    "vs_no_filter_quartiles": quartiles(&ratios),
+                    "vs_floor_quartiles": quartiles(&to_floor),
+                    "arrived": measured_side.arrived,
+                }));
+            }
         }
     }
     for side in &sides {
@@ -327,6 +374,18 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     }
     Ok(json!({
         "rounds": sizes.rounds, "seconds_per_run": sizes.seconds, "servers": sizes.servers,
+        "slice_rounds": sizes.slice_rounds, "slice_ms": sizes.slice_ms,
         "rows": rows,
     }))
+}
+
+/// The quartiles of `values`: how far the middle half of the rounds spread.
+fn quartiles(values: &[f64]) -> Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let last = sorted.len().saturating_sub(1) as f64;
+        sorted.get((last * q).round() as usize).copied()
+    };
+    json!({ "q1": at(0.25), "median": median(&sorted), "q3": at(0.75) })
 }
