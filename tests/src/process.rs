@@ -8,7 +8,8 @@ use std::{
 
 use crate::{Cgroup, Netns};
 
-/// Every command started here is killed after this many seconds.
+/// Every command started here is killed after this many seconds (unless started with
+/// [`command_in_for`]).
 pub const COMMAND_TIMEOUT_SECS: &str = "20";
 
 /// A command that joins `cgroup` (before entering the namespace: `ip netns exec` would hide
@@ -173,16 +174,31 @@ pub fn killswitch_ok(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str]) ->
 pub struct Background {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Only for [`Background::start_spoken`].
+    stdin: Option<std::process::ChildStdin>,
 }
 
 impl Background {
-    pub fn start(mut cmd: Command) -> Background {
+    pub fn start(cmd: Command) -> Background {
+        Background::started(cmd, false)
+    }
+
+    /// [`Background::start`], with a pipe to the command's stdin for [`Background::say`].
+    pub fn start_spoken(cmd: Command) -> Background {
+        Background::started(cmd, true)
+    }
+
+    fn started(mut cmd: Command, spoken: bool) -> Background {
         use std::{io::BufRead, os::unix::process::CommandExt};
+        if spoken {
+            cmd.stdin(std::process::Stdio::piped());
+        }
         let mut child = cmd
             .process_group(0)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("cannot start a background command");
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let (send, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -195,7 +211,24 @@ impl Background {
                 }
             }
         });
-        Background { child, lines }
+        Background {
+            child,
+            lines,
+            stdin,
+        }
+    }
+
+    /// Writes `line` to the command's stdin (started with [`Background::start_spoken`]).
+    pub fn say(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()
+    }
+
+    /// Closes the command's stdin: end of input.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
     }
 
     /// The next line of output, or `None` after `timeout`.

@@ -93,6 +93,7 @@ impl Kernel {
             interfaces::netns_cookie().unwrap(),
             &servers,
             &[],
+            Vec::new(),
         );
         let pins = PinRoot::new();
         let programs = Programs::load(&pins.path).expect("programs load and verify");
@@ -143,6 +144,7 @@ impl Kernel {
             interfaces::netns_cookie().unwrap() ^ other,
             &servers,
             &clients,
+            Vec::new(),
         );
         self.maps.write(&entries).unwrap();
         self.client_listed = !clients.is_empty();
@@ -1621,6 +1623,7 @@ fn an_update_that_overflows_applies_and_one_that_fails_leaves_the_old_policy() {
         interfaces::netns_cookie().unwrap(),
         &[],
         &[],
+        Vec::new(),
     );
     entries.inbound = (0..=killswitch_common::MAX_ADDRESSES)
         .map(|i| killswitch_common::InboundKey::new([0; 16], i as u16 + 1))

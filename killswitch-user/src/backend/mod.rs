@@ -118,8 +118,8 @@ fn with_ebpf(
             interfaces::netns_cookie()?,
             &servers.endpoints(),
             &crate::vpn_client::current(policy),
-        )
-        .guard(interfaces::guarded(&list, policy));
+            interfaces::guarded(&list, policy),
+        );
         entries.server_names = servers.record_of_names();
         Ok(entries)
     };

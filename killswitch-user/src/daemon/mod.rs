@@ -194,8 +194,8 @@ impl Daemon {
             self.netns_cookie,
             &self.servers.endpoints(),
             &vpn_client::current(&self.policy),
-        )
-        .guard(interfaces::guarded(&list, &self.policy));
+            interfaces::guarded(&list, &self.policy),
+        );
         entries.server_names = self.servers.record_of_names();
         Ok(entries)
     }
@@ -330,8 +330,8 @@ impl Daemon {
                 return Ok(None);
             }
             let list = interfaces::list()?;
-            let entries = InterfaceEntries::new(&self.policy, &list, self.netns_cookie)
-                .guard(interfaces::guarded(&list, &self.policy));
+            let guarded = interfaces::guarded(&list, &self.policy);
+            let entries = InterfaceEntries::new(&self.policy, &list, self.netns_cookie, guarded);
             self.maps()?.write_interfaces(&entries)?;
             if self.policy.guarded() {
                 ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;

@@ -40,14 +40,21 @@ pub struct InterfaceEntries {
     /// Interface key -> name, for messages.
     pub tunnels: BTreeMap<InterfaceKey, String>,
     pub uplinks: BTreeMap<InterfaceKey, String>,
-    /// The devices the uplink guard watches (see [`InterfaceEntries::guard`]).
+    /// The devices the uplink guard watches ([`interfaces::guarded`]).
     pub guarded: super::guard::Guarded,
 }
 
 impl InterfaceEntries {
     /// The tunnels and uplinks of `policy` among `interfaces`, in the namespace whose cookie
-    /// is `netns_cookie`; no guarded devices yet.
-    pub fn new(policy: &Policy, interfaces: &[Interface], netns_cookie: u64) -> InterfaceEntries {
+    /// is `netns_cookie`, and the devices the guard is to watch now (`guarded`, from
+    /// [`interfaces::guarded`]; none without the guard). Asked for, so that no caller forgets
+    /// them: a device missing from the guard's map passes nothing.
+    pub fn new(
+        policy: &Policy,
+        interfaces: &[Interface],
+        netns_cookie: u64,
+        guarded: Vec<(Interface, u8)>,
+    ) -> InterfaceEntries {
         let keyed = |found: Vec<Interface>| {
             found
                 .into_iter()
@@ -63,30 +70,25 @@ impl InterfaceEntries {
                     .map(|u| interfaces::matching(interfaces, u))
                     .unwrap_or_default(),
             ),
-            guarded: Default::default(),
+            guarded: guarded
+                .into_iter()
+                .map(|(i, header)| (i.index, (i.name, header)))
+                .collect(),
         }
-    }
-
-    /// With the devices the guard is to watch now ([`interfaces::guarded`]).
-    pub fn guard(mut self, devices: Vec<(Interface, u8)>) -> InterfaceEntries {
-        self.guarded = devices
-            .into_iter()
-            .map(|(i, header)| (i.index, (i.name, header)))
-            .collect();
-        self
     }
 }
 
 impl MapEntries {
     /// The entries for `policy` given the interfaces that exist now in the namespace whose
-    /// cookie is `netns_cookie`, the resolved server endpoints and the VPN client cgroups that
-    /// exist now.
+    /// cookie is `netns_cookie`, the resolved server endpoints, the VPN client cgroups that
+    /// exist now and the devices the guard is to watch (see [`InterfaceEntries::new`]).
     pub fn new(
         policy: &Policy,
         interfaces: &[Interface],
         netns_cookie: u64,
         servers: &[ServerEndpoint],
         clients: &[ClientCgroup],
+        guarded: Vec<(Interface, u8)>,
     ) -> MapEntries {
         let mut entries = MapEntries {
             settings: Settings {
@@ -104,7 +106,7 @@ impl MapEntries {
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
             },
-            interfaces: InterfaceEntries::new(policy, interfaces, netns_cookie),
+            interfaces: InterfaceEntries::new(policy, interfaces, netns_cookie, guarded),
             servers: servers.iter().map(server_key).collect(),
             server_names: BTreeSet::new(),
             ntp_servers: policy
@@ -136,12 +138,6 @@ impl MapEntries {
         };
         entries.settings.empty_lists = entries.empty_lists();
         entries
-    }
-
-    /// With the devices the guard is to watch now ([`interfaces::guarded`]).
-    pub fn guard(mut self, devices: Vec<(Interface, u8)>) -> MapEntries {
-        self.interfaces = self.interfaces.guard(devices);
-        self
     }
 
     /// The [`Settings::empty_lists`] bits for these entries: which lists, and which kinds of

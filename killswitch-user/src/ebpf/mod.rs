@@ -718,7 +718,7 @@ pub fn switch_off(pin_dir: &Path) {
 
 /// Puts the uplink guard where `entries` wants it: with the guard on, its programs loaded
 /// (again when `reload`, or when none are pinned yet) on the maps in `map_dir` and attached to
-/// exactly `entries.guarded`; with it off, none. The switch that lets other namespaces past
+/// exactly `entries.interfaces.guarded`; with it off, none. The switch that lets other namespaces past
 /// the cgroup programs is the caller's, once this is done.
 fn run_guard(map_dir: &Path, pin_dir: &Path, entries: &MapEntries, reload: bool) -> Result<()> {
     if entries.settings.guard == 0 {

@@ -489,7 +489,8 @@ fn maps_checks(policy: &Policy, live: &MapEntries, answers: &super::Answers) -> 
     let list = interfaces::list().unwrap_or_default();
     let cookie = interfaces::netns_cookie().unwrap_or(0);
     let clients = crate::vpn_client::current(policy);
-    let plan = MapEntries::new(policy, &list, cookie, &[], &clients);
+    // The guard's devices are checked apart (`guard_check`).
+    let plan = MapEntries::new(policy, &list, cookie, &[], &clients, Vec::new());
     let named = |keys: &BTreeMap<InterfaceKey, String>| -> Vec<String> {
         keys.keys()
             .map(|k| {

@@ -6,6 +6,8 @@
 //! medians with min–max. Writes `target/bench/report.{json,md,svg}` under the current
 //! directory. `--quick`: a one-minute smoke run of the same code with fewer sizes and rounds.
 //! `--only PART` (per-packet, throughput, control, daemon): that part alone, for working on it.
+//! (`--udp-sender` and `--udp-receiver` as the first argument are the UDP slices' helpers,
+//! which this program starts itself: see `slices.rs`.)
 //!
 //! The whole run happens in a network namespace of its own, entered at the start: nothing of
 //! it touches the machine's own namespace.
@@ -33,13 +35,14 @@ const PARTS: [&str; 4] = ["per-packet", "throughput", "control", "daemon"];
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
-    let all: Vec<String> = std::env::args_os()
-        .skip(1)
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    if let Some(mode @ (slices::SENDER | slices::RECEIVER)) = all.first().map(String::as_str) {
+    let Some(first) = args.next() else {
+        eprintln!("usage: ks-bench RELEASE_KILLSWITCH [--quick] (run by `cargo xtask bench`)");
+        return ExitCode::from(2);
+    };
+    let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+    if let Some(mode @ (slices::SENDER | slices::RECEIVER)) = first.to_str() {
         // A helper of the UDP slices, started by this program itself.
-        return match slices::helper(mode, &all[1..]) {
+        return match slices::helper(mode, &args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("ks-bench {mode}: {error:#}");
@@ -47,11 +50,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let Some(release_bin) = args.next().map(PathBuf::from) else {
-        eprintln!("usage: ks-bench RELEASE_KILLSWITCH [--quick] (run by `cargo xtask bench`)");
-        return ExitCode::from(2);
-    };
-    let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+    let release_bin = PathBuf::from(first);
     let options = Options {
         quick: args.iter().any(|a| a == "--quick"),
     };

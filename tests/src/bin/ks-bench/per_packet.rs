@@ -138,6 +138,7 @@ impl Bench {
             interfaces::netns_cookie()?,
             &servers,
             &[],
+            Vec::new(),
         );
         let pins = PinRoot::new();
         let programs = Programs::load(&pins.path)?;

@@ -76,7 +76,7 @@ struct Side {
     /// The floor program, attached both ways while this lives.
     _floor: Option<Ebpf>,
     _iperf: Vec<Background>,
-    _server: Netns,
+    server: Netns,
 }
 
 impl Side {
@@ -121,7 +121,7 @@ impl Side {
             pins,
             _floor: floor,
             _iperf: iperf,
-            _server: server,
+            server,
         }
     }
 
@@ -282,7 +282,7 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
         .map(|side| slices::Place {
             client: &side.client,
             cgroup: &side.cgroup,
-            server: &side._server,
+            server: &side.server,
         })
         .collect();
     let mut rows = Vec::new();
@@ -309,16 +309,11 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
                         into.push(side.iperf(target, udp, sizes.seconds, &affinity)?);
                     }
                 }
-                let unfiltered = &values[0];
+                let unfiltered = &values[variant("none")];
                 for (side, measured) in sides.iter().zip(&values) {
                     // Each round's runs follow one another within seconds, so the round's ratio
                     // leaves out how fast the machine was in that round.
-                    let ratios: Vec<f64> = measured
-                        .iter()
-                        .zip(unfiltered)
-                        .filter(|&(_, &n)| n > 0.0)
-                        .map(|(v, n)| v / n)
-                        .collect();
+                    let ratios = per_round(measured, unfiltered);
                     rows.push(json!({
                         "variant": side.variant, "path": path, "servers": count,
                         "test": if udp { "udp64_pps" } else { "tcp_gbits" },
@@ -333,21 +328,13 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
                 sizes.slice_rounds, sizes.slice_ms
             ));
             let to = std::net::SocketAddr::new(target.parse()?, PORT);
-            let measured = slices::measure(
-                &places,
-                to,
-                sizes.slice_rounds,
-                sizes.slice_ms,
-                cpus.unwrap_or((0, 0)),
-            )?;
-            // Each round's ratio to the no-filter slice and to the floor program's slice
-            // (`VARIANTS`: no filter first, the floor second).
-            let ratios_to = |of: &[f64], to: &[f64]| -> Vec<f64> {
-                of.iter().zip(to).map(|(v, n)| v / n).collect()
-            };
+            let measured = slices::measure(&places, to, sizes.slice_rounds, sizes.slice_ms, cpus)?;
+            // Each round's ratio to the no-filter slice and to the floor program's slice.
+            let unfiltered = &measured[variant("none")].rates;
+            let floor = &measured[variant("floor")].rates;
             for (side, measured_side) in sides.iter().zip(&measured) {
-                let ratios = ratios_to(&measured_side.rates, &measured[0].rates);
-                let to_floor = ratios_to(&measured_side.rates, &measured[1].rates);
+                let ratios = per_round(&measured_side.rates, unfiltered);
+                let to_floor = per_round(&measured_side.rates, floor);
                 rows.push(json!({
                     "variant": side.variant, "path": path, "servers": count,
                     "test": "udp64_slices",
@@ -379,13 +366,35 @@ fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     }))
 }
 
-/// The quartiles of `values`: how far the middle half of the rounds spread.
+/// Where `name` is in [`VARIANTS`] (and so in every per-variant list here).
+fn variant(name: &str) -> usize {
+    VARIANTS
+        .iter()
+        .position(|v| *v == name)
+        .expect("a variant of VARIANTS")
+}
+
+/// Each round's ratio of `measured` to `baseline` (rounds where the baseline got nothing left
+/// out).
+fn per_round(measured: &[f64], baseline: &[f64]) -> Vec<f64> {
+    measured
+        .iter()
+        .zip(baseline)
+        .filter(|&(_, &n)| n > 0.0)
+        .map(|(v, n)| v / n)
+        .collect()
+}
+
+/// The quartiles of `values` (linear between ranks, as the median is): how far the middle half
+/// of the rounds spread.
 fn quartiles(values: &[f64]) -> Value {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let at = |q: f64| {
-        let last = sorted.len().saturating_sub(1) as f64;
-        sorted.get((last * q).round() as usize).copied()
+        let h = sorted.len().saturating_sub(1) as f64 * q;
+        let (low, high) = (h.floor() as usize, h.ceil() as usize);
+        let (a, b) = (sorted.get(low)?, sorted.get(high)?);
+        Some(a + (b - a) * (h - h.floor()))
     };
-    json!({ "q1": at(0.25), "median": median(&sorted), "q3": at(0.75) })
+    json!({ "q1": at(0.25), "median": at(0.5), "q3": at(0.75) })
 }
