@@ -133,6 +133,14 @@ pub struct Settings {
     /// once the host forwards it.
     pub guard: u32,
     pub _pad: u32,
+    /// Bit [`tunnel_bit`]`(ifindex)` set: no `TUNNELS` entry has an ifindex with that bit, so
+    /// the programs skip the lookup (most packets leave by an uplink, not a tunnel). Set means
+    /// free, so that 0 looks everything up. A bit set where a tunnel is held would judge the
+    /// tunnel's packets as an uplink's, so writers clear bits before adding tunnels and set
+    /// them after removing. A field of its own, not the padding above, on purpose: Settings
+    /// grew to 72 bytes, so an older build (one that would add a tunnel without clearing its
+    /// bit) cannot open the map.
+    pub tunnel_free: u64,
     /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
     /// interfaces, never on a container's.
     pub netns_cookie: u64,
@@ -140,6 +148,11 @@ pub struct Settings {
     pub event_interval_ns: u64,
     /// ...with bursts of up to this many nanoseconds' worth of events (`burst × interval`).
     pub event_burst_ns: u64,
+}
+
+/// The bit of [`Settings::tunnel_free`] an interface with this ifindex shares.
+pub const fn tunnel_bit(ifindex: u32) -> u64 {
+    1 << (ifindex % 64)
 }
 
 /// Bits of [`Settings::empty_lists`]: lists (and kinds of server key).

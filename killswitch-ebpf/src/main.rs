@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::{sk_buff::SkBuff, SkBuffContext},
 };
 use killswitch_common::{
-    lists, Direction, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey, Settings,
-    ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    lists, tunnel_bit, Direction, InboundKey, InterfaceKey, NamedServerKey, Reason, ServerKey,
+    Settings, ANY_PORT, ANY_PROTOCOL, COUNTER_ENTRIES, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     LOCKDOWN_REASON_BYTES, LOOPBACK_IFINDEX, MAX_ADDRESSES, MAX_INTERFACES, MAX_PREFIXES,
     MAX_SERVERS, MAX_VPN_CLIENTS, MAX_VPN_CLIENT_LEVEL,
 };
@@ -238,7 +238,8 @@ fn classify<N: NetnsSource>(
     {
         return Some(Reason::OtherNamespace);
     }
-    if TUNNELS.get_ptr(&interface).is_some() {
+    // Most packets leave by an uplink: its ifindex's bit says no tunnel could match.
+    if settings.tunnel_free & tunnel_bit(ifindex) == 0 && TUNNELS.get_ptr(&interface).is_some() {
         return Some(match direction {
             Direction::Egress => Reason::Tunnel,
             Direction::Ingress => tunnel_ingress(
@@ -604,6 +605,7 @@ fn settings() -> Settings {
         empty_lists: 0,
         guard: 0,
         _pad: 0,
+        tunnel_free: 0,
         netns_cookie: 0,
         event_interval_ns: killswitch_common::EVENT_INTERVAL_NS,
         event_burst_ns: killswitch_common::EVENT_BURST_NS,

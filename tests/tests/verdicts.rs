@@ -1642,10 +1642,10 @@ fn an_update_that_overflows_applies_and_one_that_fails_leaves_the_old_policy() {
     );
 }
 
-/// Updates swap two policies 200 times while another thread keeps running `frame` on the
-/// interface called `dev` through programs on the same pinned maps. Neither policy allows the
-/// frame, so no moment of any update may. Returns how many runs happened.
-fn no_update_allows(policies: [&str; 2], frame: Vec<u8>, dev: &str) -> u64 {
+/// Updates swap two policies 200 times while another thread keeps running `frame` in
+/// `direction` on the interface called `dev` through programs on the same pinned maps. Neither
+/// policy allows the frame, so no moment of any update may. Returns how many runs happened.
+fn no_update_allows(policies: [&str; 2], direction: Direction, frame: Vec<u8>, dev: &str) -> u64 {
     use std::sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -1674,7 +1674,7 @@ fn no_update_allows(policies: [&str; 2], frame: Vec<u8>, dev: &str) -> u64 {
                     ctx_in: Some(&ctx),
                     ..Default::default()
                 };
-                let result = programs.program(Direction::Egress).test_run(opts).unwrap();
+                let result = programs.program(direction).test_run(opts).unwrap();
                 runs += 1;
                 allowed += u64::from(result.return_value == 1);
             }
@@ -1710,6 +1710,7 @@ fn an_update_of_settings_never_allows_what_neither_policy_allows() {
             "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n",
             "tunnels = [\"tun0\"]\n[dhcp]\nenabled = false\n[lan]\ndns = true\n",
         ],
+        Direction::Egress,
         v4(UDP, ME4, "10.0.0.53", &transport(UDP, 40000, 53)),
         "up0",
     );
@@ -1725,8 +1726,27 @@ fn an_update_of_uplinks_never_allows_what_neither_policy_allows() {
             "tunnels = [\"tun0\"]\nuplinks = [\"up0\"]\n[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n",
             "tunnels = [\"tun0\"]\nuplinks = [\"other0\"]\n[dhcp]\nenabled = false\n",
         ],
+        Direction::Egress,
         v4(UDP, ME4, "10.0.0.80", &transport(UDP, 40000, 80)),
         "other0",
+    );
+}
+
+/// A tunnel stays while another comes and goes: its `tunnel_free` bit must stay clear
+/// throughout, or its packets are judged as an uplink's and an unsolicited SYN from a LAN
+/// address passes the LAN rule. Both policies refuse it on tun0.
+#[test]
+fn an_update_of_tunnels_never_judges_a_kept_tunnel_as_an_uplink() {
+    require_root!();
+    let lan = "[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n";
+    no_update_allows(
+        [
+            &format!("tunnels = [\"tun0\"]\n{lan}"),
+            &format!("tunnels = [\"tun0\", \"other0\"]\n{lan}"),
+        ],
+        Direction::Ingress,
+        tcp_in4("10.0.0.80", 40000, 22, 0x02),
+        "tun0",
     );
 }
 

@@ -214,6 +214,40 @@ fn ebpf_scope_passes_and_each_change_behind_its_back_fails_its_check() {
     s.up("ebpf");
     assert!(s.verify().0, "up writes it back");
 
+    // Every tunnel bit set free by hand: tun0's packets would be judged as an uplink's.
+    let settings = s.pin_dir().join("SETTINGS");
+    let settings = settings.to_str().unwrap();
+    let key = ["key", "hex", "00", "00", "00", "00"];
+    let found: Value = serde_json::from_str(&run(
+        "bpftool",
+        &[&["-j", "map", "lookup", "pinned", settings][..], &key].concat(),
+    ))
+    .expect("bpftool JSON");
+    let mut value: Vec<String> = found["value"]
+        .as_array()
+        .expect("the value's bytes")
+        .iter()
+        .map(|b| b.as_str().unwrap().trim_start_matches("0x").to_owned())
+        .collect();
+    let free = std::mem::offset_of!(killswitch_common::Settings, tunnel_free);
+    value[free..free + 8].fill("ff".to_owned());
+    let value: Vec<&str> = value.iter().map(String::as_str).collect();
+    bpftool(
+        &[
+            &["map", "update", "pinned", settings][..],
+            &key,
+            &["value", "hex"],
+            &value,
+        ]
+        .concat(),
+    );
+    let (ok, json) = s.verify();
+    assert!(!ok);
+    assert_fails(&json, "lists");
+    assert!(json.to_string().contains("tunnel-free"), "{json:#}");
+    s.up("ebpf");
+    assert!(s.verify().0, "up writes the bits back");
+
     // The tunnel made again: a new ifindex, and no daemon to follow it.
     s.net.remove_tunnel();
     s.net.add_tunnel();

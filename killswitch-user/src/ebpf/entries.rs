@@ -6,8 +6,8 @@ use std::{
 };
 
 use killswitch_common::{
-    ipv4_mapped, lists, InboundKey, InterfaceKey, NamedServerKey, ServerKey, Settings, ANY_PORT,
-    ANY_PROTOCOL, EVENT_BURST_NS, EVENT_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_mapped, lists, tunnel_bit, InboundKey, InterfaceKey, NamedServerKey, ServerKey, Settings,
+    ANY_PORT, ANY_PROTOCOL, EVENT_BURST_NS, EVENT_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -45,6 +45,13 @@ pub struct InterfaceEntries {
 }
 
 impl InterfaceEntries {
+    /// The [`Settings::tunnel_free`] bits for these tunnels: every bit no tunnel's ifindex has.
+    pub fn tunnel_free(&self) -> u64 {
+        self.tunnels
+            .keys()
+            .fold(u64::MAX, |free, key| free & !tunnel_bit(key.ifindex))
+    }
+
     /// The tunnels and uplinks of `policy` among `interfaces`, in the namespace whose cookie
     /// is `netns_cookie`, and the devices the guard is to watch now (`guarded`, from
     /// [`interfaces::guarded`]; none without the guard). Asked for, so that no caller forgets
@@ -102,6 +109,7 @@ impl MapEntries {
                 empty_lists: 0,
                 guard: u32::from(policy.guarded()),
                 _pad: 0,
+                tunnel_free: 0,
                 netns_cookie,
                 event_interval_ns: EVENT_INTERVAL_NS,
                 event_burst_ns: EVENT_BURST_NS,
@@ -137,6 +145,7 @@ impl MapEntries {
             vpn_clients: clients.iter().map(|c| c.id).collect(),
         };
         entries.settings.empty_lists = entries.empty_lists();
+        entries.settings.tunnel_free = entries.interfaces.tunnel_free();
         entries
     }
 
@@ -249,5 +258,24 @@ mod tests {
         let key = server_key(&endpoint);
         assert_eq!(&key.addr[10..], &[0xff, 0xff, 198, 51, 100, 1]);
         assert_eq!((key.port, key.protocol), (ANY_PORT, ANY_PROTOCOL));
+    }
+
+    #[test]
+    fn a_tunnels_ifindex_is_never_free() {
+        // 3 and 67 share a bit; 64 wraps to bit 0; the second namespace's tunnel counts too.
+        let tunnels = [(1, 3), (1, 67), (1, 64), (2, 130)];
+        let entries = InterfaceEntries {
+            tunnels: tunnels
+                .iter()
+                .map(|&(cookie, ifindex)| (InterfaceKey::new(cookie, ifindex), String::new()))
+                .collect(),
+            ..Default::default()
+        };
+        let free = entries.tunnel_free();
+        for (_, ifindex) in tunnels {
+            assert_eq!(free & tunnel_bit(ifindex), 0, "ifindex {ifindex}");
+        }
+        assert_eq!(free, !0b1101);
+        assert_eq!(InterfaceEntries::default().tunnel_free(), u64::MAX);
     }
 }

@@ -134,6 +134,8 @@ fn strictest(a: &Settings, b: &Settings) -> Settings {
         // Lookups for every list either holds: while the lists change, each entry present is
         // looked up (a missing bit would drop what an entry allows; a spare one costs a lookup).
         empty_lists: a.empty_lists & b.empty_lists,
+        // Likewise every tunnel either holds is looked up.
+        tunnel_free: a.tunnel_free & b.tunnel_free,
         ..*b
     }
 }
@@ -224,6 +226,7 @@ impl PinnedMaps {
         // The list bits follow what is written, whoever built the entries.
         let settings = Settings {
             empty_lists: entries.empty_lists(),
+            tunnel_free: entries.interfaces.tunnel_free(),
             ..entries.settings
         };
         self.set_settings(&strictest(&old, &settings))?;
@@ -377,9 +380,14 @@ impl PinnedMaps {
         self.sync_tunnels(entries)
     }
 
-    /// Makes the tunnel map match `entries` and notes the time when that changed it.
+    /// Makes the tunnel map match `entries` and notes the time when that changed it. The new
+    /// tunnels' bits are cleared before they land and the gone ones' set after they went, so
+    /// no program skips the lookup of a tunnel the map holds.
     fn sync_tunnels(&mut self, entries: &InterfaceEntries) -> Result<()> {
+        let free = entries.tunnel_free();
+        self.set_tunnel_free(|held| held & free)?;
         let changed = sync(&mut self.tunnels, entries.tunnels.keys().copied(), TUNNELS)?;
+        self.set_tunnel_free(|_| free)?;
         // Only for `status`: its failure must not fail (and roll back) a policy update.
         if let (true, Some(map)) = (changed, self.tunnels_changed.as_mut()) {
             let now = std::time::SystemTime::now()
@@ -390,6 +398,19 @@ impl PinnedMaps {
             }
         }
         Ok(())
+    }
+
+    /// Writes the settings with `tunnel_free` changed by `change`, if that changes it.
+    fn set_tunnel_free(&mut self, change: impl FnOnce(u64) -> u64) -> Result<()> {
+        let settings = self.settings()?;
+        let tunnel_free = change(settings.tunnel_free);
+        if tunnel_free == settings.tunnel_free {
+            return Ok(());
+        }
+        self.set_settings(&Settings {
+            tunnel_free,
+            ..settings
+        })
     }
 
     /// When the tunnel entries last changed; `None` if never (or before this record existed).
@@ -712,5 +733,28 @@ fn apply_difference<K: Ord + Copy>(
     } else {
         insert(&adding)?;
         remove(&removing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn while_settings_change_every_list_and_tunnel_either_holds_is_looked_up() {
+        let a = Settings {
+            empty_lists: lists::NTP | lists::LAN,
+            tunnel_free: !0b0110,
+            ..Default::default()
+        };
+        let b = Settings {
+            empty_lists: lists::LAN | lists::DNS,
+            tunnel_free: !0b1010,
+            ..Default::default()
+        };
+        let both = strictest(&a, &b);
+        assert_eq!(both.empty_lists, lists::LAN);
+        assert_eq!(both.tunnel_free, !0b1110);
+        assert_eq!(strictest(&b, &a).tunnel_free, both.tunnel_free);
     }
 }

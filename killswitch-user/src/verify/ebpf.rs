@@ -645,6 +645,8 @@ fn lists_check(live: &MapEntries, plan: &MapEntries) -> Check {
     // maps hold (a missing bit skips the lookups of entries present).
     settings.vpn_client_levels = plan.settings.vpn_client_levels;
     settings.empty_lists = plan.settings.empty_lists;
+    // The tunnel bits follow the tunnels, checked against what the maps hold just below.
+    settings.tunnel_free = plan.settings.tunnel_free;
     if settings != plan.settings {
         problems.push(format!(
             "settings are {:?}, planned {:?}",
@@ -656,6 +658,14 @@ fn lists_check(live: &MapEntries, plan: &MapEntries) -> Check {
             "the empty-list bits are {:#x}, the lists say {:#x}",
             live.settings.empty_lists,
             live.empty_lists()
+        ));
+    }
+    // A free bit where a tunnel is held judges that tunnel's packets as an uplink's.
+    if live.settings.tunnel_free != live.interfaces.tunnel_free() {
+        problems.push(format!(
+            "the tunnel-free bits are {:#x}, the tunnels held say {:#x}",
+            live.settings.tunnel_free,
+            live.interfaces.tunnel_free()
         ));
     }
     let addresses = |set: &BTreeSet<[u8; 16]>| -> Vec<String> {
