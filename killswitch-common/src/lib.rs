@@ -137,9 +137,9 @@ pub struct Settings {
     /// the programs skip the lookup (most packets leave by an uplink, not a tunnel). Set means
     /// free, so that 0 looks everything up. A bit set where a tunnel is held would judge the
     /// tunnel's packets as an uplink's, so writers clear bits before adding tunnels and set
-    /// them after removing. A field of its own, not the padding above, on purpose: Settings
-    /// grew to 72 bytes, so an older build (one that would add a tunnel without clearing its
-    /// bit) cannot open the map.
+    /// them after removing. The field made Settings grow from 64 to 72 bytes, which matters:
+    /// an older build (one that would add a tunnel without clearing its bit) cannot open a map
+    /// of another value size.
     pub tunnel_free: u64,
     /// The scope's own network namespace (where `up` ran): DHCP is allowed only on its
     /// interfaces, never on a container's.
@@ -149,6 +149,10 @@ pub struct Settings {
     /// ...with bursts of up to this many nanoseconds' worth of events (`burst × interval`).
     pub event_burst_ns: u64,
 }
+
+// Older builds' Settings are 64 bytes: they must not be able to open this map (see
+// `tunnel_free`).
+const _: () = assert!(core::mem::size_of::<Settings>() == 72);
 
 /// The bit of [`Settings::tunnel_free`] an interface with this ifindex shares.
 pub const fn tunnel_bit(ifindex: u32) -> u64 {

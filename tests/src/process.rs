@@ -9,13 +9,22 @@ use std::{
 use crate::{Cgroup, Netns};
 
 /// Every command started here is killed after this many seconds (unless started with
-/// [`command_in_for`]).
-pub const COMMAND_TIMEOUT_SECS: &str = "20";
+/// [`command_in_for`]): 20, or `KILLSWITCH_TEST_TIMEOUT` (the Debian kernels' guests, where
+/// an `up` under emulation takes seconds).
+pub fn command_timeout() -> &'static str {
+    static SECONDS: OnceLock<String> = OnceLock::new();
+    SECONDS.get_or_init(|| {
+        std::env::var("KILLSWITCH_TEST_TIMEOUT")
+            .ok()
+            .filter(|s| s.parse::<u32>().is_ok_and(|n| n > 0))
+            .unwrap_or_else(|| "20".to_owned())
+    })
+}
 
 /// A command that joins `cgroup` (before entering the namespace: `ip netns exec` would hide
 /// /sys/fs/cgroup), then enters only the network namespace of `netns`.
 pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
-    command_in_for(netns, cgroup, COMMAND_TIMEOUT_SECS, program, args)
+    command_in_for(netns, cgroup, command_timeout(), program, args)
 }
 
 /// [`command_in`], killed after `seconds` instead: for a benchmark's long-lived helper.
@@ -117,7 +126,7 @@ pub fn killswitch_command(netns: &Netns, pin_root: &crate::PinRoot, args: &[&str
     cmd.arg(format!("--net={}", netns.path().display()))
         .arg("--")
         .arg("timeout")
-        .arg(COMMAND_TIMEOUT_SECS)
+        .arg(command_timeout())
         .arg(killswitch_bin())
         .args(args)
         .env("KILLSWITCH_PIN_ROOT", &pin_root.path)

@@ -367,7 +367,7 @@ fn dhcp_exchange_through_the_guard(backend: &'static str) {
     write(false);
     ks(&lab, &["up", "--backend", backend]);
     lab.start_capture();
-    let refused = !lease(&lab, "2");
+    let refused = !lease(&lab, 2);
     let seen = lab.stop_capture("udp and port 67");
     assert!(refused, "a lease with DHCP not allowed");
     assert!(seen.is_empty(), "DHCP reached the router: {seen:#?}");
@@ -381,11 +381,12 @@ fn dhcp_exchange_through_the_guard(backend: &'static str) {
 
 /// Tries of a DHCP client that should get its lease: udhcpd starts in the background, and under
 /// CI's load two tries a second apart once came too early.
-const LEASE_TRIES: &str = "5";
+const LEASE_TRIES: u32 = 5;
 
 /// A DHCP exchange by busybox udhcpc on the client's uplink: discover and request at most
 /// `tries` times each, a second apart; no script, so c0 keeps its address.
-fn lease(lab: &Lab, tries: &str) -> bool {
+fn lease(lab: &Lab, tries: u32) -> bool {
+    let tries = tries.to_string();
     output_in(
         &lab.client,
         None,
@@ -398,7 +399,7 @@ fn lease(lab: &Lab, tries: &str) -> bool {
             "-q",
             "-n",
             "-t",
-            tries,
+            &tries,
             "-T",
             "1",
             "-s",

@@ -1646,11 +1646,21 @@ fn an_update_that_overflows_applies_and_one_that_fails_leaves_the_old_policy() {
 /// `direction` on the interface called `dev` through programs on the same pinned maps. Neither
 /// policy allows the frame, so no moment of any update may. Returns how many runs happened.
 fn no_update_allows(policies: [&str; 2], direction: Direction, frame: Vec<u8>, dev: &str) -> u64 {
+    no_update_allows_on(Kernel::load(policies[0]), policies, direction, frame, dev)
+}
+
+/// [`no_update_allows`] on programs loaded with `policies[0]`.
+fn no_update_allows_on(
+    mut k: Kernel,
+    policies: [&str; 2],
+    direction: Direction,
+    frame: Vec<u8>,
+    dev: &str,
+) -> u64 {
     use std::sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     };
-    let mut k = Kernel::load(policies[0]);
     let policies = policies.map(|text| Policy::from_toml(text, Path::new("test.toml")).unwrap());
     let (stop, ready) = (
         Arc::new(AtomicBool::new(false)),
@@ -1732,22 +1742,24 @@ fn an_update_of_uplinks_never_allows_what_neither_policy_allows() {
     );
 }
 
-/// A tunnel stays while another comes and goes: its `tunnel_free` bit must stay clear
-/// throughout, or its packets are judged as an uplink's and an unsolicited SYN from a LAN
-/// address passes the LAN rule. Both policies refuse it on tun0.
+/// A tunnel stays while another that shares its `tunnel_free` bit (ifindex + 64) comes and
+/// goes: the bit must stay clear throughout, or tun0's packets are judged as an uplink's and
+/// an unsolicited SYN from a LAN address passes the LAN rule. Both policies refuse it on tun0.
 #[test]
 fn an_update_of_tunnels_never_judges_a_kept_tunnel_as_an_uplink() {
     require_root!();
     let lan = "[dhcp]\nenabled = false\n[lan]\nnetworks = [\"10.0.0.0/8\"]\n";
-    no_update_allows(
-        [
-            &format!("tunnels = [\"tun0\"]\n{lan}"),
-            &format!("tunnels = [\"tun0\", \"other0\"]\n{lan}"),
-        ],
-        Direction::Ingress,
-        tcp_in4("10.0.0.80", 40000, 22, 0x02),
-        "tun0",
+    let (kept, both) = (
+        format!("tunnels = [\"tun0\"]\n{lan}"),
+        format!("tunnels = [\"tun0\", \"far0\"]\n{lan}"),
     );
+    let k = Kernel::load(&kept);
+    let far = (k.tun0 + 64).to_string();
+    k._netns.ip(&[
+        "link", "add", "far0", "index", &far, "type", "veth", "peer", "name", "far0p",
+    ]);
+    let frame = tcp_in4("10.0.0.80", 40000, 22, 0x02);
+    no_update_allows_on(k, [&kept, &both], Direction::Ingress, frame, "tun0");
 }
 
 mod property {

@@ -329,14 +329,24 @@ impl Daemon {
             if self.config_changed() {
                 return Ok(None);
             }
-            let list = interfaces::list()?;
-            let guarded = interfaces::guarded(&list, &self.policy);
-            let entries = InterfaceEntries::new(&self.policy, &list, self.netns_cookie, guarded);
-            self.maps()?.write_interfaces(&entries)?;
-            if self.policy.guarded() {
-                ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
+            let written = (|| {
+                let list = interfaces::list()?;
+                let guarded = interfaces::guarded(&list, &self.policy);
+                let entries =
+                    InterfaceEntries::new(&self.policy, &list, self.netns_cookie, guarded);
+                self.maps()?.write_interfaces(&entries)?;
+                if self.policy.guarded() {
+                    ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
+                }
+                Ok(entries)
+            })();
+            // A device may be left without its guard: other namespaces stop passing. Still
+            // under the lock: the switch rewrites the whole settings entry, and one read before
+            // a racing `up` wrote its own would put back stale bits (a held tunnel's among them).
+            if written.is_err() && self.policy.guarded() {
+                ebpf::switch_off(&pins::pin_dir(&self.scope));
             }
-            Ok(Some(entries))
+            written.map(Some)
         })();
         match result {
             // The reload writes the interfaces too.
@@ -350,13 +360,7 @@ impl Daemon {
                 );
                 self.log_tunnels(&entries.tunnels);
             }
-            Err(e) => {
-                // A device may be left without its guard: other namespaces stop passing.
-                if self.policy.guarded() {
-                    ebpf::switch_off(&pins::pin_dir(&self.scope));
-                }
-                tracing::error!("cannot follow {change:?}: {e}");
-            }
+            Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
         }
     }
 

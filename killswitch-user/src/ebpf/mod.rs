@@ -709,7 +709,8 @@ fn guard_then_switch(pin_dir: &Path, entries: &MapEntries) -> Result<()> {
     result
 }
 
-/// Other namespaces stop passing the cgroup programs (best effort: on an error path).
+/// Other namespaces stop passing the cgroup programs (best effort: on an error path). Only under
+/// the scope's lock: it rewrites the whole settings entry from what it reads.
 pub fn switch_off(pin_dir: &Path) {
     if let Ok(mut maps) = PinnedMaps::open(pin_dir) {
         let _ = maps.set_guard(false);

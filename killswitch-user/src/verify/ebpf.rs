@@ -794,6 +794,8 @@ impl Copy {
             entries.settings.vpn_client_levels = own.as_ref().map_or(0, |c| 1 << c.level);
             entries.vpn_clients = BTreeSet::new();
             let mut maps = PinnedMaps::open(self.dir.path())?;
+            // `write` derives the copy's tunnel bits from its own tunnels: wrong bits in the
+            // scope show in `lists`, not here.
             maps.write(&entries)?;
             let mut listed = false;
             let mut judge = |p: &Packet| -> Result<decisions::Judged> {
