@@ -148,26 +148,34 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
         bed.container_reaches(Duration::from_secs(5)),
         "the container did not reach the web host through the tunnel"
     );
-    if backend == "nftables" {
-        // A device that appears under the daemon gets a netdev chain too (a macvlan is wired,
-        // and one `uplinks` does not name: nothing may leave by it).
-        bed.lab
-            .client
-            .ip(&["link", "add", "mv0", "link", "c0", "type", "macvlan"]);
-        let started = Instant::now();
-        let hooked = || {
+    // A device that appears under the daemon gets its guard too (a macvlan is wired, and one
+    // `uplinks` does not name: nothing may leave by it), even while the config file has a
+    // typo: the reload the link event starts is refused, and the policy in force guards it.
+    let valid = std::fs::read_to_string(&bed.config).unwrap();
+    write_config(&bed.config, &format!("bogus = 1\n{valid}"));
+    bed.lab
+        .client
+        .ip(&["link", "add", "mv0", "link", "c0", "type", "macvlan"]);
+    let started = Instant::now();
+    let hooked = || {
+        if backend == "nftables" {
             let chains = nft_in(&bed.lab.client, &["list chains netdev"]);
-            String::from_utf8_lossy(&chains.stdout).contains("mv0")
-        };
-        while !hooked() {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the daemon did not hook the new device: {}",
-                bed.lab.log("daemon.log")
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            return String::from_utf8_lossy(&chains.stdout).contains("mv0");
         }
+        let status = bed.killswitch(&["status"]);
+        String::from_utf8_lossy(&status.stdout).lines().any(|l| {
+            l.starts_with("guard") && l.contains("mv0 (ifindex") && !l.contains("NOT ATTACHED")
+        })
+    };
+    while !hooked() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the daemon did not guard the new device: {}",
+            bed.lab.log("daemon.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
+    write_config(&bed.config, &valid);
 
     // The tunnel dies: the container's traffic now routes to the uplink.
     bed.lab.start_capture();

@@ -246,7 +246,9 @@ impl Daemon {
                     Some(change) => self.interfaces_changed(change),
                     None => return Err(Error::Runtime("the netlink socket closed".into())),
                 },
-                _ = hangup.recv() => self.reload(),
+                _ = hangup.recv() => {
+                    self.reload();
+                }
                 _ = lookup_due, if next_lookup.is_some() => self.look_up_due_names(&answers),
                 Some((name, answer)) = answered.recv() => self.name_answered(&name, answer),
                 ready = readable(&mut events) => {
@@ -304,11 +306,23 @@ impl Daemon {
     /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date
     /// (nftables matches names: nothing to write).
     fn interfaces_changed(&mut self, change: links::LinkChange) {
+        self.follow_interfaces(change, true);
+    }
+
+    /// [`Daemon::interfaces_changed`]; `follow_config`: a changed config file is reloaded
+    /// instead (the reload writes the interfaces too). If that reload is refused or fails,
+    /// the interfaces are written under the policy in force all the same: a new device must
+    /// not wait for a valid config to get its guard.
+    fn follow_interfaces(&mut self, change: links::LinkChange, follow_config: bool) {
         let started = Instant::now();
         let also = self.links.skip_queued();
         if self.backend == Backend::Nftables {
-            match self.follow_devices_nftables() {
-                Ok(Written::ConfigChanged) => self.reload_changed_config(),
+            match self.follow_devices_nftables(follow_config) {
+                Ok(Written::ConfigChanged) => {
+                    if !self.reload_changed_config() {
+                        self.follow_interfaces(change, false);
+                    }
+                }
                 Ok(Written::Changes) => tracing::info!(
                     ?change,
                     elapsed_us = started.elapsed().as_micros() as u64,
@@ -326,7 +340,7 @@ impl Daemon {
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
         let result: Result<Option<InterfaceEntries>> = (|| {
             let _lock = self.lock()?;
-            if self.config_changed() {
+            if follow_config && self.config_changed() {
                 return Ok(None);
             }
             let written = (|| {
@@ -349,8 +363,11 @@ impl Daemon {
             written.map(Some)
         })();
         match result {
-            // The reload writes the interfaces too.
-            Ok(None) => self.reload_changed_config(),
+            Ok(None) => {
+                if !self.reload_changed_config() {
+                    self.follow_interfaces(change, false);
+                }
+            }
             Ok(Some(entries)) => {
                 tracing::debug!(
                     ?change,
@@ -367,12 +384,12 @@ impl Daemon {
     /// nftables: the guard's netdev chains hook devices by name, and only those there were:
     /// a device that appeared, one renamed, or one that joined a listed bridge gets the table
     /// rendered anew.
-    fn follow_devices_nftables(&self) -> Result<Written> {
+    fn follow_devices_nftables(&self, follow_config: bool) -> Result<Written> {
         if !self.policy.guarded() {
             return Ok(Written::Nothing);
         }
         let _lock = self.nftables_lock()?;
-        if self.config_changed() {
+        if follow_config && self.config_changed() {
             return Ok(Written::ConfigChanged);
         }
         let mut now: Vec<(String, u8)> = nftables::guarded(&self.policy)?
@@ -432,7 +449,9 @@ impl Daemon {
         })();
         match result {
             // The reload writes the clients too.
-            Ok(Written::ConfigChanged) => self.reload_changed_config(),
+            Ok(Written::ConfigChanged) => {
+                self.reload_changed_config();
+            }
             Ok(_) => {
                 let paths = |list: &[ClientCgroup]| -> Vec<String> {
                     list.iter()
@@ -462,12 +481,13 @@ impl Daemon {
         Stamp::of(&self.config) != self.stamp
     }
 
-    fn reload_changed_config(&mut self) {
+    /// Whether the reload applied (see [`Daemon::reload`]).
+    fn reload_changed_config(&mut self) -> bool {
         tracing::info!(
             "{} changed since it was read (`up` may have applied it): reading it again",
             self.config.display()
         );
-        self.reload();
+        self.reload()
     }
 
     /// The scope's lock; an error once the scope was taken down.
@@ -531,8 +551,8 @@ impl Daemon {
     }
 
     /// SIGHUP: a valid config replaces the policy (maps updated, additions first); an invalid
-    /// one is logged and the policy in force stays.
-    fn reload(&mut self) {
+    /// one is logged and the policy in force stays. Whether the new policy applied.
+    fn reload(&mut self) -> bool {
         // Seen, valid or not: an invalid file left what is in force untouched, `up` included.
         self.stamp = Stamp::of(&self.config);
         let policy = match Policy::load(&self.config) {
@@ -540,7 +560,7 @@ impl Daemon {
             Ok(policy) => policy.for_scope(self.scope.is_system_wide()),
             Err(e) => {
                 tracing::error!("reload refused, the previous policy stays in force: {e}");
-                return;
+                return false;
             }
         };
         // Names the old config had keep their addresses; new ones are looked up right after.
@@ -571,11 +591,13 @@ impl Daemon {
                 if let Some(entries) = entries {
                     self.log_tunnels(&entries.interfaces.tunnels);
                 }
+                true
             }
             Err(e) => {
                 self.policy = previous;
                 self.servers = previous_servers;
                 tracing::error!("reload failed, the previous policy stays in force: {e}");
+                false
             }
         }
     }
@@ -632,7 +654,9 @@ impl Daemon {
         })();
         match result {
             // The reload writes the list with this answer in it.
-            Ok(Written::ConfigChanged) => self.reload_changed_config(),
+            Ok(Written::ConfigChanged) => {
+                self.reload_changed_config();
+            }
             Ok(Written::Nothing) => tracing::info!(
                 host = name,
                 "{name} changed, but the server list in force was set with `killswitch \
