@@ -306,22 +306,12 @@ impl Daemon {
     /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date
     /// (nftables matches names: nothing to write).
     fn interfaces_changed(&mut self, change: links::LinkChange) {
-        self.follow_interfaces(change, true);
-    }
-
-    /// [`Daemon::interfaces_changed`]; `follow_config`: a changed config file is reloaded
-    /// instead (the reload writes the interfaces too). If that reload is refused or fails,
-    /// the interfaces are written under the policy in force all the same: a new device must
-    /// not wait for a valid config to get its guard.
-    fn follow_interfaces(&mut self, change: links::LinkChange, follow_config: bool) {
         let started = Instant::now();
         let also = self.links.skip_queued();
         if self.backend == Backend::Nftables {
-            match self.follow_devices_nftables(follow_config) {
+            match self.follow_devices_nftables() {
                 Ok(Written::ConfigChanged) => {
-                    if !self.reload_changed_config() {
-                        self.follow_interfaces(change, false);
-                    }
+                    self.reload_changed_config();
                 }
                 Ok(Written::Changes) => tracing::info!(
                     ?change,
@@ -340,7 +330,7 @@ impl Daemon {
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
         let result: Result<Option<InterfaceEntries>> = (|| {
             let _lock = self.lock()?;
-            if follow_config && self.config_changed() {
+            if self.config_changed() {
                 return Ok(None);
             }
             let written = (|| {
@@ -363,9 +353,15 @@ impl Daemon {
             written.map(Some)
         })();
         match result {
+            // The reload writes the interfaces too. A refused or failed one writes nothing,
+            // and the policy in force may not be the one this daemon last read (an `up` may
+            // have applied the file since): other namespaces stop passing, since a new device
+            // may have no guard, until a write succeeds.
             Ok(None) => {
-                if !self.reload_changed_config() {
-                    self.follow_interfaces(change, false);
+                if !self.reload_changed_config() && self.policy.guarded() {
+                    if let Ok(_lock) = self.lock() {
+                        ebpf::switch_off(&pins::pin_dir(&self.scope));
+                    }
                 }
             }
             Ok(Some(entries)) => {
@@ -384,12 +380,12 @@ impl Daemon {
     /// nftables: the guard's netdev chains hook devices by name, and only those there were:
     /// a device that appeared, one renamed, or one that joined a listed bridge gets the table
     /// rendered anew.
-    fn follow_devices_nftables(&self, follow_config: bool) -> Result<Written> {
+    fn follow_devices_nftables(&self) -> Result<Written> {
         if !self.policy.guarded() {
             return Ok(Written::Nothing);
         }
         let _lock = self.nftables_lock()?;
-        if follow_config && self.config_changed() {
+        if self.config_changed() {
             return Ok(Written::ConfigChanged);
         }
         let mut now: Vec<(String, u8)> = nftables::guarded(&self.policy)?
