@@ -329,7 +329,7 @@ impl Daemon {
         }
         // Listed under the lock, so a racing `up` cannot write an older list after ours.
         let result: Result<Option<InterfaceEntries>> = (|| {
-            let _lock = self.lock()?;
+            let lock = self.lock()?;
             if self.config_changed() {
                 return Ok(None);
             }
@@ -344,23 +344,22 @@ impl Daemon {
                 }
                 Ok(entries)
             })();
-            // A device may be left without its guard: other namespaces stop passing. Still
-            // under the lock: the switch rewrites the whole settings entry, and one read before
-            // a racing `up` wrote its own would put back stale bits (a held tunnel's among them).
-            if written.is_err() && self.policy.guarded() {
-                ebpf::switch_off(&pins::pin_dir(&self.scope));
+            // A device may be left without its guard: other namespaces stop passing.
+            if written.is_err() {
+                self.switch_guard_off(&lock);
             }
             written.map(Some)
         })();
         match result {
             // The reload writes the interfaces too. A refused or failed one writes nothing,
             // and the policy in force may not be the one this daemon last read (an `up` may
-            // have applied the file since): other namespaces stop passing, since a new device
-            // may have no guard, until a write succeeds.
+            // have applied the file since, so even whether it has a guard is unknown): other
+            // namespaces stop passing, since a new device may have no guard, until a write
+            // succeeds.
             Ok(None) => {
-                if !self.reload_changed_config() && self.policy.guarded() {
-                    if let Ok(_lock) = self.lock() {
-                        ebpf::switch_off(&pins::pin_dir(&self.scope));
+                if !self.reload_changed_config() {
+                    if let Ok(lock) = self.lock() {
+                        self.switch_guard_off(&lock);
                     }
                 }
             }
@@ -491,6 +490,14 @@ impl Daemon {
         ScopeLock::existing(&self.scope)?.ok_or_else(|| {
             Error::Runtime(format!("{} was taken down", self.scope.display_cgroup()))
         })
+    }
+
+    /// Turns the switch that lets other namespaces past the uplink guard off (fail closed; a
+    /// no-op without a guard). Only under the lock: the switch rewrites the whole settings
+    /// entry, and one read before a racing `up` wrote its own would put back stale bits (a held
+    /// tunnel's among them).
+    fn switch_guard_off(&self, _lock: &ScopeLock) {
+        ebpf::switch_off(&pins::pin_dir(&self.scope));
     }
 
     /// The nftables scope's lock; an error once the table was taken down.
