@@ -138,6 +138,13 @@ pub fn floor(_ctx: SkBuffContext) -> i32 {
     ALLOW
 }
 
+/// The benchmark's hook alone, never attached by killswitch: it allows and does nothing else,
+/// so it shows what the kernel's cgroup_skb hook costs before any program's work.
+#[cgroup_skb]
+pub fn empty(_ctx: SkBuffContext) -> i32 {
+    ALLOW
+}
+
 // Lockdown: what a scope gets when its policy cannot be enforced (the kernel refused the
 // programs at a first `up`): loopback and DHCP only, with nothing a kernel might lack.
 

@@ -7,6 +7,7 @@ use std::{net::Ipv6Addr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{
+    maps::{Array, Map, MapData},
     programs::{CgroupSkb, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
@@ -16,7 +17,7 @@ use killswitch::{
     interfaces,
     policy::{resolve_servers, Policy},
 };
-use killswitch_common::{Direction, ServerKey, IPPROTO_UDP};
+use killswitch_common::{Direction, ServerKey, Settings, IPPROTO_UDP};
 use serde_json::{json, Value};
 use testbed::{packets::*, Netns, PinRoot};
 
@@ -279,6 +280,49 @@ fn guard(bench: &Bench, paths: &[VerdictPath], rounds: usize, repeat: u32) -> Re
         .collect())
 }
 
+/// The uplink paths with the tunnel bits as `up` writes them and with them all 0 (every packet
+/// looks TUNNELS up, as before they existed), in the same rounds, with `servers` and `lan`: what
+/// the bits save, on any host, in one run.
+fn tunnel_bits(
+    bench: &mut Bench,
+    paths: &[VerdictPath],
+    (servers, lan): (usize, usize),
+    sizes: &Sizes,
+) -> Result<Vec<Value>> {
+    progress("per-packet cost with the tunnel bits and without them");
+    bench.fill(servers, lan, false)?;
+    let settings = MapData::from_pin(bench.pins.path.join("SETTINGS"))?;
+    let mut settings: Array<MapData, Settings> = Array::try_from(Map::Array(settings))?;
+    let written = settings.get(&0, 0)?;
+    let uplink: Vec<&VerdictPath> = paths.iter().filter(|p| !p.on_tunnel).collect();
+    let mut measured = vec![(Vec::new(), Vec::new()); uplink.len()];
+    for _ in 0..sizes.rounds {
+        for (path, (with, without)) in uplink.iter().zip(&mut measured) {
+            with.push(bench.path(path, sizes.repeat)?);
+            let looked_up = Settings {
+                tunnel_free: 0,
+                ..written
+            };
+            settings.set(0, looked_up, 0)?;
+            let run = bench.path(path, sizes.repeat);
+            settings.set(0, written, 0)?;
+            without.push(run?);
+        }
+    }
+    Ok(uplink
+        .iter()
+        .zip(&measured)
+        .map(|(path, (with, without))| {
+            json!({
+                "path": format!("{}, tunnel bits 0", path.name),
+                "servers": servers, "lan_prefixes": lan,
+                "ns": stats(without), "with_bits_ns": stats(with),
+                "with_bits_vs_without": median(with) / median(without),
+            })
+        })
+        .collect())
+}
+
 pub fn run(netns: &Netns, options: Options) -> Result<Value> {
     let sizes = sizes(options);
     let mut bench = Bench::new(netns)?;
@@ -371,11 +415,13 @@ pub fn run(netns: &Netns, options: Options) -> Result<Value> {
     }
     drop(logs);
     drop(traced);
-    rows.extend(guard(&bench, &paths, sizes.rounds, sizes.repeat)?);
     let most = (
         *sizes.servers.last().expect("sizes"),
         *sizes.lan.last().expect("sizes"),
     );
+    rows.extend(tunnel_bits(&mut bench, &paths, most, &sizes)?);
+    bench.fill(1, 1, false)?;
+    rows.extend(guard(&bench, &paths, sizes.rounds, sizes.repeat)?);
     let at = |name: &str, servers: usize, lan: usize| {
         rows.iter()
             .find(|r| r["path"] == name && r["servers"] == servers && r["lan_prefixes"] == lan)

@@ -206,10 +206,17 @@ fn throughput(area: &Area, tp: &Value, test: &str, what: &str) -> Result<()> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     for (i, (name, points)) in series.iter().enumerate() {
         // The tunnel path dashed-looking (thin), the server path thick, one colour per backend.
-        let backend = ["ebpf", "nftables", "iptables", "floor", "ebpf+guard"]
-            .iter()
-            .position(|b| name.split(',').next() == Some(b))
-            .unwrap_or(i);
+        let backend = [
+            "ebpf",
+            "nftables",
+            "iptables",
+            "floor",
+            "ebpf+guard",
+            "empty",
+        ]
+        .iter()
+        .position(|b| name.split(',').next() == Some(b))
+        .unwrap_or(i);
         let width = if name.contains("tunnel") { 1 } else { 3 };
         let style = color(backend).stroke_width(width);
         chart

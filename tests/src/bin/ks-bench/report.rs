@@ -141,6 +141,28 @@ fn per_packet(md: &mut String, pp: &Value) {
             num(&on["vs_off"])
         );
     }
+    let bits: Vec<&Value> = rows
+        .iter()
+        .filter(|r| path(r).ends_with(", tunnel bits 0"))
+        .collect();
+    if let Some(first) = bits.first() {
+        let _ = writeln!(
+            md,
+            "\nThe tunnel bits (`Settings.tunnel_free`: a packet on an uplink skips the tunnel lookup) as `up` writes them and all 0 (every packet looks the tunnels up), {} servers, {} LAN prefixes, same rounds, ns per packet:\n\n| path | bits as written | bits 0 | written / 0 |\n|---|---|---|---|",
+            thousands(first["servers"].as_u64().unwrap_or(0)),
+            thousands(first["lan_prefixes"].as_u64().unwrap_or(0)),
+        );
+    }
+    for row in bits {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.2} |",
+            path(row).trim_end_matches(", tunnel bits 0"),
+            spread(&row["with_bits_ns"], 0),
+            spread(&row["ns"], 0),
+            num(&row["with_bits_vs_without"])
+        );
+    }
     let _ = writeln!(
         md,
         "\nThe uplink guard (a tc program on the uplink; the tunnel has none), 1 server, same rounds, ns per frame:\n\n| path | floor | cgroup program | guard | guard / floor | guard / cgroup program |\n|---|---|---|---|---|---|"
@@ -166,13 +188,13 @@ fn per_packet(md: &mut String, pp: &Value) {
 fn throughput(md: &mut String, tp: &Value) {
     let _ = writeln!(
         md,
-        "## Throughput\n\niperf3 through a veth pair between two namespaces, the client in the scope's cgroup, {} s per run, the sender and the receiver each on a CPU of its own; median of {} rounds (min–max), and × no filter: the median of each round's ratio to the no-filter run of the same round. UDP: 64-byte datagrams received per second; TCP: Gbit/s. The server path goes to the last server added.\n",
+        "## Throughput\n\niperf3 through a veth pair between two namespaces, the client in the scope's cgroup, {} s per run, the sender and the receiver each on a CPU of its own; median of {} rounds (min–max), and × no filter: the median of each round's ratio to the no-filter run of the same round. UDP: 64-byte datagrams received per second; TCP: Gbit/s. The server path goes to the last server added. The empty program only allows: what the kernel's cgroup_skb hook costs with any program attached; the floor program counts and allows: the least a filter that keeps counters does.\n",
         tp["seconds_per_run"].as_str().unwrap_or("?"),
         tp["rounds"]
     );
     let _ = writeln!(
         md,
-        "| path | servers | test | no filter | floor program | eBPF | eBPF + guard | nftables | iptables |\n|---|---|---|---|---|---|---|---|---|"
+        "| path | servers | test | no filter | empty program | floor program | eBPF | eBPF + guard | nftables | iptables |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let (slices, rows): (Vec<Value>, Vec<Value>) = tp["rows"]
         .as_array()
@@ -212,7 +234,7 @@ fn throughput(md: &mut String, tp: &Value) {
         };
         let _ = writeln!(
             md,
-            "| {path} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {path} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             thousands(servers),
             if test == "tcp_gbits" {
                 "TCP Gbit/s"
@@ -220,6 +242,7 @@ fn throughput(md: &mut String, tp: &Value) {
                 "UDP 64 B pps"
             },
             cell("none"),
+            cell("empty"),
             cell("floor"),
             cell("ebpf"),
             cell("ebpf+guard"),
@@ -247,7 +270,7 @@ fn udp_slices(md: &mut String, tp: &Value, rows: &[Value]) {
     );
     let _ = writeln!(
         md,
-        "| path | servers | no filter, pps (min–max) | floor program | eBPF | eBPF + guard | nftables | iptables | eBPF × floor |\n|---|---|---|---|---|---|---|---|---|"
+        "| path | servers | no filter, pps (min–max) | empty program | floor program | eBPF | eBPF + guard | nftables | iptables | eBPF × floor |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut keys: Vec<(String, u64)> = Vec::new();
     for r in rows {
@@ -278,9 +301,10 @@ fn udp_slices(md: &mut String, tp: &Value, rows: &[Value]) {
         };
         let _ = writeln!(
             md,
-            "| {path} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {path} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             thousands(servers),
             row("none").map_or("–".into(), |r| spread(&r["value"], 0)),
+            cell("empty"),
             cell("floor"),
             cell("ebpf"),
             cell("ebpf+guard"),

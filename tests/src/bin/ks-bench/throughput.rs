@@ -1,6 +1,7 @@
 //! Throughput through veth pairs between namespaces (iperf3): TCP Gbit/s and 64-byte UDP
-//! packets per second received, with no filter, the floor program (what any cgroup_skb filter
-//! pays: the hook and a program that only counts), the eBPF backend, the nftables backend and the
+//! packets per second received, with no filter, the empty program (the kernel's cgroup_skb
+//! hook alone), the floor program (the hook and a program that only counts: what any filter
+//! that keeps counters pays), the eBPF backend, the nftables backend and the
 //! iptables rendering, on the tunnel path and on the server path (to the last server added) as
 //! the server list grows. One pair of namespaces per variant, all set up before the rounds, so
 //! each round runs every variant once (A B C D A B C D ...).
@@ -27,8 +28,9 @@ use testbed::{
 use crate::{median, progress, server, slices, stats, timed, Options};
 
 /// `ebpf+guard`: the eBPF backend with the uplink guard on `up0` too (the tunnel has none).
-const VARIANTS: [&str; 6] = [
+const VARIANTS: [&str; 7] = [
     "none",
+    "empty",
     "floor",
     "ebpf",
     "ebpf+guard",
@@ -42,8 +44,8 @@ struct Sizes {
     rounds: usize,
     seconds: &'static str,
     servers: &'static [u32],
-    /// UDP in interleaved slices ([`crate::slices`]): rounds (a multiple of the 6 variants,
-    /// for a whole number of balanced orders), and ms per slice.
+    /// UDP in interleaved slices ([`crate::slices`]): rounds (a multiple of twice the 7
+    /// variants, for a whole number of balanced orders), and ms per slice.
     slice_rounds: usize,
     slice_ms: u64,
 }
@@ -54,7 +56,7 @@ fn sizes(options: Options) -> Sizes {
             rounds: 1,
             seconds: "1",
             servers: &[1],
-            slice_rounds: 6,
+            slice_rounds: 14,
             slice_ms: 20,
         }
     } else {
@@ -62,7 +64,7 @@ fn sizes(options: Options) -> Sizes {
             rounds: 7,
             seconds: "1",
             servers: &[1, 1_000, 100_000],
-            slice_rounds: 102,
+            slice_rounds: 112,
             slice_ms: 20,
         }
     }
@@ -74,8 +76,8 @@ struct Side {
     client: Netns,
     cgroup: Cgroup,
     pins: PinRoot,
-    /// The floor program, attached both ways while this lives.
-    _floor: Option<Ebpf>,
+    /// The empty or the floor program, attached both ways while this lives.
+    _program: Option<Ebpf>,
     _iperf: Vec<Background>,
     server: Netns,
 }
@@ -114,13 +116,15 @@ impl Side {
             .collect();
         let cgroup = Cgroup::new();
         let pins = PinRoot::new();
-        let floor = (variant == "floor").then(|| attach_floor(&cgroup, &pins));
+        let program = ["empty", "floor"]
+            .contains(&variant)
+            .then(|| attach(variant, &cgroup, &pins));
         Side {
             variant,
             client,
             cgroup,
             pins,
-            _floor: floor,
+            _program: program,
             _iperf: iperf,
             server,
         }
@@ -237,24 +241,24 @@ fn config(dir: &Path, count: u32) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
-/// The object's `floor` program, attached to `cgroup` for egress and ingress as the policy's
-/// programs are; its maps pinned under `pins`.
-fn attach_floor(cgroup: &Cgroup, pins: &PinRoot) -> Ebpf {
+/// The object's program `name` (`empty` or `floor`), attached to `cgroup` for egress and
+/// ingress as the policy's programs are; its maps pinned under `pins`.
+fn attach(name: &str, cgroup: &Cgroup, pins: &PinRoot) -> Ebpf {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&pins.path)
         .load(OBJECT)
         .expect("the object loads");
     let program: &mut CgroupSkb = ebpf
-        .program_mut("floor")
-        .expect("the floor program")
+        .program_mut(name)
+        .expect("the benchmark's program")
         .try_into()
         .expect("a cgroup_skb program");
-    program.load().expect("the floor program loads");
+    program.load().expect("the benchmark's program loads");
     let fd = std::fs::File::open(&cgroup.path).expect("the cgroup opens");
     for way in [CgroupSkbAttachType::Egress, CgroupSkbAttachType::Ingress] {
         program
             .attach(&fd, way, CgroupAttachMode::Single)
-            .expect("the floor attaches");
+            .expect("the benchmark's program attaches");
     }
     ebpf
 }
@@ -266,7 +270,7 @@ pub fn run(bin: &Path, options: Options) -> Result<Value> {
 fn measure(bin: &Path, dir: &Path, options: Options) -> Result<Value> {
     let sizes = sizes(options);
     progress(
-        "throughput: namespaces and iperf3 servers for no filter, the floor, eBPF (and with the guard), nftables, iptables",
+        "throughput: namespaces and iperf3 servers for no filter, the empty program, the floor, eBPF (and with the guard), nftables, iptables",
     );
     let sides: Vec<Side> = VARIANTS.iter().map(|v| Side::new(v, &sizes)).collect();
     // Let the iperf3 servers come up.
