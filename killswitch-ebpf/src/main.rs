@@ -69,6 +69,10 @@ static LOCKDOWN: Array<[u8; LOCKDOWN_REASON_BYTES]> = Array::pinned(1, 0);
 /// never read it.
 #[map]
 static TUNNELS_CHANGED: Array<u64> = Array::pinned(1, 0);
+/// The fingerprint of the policy the maps were last written from (`up`, a reload), so that the
+/// daemon writes under its own only while it is the one in force; the programs never read it.
+#[map]
+static POLICY: Array<u64> = Array::pinned(1, 0);
 
 // One pair per way of learning the packet's network namespace (see netns.rs); the loader
 // loads the pair the kernel supports. Names stay within the kernel's 15 characters.

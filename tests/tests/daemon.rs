@@ -198,6 +198,13 @@ impl Setup {
         (numbers.next().unwrap(), numbers.next().unwrap())
     }
 
+    /// How many tunnel interfaces the scope trusts (`status --json`).
+    fn tunnels_held(&self) -> usize {
+        let out = self.killswitch(&["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["scopes"][0]["tunnels"].as_array().unwrap().len()
+    }
+
     /// How many times the daemon has logged `text` so far.
     fn logged(&self, text: &str) -> usize {
         std::fs::read_to_string(self.dir.join("daemon.log"))
@@ -327,6 +334,11 @@ fn the_daemon_follows_tunnel_churn_without_leaking() {
         "packets for OTHER reached the router through the uplink"
     );
     assert!(s.enforced());
+    assert_eq!(
+        s.logged("reading it again"),
+        0,
+        "the daemon took the policy it applied itself for another"
+    );
     drop(daemon);
 }
 
@@ -1041,11 +1053,7 @@ fn the_daemon_follows_a_config_that_up_applied_instead_of_writing_its_older_one(
     require_root!();
     let s = Setup::new(TUNNEL_CONFIG);
     let daemon = s.daemon();
-    let tunnels = || -> usize {
-        let out = s.killswitch(&["status", "--json"]);
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        json["scopes"][0]["tunnels"].as_array().unwrap().len()
-    };
+    let tunnels = || s.tunnels_held();
     assert_eq!(tunnels(), 1, "tun0 trusted at start");
     s.write_config(&TUNNEL_CONFIG.replace("\"tun0\"", "\"tun9\""));
     assert!(s.killswitch(&["up"]).status.success());
@@ -1065,6 +1073,86 @@ fn the_daemon_follows_a_config_that_up_applied_instead_of_writing_its_older_one(
         tunnels(),
         0,
         "the daemon put back a tunnel only the old config trusted"
+    );
+    drop(daemon);
+}
+
+/// `up` applied an edited config, and the file got a typo before the daemon read it: the
+/// daemon refuses the file, and must not write under its older policy at a later event either
+/// (it would trust a tunnel only that policy names). eBPF records the policy in force in a map
+/// and its event is a link event; nftables records it in the state directory, and its event
+/// is the table removed behind its back (a `flush ruleset`), which it puts back.
+#[test]
+fn a_typo_after_up_never_lets_the_daemon_write_its_older_policy() {
+    a_typo_after_up_never_lets_the_daemon_write_its_older_policy_with(None);
+}
+
+#[test]
+fn with_nftables_a_typo_after_up_never_lets_the_daemon_write_its_older_policy() {
+    a_typo_after_up_never_lets_the_daemon_write_its_older_policy_with(Some("nftables"));
+}
+
+fn a_typo_after_up_never_lets_the_daemon_write_its_older_policy_with(
+    backend: Option<&'static str>,
+) {
+    require_root!();
+    let s = Setup::with_backend(TUNNEL_CONFIG, backend);
+    let daemon = s.daemon();
+    let target = format!("{OTHER_V4}:8080");
+    let through_tunnel = || {
+        s.net.client.ip(&[
+            "route",
+            "replace",
+            &format!("{OTHER_V4}/32"),
+            "via",
+            TUNNEL_PEER_V4,
+        ]);
+        s.reaches("udp", &target, "300")
+    };
+    let event = || match backend {
+        // tun0 comes back with a new ifindex.
+        None => {
+            s.net.remove_tunnel();
+            s.net.add_tunnel();
+        }
+        Some(_) => {
+            let flushed = output_in(&s.net.client, None, "nft", &["flush", "ruleset"]);
+            assert!(flushed.status.success());
+        }
+    };
+    assert!(through_tunnel(), "tun0 carries traffic at start");
+    let applied = TUNNEL_CONFIG.replace("\"tun0\"", "\"tun9\"");
+    s.write_config(&applied);
+    let mut up = s.args(&["up"]);
+    up.extend(backend.map(|b| ["--backend", b]).iter().flatten());
+    assert!(killswitch(&s.net.client, &s.pins, &up).status.success());
+    assert!(
+        !through_tunnel(),
+        "up applied the config that does not trust tun0"
+    );
+    s.write_config(&format!("{applied}\nthis is not toml"));
+
+    for event_number in 1..=2 {
+        // One link change may be several netlink messages: each reads the file again.
+        let refused = s.logged("reload refused");
+        event();
+        assert!(
+            wait_until(Duration::from_secs(5), || s.logged("reload refused")
+                > refused),
+            "event {event_number}: the daemon did not read the file again"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !through_tunnel(),
+            "event {event_number}: the daemon wrote the policy it read before `up` applied another"
+        );
+    }
+    // Fixed, the file is applied at the next event.
+    s.write_config(TUNNEL_CONFIG);
+    event();
+    assert!(
+        wait_until(Duration::from_secs(5), through_tunnel),
+        "the fixed config was not applied"
     );
     drop(daemon);
 }

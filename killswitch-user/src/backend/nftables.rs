@@ -97,7 +97,7 @@ pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Resu
     for _ in 0..3 {
         let devices = guarded(policy)?;
         match write(scope, policy, servers, None, &devices) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return record_policy(scope, Some(policy.fingerprint())),
             Err(e) if devices.is_empty() || !matches!(e, Error::Kernel { .. }) => return Err(e),
             Err(e) => refused = Some(e),
         }
@@ -113,7 +113,7 @@ pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Resu
         "this kernel has no netdev egress hook ({refused}): raw-socket frames are not held on \
          the uplinks; what the host forwards still is"
     );
-    Ok(())
+    record_policy(scope, Some(policy.fingerprint()))
 }
 
 /// Whether nft can hook a netdev chain on egress here, tried in a scratch namespace.
@@ -158,6 +158,31 @@ fn write(
         ));
     }
     Ok(())
+}
+
+/// Records which policy the scope's table now holds (`None`: lockdown, or no table).
+fn record_policy(scope: &Scope, fingerprint: Option<u64>) -> Result<()> {
+    let path = state_file(scope, "policy")?;
+    match fingerprint {
+        Some(fingerprint) => std::fs::write(&path, fingerprint.to_string())
+            .map_err(|e| Error::io("cannot write", &path, e)),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("cannot remove", &path, e))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+/// The fingerprint of the policy the scope's table holds ([`Policy::fingerprint`]), as the
+/// last write recorded it; `None` when none is recorded.
+pub fn policy_in_force(scope: &Scope) -> Option<u64> {
+    let text = std::fs::read_to_string(state_file(scope, "policy").ok()?).ok()?;
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|fingerprint| *fingerprint != 0)
 }
 
 /// The devices whose frames the guard's netdev chains hold: the ones the eBPF guard would
@@ -327,7 +352,12 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
         return cause;
     }
     match write(scope, &lockdown_policy(), &[], Some(cause.to_string()), &[]) {
-        Ok(()) => Error::Lockdown(Box::new(cause)),
+        Ok(()) => {
+            if let Err(e) = record_policy(scope, None) {
+                tracing::warn!("{e}: a daemon may take an older record for the policy in force");
+            }
+            Error::Lockdown(Box::new(cause))
+        }
         Err(also) => Error::kernel(
             cause.to_string(),
             format!(
@@ -374,6 +404,7 @@ pub fn remove(scope: &Scope) -> Result<bool> {
     let (table, _) = table_of(scope)?;
     let mark = state_file(scope, "down")?;
     std::fs::write(&mark, "").map_err(|e| Error::io("cannot write", &mark, e))?;
+    record_policy(scope, None)?;
     run_nft(&["-f", "-"], Some(&render::delete_script(&table)), false)
         .map_err(|e| Error::kernel("nft could not delete the table", e))?;
     Ok(true)

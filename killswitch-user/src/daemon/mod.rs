@@ -115,6 +115,8 @@ pub struct Daemon {
     /// Which backend holds the scope (chosen at start like `up` chooses).
     backend: Backend,
     policy: Policy,
+    /// `policy`'s fingerprint, kept: computing it formats the whole policy.
+    fingerprint: u64,
     servers: ResolvedServers,
     netns_cookie: u64,
     /// Tunnels in the map, for the log lines.
@@ -162,6 +164,7 @@ impl Daemon {
             stamp,
             scope,
             backend: Backend::Ebpf,
+            fingerprint: policy.fingerprint(),
             policy,
             servers,
             netns_cookie: interfaces::netns_cookie()?,
@@ -380,12 +383,13 @@ impl Daemon {
     /// a device that appeared, one renamed, or one that joined a listed bridge gets the table
     /// rendered anew.
     fn follow_devices_nftables(&self) -> Result<Written> {
-        if !self.policy.guarded() {
-            return Ok(Written::Nothing);
-        }
         let _lock = self.nftables_lock()?;
+        // Asked first: whether the policy in force has a guard is known only when it is ours.
         if self.config_changed() {
             return Ok(Written::ConfigChanged);
+        }
+        if !self.policy.guarded() {
+            return Ok(Written::Nothing);
         }
         let mut now: Vec<(String, u8)> = nftables::guarded(&self.policy)?
             .into_iter()
@@ -470,16 +474,25 @@ impl Daemon {
         }
     }
 
-    /// The config file is not the one the policy in force came from (call under the lock: then
-    /// nothing writes an older policy over what `up` just applied from the new file).
+    /// The config file changed since it was read, or the policy in force is not the one read
+    /// from it (`up` applied another version, or another file). Call under the lock: then
+    /// nothing writes an older policy over what `up` just applied.
     fn config_changed(&self) -> bool {
-        Stamp::of(&self.config) != self.stamp
+        if Stamp::of(&self.config) != self.stamp {
+            return true;
+        }
+        let in_force = match self.backend {
+            Backend::Ebpf => self.maps().ok().and_then(|maps| maps.policy()),
+            Backend::Nftables => nftables::policy_in_force(&self.scope),
+        };
+        in_force != Some(self.fingerprint)
     }
 
     /// Whether the reload applied (see [`Daemon::reload`]).
     fn reload_changed_config(&mut self) -> bool {
         tracing::info!(
-            "{} changed since it was read (`up` may have applied it): reading it again",
+            "{} changed since it was read, or the policy in force is not the one read from it \
+             (`up` may have applied another): reading it again",
             self.config.display()
         );
         self.reload()
@@ -523,12 +536,24 @@ impl Daemon {
         );
         let result = nftables::lock(&self.scope).and_then(|_lock| {
             if nftables::taken_down(&self.scope) {
-                return Ok(());
+                return Ok(Written::Nothing);
+            }
+            if self.config_changed() {
+                // Not this daemon's policy to put back: lockdown at once, then the file's.
+                let cause = Error::Runtime("the table was removed".into());
+                tracing::warn!("{}", nftables::lock_down(&self.scope, cause));
+                return Ok(Written::ConfigChanged);
             }
             nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())
+                .map(|()| Written::Changes)
         });
-        if let Err(e) = result {
-            tracing::error!("cannot apply the table again: {e}");
+        match result {
+            Ok(Written::ConfigChanged) => {
+                // Refused or failed, the scope stays in lockdown.
+                self.reload_changed_config();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("cannot apply the table again: {e}"),
         }
     }
 
@@ -568,6 +593,7 @@ impl Daemon {
         };
         // Names the old config had keep their addresses; new ones are looked up right after.
         let servers = ResolvedServers::for_rules(&policy.servers, Some(&self.servers));
+        let previous_fingerprint = std::mem::replace(&mut self.fingerprint, policy.fingerprint());
         let previous = std::mem::replace(&mut self.policy, policy);
         let previous_servers = std::mem::replace(&mut self.servers, servers);
         let result: Result<Option<MapEntries>> = (|| {
@@ -598,6 +624,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.policy = previous;
+                self.fingerprint = previous_fingerprint;
                 self.servers = previous_servers;
                 tracing::error!("reload failed, the previous policy stays in force: {e}");
                 false

@@ -31,6 +31,8 @@ pub struct MapEntries {
     pub inbound: BTreeSet<InboundKey>,
     /// Cgroup ids of the `[vpn_client]`.
     pub vpn_clients: BTreeSet<u64>,
+    /// The policy's [`Policy::fingerprint`]; 0: none recorded (an older build's scope).
+    pub policy: u64,
 }
 
 /// What the interface maps hold: all that a link appearing or going away can change, built
@@ -143,6 +145,7 @@ impl MapEntries {
                 })
                 .collect(),
             vpn_clients: clients.iter().map(|c| c.id).collect(),
+            policy: policy.fingerprint(),
         };
         entries.settings.empty_lists = entries.empty_lists();
         entries.settings.tunnel_free = entries.interfaces.tunnel_free();

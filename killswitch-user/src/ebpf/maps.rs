@@ -41,10 +41,12 @@ pub const RECENT_DROPS: &str = "RECENT_DROPS";
 pub const TUNNELS_CHANGED: &str = "TUNNELS_CHANGED";
 pub const GUARDED: &str = "GUARDED";
 pub const GUARD_COUNTERS: &str = "GUARD_COUNTERS";
+pub const POLICY: &str = "POLICY";
 /// The scratch slot of an older build's ICMP-error program (made with each load, never pinned,
 /// holding nothing between packets): `verify` takes it for ours until the next `up` replaces it.
 pub const QUOTED: &str = "QUOTED";
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
+    POLICY,
     GUARDED,
     GUARD_COUNTERS,
     RECENT_DROPS,
@@ -85,6 +87,8 @@ pub struct PinnedMaps {
     /// The guard's devices (ifindex -> link-layer header length) and counters; `None` as above.
     guarded: Option<HashMap<MapData, u32, u8>>,
     guard_counters: Option<PerCpuArray<MapData, u64>>,
+    /// The fingerprint of the policy last written; `None` as above.
+    policy: Option<Array<MapData, u64>>,
 }
 
 fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
@@ -188,6 +192,7 @@ impl PinnedMaps {
             tunnels_changed: open(pin_dir, TUNNELS_CHANGED).ok(),
             guarded: open(pin_dir, GUARDED).ok(),
             guard_counters: open(pin_dir, GUARD_COUNTERS).ok(),
+            policy: open(pin_dir, POLICY).ok(),
         })
     }
 
@@ -279,6 +284,10 @@ impl PinnedMaps {
             entries.vpn_clients.iter().copied(),
             VPN_CLIENTS,
         )?;
+        if let Some(map) = self.policy.as_mut() {
+            map.set(0, entries.policy, 0)
+                .map_err(|e| Error::kernel("cannot record the policy in force", e))?;
+        }
         Ok(())
     }
 
@@ -300,7 +309,18 @@ impl PinnedMaps {
             lan: self.lan()?.into_iter().collect(),
             inbound: self.inbound()?.into_iter().collect(),
             vpn_clients: keys(&self.vpn_clients, VPN_CLIENTS)?.into_iter().collect(),
+            policy: self.policy().unwrap_or(0),
         })
+    }
+
+    /// The fingerprint of the policy the maps were last written from (`up`, a reload); `None`
+    /// when none was recorded.
+    pub fn policy(&self) -> Option<u64> {
+        self.policy
+            .as_ref()?
+            .get(&0, 0)
+            .ok()
+            .filter(|fingerprint| *fingerprint != 0)
     }
 
     /// The guard's devices: ifindex -> (no name, link-layer header length).

@@ -52,6 +52,16 @@ impl Policy {
     pub fn guarded(&self) -> bool {
         self.guard == Some(true)
     }
+
+    /// Names this policy as a scope enforces it, for the scope to record (never 0, which
+    /// records none): the daemon writes under its policy only while the one in force has the
+    /// same fingerprint. Stable within one build; another build's only costs a reload.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{DefaultHasher, Hasher};
+        let mut hasher = DefaultHasher::new();
+        hasher.write(format!("{self:?}").as_bytes());
+        hasher.finish().max(1)
+    }
 }
 
 /// `[vpn_client]`: who may talk to the servers outside the tunnel. Set with neither key, only
