@@ -198,6 +198,17 @@ impl Setup {
         (numbers.next().unwrap(), numbers.next().unwrap())
     }
 
+    /// Routes OTHER through the tunnel (again after the tunnel came back).
+    fn route_other_through_tunnel(&self) {
+        self.net.client.ip(&[
+            "route",
+            "replace",
+            &format!("{OTHER_V4}/32"),
+            "via",
+            TUNNEL_PEER_V4,
+        ]);
+    }
+
     /// How many tunnel interfaces the scope trusts (`status --json`).
     fn tunnels_held(&self) -> usize {
         let out = self.killswitch(&["status", "--json"]);
@@ -295,16 +306,7 @@ fn the_daemon_follows_tunnel_churn_without_leaking() {
     let s = Setup::new(TUNNEL_CONFIG);
     let leaked = uplink_oracle(&s.net);
     let daemon = s.daemon();
-    let route = |net: &TestNet| {
-        net.client.ip(&[
-            "route",
-            "replace",
-            &format!("{OTHER_V4}/32"),
-            "via",
-            TUNNEL_PEER_V4,
-        ])
-    };
-    route(&s.net);
+    s.route_other_through_tunnel();
     let target = format!("{OTHER_V4}:8080");
     assert!(
         s.reaches("udp", &target, "1000"),
@@ -317,7 +319,7 @@ fn the_daemon_follows_tunnel_churn_without_leaking() {
         s.net.remove_tunnel();
         std::thread::sleep(Duration::from_millis(20));
         s.net.add_tunnel();
-        route(&s.net);
+        s.route_other_through_tunnel();
         let started = Instant::now();
         let works = wait_until(Duration::from_secs(1), || s.reaches("udp", &target, "100"));
         assert!(
@@ -845,13 +847,7 @@ fn a_hostname_resolves_through_the_tunnel_and_dns_never_leaves_in_the_clear() {
     require_root!();
     let s = Setup::new(NAMED_SERVER);
     let leaked = uplink_oracle(&s.net);
-    s.net.client.ip(&[
-        "route",
-        "replace",
-        &format!("{OTHER_V4}/32"),
-        "via",
-        TUNNEL_PEER_V4,
-    ]);
+    s.route_other_through_tunnel();
     let (zone, dns, daemon) = s.dns_and_daemon();
     assert_eq!(
         s.servers(),
@@ -1100,13 +1096,7 @@ fn a_typo_after_up_never_lets_the_daemon_write_its_older_policy_with(
     let daemon = s.daemon();
     let target = format!("{OTHER_V4}:8080");
     let through_tunnel = || {
-        s.net.client.ip(&[
-            "route",
-            "replace",
-            &format!("{OTHER_V4}/32"),
-            "via",
-            TUNNEL_PEER_V4,
-        ]);
+        s.route_other_through_tunnel();
         s.reaches("udp", &target, "300")
     };
     let event = || match backend {
