@@ -91,6 +91,8 @@ pub fn taken_down(scope: &Scope) -> bool {
 /// Replaces the scope's table with the policy's in one transaction (no moment without it),
 /// then reads it back. The caller holds [`lock`].
 pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
+    // No policy recorded while the table changes: one that fails half-way matches no one's.
+    record_policy(scope, None)?;
     let mut refused = None;
     // A device that goes away between the listing and the load fails the transaction (before
     // Linux 6.16 a chain on a missing device is refused): again with the devices there are.
@@ -351,13 +353,11 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
     if holds(scope) {
         return cause;
     }
+    if let Err(e) = record_policy(scope, None) {
+        tracing::warn!("{e}: a daemon may take an older record for the policy in force");
+    }
     match write(scope, &lockdown_policy(), &[], Some(cause.to_string()), &[]) {
-        Ok(()) => {
-            if let Err(e) = record_policy(scope, None) {
-                tracing::warn!("{e}: a daemon may take an older record for the policy in force");
-            }
-            Error::Lockdown(Box::new(cause))
-        }
+        Ok(()) => Error::Lockdown(Box::new(cause)),
         Err(also) => Error::kernel(
             cause.to_string(),
             format!(

@@ -82,6 +82,9 @@ async fn first_valid_policy(
     }
 }
 
+/// Readings of a config file that keeps changing under a reload before it gives up.
+const RELOAD_TRIES: usize = 3;
+
 /// What the config file looked like when it was read (a cheap `stat`): when it changes, `up`
 /// may have applied the new one, so the daemon reads it again before it writes anything, rather
 /// than put back what an older config allowed.
@@ -126,6 +129,9 @@ pub struct Daemon {
     clients: Vec<ClientCgroup>,
     /// The set last failed to put in force (its error is logged once).
     clients_failed: Option<Vec<ClientCgroup>>,
+    /// The file and the policy in force when a reload of the file was refused: not read again
+    /// for an event until one of them changes (a VPN client's check runs ten times a second).
+    refused: Option<(Stamp, Option<u64>)>,
     /// `killswitch run`'s scope: never a guard ([`Policy::without_guard`]).
     run: bool,
 }
@@ -172,6 +178,7 @@ impl Daemon {
             links,
             clients: Vec::new(),
             clients_failed: None,
+            refused: None,
             run: false,
         };
         daemon.clients = vpn_client::current(&daemon.policy);
@@ -186,6 +193,10 @@ impl Daemon {
             servers = applied.servers,
             "daemon started; enforcing {} with {}", daemon.scope.display_cgroup(), applied.backend.name()
         );
+        // The file may have changed (and `up` applied it) while the names were looked up.
+        if Stamp::of(&daemon.config) != daemon.stamp {
+            daemon.reload_changed_config();
+        }
         Ok(daemon)
     }
 
@@ -478,18 +489,23 @@ impl Daemon {
     /// from it (`up` applied another version, or another file). Call under the lock: then
     /// nothing writes an older policy over what `up` just applied.
     fn config_changed(&self) -> bool {
-        if Stamp::of(&self.config) != self.stamp {
-            return true;
-        }
-        let in_force = match self.backend {
-            Backend::Ebpf => self.maps().ok().and_then(|maps| maps.policy()),
-            Backend::Nftables => nftables::policy_in_force(&self.scope),
-        };
-        in_force != Some(self.fingerprint)
+        Stamp::of(&self.config) != self.stamp || self.in_force() != Some(self.fingerprint)
     }
 
-    /// Whether the reload applied (see [`Daemon::reload`]).
+    /// The fingerprint the scope recorded of the policy in force; `None` when none is.
+    fn in_force(&self) -> Option<u64> {
+        match self.backend {
+            Backend::Ebpf => self.maps().ok().and_then(|maps| maps.policy()),
+            Backend::Nftables => nftables::policy_in_force(&self.scope),
+        }
+    }
+
+    /// Whether the reload applied (see [`Daemon::reload`]). A file refused before is not read
+    /// again while neither it nor the policy in force changed.
     fn reload_changed_config(&mut self) -> bool {
+        if self.refused == Some((Stamp::of(&self.config), self.in_force())) {
+            return false;
+        }
         tracing::info!(
             "{} changed since it was read, or the policy in force is not the one read from it \
              (`up` may have applied another): reading it again",
@@ -538,18 +554,25 @@ impl Daemon {
             if nftables::taken_down(&self.scope) {
                 return Ok(Written::Nothing);
             }
-            if self.config_changed() {
-                // Not this daemon's policy to put back: lockdown at once, then the file's.
+            if self.in_force() != Some(self.fingerprint) {
+                // Not this daemon's policy to put back: lockdown at once (it has no guard,
+                // docs/guard.md), then the file's if it is valid.
                 let cause = Error::Runtime("the table was removed".into());
                 tracing::warn!("{}", nftables::lock_down(&self.scope, cause));
                 return Ok(Written::ConfigChanged);
             }
-            nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())
-                .map(|()| Written::Changes)
+            // The policy in force was this daemon's: back at once, then the file's if edited.
+            nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())?;
+            Ok(if self.config_changed() {
+                Written::ConfigChanged
+            } else {
+                Written::Changes
+            })
         });
         match result {
             Ok(Written::ConfigChanged) => {
-                // Refused or failed, the scope stays in lockdown.
+                // Refused or failed, the scope keeps what was put back (lockdown, when the
+                // policy in force was not this daemon's).
                 self.reload_changed_config();
             }
             Ok(_) => {}
@@ -581,14 +604,35 @@ impl Daemon {
     /// SIGHUP: a valid config replaces the policy (maps updated, additions first); an invalid
     /// one is logged and the policy in force stays. Whether the new policy applied.
     fn reload(&mut self) -> bool {
+        // A file that changes between its reading and the write is read again: an `up` of the
+        // newer one in between would otherwise be overwritten with the older.
+        for _ in 0..RELOAD_TRIES {
+            match self.reload_once() {
+                Some(applied) => return applied,
+                None => tracing::info!(
+                    "{} changed while it was read: reading it again",
+                    self.config.display()
+                ),
+            }
+        }
+        tracing::error!(
+            "{} kept changing while it was read; the policy in force stays",
+            self.config.display()
+        );
+        false
+    }
+
+    /// One reload; `None` when the file changed before the write (nothing written).
+    fn reload_once(&mut self) -> Option<bool> {
         // Seen, valid or not: an invalid file left what is in force untouched, `up` included.
         self.stamp = Stamp::of(&self.config);
         let policy = match Policy::load(&self.config) {
             Ok(policy) if self.run => policy.without_guard(),
             Ok(policy) => policy.for_scope(self.scope.is_system_wide()),
             Err(e) => {
-                tracing::error!("reload refused, the previous policy stays in force: {e}");
-                return false;
+                self.refused = Some((self.stamp, self.in_force()));
+                tracing::error!("reload refused, the policy in force stays: {e}");
+                return Some(false);
             }
         };
         // Names the old config had keep their addresses; new ones are looked up right after.
@@ -596,22 +640,36 @@ impl Daemon {
         let previous_fingerprint = std::mem::replace(&mut self.fingerprint, policy.fingerprint());
         let previous = std::mem::replace(&mut self.policy, policy);
         let previous_servers = std::mem::replace(&mut self.servers, servers);
-        let result: Result<Option<MapEntries>> = (|| {
+        let changed = || Stamp::of(&self.config) != self.stamp;
+        let result: Result<Option<Option<MapEntries>>> = (|| {
             if self.backend == Backend::Nftables {
                 let _lock = self.nftables_lock()?;
+                if changed() {
+                    return Ok(None);
+                }
                 // One transaction replaces the table.
                 crate::servers::note_replaced_command_list_in_table(&self.scope);
                 nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())?;
-                return Ok(None);
+                return Ok(Some(None));
             }
             let _lock = self.lock()?;
+            if changed() {
+                return Ok(None);
+            }
             crate::servers::note_replaced_command_list(&pins::pin_dir(&self.scope));
             let entries = self.entries()?;
             ebpf::write_policy(&pins::pin_dir(&self.scope), &entries)?;
-            Ok(Some(entries))
+            Ok(Some(Some(entries)))
         })();
         match result {
-            Ok(entries) => {
+            Ok(None) => {
+                self.policy = previous;
+                self.fingerprint = previous_fingerprint;
+                self.servers = previous_servers;
+                None
+            }
+            Ok(Some(entries)) => {
+                self.refused = None;
                 tracing::info!(
                     servers = self.servers.endpoints().len(),
                     "reload applied from {}",
@@ -620,14 +678,14 @@ impl Daemon {
                 if let Some(entries) = entries {
                     self.log_tunnels(&entries.interfaces.tunnels);
                 }
-                true
+                Some(true)
             }
             Err(e) => {
                 self.policy = previous;
                 self.fingerprint = previous_fingerprint;
                 self.servers = previous_servers;
-                tracing::error!("reload failed, the previous policy stays in force: {e}");
-                false
+                tracing::error!("reload failed, the policy in force stays: {e}");
+                Some(false)
             }
         }
     }

@@ -227,6 +227,8 @@ impl PinnedMaps {
     }
 
     fn change_to(&mut self, entries: &MapEntries) -> Result<()> {
+        // No policy recorded while the maps change: one that fails half-way matches no one's.
+        self.record_policy(0)?;
         let old = self.settings()?;
         // The list bits follow what is written, whoever built the entries.
         let settings = Settings {
@@ -284,11 +286,16 @@ impl PinnedMaps {
             entries.vpn_clients.iter().copied(),
             VPN_CLIENTS,
         )?;
-        if let Some(map) = self.policy.as_mut() {
-            map.set(0, entries.policy, 0)
-                .map_err(|e| Error::kernel("cannot record the policy in force", e))?;
+        self.record_policy(entries.policy)
+    }
+
+    fn record_policy(&mut self, fingerprint: u64) -> Result<()> {
+        match self.policy.as_mut() {
+            Some(map) => map
+                .set(0, fingerprint, 0)
+                .map_err(|e| Error::kernel("cannot record the policy in force", e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// What the maps hold now (interface names are not kept in the kernel: empty).
