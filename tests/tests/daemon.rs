@@ -1121,6 +1121,11 @@ fn a_typo_after_up_never_lets_the_daemon_write_its_older_policy_with(
         "up applied the config that does not trust tun0"
     );
     s.write_config(&format!("{applied}\nthis is not toml"));
+    assert_eq!(
+        s.logged("reload applied"),
+        0,
+        "the daemon read the applied file before the typo: nothing left to test"
+    );
 
     for event_number in 1..=2 {
         let refused = s.logged("reload refused");

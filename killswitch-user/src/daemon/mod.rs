@@ -44,13 +44,25 @@ pub fn run(config: &Path, scope: Scope, choice: Choice) -> Result<()> {
         ebpf::warm_up();
     }
     runtime.block_on(async move {
-        let Some((policy, stamp)) = first_valid_policy(config, &scope, choice).await? else {
-            return Ok(());
-        };
-        let mut daemon = Daemon::start(config.to_path_buf(), stamp, scope, policy, choice).await?;
-        daemon
-            .serve(std::pin::pin!(std::future::pending()), None)
-            .await
+        for _ in 0..RELOAD_TRIES {
+            let Some((policy, stamp)) = first_valid_policy(config, &scope, choice).await? else {
+                return Ok(());
+            };
+            let start = Daemon::start(
+                config.to_path_buf(),
+                stamp,
+                scope.clone(),
+                policy,
+                choice,
+                false,
+            );
+            if let Some(mut daemon) = start.await? {
+                return daemon
+                    .serve(std::pin::pin!(std::future::pending()), None)
+                    .await;
+            }
+        }
+        Err(changing(config))
     })
 }
 
@@ -82,8 +94,19 @@ async fn first_valid_policy(
     }
 }
 
-/// Readings of a config file that keeps changing under a reload before it gives up.
+/// Readings of a config file that keeps changing under a reload (or a start) before it gives up.
 const RELOAD_TRIES: usize = 3;
+
+fn changing(config: &Path) -> Error {
+    Error::Runtime(format!(
+        "{} kept changing while it was read; the policy in force stays",
+        config.display()
+    ))
+}
+
+/// How long a file whose reload was refused or failed is left alone while neither it nor the
+/// policy in force changes (SIGHUP always reads it).
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the config file looked like when it was read (a cheap `stat`): when it changes, `up`
 /// may have applied the new one, so the daemon reads it again before it writes anything, rather
@@ -129,9 +152,10 @@ pub struct Daemon {
     clients: Vec<ClientCgroup>,
     /// The set last failed to put in force (its error is logged once).
     clients_failed: Option<Vec<ClientCgroup>>,
-    /// The file and the policy in force when a reload of the file was refused: not read again
-    /// for an event until one of them changes (a VPN client's check runs ten times a second).
-    refused: Option<(Stamp, Option<u64>)>,
+    /// The file and the policy in force when a reload of the file was refused or failed, and
+    /// when: not read again for an event until one of them changes or [`RETRY_AFTER`] passed
+    /// (a VPN client's cgroups are looked at ten times a second).
+    refused: Option<(Stamp, Option<u64>, Instant)>,
     /// `killswitch run`'s scope: never a guard ([`Policy::without_guard`]).
     run: bool,
 }
@@ -140,31 +164,46 @@ impl Daemon {
     /// Applies the policy in `config` to `scope` like `up` (an invalid config is an error
     /// here, and a scope nothing enforced is left in lockdown).
     pub async fn start_for(config: PathBuf, scope: Scope, choice: Choice) -> Result<Daemon> {
-        let stamp = Stamp::of(&config);
-        let policy = match Policy::load(&config) {
-            Ok(policy) => policy.without_guard(),
-            Err(e) => return Err(backend::lock_down(choice, &scope, e.into())),
-        };
         if choice != Choice::Nftables {
             ebpf::warm_up();
         }
-        let mut daemon = Daemon::start(config, stamp, scope, policy, choice).await?;
-        daemon.run = true;
-        Ok(daemon)
+        for _ in 0..RELOAD_TRIES {
+            let stamp = Stamp::of(&config);
+            let policy = match Policy::load(&config) {
+                Ok(policy) => policy.without_guard(),
+                Err(e) => return Err(backend::lock_down(choice, &scope, e.into())),
+            };
+            let start = Daemon::start(config.clone(), stamp, scope.clone(), policy, choice, true);
+            if let Some(daemon) = start.await? {
+                return Ok(daemon);
+            }
+        }
+        Err(changing(&config))
     }
 
+    /// Resolves the policy's names and applies it like `up`. `None`: the file changed since it
+    /// was read (an `up` may have applied it while the names were looked up): nothing written,
+    /// read it again.
     async fn start(
         config: PathBuf,
         stamp: Stamp,
         scope: Scope,
         policy: Policy,
         choice: Choice,
-    ) -> Result<Daemon> {
+        run: bool,
+    ) -> Result<Option<Daemon>> {
         // Subscribe first: a tunnel that appears while we apply is still seen.
         let links = LinkWatcher::subscribe()?;
         let mut servers = ResolvedServers::for_rules(&policy.servers, None);
         // Like `up`: resolve before the first apply (a name that fails is retried later).
         servers.look_up_all().await;
+        if Stamp::of(&config) != stamp {
+            tracing::info!(
+                "{} changed while it was read: reading it again",
+                config.display()
+            );
+            return Ok(None);
+        }
         let mut daemon = Daemon {
             config,
             stamp,
@@ -179,7 +218,7 @@ impl Daemon {
             clients: Vec::new(),
             clients_failed: None,
             refused: None,
-            run: false,
+            run,
         };
         daemon.clients = vpn_client::current(&daemon.policy);
         let applied = backend::apply(choice, &daemon.scope, &daemon.policy, &mut daemon.servers)?;
@@ -193,11 +232,7 @@ impl Daemon {
             servers = applied.servers,
             "daemon started; enforcing {} with {}", daemon.scope.display_cgroup(), applied.backend.name()
         );
-        // The file may have changed (and `up` applied it) while the names were looked up.
-        if Stamp::of(&daemon.config) != daemon.stamp {
-            daemon.reload_changed_config();
-        }
-        Ok(daemon)
+        Ok(Some(daemon))
     }
 
     fn entries(&self) -> Result<MapEntries> {
@@ -305,7 +340,12 @@ impl Daemon {
             {
                 self.table_vanished();
             }
-            if !self.backend.holds(&self.scope) {
+            // An nftables table that could not be put back is tried again, not given up.
+            let taken_down = match self.backend {
+                Backend::Nftables => nftables::taken_down(&self.scope),
+                Backend::Ebpf => !self.backend.holds(&self.scope),
+            };
+            if taken_down {
                 tracing::info!("{} was taken down; stopping", self.scope.display_cgroup());
                 return Ok(());
             }
@@ -503,8 +543,12 @@ impl Daemon {
     /// Whether the reload applied (see [`Daemon::reload`]). A file refused before is not read
     /// again while neither it nor the policy in force changed.
     fn reload_changed_config(&mut self) -> bool {
-        if self.refused == Some((Stamp::of(&self.config), self.in_force())) {
-            return false;
+        if let Some((stamp, in_force, when)) = self.refused {
+            if (stamp, in_force) == (Stamp::of(&self.config), self.in_force())
+                && when.elapsed() < RETRY_AFTER
+            {
+                return false;
+            }
         }
         tracing::info!(
             "{} changed since it was read, or the policy in force is not the one read from it \
@@ -550,24 +594,27 @@ impl Daemon {
              `flush ruleset`?); applying it again",
             self.scope.display_cgroup()
         );
-        let result = nftables::lock(&self.scope).and_then(|_lock| {
+        let result = nftables::lock(&self.scope).map(|_lock| {
             if nftables::taken_down(&self.scope) {
-                return Ok(Written::Nothing);
+                return Written::Nothing;
             }
             if self.in_force() != Some(self.fingerprint) {
                 // Not this daemon's policy to put back: lockdown at once (it has no guard,
                 // docs/guard.md), then the file's if it is valid.
                 let cause = Error::Runtime("the table was removed".into());
                 tracing::warn!("{}", nftables::lock_down(&self.scope, cause));
-                return Ok(Written::ConfigChanged);
+                return Written::ConfigChanged;
             }
             // The policy in force was this daemon's: back at once, then the file's if edited.
-            nftables::apply(&self.scope, &self.policy, &self.servers.endpoints())?;
-            Ok(if self.config_changed() {
+            if let Err(e) = nftables::apply(&self.scope, &self.policy, &self.servers.endpoints()) {
+                tracing::warn!("{}", nftables::lock_down(&self.scope, e));
+                return Written::Nothing;
+            }
+            if self.config_changed() {
                 Written::ConfigChanged
             } else {
                 Written::Changes
-            })
+            }
         });
         match result {
             Ok(Written::ConfigChanged) => {
@@ -607,30 +654,23 @@ impl Daemon {
         // A file that changes between its reading and the write is read again: an `up` of the
         // newer one in between would otherwise be overwritten with the older.
         for _ in 0..RELOAD_TRIES {
-            match self.reload_once() {
-                Some(applied) => return applied,
-                None => tracing::info!(
-                    "{} changed while it was read: reading it again",
-                    self.config.display()
-                ),
+            if let Some(applied) = self.reload_once() {
+                return applied;
             }
         }
-        tracing::error!(
-            "{} kept changing while it was read; the policy in force stays",
-            self.config.display()
-        );
+        tracing::error!("{}", changing(&self.config));
         false
     }
 
     /// One reload; `None` when the file changed before the write (nothing written).
     fn reload_once(&mut self) -> Option<bool> {
-        // Seen, valid or not: an invalid file left what is in force untouched, `up` included.
-        self.stamp = Stamp::of(&self.config);
+        let previous_stamp = std::mem::replace(&mut self.stamp, Stamp::of(&self.config));
         let policy = match Policy::load(&self.config) {
             Ok(policy) if self.run => policy.without_guard(),
             Ok(policy) => policy.for_scope(self.scope.is_system_wide()),
             Err(e) => {
-                self.refused = Some((self.stamp, self.in_force()));
+                // Seen: an invalid file left what is in force untouched, `up` included.
+                self.refused = Some((self.stamp, self.in_force(), Instant::now()));
                 tracing::error!("reload refused, the policy in force stays: {e}");
                 return Some(false);
             }
@@ -666,6 +706,10 @@ impl Daemon {
                 self.policy = previous;
                 self.fingerprint = previous_fingerprint;
                 self.servers = previous_servers;
+                tracing::info!(
+                    "{} changed while it was read: reading it again",
+                    self.config.display()
+                );
                 None
             }
             Ok(Some(entries)) => {
@@ -684,6 +728,9 @@ impl Daemon {
                 self.policy = previous;
                 self.fingerprint = previous_fingerprint;
                 self.servers = previous_servers;
+                // Not applied: tried again at a later event (after RETRY_AFTER).
+                self.stamp = previous_stamp;
+                self.refused = Some((Stamp::of(&self.config), self.in_force(), Instant::now()));
                 tracing::error!("reload failed, the policy in force stays: {e}");
                 Some(false)
             }
