@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use testbed::{
+    capture::Capture,
     lab::{Lab, VPN_PORT, VPN_SERVER, WEB_HOST},
     process::{killswitch, killswitch_command, nft_in, output_in, Background},
     require_root, write_config, Cgroup, Netns, PinRoot,
@@ -127,14 +128,26 @@ impl Bed {
 
     /// A UDP datagram from the client on a raw packet socket on its uplink.
     fn raw(&self, source: &str, destination: &str) -> bool {
+        self.raw_on("c0", source, destination)
+    }
+
+    /// [`Bed::raw`] on `device`.
+    fn raw_on(&self, device: &str, source: &str, destination: &str) -> bool {
         output_in(
             &self.lab.client,
             None,
             PROBE,
-            &["raw", "c0", source, destination],
+            &["raw", device, source, destination],
         )
         .status
         .success()
+    }
+
+    /// Whether `status` names `device` among the guard's.
+    fn guards(&self, device: &str) -> bool {
+        String::from_utf8_lossy(&self.killswitch(&["status"]).stdout)
+            .lines()
+            .any(|l| l.starts_with("guard") && l.split([' ', ',']).any(|w| w == device))
     }
 }
 
@@ -148,46 +161,43 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
         bed.container_reaches(Duration::from_secs(5)),
         "the container did not reach the web host through the tunnel"
     );
-    if backend == "ebpf" {
-        // A link event while the config file has a typo: the reload is refused, a new device
-        // may have no guard, and the policy in force may not be the one the daemon last read
-        // (an `up` may have applied the file since): other namespaces stop passing.
-        let valid = std::fs::read_to_string(&bed.config).unwrap();
-        write_config(&bed.config, &format!("bogus = 1\n{valid}"));
-        bed.lab
-            .client
-            .ip(&["link", "add", "mv0", "link", "c0", "type", "macvlan"]);
-        let started = Instant::now();
-        while bed.container_request() {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the container still passes after a refused reload: {}",
-                bed.lab.log("daemon.log")
-            );
-        }
-        // The next link event (the tunnel's death below) reloads this and switches them back.
-        write_config(&bed.config, &valid);
-    }
-    if backend == "nftables" {
-        // A device that appears under the daemon gets a netdev chain too (a macvlan is wired,
-        // and one `uplinks` does not name: nothing may leave by it).
-        bed.lab
-            .client
-            .ip(&["link", "add", "mv0", "link", "c0", "type", "macvlan"]);
-        let started = Instant::now();
-        let hooked = || {
+    // A device appears while the config file has a typo: the reload is refused and the policy
+    // in force stays (SPEC), and since that is the daemon's own it goes on following devices:
+    // the new one gets its guard (a macvlan is wired, and one `uplinks` does not name: nothing
+    // may leave by it), and the container goes on passing.
+    let valid = std::fs::read_to_string(&bed.config).unwrap();
+    write_config(&bed.config, &format!("bogus = 1\n{valid}"));
+    bed.lab
+        .client
+        .ip(&["link", "add", "mv0", "link", "c0", "type", "macvlan"]);
+    let started = Instant::now();
+    let hooked = || match backend {
+        "nftables" => {
             let chains = nft_in(&bed.lab.client, &["list chains netdev"]);
             String::from_utf8_lossy(&chains.stdout).contains("mv0")
-        };
-        while !hooked() {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the daemon did not hook the new device: {}",
-                bed.lab.log("daemon.log")
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
+        _ => bed.guards("mv0"),
+    };
+    while !hooked() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the daemon did not guard the new device: {}",
+            bed.lab.log("daemon.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(
+        bed.lab.log("daemon.log").matches("reload refused").count(),
+        1,
+        "{}",
+        bed.lab.log("daemon.log")
+    );
+    assert!(
+        bed.container_reaches(Duration::from_secs(5)),
+        "the container lost the tunnel to a typo: {}",
+        bed.lab.log("daemon.log")
+    );
+    write_config(&bed.config, &valid);
 
     // The tunnel dies: the container's traffic now routes to the uplink.
     bed.lab.start_capture();
@@ -317,6 +327,66 @@ fn guard_holds_forwarded_and_raw_traffic(backend: &'static str) {
 fn the_guard_holds_a_containers_and_raw_frames_with_ebpf() {
     require_root!();
     guard_holds_forwarded_and_raw_traffic("ebpf");
+}
+
+/// `up` applied a policy the daemon did not read, and then its file got a typo: the daemon
+/// cannot follow devices under either policy. A new uplink (a second link to the router) gets a
+/// guard that passes nothing, so a VM's frame cannot leave by it unjudged; a valid file takes
+/// that guard away again at the next event.
+#[test]
+fn a_new_uplink_under_a_policy_the_daemon_did_not_read_passes_nothing() {
+    require_root!();
+    let mut bed = Bed::new("ebpf");
+    bed.lab.connect();
+    let daemon = bed.daemon();
+    let valid = std::fs::read_to_string(&bed.config).unwrap();
+    let applied = valid.replace("uplinks = [\"c0\"]", "uplinks = [\"c0\", \"c9\"]");
+    assert_ne!(applied, valid);
+    write_config(&bed.config, &applied);
+    assert!(bed.killswitch(&["up"]).status.success());
+    write_config(&bed.config, &format!("bogus = 1\n{applied}"));
+    assert!(
+        !bed.lab.log("daemon.log").contains("reload applied"),
+        "the daemon read the applied file before the typo: nothing left to test"
+    );
+
+    bed.lab.client.veth("c1", &bed.lab.router, "rc1");
+    let mut oracle = Capture::start(&bed.lab.router, "rc1", bed.lab.dir().join("rc1.pcap"));
+    let started = Instant::now();
+    while !bed.guards("c1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new uplink got no guard: {}",
+            bed.lab.log("daemon.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let web = format!("{WEB_HOST}:{WEB_PORT}");
+    let sent = bed.raw_on("c1", "192.168.78.2:40000", &web);
+    oracle.stop();
+    let leaked = oracle.packets(&to_web_host());
+    assert!(!sent, "the new uplink's guard let a raw frame leave");
+    assert!(leaked.is_empty(), "leaked by the new uplink: {leaked:#?}");
+
+    // Valid again: the next event applies it, and c1 (a veth `uplinks` does not name) is no
+    // uplink of it: no guard.
+    write_config(&bed.config, &valid);
+    bed.lab.client.ip(&["link", "set", "c1", "mtu", "1400"]);
+    let started = Instant::now();
+    while bed.guards("c1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the valid file did not take the guard away: {}",
+            bed.lab.log("daemon.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The oracle sees such a frame when nothing holds it.
+    let mut oracle = Capture::start(&bed.lab.router, "rc1", bed.lab.dir().join("rc1.pcap"));
+    assert!(bed.raw_on("c1", "192.168.78.2:40000", &web));
+    oracle.stop();
+    assert!(!oracle.packets(&to_web_host()).is_empty());
+    drop(daemon);
 }
 
 /// nftables: the forward chain holds what the host forwards, a netdev egress chain on the

@@ -363,10 +363,14 @@ impl Daemon {
         let started = Instant::now();
         let also = self.links.skip_queued();
         if self.backend == Backend::Nftables {
-            match self.follow_devices_nftables() {
-                Ok(Written::ConfigChanged) => {
-                    self.reload_changed_config();
-                }
+            let mut followed = self.follow_devices_nftables();
+            // A refused file leaves the policy in force: when that is this daemon's (the typo
+            // is in its own file), it goes on hooking the devices there are.
+            if matches!(followed, Ok(Written::ConfigChanged)) && !self.reload_changed_config() {
+                followed = self.follow_devices_nftables();
+            }
+            match followed {
+                Ok(Written::ConfigChanged) => {}
                 Ok(Written::Changes) => tracing::info!(
                     ?change,
                     elapsed_us = started.elapsed().as_micros() as u64,
@@ -381,39 +385,26 @@ impl Daemon {
             }
             return;
         }
-        // Listed under the lock, so a racing `up` cannot write an older list after ours.
-        let result: Result<Option<InterfaceEntries>> = (|| {
-            let lock = self.lock()?;
-            if self.config_changed() {
-                return Ok(None);
+        let mut result = self.write_interfaces();
+        if matches!(result, Ok(None)) {
+            // The reload writes the interfaces too. A refused or failed one writes nothing;
+            // the policy in force stays, and when that is this daemon's (the typo is in its
+            // own file) it goes on following the devices there are.
+            if self.reload_changed_config() {
+                return;
             }
-            let written = (|| {
-                let list = interfaces::list()?;
-                let guarded = interfaces::guarded(&list, &self.policy);
-                let entries =
-                    InterfaceEntries::new(&self.policy, &list, self.netns_cookie, guarded);
-                self.maps()?.write_interfaces(&entries)?;
-                if self.policy.guarded() {
-                    ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
-                }
-                Ok(entries)
-            })();
-            // A device may be left without its guard: other namespaces stop passing.
-            if written.is_err() {
-                self.switch_guard_off(&lock);
-            }
-            written.map(Some)
-        })();
+            result = self.write_interfaces();
+        }
         match result {
-            // The reload writes the interfaces too. A refused or failed one writes nothing,
-            // and the policy in force may not be the one this daemon last read (an `up` may
-            // have applied the file since, so even whether it has a guard is unknown): other
-            // namespaces stop passing, since a new device may have no guard, until a write
-            // succeeds.
+            // The policy in force is not the one this daemon last read (an `up` applied
+            // another): other namespaces stop passing, and a device that has no guard gets
+            // one that passes nothing, until a write succeeds.
             Ok(None) => {
-                if !self.reload_changed_config() {
-                    if let Ok(lock) = self.lock() {
-                        self.switch_guard_off(&lock);
+                if let Ok(lock) = self.lock() {
+                    self.switch_guard_off(&lock);
+                    let pin_dir = pins::pin_dir(&self.scope);
+                    if let Err(e) = ebpf::guard_unknown_devices(&pin_dir, self.netns_cookie) {
+                        tracing::error!("cannot guard the new devices: {e}");
                     }
                 }
             }
@@ -428,6 +419,31 @@ impl Daemon {
             }
             Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
         }
+    }
+
+    /// Writes the tunnel and uplink maps, and attaches the guard, under this daemon's policy;
+    /// `None` when that is not the policy in force or the file changed (nothing written). Listed
+    /// under the lock, so a racing `up` cannot write an older list after ours.
+    fn write_interfaces(&self) -> Result<Option<InterfaceEntries>> {
+        let lock = self.lock()?;
+        if self.config_changed() {
+            return Ok(None);
+        }
+        let written = (|| {
+            let list = interfaces::list()?;
+            let guarded = interfaces::guarded(&list, &self.policy);
+            let entries = InterfaceEntries::new(&self.policy, &list, self.netns_cookie, guarded);
+            self.maps()?.write_interfaces(&entries)?;
+            if self.policy.guarded() {
+                ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
+            }
+            Ok(entries)
+        })();
+        // A device may be left without its guard: other namespaces stop passing.
+        if written.is_err() {
+            self.switch_guard_off(&lock);
+        }
+        written.map(Some)
     }
 
     /// nftables: the guard's netdev chains hook devices by name, and only those there were:

@@ -341,6 +341,21 @@ impl PinnedMaps {
             .map_err(|e| Error::kernel(format!("cannot read the {GUARDED} map"), e))
     }
 
+    /// Adds `new` to the guard's device map, removing nothing.
+    pub fn add_guarded(&mut self, new: &super::guard::Guarded) -> Result<()> {
+        let map = self.guarded.as_mut().ok_or_else(|| {
+            Error::kernel(
+                format!("the {GUARDED} map is missing"),
+                "run `killswitch down` and `up` again",
+            )
+        })?;
+        for (&ifindex, (_, header)) in new {
+            map.insert(ifindex, header, 0)
+                .map_err(|e| Error::kernel(format!("cannot update the {GUARDED} map"), e))?;
+        }
+        Ok(())
+    }
+
     /// Makes the guard's device map hold exactly `wanted` (new entries first).
     fn sync_guarded(&mut self, wanted: &super::guard::Guarded) -> Result<()> {
         let current = self.guarded()?;

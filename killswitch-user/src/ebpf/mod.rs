@@ -748,6 +748,55 @@ pub fn guard_uplinks(pin_dir: &Path, guarded: &guard::Guarded) -> Result<()> {
     attached.and(switched)
 }
 
+/// While a policy the daemon did not read is in force and its file is refused: every device
+/// without a guard, but loopback and the tunnels in force, gets one that passes nothing (a new
+/// uplink would carry a VM's frames unjudged) until a policy is written again. Nothing when the
+/// policy in force has no guard. The caller holds the scope's lock.
+pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
+    if !guard::loaded(pin_dir) {
+        return Ok(());
+    }
+    let mut maps = PinnedMaps::open(pin_dir)?;
+    let tunnels = maps.tunnels()?;
+    let list = crate::interfaces::list()?;
+    let mut guarded = maps.guarded()?;
+    let unknown: guard::Guarded = list
+        .iter()
+        .filter(|i| {
+            i.index != killswitch_common::LOOPBACK_IFINDEX
+                && !guarded.contains_key(&i.index)
+                && !tunnels.contains(&killswitch_common::InterfaceKey::new(netns_cookie, i.index))
+        })
+        .map(|i| {
+            (
+                i.index,
+                (i.name.clone(), killswitch_common::GUARD_NOT_AN_UPLINK),
+            )
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    maps.add_guarded(&unknown)?;
+    // The map keeps no names, and a clsact filter is attached by name; gone devices need none.
+    guarded.retain(|index, _| list.iter().any(|i| i.index == *index));
+    for (index, (name, _)) in guarded.iter_mut() {
+        if let Some(device) = list.iter().find(|i| i.index == *index) {
+            name.clone_from(&device.name);
+        }
+    }
+    tracing::warn!(
+        "no policy this daemon knows is in force: {} get a guard that passes nothing",
+        unknown
+            .values()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    guarded.extend(unknown);
+    guard::attach(pin_dir, &guarded)
+}
+
 /// Holds a scope that is not enforced yet in lockdown because the policy cannot be applied
 /// (`cause`: a config the daemon or `up` cannot use, a kernel that refuses the programs).
 /// Returns the error to report: `Error::Lockdown(cause)`, or `cause` itself when the scope is
