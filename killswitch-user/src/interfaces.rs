@@ -99,6 +99,14 @@ const ARPHRD_RAWIP: u16 = 519;
 /// What the guard gets for a device it cannot read: every frame dropped.
 pub const UNREADABLE_HEADER: u8 = killswitch_common::GUARD_UNREADABLE;
 
+/// Whether `device` may lead out of the host: not loopback, and none of the internal kinds
+/// (veth, bridge, tun/tap, IP tunnels, ...), whose frames leave, if at all, by such a device.
+pub fn wired(device: &Interface) -> bool {
+    let internal = driver(&device.name).is_some_and(|d| INTERNAL_KINDS.contains(&d.as_str()))
+        || device_type(&device.name).is_some_and(|t| TUNNEL_TYPES.contains(&t));
+    device.index != killswitch_common::LOOPBACK_IFINDEX && !internal
+}
+
 /// The devices the uplink guard watches, each with the length of its link-layer header: every
 /// interface but loopback, the tunnels and the internal kinds (veth, bridge, tun/tap, IP
 /// tunnels, ...), and the ones `uplinks` names. With `uplinks` set, a device it does not name
@@ -110,11 +118,7 @@ pub fn guarded(all: &[Interface], policy: &crate::policy::Policy) -> Vec<(Interf
     }
     let tunnels = matching(all, &policy.tunnels);
     let listed = policy.uplinks.as_deref().map(|u| matching(all, u));
-    let wired = all.iter().filter(|i| {
-        let internal = driver(&i.name).is_some_and(|d| INTERNAL_KINDS.contains(&d.as_str()))
-            || device_type(&i.name).is_some_and(|t| TUNNEL_TYPES.contains(&t));
-        i.index != killswitch_common::LOOPBACK_IFINDEX && !internal
-    });
+    let wired = all.iter().filter(|i| wired(i));
     let mut candidates: Vec<Interface> = wired.chain(listed.iter().flatten()).cloned().collect();
     candidates.sort();
     candidates.dedup();

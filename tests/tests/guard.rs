@@ -147,7 +147,15 @@ impl Bed {
     fn guards(&self, device: &str) -> bool {
         String::from_utf8_lossy(&self.killswitch(&["status"]).stdout)
             .lines()
-            .any(|l| l.starts_with("guard") && l.split([' ', ',']).any(|w| w == device))
+            .filter(|l| l.starts_with("guard"))
+            .flat_map(|l| l.split(", ").map(str::to_owned).collect::<Vec<_>>())
+            .any(|d| {
+                d.trim_start_matches("guard")
+                    .trim_start()
+                    .trim_start_matches("on ")
+                    .starts_with(&format!("{device} ("))
+                    && !d.contains("NOT ATTACHED")
+            })
     }
 }
 
@@ -330,9 +338,9 @@ fn the_guard_holds_a_containers_and_raw_frames_with_ebpf() {
 }
 
 /// `up` applied a policy the daemon did not read, and then its file got a typo: the daemon
-/// cannot follow devices under either policy. A new uplink (a second link to the router) gets a
-/// guard that passes nothing, so a VM's frame cannot leave by it unjudged; a valid file takes
-/// that guard away again at the next event.
+/// cannot follow devices under either policy. A new wired device (a macvlan on a second link
+/// to the router, which is a veth no policy here guards) gets a guard that passes nothing, so
+/// a VM's frame cannot leave by it unjudged; a valid file is applied at the next event.
 #[test]
 fn a_new_uplink_under_a_policy_the_daemon_did_not_read_passes_nothing() {
     require_root!();
@@ -351,9 +359,12 @@ fn a_new_uplink_under_a_policy_the_daemon_did_not_read_passes_nothing() {
     );
 
     bed.lab.client.veth("c1", &bed.lab.router, "rc1");
-    let mut oracle = Capture::start(&bed.lab.router, "rc1", bed.lab.dir().join("rc1.pcap"));
+    bed.lab
+        .client
+        .ip(&["link", "add", "mv1", "link", "c1", "type", "macvlan"]);
+    bed.lab.client.ip(&["link", "set", "mv1", "up"]);
     let started = Instant::now();
-    while !bed.guards("c1") {
+    while !bed.guards("mv1") {
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the new uplink got no guard: {}",
@@ -361,31 +372,34 @@ fn a_new_uplink_under_a_policy_the_daemon_did_not_read_passes_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(!bed.guards("c1"), "a veth got a guard");
     let web = format!("{WEB_HOST}:{WEB_PORT}");
-    let sent = bed.raw_on("c1", "192.168.78.2:40000", &web);
+    let mut oracle = Capture::start(&bed.lab.router, "rc1", bed.lab.dir().join("rc1.pcap"));
+    let sent = bed.raw_on("mv1", "192.168.78.2:40000", &web);
+    // The oracle sees such a frame when nothing holds it (c1 has no guard).
+    let unguarded = bed.raw_on("c1", "192.168.78.3:40000", &web);
     oracle.stop();
-    let leaked = oracle.packets(&to_web_host());
+    let leaked = oracle.packets(&format!("{} and src host 192.168.78.2", to_web_host()));
     assert!(!sent, "the new uplink's guard let a raw frame leave");
     assert!(leaked.is_empty(), "leaked by the new uplink: {leaked:#?}");
+    assert!(unguarded);
+    assert!(!oracle
+        .packets(&format!("{} and src host 192.168.78.3", to_web_host()))
+        .is_empty());
 
-    // Valid again: the next event applies it, and c1 (a veth `uplinks` does not name) is no
-    // uplink of it: no guard.
+    // Valid again: the next event applies it (mv1 is wired and not in `uplinks`: its guard
+    // still passes nothing, now as that policy's).
     write_config(&bed.config, &valid);
     bed.lab.client.ip(&["link", "set", "c1", "mtu", "1400"]);
-    let started = Instant::now();
-    while bed.guards("c1") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the valid file did not take the guard away: {}",
-            bed.lab.log("daemon.log")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The oracle sees such a frame when nothing holds it.
-    let mut oracle = Capture::start(&bed.lab.router, "rc1", bed.lab.dir().join("rc1.pcap"));
-    assert!(bed.raw_on("c1", "192.168.78.2:40000", &web));
-    oracle.stop();
-    assert!(!oracle.packets(&to_web_host()).is_empty());
+    assert!(
+        (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            bed.lab.log("daemon.log").contains("reload applied")
+        }),
+        "the valid file was not applied: {}",
+        bed.lab.log("daemon.log")
+    );
+    assert!(bed.guards("mv1") && bed.guards("c0"));
     drop(daemon);
 }
 

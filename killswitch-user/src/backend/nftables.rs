@@ -300,9 +300,12 @@ fn holds_frames(table: &str) -> bool {
 
 /// Adds a VPN client's cgroup to the scope's table, if the table holds the servers to its VPN
 /// client (it has the `vpn_client` chain); false otherwise. The next apply renders the same.
-/// One nft run, as the client may be starting right now.
-pub fn add_vpn_client(scope: &Scope, client: &crate::vpn_client::ClientCgroup) -> Result<bool> {
-    let _lock = lock(scope)?;
+/// One nft run, as the client may be starting right now; the caller holds the scope's lock.
+pub fn add_vpn_client(
+    scope: &Scope,
+    client: &crate::vpn_client::ClientCgroup,
+    _lock: &Lock,
+) -> Result<bool> {
     let (table, _) = table_of(scope)?;
     let Some((path, level)) = render::client_rule(client) else {
         return Ok(false);

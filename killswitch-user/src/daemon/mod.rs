@@ -363,11 +363,12 @@ impl Daemon {
         let started = Instant::now();
         let also = self.links.skip_queued();
         if self.backend == Backend::Nftables {
-            let mut followed = self.follow_devices_nftables();
+            let mut followed = self.follow_devices_nftables(false);
             // A refused file leaves the policy in force: when that is this daemon's (the typo
-            // is in its own file), it goes on hooking the devices there are.
+            // is in its own file), it goes on hooking the devices there are. Another's is
+            // left as it is (docs/daemon.md: its new devices get no netdev chain).
             if matches!(followed, Ok(Written::ConfigChanged)) && !self.reload_changed_config() {
-                followed = self.follow_devices_nftables();
+                followed = self.follow_devices_nftables(true);
             }
             match followed {
                 Ok(Written::ConfigChanged) => {}
@@ -385,7 +386,7 @@ impl Daemon {
             }
             return;
         }
-        let mut result = self.write_interfaces();
+        let mut result = self.write_interfaces(false);
         if matches!(result, Ok(None)) {
             // The reload writes the interfaces too. A refused or failed one writes nothing;
             // the policy in force stays, and when that is this daemon's (the typo is in its
@@ -393,21 +394,10 @@ impl Daemon {
             if self.reload_changed_config() {
                 return;
             }
-            result = self.write_interfaces();
+            result = self.write_interfaces(true);
         }
         match result {
-            // The policy in force is not the one this daemon last read (an `up` applied
-            // another): other namespaces stop passing, and a device that has no guard gets
-            // one that passes nothing, until a write succeeds.
-            Ok(None) => {
-                if let Ok(lock) = self.lock() {
-                    self.switch_guard_off(&lock);
-                    let pin_dir = pins::pin_dir(&self.scope);
-                    if let Err(e) = ebpf::guard_unknown_devices(&pin_dir, self.netns_cookie) {
-                        tracing::error!("cannot guard the new devices: {e}");
-                    }
-                }
-            }
+            Ok(None) => {}
             Ok(Some(entries)) => {
                 tracing::debug!(
                     ?change,
@@ -422,11 +412,22 @@ impl Daemon {
     }
 
     /// Writes the tunnel and uplink maps, and attaches the guard, under this daemon's policy;
-    /// `None` when that is not the policy in force or the file changed (nothing written). Listed
-    /// under the lock, so a racing `up` cannot write an older list after ours.
-    fn write_interfaces(&self) -> Result<Option<InterfaceEntries>> {
+    /// `None` when the file changed (a reload comes first) or, once `reloaded`, when that
+    /// policy is not the one in force: then other namespaces stop passing and a device without
+    /// a guard gets one that passes nothing, until a write succeeds (an `up` applied another
+    /// policy, whose view of a new device the daemon cannot know). Listed under the lock, so a
+    /// racing `up` cannot write an older list after ours.
+    fn write_interfaces(&self, reloaded: bool) -> Result<Option<InterfaceEntries>> {
         let lock = self.lock()?;
-        if self.config_changed() {
+        if !reloaded && self.config_changed() {
+            return Ok(None);
+        }
+        if reloaded && self.in_force() != Some(self.fingerprint) {
+            self.switch_guard_off(&lock);
+            let pin_dir = pins::pin_dir(&self.scope);
+            if let Err(e) = ebpf::guard_unknown_devices(&pin_dir, self.netns_cookie) {
+                tracing::error!("cannot guard the devices there are now: {e}");
+            }
             return Ok(None);
         }
         let written = (|| {
@@ -448,11 +449,17 @@ impl Daemon {
 
     /// nftables: the guard's netdev chains hook devices by name, and only those there were:
     /// a device that appeared, one renamed, or one that joined a listed bridge gets the table
-    /// rendered anew.
-    fn follow_devices_nftables(&self) -> Result<Written> {
+    /// rendered anew. Once `reloaded` (refused or failed), under this daemon's policy only if
+    /// that is the one in force.
+    fn follow_devices_nftables(&self, reloaded: bool) -> Result<Written> {
         let _lock = self.nftables_lock()?;
         // Asked first: whether the policy in force has a guard is known only when it is ours.
-        if self.config_changed() {
+        let changed = if reloaded {
+            self.in_force() != Some(self.fingerprint)
+        } else {
+            self.config_changed()
+        };
+        if changed {
             return Ok(Written::ConfigChanged);
         }
         if !self.policy.guarded() {
@@ -494,13 +501,15 @@ impl Daemon {
                 return Ok(Written::ConfigChanged);
             }
             if self.backend == Backend::Nftables {
-                // A new client first, in one nft run: it may be sending already.
-                for client in now.iter().filter(|c| !self.clients.contains(c)) {
-                    nftables::add_vpn_client(&self.scope, client)?;
-                }
-                let _lock = self.nftables_lock()?;
+                // Asked under the lock: a client added to a table `up` just wrote from another
+                // policy would widen that policy.
+                let lock = self.nftables_lock()?;
                 if self.config_changed() {
                     return Ok(Written::ConfigChanged);
+                }
+                // A new client first, in one nft run: it may be sending already.
+                for client in now.iter().filter(|c| !self.clients.contains(c)) {
+                    nftables::add_vpn_client(&self.scope, client, &lock)?;
                 }
                 self.apply_nftables()?;
                 return Ok(Written::Changes);
@@ -693,9 +702,12 @@ impl Daemon {
         };
         // Names the old config had keep their addresses; new ones are looked up right after.
         let servers = ResolvedServers::for_rules(&policy.servers, Some(&self.servers));
-        let previous_fingerprint = std::mem::replace(&mut self.fingerprint, policy.fingerprint());
-        let previous = std::mem::replace(&mut self.policy, policy);
-        let previous_servers = std::mem::replace(&mut self.servers, servers);
+        // What the daemon goes back to when nothing is written.
+        let previous = (
+            std::mem::replace(&mut self.fingerprint, policy.fingerprint()),
+            std::mem::replace(&mut self.policy, policy),
+            std::mem::replace(&mut self.servers, servers),
+        );
         let changed = || Stamp::of(&self.config) != self.stamp;
         let result: Result<Option<Option<MapEntries>>> = (|| {
             if self.backend == Backend::Nftables {
@@ -719,9 +731,7 @@ impl Daemon {
         })();
         match result {
             Ok(None) => {
-                self.policy = previous;
-                self.fingerprint = previous_fingerprint;
-                self.servers = previous_servers;
+                (self.fingerprint, self.policy, self.servers) = previous;
                 tracing::info!(
                     "{} changed while it was read: reading it again",
                     self.config.display()
@@ -741,9 +751,7 @@ impl Daemon {
                 Some(true)
             }
             Err(e) => {
-                self.policy = previous;
-                self.fingerprint = previous_fingerprint;
-                self.servers = previous_servers;
+                (self.fingerprint, self.policy, self.servers) = previous;
                 // Not applied: tried again at a later event (after RETRY_AFTER).
                 self.stamp = previous_stamp;
                 self.refused = Some((Stamp::of(&self.config), self.in_force(), Instant::now()));

@@ -356,6 +356,18 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// Removes `gone` from the guard's device map.
+    pub fn remove_guarded(&mut self, gone: &[u32]) -> Result<()> {
+        let Some(map) = self.guarded.as_mut() else {
+            return Ok(());
+        };
+        for ifindex in gone {
+            map.remove(ifindex)
+                .map_err(|e| Error::kernel(format!("cannot update the {GUARDED} map"), e))?;
+        }
+        Ok(())
+    }
+
     /// Makes the guard's device map hold exactly `wanted` (new entries first).
     fn sync_guarded(&mut self, wanted: &super::guard::Guarded) -> Result<()> {
         let current = self.guarded()?;

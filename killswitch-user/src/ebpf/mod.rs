@@ -28,7 +28,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use killswitch_common::Direction;
+use killswitch_common::{Direction, GUARD_NOT_AN_UPLINK};
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 
 pub use entries::{InterfaceEntries, MapEntries};
@@ -748,10 +748,11 @@ pub fn guard_uplinks(pin_dir: &Path, guarded: &guard::Guarded) -> Result<()> {
     attached.and(switched)
 }
 
-/// While a policy the daemon did not read is in force and its file is refused: every device
-/// without a guard, but loopback and the tunnels in force, gets one that passes nothing (a new
-/// uplink would carry a VM's frames unjudged) until a policy is written again. Nothing when the
-/// policy in force has no guard. The caller holds the scope's lock.
+/// While a policy the daemon did not read is in force and it cannot write its own: every
+/// wired device without a guard in the map (a new uplink, which would carry a VM's frames
+/// unjudged) gets one that passes nothing, until a policy is written again; the devices the map
+/// guards keep theirs (attached again: one a rename or a failure left without it gets it now).
+/// Nothing when the policy in force has no guard. The caller holds the scope's lock.
 pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
     if !guard::loaded(pin_dir) {
         return Ok(());
@@ -759,42 +760,48 @@ pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
     let mut maps = PinnedMaps::open(pin_dir)?;
     let tunnels = maps.tunnels()?;
     let list = crate::interfaces::list()?;
-    let mut guarded = maps.guarded()?;
-    let unknown: guard::Guarded = list
+    let in_map = maps.guarded()?;
+    let tunnel = |i: &crate::interfaces::Interface| {
+        tunnels.contains(&killswitch_common::InterfaceKey::new(netns_cookie, i.index))
+    };
+    // Named from the list: the map keeps no names, and a clsact filter is attached by name.
+    let guarded: guard::Guarded = list
         .iter()
-        .filter(|i| {
-            i.index != killswitch_common::LOOPBACK_IFINDEX
-                && !guarded.contains_key(&i.index)
-                && !tunnels.contains(&killswitch_common::InterfaceKey::new(netns_cookie, i.index))
-        })
+        .filter(|i| in_map.contains_key(&i.index) || (crate::interfaces::wired(i) && !tunnel(i)))
         .map(|i| {
-            (
-                i.index,
-                (i.name.clone(), killswitch_common::GUARD_NOT_AN_UPLINK),
-            )
+            let header = in_map
+                .get(&i.index)
+                .map_or(GUARD_NOT_AN_UPLINK, |(_, h)| *h);
+            (i.index, (i.name.clone(), header))
         })
         .collect();
-    if unknown.is_empty() {
-        return Ok(());
+    let unknown: guard::Guarded = guarded
+        .iter()
+        .filter(|(index, _)| !in_map.contains_key(index))
+        .map(|(index, entry)| (*index, entry.clone()))
+        .collect();
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "no policy this daemon knows is in force: {} get a guard that passes nothing",
+            unknown
+                .values()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
-    maps.add_guarded(&unknown)?;
-    // The map keeps no names, and a clsact filter is attached by name; gone devices need none.
-    guarded.retain(|index, _| list.iter().any(|i| i.index == *index));
-    for (index, (name, _)) in guarded.iter_mut() {
-        if let Some(device) = list.iter().find(|i| i.index == *index) {
-            name.clone_from(&device.name);
-        }
-    }
-    tracing::warn!(
-        "no policy this daemon knows is in force: {} get a guard that passes nothing",
-        unknown
-            .values()
-            .map(|(name, _)| name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    guarded.extend(unknown);
-    guard::attach(pin_dir, &guarded)
+    // Attached first: a device the map does not name passes nothing either. The entries only
+    // show it in `status`; gone devices' entries go, so the map never fills.
+    let attached = guard::attach(pin_dir, &guarded);
+    let stale: Vec<u32> = in_map
+        .keys()
+        .filter(|i| !guarded.contains_key(i))
+        .copied()
+        .collect();
+    let listed = maps
+        .add_guarded(&unknown)
+        .and_then(|()| maps.remove_guarded(&stale));
+    attached.and(listed)
 }
 
 /// Holds a scope that is not enforced yet in lockdown because the policy cannot be applied

@@ -23,7 +23,7 @@ pub fn register(mount: &Path, scope: &Scope, enforced: &[Scope]) -> Result<()> {
         let added = if ebpf::is_pinned(above) {
             add_to_maps(above, &client)?
         } else {
-            nftables::add_vpn_client(above, &client)?
+            nftables::add_vpn_client(above, &client, &nftables::lock(above)?)?
         };
         if added {
             tracing::info!(
