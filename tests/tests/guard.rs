@@ -143,19 +143,16 @@ impl Bed {
         .success()
     }
 
-    /// Whether `status` names `device` among the guard's.
+    /// Whether the guard is attached to `device` now, as `status --json` says (before Linux
+    /// 6.6 a clsact filter has no pin: there "attached" is the device's being there).
     fn guards(&self, device: &str) -> bool {
-        String::from_utf8_lossy(&self.killswitch(&["status"]).stdout)
-            .lines()
-            .filter(|l| l.starts_with("guard"))
-            .flat_map(|l| l.split(", ").map(str::to_owned).collect::<Vec<_>>())
-            .any(|d| {
-                d.trim_start_matches("guard")
-                    .trim_start()
-                    .trim_start_matches("on ")
-                    .starts_with(&format!("{device} ("))
-                    && !d.contains("NOT ATTACHED")
-            })
+        let status: serde_json::Value =
+            serde_json::from_slice(&self.killswitch(&["status", "--json"]).stdout).unwrap();
+        status["scopes"][0]["guard"]["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["name"] == device && d["attached"] == true)
     }
 }
 
@@ -340,16 +337,21 @@ fn the_guard_holds_a_containers_and_raw_frames_with_ebpf() {
 /// `up` applied a policy the daemon did not read, and then its file got a typo: the daemon
 /// cannot follow devices under either policy. A new wired device (a macvlan on a second link
 /// to the router, which is a veth no policy here guards) gets a guard that passes nothing, so
-/// a VM's frame cannot leave by it unjudged; a valid file is applied at the next event.
+/// a VM's frame cannot leave by it unjudged, and containers stop passing; a valid file is
+/// applied at the next event. The daemon's own policy names no `uplinks`: had it written that
+/// one, the macvlan would be an uplink, and a frame to the VPN server would pass.
 #[test]
 fn a_new_uplink_under_a_policy_the_daemon_did_not_read_passes_nothing() {
     require_root!();
     let mut bed = Bed::new("ebpf");
+    let valid = std::fs::read_to_string(&bed.config).unwrap();
+    let own = valid.replace("uplinks = [\"c0\"]\n", "");
+    let applied = valid.replace("uplinks = [\"c0\"]", "uplinks = [\"c0\", \"c9\"]");
+    assert!(own != valid && applied != valid);
+    write_config(&bed.config, &own);
     bed.lab.connect();
     let daemon = bed.daemon();
-    let valid = std::fs::read_to_string(&bed.config).unwrap();
-    let applied = valid.replace("uplinks = [\"c0\"]", "uplinks = [\"c0\", \"c9\"]");
-    assert_ne!(applied, valid);
+    assert!(bed.container_reaches(Duration::from_secs(5)));
     write_config(&bed.config, &applied);
     assert!(bed.killswitch(&["up"]).status.success());
     write_config(&bed.config, &format!("bogus = 1\n{applied}"));
@@ -374,14 +376,21 @@ fn a_new_uplink_under_a_policy_the_daemon_did_not_read_passes_nothing() {
     }
     assert!(!bed.guards("c1"), "a veth got a guard");
     let web = format!("{WEB_HOST}:{WEB_PORT}");
+    let server = format!("{VPN_SERVER}:{VPN_PORT}");
     let mut oracle = Capture::start(&bed.lab.router, "rc1", bed.lab.dir().join("rc1.pcap"));
     let sent = bed.raw_on("mv1", "192.168.78.2:40000", &web);
+    let sent_to_server = bed.raw_on("mv1", "192.168.78.2:40001", &server);
     // The oracle sees such a frame when nothing holds it (c1 has no guard).
     let unguarded = bed.raw_on("c1", "192.168.78.3:40000", &web);
     oracle.stop();
-    let leaked = oracle.packets(&format!("{} and src host 192.168.78.2", to_web_host()));
+    let leaked = oracle.packets("src host 192.168.78.2");
     assert!(!sent, "the new uplink's guard let a raw frame leave");
+    assert!(!sent_to_server, "the new uplink was guarded as an uplink");
     assert!(leaked.is_empty(), "leaked by the new uplink: {leaked:#?}");
+    assert!(
+        !bed.container_request(),
+        "containers still pass under a policy the daemon did not read"
+    );
     assert!(unguarded);
     assert!(!oracle
         .packets(&format!("{} and src host 192.168.78.3", to_web_host()))

@@ -91,15 +91,29 @@ pub fn taken_down(scope: &Scope) -> bool {
 /// Replaces the scope's table with the policy's in one transaction (no moment without it),
 /// then reads it back. The caller holds [`lock`].
 pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
+    let previous = policy_in_force(scope);
     // No policy recorded while the table changes: one that fails half-way matches no one's.
     record_policy(scope, None)?;
+    let applied = apply_unrecorded(scope, policy, servers);
+    // A write fails before nft, or nft refuses the whole transaction: the table there is the
+    // one before, and so is its policy (the only failure after a transaction is a table gone).
+    let now = match &applied {
+        Ok(()) => Some(policy.fingerprint()),
+        Err(_) if holds(scope) => previous,
+        Err(_) => None,
+    };
+    let recorded = record_policy(scope, now);
+    applied.and(recorded)
+}
+
+fn apply_unrecorded(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
     let mut refused = None;
     // A device that goes away between the listing and the load fails the transaction (before
     // Linux 6.16 a chain on a missing device is refused): again with the devices there are.
     for _ in 0..3 {
         let devices = guarded(policy)?;
         match write(scope, policy, servers, None, &devices) {
-            Ok(()) => return record_policy(scope, Some(policy.fingerprint())),
+            Ok(()) => return Ok(()),
             Err(e) if devices.is_empty() || !matches!(e, Error::Kernel { .. }) => return Err(e),
             Err(e) => refused = Some(e),
         }
@@ -115,7 +129,7 @@ pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Resu
         "this kernel has no netdev egress hook ({refused}): raw-socket frames are not held on \
          the uplinks; what the host forwards still is"
     );
-    record_policy(scope, Some(policy.fingerprint()))
+    Ok(())
 }
 
 /// Whether nft can hook a netdev chain on egress here, tried in a scratch namespace.

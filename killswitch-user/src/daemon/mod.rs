@@ -156,6 +156,9 @@ pub struct Daemon {
     /// when: not read again for an event until one of them changes or [`RETRY_AFTER`] passed
     /// (a VPN client's cgroups are looked at ten times a second).
     refused: Option<(Stamp, Option<u64>, Instant)>,
+    /// The last link event's write failed (a guard not attached, say): tried again each second,
+    /// since a device may be left without its guard until then.
+    devices_failed: bool,
     /// `killswitch run`'s scope: never a guard ([`Policy::without_guard`]).
     run: bool,
 }
@@ -218,6 +221,7 @@ impl Daemon {
             clients: Vec::new(),
             clients_failed: None,
             refused: None,
+            devices_failed: false,
             run,
         };
         daemon.clients = vpn_client::current(&daemon.policy);
@@ -277,6 +281,7 @@ impl Daemon {
         // An nftables table can be removed behind our back (`flush ruleset`): looked at each
         // second, and put back (see `table_vanished`).
         let mut look_at_table = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut retry_devices = tokio::time::interval(std::time::Duration::from_secs(1));
         // A VPN client's cgroup made again (a restarted unit) is a new id: looked for often,
         // since until then the client cannot reach its server (and nothing else can).
         let mut look_at_clients = tokio::time::interval(std::time::Duration::from_millis(100));
@@ -292,7 +297,7 @@ impl Daemon {
                 tokio::time::sleep_until(next_lookup.unwrap_or_else(Instant::now).into());
             tokio::select! {
                 change = self.links.next() => match change {
-                    Some(change) => self.interfaces_changed(change),
+                    Some(change) => self.interfaces_changed(Some(change)),
                     None => return Err(Error::Runtime("the netlink socket closed".into())),
                 },
                 _ = hangup.recv() => {
@@ -308,6 +313,7 @@ impl Daemon {
                     guard.clear_ready();
                 }
                 _ = look_at_table.tick(), if self.backend == Backend::Nftables => {}
+                _ = retry_devices.tick(), if self.devices_failed => self.interfaces_changed(None),
                 _ = look_at_clients.tick(), if self.policy.vpn_client.is_some() => {
                     // A watch for the config's directory: new after a reload, or once the
                     // directory is there again (systemd removes an empty slice).
@@ -357,11 +363,21 @@ impl Daemon {
         Ok(())
     }
 
-    /// A link appeared, changed or went away: bring the tunnel and uplink maps up to date
-    /// (nftables matches names: nothing to write).
-    fn interfaces_changed(&mut self, change: links::LinkChange) {
+    /// A link appeared, changed or went away (`None`: the last write failed and is tried
+    /// again): bring the tunnel and uplink maps up to date (nftables matches names: nothing to
+    /// write but the guard's chains).
+    fn interfaces_changed(&mut self, change: Option<links::LinkChange>) {
         let started = Instant::now();
         let also = self.links.skip_queued();
+        let failed_before = std::mem::take(&mut self.devices_failed);
+        // A write failing again each second is said once.
+        let report = |e: Error| {
+            if failed_before && change.is_none() {
+                tracing::debug!("still cannot follow the devices: {e}");
+            } else {
+                tracing::error!("cannot follow {change:?}: {e}");
+            }
+        };
         if self.backend == Backend::Nftables {
             let mut followed = self.follow_devices_nftables(false);
             // A refused file leaves the policy in force: when that is this daemon's (the typo
@@ -382,7 +398,10 @@ impl Daemon {
                     also,
                     "interfaces changed; the nft rules match names"
                 ),
-                Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+                Err(e) => {
+                    report(e);
+                    self.devices_failed = true;
+                }
             }
             return;
         }
@@ -407,7 +426,10 @@ impl Daemon {
                 );
                 self.log_tunnels(&entries.tunnels);
             }
-            Err(e) => tracing::error!("cannot follow {change:?}: {e}"),
+            Err(e) => {
+                report(e);
+                self.devices_failed = true;
+            }
         }
     }
 
@@ -424,10 +446,7 @@ impl Daemon {
         }
         if reloaded && self.in_force() != Some(self.fingerprint) {
             self.switch_guard_off(&lock);
-            let pin_dir = pins::pin_dir(&self.scope);
-            if let Err(e) = ebpf::guard_unknown_devices(&pin_dir, self.netns_cookie) {
-                tracing::error!("cannot guard the devices there are now: {e}");
-            }
+            ebpf::guard_unknown_devices(&pins::pin_dir(&self.scope), self.netns_cookie)?;
             return Ok(None);
         }
         let written = (|| {
@@ -749,6 +768,14 @@ impl Daemon {
                     self.log_tunnels(&entries.interfaces.tunnels);
                 }
                 Some(true)
+            }
+            Err(e) if self.in_force() == Some(self.fingerprint) => {
+                // The maps hold the new policy; what failed came after them (the guard, whose
+                // switch is off now): it is this daemon's, and the interfaces' write that
+                // follows attaches the guard again.
+                self.refused = None;
+                tracing::error!("reload written, but not all of it: {e}");
+                Some(false)
             }
             Err(e) => {
                 (self.fingerprint, self.policy, self.servers) = previous;

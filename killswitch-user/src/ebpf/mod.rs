@@ -758,9 +758,10 @@ pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
         return Ok(());
     }
     let mut maps = PinnedMaps::open(pin_dir)?;
-    let tunnels = maps.tunnels()?;
     let list = crate::interfaces::list()?;
-    let in_map = maps.guarded()?;
+    // Maps that cannot be read: every wired device passes nothing (stricter, not wider).
+    let tunnels = maps.tunnels().unwrap_or_default();
+    let in_map = maps.guarded().unwrap_or_default();
     let tunnel = |i: &crate::interfaces::Interface| {
         tunnels.contains(&killswitch_common::InterfaceKey::new(netns_cookie, i.index))
     };
@@ -799,8 +800,8 @@ pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
         .copied()
         .collect();
     let listed = maps
-        .add_guarded(&unknown)
-        .and_then(|()| maps.remove_guarded(&stale));
+        .remove_guarded(&stale)
+        .and_then(|()| maps.add_guarded(&unknown));
     attached.and(listed)
 }
 
