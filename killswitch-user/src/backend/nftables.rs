@@ -94,16 +94,17 @@ pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Resu
     let previous = policy_in_force(scope);
     // No policy recorded while the table changes: one that fails half-way matches no one's.
     record_policy(scope, None)?;
-    let applied = apply_unrecorded(scope, policy, servers);
-    // A write fails before nft, or nft refuses the whole transaction: the table there is the
-    // one before, and so is its policy (the only failure after a transaction is a table gone).
-    let now = match &applied {
-        Ok(()) => Some(policy.fingerprint()),
-        Err(_) if holds(scope) => previous,
-        Err(_) => None,
+    let committed = apply_unrecorded(scope, policy, servers);
+    // A write that fails before nft, or a transaction nft refuses whole, leaves the table
+    // before, and so its policy; one committed is the new policy if the table is there.
+    let there = committed.is_ok() && holds(scope);
+    let now = match (&committed, there) {
+        (Ok(()), true) => Some(policy.fingerprint()),
+        (Ok(()), false) => None,
+        (Err(_), _) => previous,
     };
     let recorded = record_policy(scope, now);
-    applied.and(recorded)
+    committed.and_then(|()| present(scope)).and(recorded)
 }
 
 fn apply_unrecorded(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {
@@ -112,7 +113,7 @@ fn apply_unrecorded(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) 
     // Linux 6.16 a chain on a missing device is refused): again with the devices there are.
     for _ in 0..3 {
         let devices = guarded(policy)?;
-        match write(scope, policy, servers, None, &devices) {
+        match commit(scope, policy, servers, None, &devices) {
             Ok(()) => return Ok(()),
             Err(e) if devices.is_empty() || !matches!(e, Error::Kernel { .. }) => return Err(e),
             Err(e) => refused = Some(e),
@@ -124,7 +125,7 @@ fn apply_unrecorded(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) 
     if egress_hook() {
         return Err(refused);
     }
-    write(scope, policy, servers, None, &[])?;
+    commit(scope, policy, servers, None, &[])?;
     tracing::warn!(
         "this kernel has no netdev egress hook ({refused}): raw-socket frames are not held on \
          the uplinks; what the host forwards still is"
@@ -141,6 +142,7 @@ fn egress_hook() -> bool {
     .is_ok()
 }
 
+/// [`commit`], then the table is read back.
 fn write(
     scope: &Scope,
     policy: &Policy,
@@ -148,7 +150,19 @@ fn write(
     lockdown: Option<String>,
     guarded: &[(crate::interfaces::Interface, u8)],
 ) -> Result<()> {
-    let (table, cgroup) = table_of(scope)?;
+    commit(scope, policy, servers, lockdown, guarded)?;
+    present(scope)
+}
+
+/// Renders the policy and loads it in one nft transaction: on an error, the table is as it was.
+fn commit(
+    scope: &Scope,
+    policy: &Policy,
+    servers: &[ServerEndpoint],
+    lockdown: Option<String>,
+    guarded: &[(crate::interfaces::Interface, u8)],
+) -> Result<()> {
+    let (_, cgroup) = table_of(scope)?;
     let clients = crate::vpn_client::current(policy);
     let script = render::nft(&Ruleset {
         policy,
@@ -167,13 +181,19 @@ fn write(
     if let Ok(mark) = state_file(scope, "down") {
         let _ = std::fs::remove_file(mark);
     }
-    if !holds(scope) {
-        return Err(Error::kernel(
-            "nft reported success",
-            format!("but table inet {table} is not there"),
-        ));
-    }
     Ok(())
+}
+
+/// The scope's table is there, after nft said it loaded it.
+fn present(scope: &Scope) -> Result<()> {
+    if holds(scope) {
+        return Ok(());
+    }
+    let (table, _) = table_of(scope)?;
+    Err(Error::kernel(
+        "nft reported success",
+        format!("but table inet {table} is not there"),
+    ))
 }
 
 /// Records which policy the scope's table now holds (`None`: lockdown, or no table).

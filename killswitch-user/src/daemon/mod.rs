@@ -280,11 +280,11 @@ impl Daemon {
         let (answers, mut answered) = mpsc::unbounded_channel();
         // An nftables table can be removed behind our back (`flush ruleset`): looked at each
         // second, and put back (see `table_vanished`).
-        let mut look_at_table = tokio::time::interval(std::time::Duration::from_secs(1));
-        let mut retry_devices = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut look_at_table = every(std::time::Duration::from_secs(1));
+        let mut retry_devices = every(std::time::Duration::from_secs(1));
         // A VPN client's cgroup made again (a restarted unit) is a new id: looked for often,
         // since until then the client cannot reach its server (and nothing else can).
-        let mut look_at_clients = tokio::time::interval(std::time::Duration::from_millis(100));
+        let mut look_at_clients = every(std::time::Duration::from_millis(100));
         // ...and at once when the directory that holds it changes, before the client sends.
         // No cgroup2 mount (an nftables scope of the whole machine): nothing to watch.
         let mount = crate::scope::cgroup2_mount().ok();
@@ -292,6 +292,7 @@ impl Daemon {
             .as_deref()
             .and_then(|m| ClientWatch::new(m, &self.policy));
         loop {
+            let failed_before = self.devices_failed;
             let next_lookup = self.servers.next_due();
             let lookup_due =
                 tokio::time::sleep_until(next_lookup.unwrap_or_else(Instant::now).into());
@@ -339,6 +340,10 @@ impl Daemon {
                     None => break,
                 },
                 _ = interrupt.recv(), if forward.is_none() => break,
+            }
+            // The first retry a second after the failure, not at once.
+            if self.devices_failed && !failed_before {
+                retry_devices.reset();
             }
             if self.backend == Backend::Nftables
                 && !nftables::holds(&self.scope)
@@ -454,8 +459,12 @@ impl Daemon {
             let guarded = interfaces::guarded(&list, &self.policy);
             let entries = InterfaceEntries::new(&self.policy, &list, self.netns_cookie, guarded);
             self.maps()?.write_interfaces(&entries)?;
+            let pin_dir = pins::pin_dir(&self.scope);
             if self.policy.guarded() {
-                ebpf::guard_uplinks(&pins::pin_dir(&self.scope), &entries.guarded)?;
+                ebpf::guard_uplinks(&pin_dir, &entries.guarded)?;
+            } else if ebpf::guard::loaded(&pin_dir) {
+                // Left by a reload that could not take it away: its map is empty now.
+                ebpf::guard::remove(&pin_dir)?;
             }
             Ok(entries)
         })();
@@ -770,10 +779,11 @@ impl Daemon {
                 Some(true)
             }
             Err(e) if self.in_force() == Some(self.fingerprint) => {
-                // The maps hold the new policy; what failed came after them (the guard, whose
-                // switch is off now): it is this daemon's, and the interfaces' write that
-                // follows attaches the guard again.
+                // The scope records the new policy: what failed came after its maps (the
+                // guard, whose switch is off now). It is this daemon's; the devices' write is
+                // tried again each second until the guard is where the policy wants it.
                 self.refused = None;
+                self.devices_failed = true;
                 tracing::error!("reload written, but not all of it: {e}");
                 Some(false)
             }
@@ -949,6 +959,14 @@ async fn readable(
         Some(events) => events.readable_mut().await,
         None => std::future::pending().await,
     }
+}
+
+/// A timer that ticks each `period`; one not polled for a while (its branch was off) ticks
+/// once, not once for each period missed.
+fn every(period: std::time::Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
 }
 
 fn signal_error(e: std::io::Error) -> Error {

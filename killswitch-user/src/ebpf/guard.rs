@@ -107,6 +107,15 @@ pub fn load(map_dir: &Path, pin_dir: &Path) -> Result<()> {
 /// devices that have one run the pinned programs from now (swapped in one step), and devices no
 /// longer guarded lose theirs. Every device is tried; the first failure is returned.
 pub fn attach(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
+    attach_devices(pin_dir, guarded, true)
+}
+
+/// Runs the pinned guard programs on the `guarded` devices too, taking no guard away.
+pub fn attach_also(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
+    attach_devices(pin_dir, guarded, false)
+}
+
+fn attach_devices(pin_dir: &Path, guarded: &Guarded, exactly: bool) -> Result<()> {
     let tcx = uses_links();
     let mut failed = None;
     for direction in Direction::ALL {
@@ -132,7 +141,9 @@ pub fn attach(pin_dir: &Path, guarded: &Guarded) -> Result<()> {
                 failed.get_or_insert(e);
             }
         }
-        detach_others(pin_dir, guarded, direction, !tcx)?;
+        if exactly {
+            detach_others(pin_dir, guarded, direction, !tcx)?;
+        }
     }
     failed.map_or(Ok(()), Err)
 }

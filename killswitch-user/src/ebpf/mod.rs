@@ -750,58 +750,66 @@ pub fn guard_uplinks(pin_dir: &Path, guarded: &guard::Guarded) -> Result<()> {
 
 /// While a policy the daemon did not read is in force and it cannot write its own: every
 /// wired device without a guard in the map (a new uplink, which would carry a VM's frames
-/// unjudged) gets one that passes nothing, until a policy is written again; the devices the map
-/// guards keep theirs (attached again: one a rename or a failure left without it gets it now).
-/// Nothing when the policy in force has no guard. The caller holds the scope's lock.
+/// unjudged) gets one that passes nothing, until a policy is written again. Only adds: the
+/// devices the map names get their guard again (one a rename or a failure left without it),
+/// no guard is taken away and no entry of the map changed but gone devices'. Nothing when the
+/// policy in force has no guard. The caller holds the scope's lock.
 pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
     if !guard::loaded(pin_dir) {
         return Ok(());
     }
     let mut maps = PinnedMaps::open(pin_dir)?;
     let list = crate::interfaces::list()?;
-    // Maps that cannot be read: every wired device passes nothing (stricter, not wider).
-    let tunnels = maps.tunnels().unwrap_or_default();
-    let in_map = maps.guarded().unwrap_or_default();
+    // Without the tunnels a tunnel that looks wired (PPP) would lose its traffic: tried again.
+    let tunnels = maps.tunnels()?;
     let tunnel = |i: &crate::interfaces::Interface| {
         tunnels.contains(&killswitch_common::InterfaceKey::new(netns_cookie, i.index))
+    };
+    // A map that cannot be read: every wired device gets a guard, and the map is left alone
+    // (a device it does not name passes nothing all the same).
+    let in_map = maps.guarded().ok();
+    let named = |i: &crate::interfaces::Interface| {
+        in_map.as_ref().is_some_and(|m| m.contains_key(&i.index))
     };
     // Named from the list: the map keeps no names, and a clsact filter is attached by name.
     let guarded: guard::Guarded = list
         .iter()
-        .filter(|i| in_map.contains_key(&i.index) || (crate::interfaces::wired(i) && !tunnel(i)))
-        .map(|i| {
-            let header = in_map
-                .get(&i.index)
-                .map_or(GUARD_NOT_AN_UPLINK, |(_, h)| *h);
-            (i.index, (i.name.clone(), header))
-        })
+        .filter(|i| named(i) || (crate::interfaces::wired(i) && !tunnel(i)))
+        .map(|i| (i.index, (i.name.clone(), GUARD_NOT_AN_UPLINK)))
         .collect();
-    let unknown: guard::Guarded = guarded
+    let unknown: Vec<&String> = list
         .iter()
-        .filter(|(index, _)| !in_map.contains_key(index))
-        .map(|(index, entry)| (*index, entry.clone()))
+        .filter(|i| guarded.contains_key(&i.index) && !named(i))
+        .map(|i| &i.name)
         .collect();
     if !unknown.is_empty() {
         tracing::warn!(
             "no policy this daemon knows is in force: {} get a guard that passes nothing",
             unknown
-                .values()
-                .map(|(name, _)| name.as_str())
+                .iter()
+                .map(|n| n.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
     }
-    // Attached first: a device the map does not name passes nothing either. The entries only
-    // show it in `status`; gone devices' entries go, so the map never fills.
-    let attached = guard::attach(pin_dir, &guarded);
+    let attached = guard::attach_also(pin_dir, &guarded);
+    let Some(in_map) = in_map else {
+        return attached;
+    };
+    // The entries only show the new devices in `status`; gone devices' go first, so the map
+    // never fills, and no entry there is overwritten.
     let stale: Vec<u32> = in_map
         .keys()
-        .filter(|i| !guarded.contains_key(i))
+        .filter(|i| !list.iter().any(|d| d.index == **i))
         .copied()
+        .collect();
+    let new: guard::Guarded = guarded
+        .into_iter()
+        .filter(|(index, _)| !in_map.contains_key(index))
         .collect();
     let listed = maps
         .remove_guarded(&stale)
-        .and_then(|()| maps.add_guarded(&unknown));
+        .and_then(|()| maps.add_guarded(&new));
     attached.and(listed)
 }
 
