@@ -142,18 +142,6 @@ fn egress_hook() -> bool {
     .is_ok()
 }
 
-/// [`commit`], then the table is read back.
-fn write(
-    scope: &Scope,
-    policy: &Policy,
-    servers: &[ServerEndpoint],
-    lockdown: Option<String>,
-    guarded: &[(crate::interfaces::Interface, u8)],
-) -> Result<()> {
-    commit(scope, policy, servers, lockdown, guarded)?;
-    present(scope)
-}
-
 /// Renders the policy and loads it in one nft transaction: on an error, the table is as it was.
 fn commit(
     scope: &Scope,
@@ -393,7 +381,9 @@ pub fn lock_down(scope: &Scope, cause: Error) -> Error {
     if let Err(e) = record_policy(scope, None) {
         tracing::warn!("{e}: a daemon may take an older record for the policy in force");
     }
-    match write(scope, &lockdown_policy(), &[], Some(cause.to_string()), &[]) {
+    match commit(scope, &lockdown_policy(), &[], Some(cause.to_string()), &[])
+        .and_then(|()| present(scope))
+    {
         Ok(()) => Error::Lockdown(Box::new(cause)),
         Err(also) => Error::kernel(
             cause.to_string(),
@@ -716,7 +706,8 @@ pub fn write_planned(
     set_by_command: bool,
     guarded: &[(crate::interfaces::Interface, u8)],
 ) -> Result<()> {
-    write(scope, policy, servers, None, guarded)?;
+    commit(scope, policy, servers, None, guarded)?;
+    present(scope)?;
     if set_by_command {
         set_servers(scope, servers)?;
     }
