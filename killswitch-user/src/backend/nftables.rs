@@ -96,12 +96,13 @@ pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Resu
     record_policy(scope, None)?;
     let committed = apply_unrecorded(scope, policy, servers);
     // A write that fails before nft, or a transaction nft refuses whole, leaves the table
-    // before, and so its policy; one committed is the new policy if the table is there.
+    // before (if any), and so its policy; one committed is the new policy if it is there.
     let there = committed.is_ok() && holds(scope);
     let now = match (&committed, there) {
         (Ok(()), true) => Some(policy.fingerprint()),
         (Ok(()), false) => None,
-        (Err(_), _) => previous,
+        (Err(_), _) if holds(scope) => previous,
+        (Err(_), _) => None,
     };
     let recorded = record_policy(scope, now);
     committed.and_then(|()| present(scope)).and(recorded)

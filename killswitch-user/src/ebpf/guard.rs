@@ -305,8 +305,12 @@ pub fn remove(pin_dir: &Path) -> Result<()> {
         .iter()
         .any(|&d| program_pin(pin_dir, d).exists());
     let filters = pinned && !uses_links();
+    // Every attachment first: while one is left, the programs stay pinned, so `loaded` still
+    // says a guard is there and a later `remove` is tried.
     for direction in Direction::ALL {
         detach_others(pin_dir, &none, direction, filters)?;
+    }
+    for direction in Direction::ALL {
         super::remove_if_present(&program_pin(pin_dir, direction))?;
     }
     Ok(())
