@@ -97,15 +97,14 @@ pub fn apply(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Resu
     let committed = apply_unrecorded(scope, policy, servers);
     // A write that fails before nft, or a transaction nft refuses whole, leaves the table
     // before (if any), and so its policy; one committed is the new policy if it is there.
-    let there = committed.is_ok() && holds(scope);
-    let now = match (&committed, there) {
-        (Ok(()), true) => Some(policy.fingerprint()),
-        (Ok(()), false) => None,
-        (Err(_), _) if holds(scope) => previous,
-        (Err(_), _) => None,
+    let there = present(scope);
+    let now = match (&committed, &there) {
+        (_, Err(_)) => None,
+        (Ok(()), Ok(())) => Some(policy.fingerprint()),
+        (Err(_), Ok(())) => previous,
     };
     let recorded = record_policy(scope, now);
-    committed.and_then(|()| present(scope)).and(recorded)
+    committed.and(there).and(recorded)
 }
 
 fn apply_unrecorded(scope: &Scope, policy: &Policy, servers: &[ServerEndpoint]) -> Result<()> {

@@ -777,19 +777,16 @@ pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
         .filter(|i| named(i) || (crate::interfaces::wired(i) && !tunnel(i)))
         .map(|i| (i.index, (i.name.clone(), GUARD_NOT_AN_UPLINK)))
         .collect();
-    let unknown: Vec<&String> = list
+    let new: guard::Guarded = guarded
         .iter()
-        .filter(|i| guarded.contains_key(&i.index) && !named(i))
-        .map(|i| &i.name)
+        .filter(|(index, _)| in_map.as_ref().is_none_or(|m| !m.contains_key(index)))
+        .map(|(index, entry)| (*index, entry.clone()))
         .collect();
-    if !unknown.is_empty() {
+    if !new.is_empty() {
+        let names: Vec<&str> = new.values().map(|(name, _)| name.as_str()).collect();
         tracing::warn!(
             "no policy this daemon knows is in force: {} get a guard that passes nothing",
-            unknown
-                .iter()
-                .map(|n| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.join(", ")
         );
     }
     let attached = guard::attach_also(pin_dir, &guarded);
@@ -802,10 +799,6 @@ pub fn guard_unknown_devices(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
         .keys()
         .filter(|i| !list.iter().any(|d| d.index == **i))
         .copied()
-        .collect();
-    let new: guard::Guarded = guarded
-        .into_iter()
-        .filter(|(index, _)| !in_map.contains_key(index))
         .collect();
     let listed = maps
         .remove_guarded(&stale)
